@@ -1,0 +1,1 @@
+"""The ``wsss`` command line: one module per stage, each exposing ``run(cfg)`` and a click command."""

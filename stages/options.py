@@ -1,0 +1,65 @@
+"""Options shared by several commands, defined once.
+
+Each decorator adds one option with the same name, type and help text
+everywhere it is used.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from wsss.datasets.prepared import DATASET_KINDS
+
+_existing_dir = click.Path(exists=False, file_okay=False, path_type=Path)
+
+
+def root_option(required: bool = True):
+    return click.option("--root", type=_existing_dir, required=required,
+                        help="Dataset root prepared with `wsss prepare` (e.g. VOCdevkit/VOC2012).")
+
+
+def dataset_option(default: str | None = None):
+    return click.option("--dataset", type=click.Choice(DATASET_KINDS), default=default, show_default=True,
+                        help="Dataset kind; must match what `wsss prepare` wrote under --root.")
+
+
+def split_option(default: str, help_text: str = "Split to use."):
+    return click.option("--split", default=default, show_default=True, help=help_text)
+
+
+def out_option(help_text: str = "Output folder."):
+    return click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
+                        help=help_text)
+
+
+device_option = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+                             help="auto = cuda when available, else cpu.")
+seed_option = click.option("--seed", type=int, default=0, show_default=True, help="Random seed (same seed, same device, same outputs).")
+workers_option = click.option("--workers", type=click.IntRange(min=0), default=None,
+                              help="Worker processes (default: all cores).")
+overwrite_option = click.option("--overwrite/--resume", default=False, show_default=True,
+                                help="Redo finished outputs instead of skipping them.")
+allow_pickle_option = click.option("--allow-pickle", is_flag=True,
+                                   help="Allow IRN-style pickled .npy CAM dicts (unpickling runs code from the file).")
+
+
+def float_list(text: str) -> tuple[float, ...]:
+    """Parse ``"1.0,0.5,1.5"`` into floats (a click callback helper)."""
+    try:
+        return tuple(float(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def parse_range(text: str) -> tuple[float, float, float]:
+    """Parse ``"start:stop:step"`` (stop inclusive)."""
+    parts = text.split(":")
+    try:
+        start, stop, step = (float(part) for part in parts)
+    except ValueError:
+        raise click.BadParameter(f"expected start:stop:step, got {text!r}") from None
+    if step <= 0 or stop < start:
+        raise click.BadParameter(f"expected start <= stop and step > 0, got {text!r}")
+    return start, stop, step

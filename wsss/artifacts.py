@@ -1,0 +1,373 @@
+"""Every artifact path and file format of the pipeline, read and written in one place.
+
+Stages never build artifact paths by hand and never open artifact files
+themselves: they call the functions below.  Every write is atomic (a temporary
+file in the same folder, then :func:`os.replace`), so a killed run never
+leaves a half-written file behind.
+
+Formats (see the README's "Artifacts" section):
+
+* checkpoint: ``torch.save`` dict ``{model, optimizer, scheduler, epoch, config, classes, arch, ...}``
+* CAM: ``<id>.npz`` without pickle, ``keys`` int16 [K] (class indices, background = 0 is never a
+  key), ``cams`` float16 [K, H, W] max-normalised to [0, 1]
+* label map (pseudo-label, prediction, mask): ``<id>.png`` uint8 palette PNG, 0 = background,
+  255 = ignore
+* reliability: ``<id>.npy`` plain float16 [H, W]
+* provenance: ``config.json`` and ``metrics.json`` in every stage's output folder
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+from PIL import Image
+
+from wsss.errors import WsssError
+
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.json"
+LAST_CHECKPOINT = "last.pth"
+BEST_CHECKPOINT = "best.pth"
+IGNORE_INDEX = 255
+
+
+# --------------------------------------------------------------------------- paths
+
+def cam_path(folder: str | Path, image_id: str) -> Path:
+    """Return the CAM file of an image: ``<folder>/<id>.npz``."""
+    return Path(folder) / f"{image_id}.npz"
+
+
+def irn_cam_path(folder: str | Path, image_id: str) -> Path:
+    """Return the IRN-style pickled CAM file of an image: ``<folder>/<id>.npy``."""
+    return Path(folder) / f"{image_id}.npy"
+
+
+def label_path(folder: str | Path, image_id: str) -> Path:
+    """Return the label-map PNG of an image (pseudo-label, prediction or mask)."""
+    return Path(folder) / f"{image_id}.png"
+
+
+def reliability_path(folder: str | Path, image_id: str) -> Path:
+    """Return the reliability map of an image: ``<folder>/<id>.npy``."""
+    return Path(folder) / f"{image_id}.npy"
+
+
+def overlay_path(folder: str | Path, image_id: str) -> Path:
+    """Return the colour overlay JPEG of an image."""
+    return Path(folder) / f"{image_id}.jpg"
+
+
+def checkpoint_path(folder: str | Path, which: str = "last") -> Path:
+    """Return ``<folder>/last.pth`` or ``<folder>/best.pth``."""
+    names = {"last": LAST_CHECKPOINT, "best": BEST_CHECKPOINT}
+    if which not in names:
+        raise KeyError(f"unknown checkpoint {which!r}; choose from {sorted(names)}")
+    return Path(folder) / names[which]
+
+
+def config_path(folder: str | Path) -> Path:
+    return Path(folder) / CONFIG_FILE
+
+
+def metrics_path(folder: str | Path) -> Path:
+    return Path(folder) / METRICS_FILE
+
+
+# --------------------------------------------------------------------------- atomic writes
+
+@contextlib.contextmanager
+def atomic_write(path: str | Path, mode: str = "wb") -> Iterator[io.IOBase]:
+    """Open a temporary file beside ``path``; on success it replaces ``path`` atomically.
+
+    If the body raises (or the process dies), ``path`` is untouched and the
+    temporary file is removed (or, after a hard kill, left as a hidden
+    ``.<name>.*.tmp`` that no reader ever picks up).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode) as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp_name)
+        raise
+
+
+def _jsonable(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {field.name: _jsonable(getattr(value, field.name)) for field in dataclasses.fields(value)}
+    if isinstance(value, dict):
+        return {str(key): _jsonable(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(item) for item in value]
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return value
+
+
+def write_json(path: str | Path, data: Any) -> None:
+    """Write ``data`` (dataclasses, paths and numpy values allowed) as indented JSON, atomically."""
+    text = json.dumps(_jsonable(data), indent=2, sort_keys=False) + "\n"
+    with atomic_write(path, "w") as handle:
+        handle.write(text)
+
+
+def read_json(path: str | Path) -> Any:
+    """Read a JSON file; a missing or malformed file is a :class:`WsssError` naming it."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise WsssError(f"{path}: file not found") from None
+    except (OSError, ValueError) as err:
+        raise WsssError(f"{path}: not a readable JSON file ({err})") from None
+
+
+def provenance(config: Any, **extra: Any) -> dict:
+    """Return the ``config.json`` content: resolved options, versions, command line, time."""
+    from wsss import __version__
+
+    versions = {"wsss": __version__, "python": platform.python_version(), "numpy": np.__version__}
+    for module in ("torch", "torchvision", "sklearn", "cv2"):
+        if module in sys.modules:
+            versions[module] = getattr(sys.modules[module], "__version__", "unknown")
+    return {
+        "config": _jsonable(config),
+        "versions": versions,
+        "command": sys.argv,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        **_jsonable(extra),
+    }
+
+
+def write_config(folder: str | Path, config: Any, **extra: Any) -> None:
+    """Write ``<folder>/config.json`` from a stage config (see :func:`provenance`)."""
+    write_json(config_path(folder), provenance(config, **extra))
+
+
+def write_metrics(folder: str | Path, metrics: dict) -> None:
+    """Write ``<folder>/metrics.json``."""
+    write_json(metrics_path(folder), metrics)
+
+
+# --------------------------------------------------------------------------- images and label maps
+
+def read_image(path: str | Path) -> np.ndarray:
+    """Read an image file as RGB uint8 [H, W, 3]; a missing or corrupt file is a WsssError."""
+    import cv2
+
+    path = Path(path)
+    if not path.is_file():
+        raise WsssError(f"{path}: image not found")
+    data = np.fromfile(str(path), dtype=np.uint8)
+    image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+    if image is None:
+        raise WsssError(f"{path}: not a readable image (corrupt or unsupported format)")
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def write_image(path: str | Path, image: np.ndarray, quality: int = 95) -> None:
+    """Write an RGB uint8 [H, W, 3] image as JPEG or PNG (by suffix), atomically."""
+    import cv2
+
+    path = Path(path)
+    params = [cv2.IMWRITE_JPEG_QUALITY, quality] if path.suffix.lower() in (".jpg", ".jpeg") else []
+    ok, encoded = cv2.imencode(path.suffix, cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_RGB2BGR), params)
+    if not ok:
+        raise WsssError(f"{path}: could not encode image")
+    with atomic_write(path) as handle:
+        handle.write(encoded.tobytes())
+
+
+def voc_palette() -> np.ndarray:
+    """Return the PASCAL VOC colour palette, uint8 [256, 3] (index 255 is the cream ignore colour)."""
+    palette = np.zeros((256, 3), dtype=np.uint8)
+    for index in range(256):
+        value, red, green, blue = index, 0, 0, 0
+        for bit in range(8):
+            red |= ((value >> 0) & 1) << (7 - bit)
+            green |= ((value >> 1) & 1) << (7 - bit)
+            blue |= ((value >> 2) & 1) << (7 - bit)
+            value >>= 3
+        palette[index] = (red, green, blue)
+    return palette
+
+
+def write_label_png(path: str | Path, label: np.ndarray) -> None:
+    """Write a label map uint8 [H, W] (0 = background, 255 = ignore) as a VOC palette PNG."""
+    label = np.asarray(label)
+    if label.ndim != 2:
+        raise ValueError(f"label map must be [H, W], got shape {label.shape}")
+    if label.dtype != np.uint8:
+        if label.size and (label.min() < 0 or label.max() > 255):
+            raise ValueError("label values must lie in 0..255")
+        label = label.astype(np.uint8)
+    image = Image.fromarray(label, mode="P")
+    image.putpalette(voc_palette().reshape(-1).tolist())
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    with atomic_write(path) as handle:
+        handle.write(buffer.getvalue())
+
+
+def read_label_png(path: str | Path) -> np.ndarray:
+    """Read a label PNG (palette or greyscale) as uint8 [H, W] of class indices."""
+    path = Path(path)
+    if not path.is_file():
+        raise WsssError(f"{path}: label map not found")
+    try:
+        with Image.open(path) as image:
+            if image.mode not in ("P", "L"):
+                raise WsssError(f"{path}: label map must be a palette or greyscale PNG, got mode {image.mode}")
+            return np.array(image, dtype=np.uint8)
+    except WsssError:
+        raise
+    except (OSError, ValueError, SyntaxError) as err:
+        raise WsssError(f"{path}: not a readable label PNG ({err})") from None
+
+
+# --------------------------------------------------------------------------- CAMs
+
+def write_cam(path: str | Path, keys: np.ndarray, cams: np.ndarray) -> None:
+    """Write a CAM file: ``keys`` int [K] class indices (>= 1), ``cams`` float [K, H, W] in [0, 1]."""
+    keys = np.asarray(keys)
+    cams = np.asarray(cams)
+    if cams.ndim != 3 or keys.ndim != 1 or cams.shape[0] != keys.shape[0]:
+        raise ValueError(f"expected keys [K] and cams [K, H, W], got {keys.shape} and {cams.shape}")
+    if keys.size and keys.min() < 1:
+        raise ValueError("CAM keys are class indices of foreground classes (>= 1)")
+    buffer = io.BytesIO()
+    np.savez(buffer, keys=keys.astype(np.int16), cams=cams.astype(np.float16))
+    with atomic_write(path) as handle:
+        handle.write(buffer.getvalue())
+
+
+def read_cam(path: str | Path, allow_pickle: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Read a CAM file and return ``(keys int64 [K], cams float32 [K, H, W])``.
+
+    ``.npz`` files are this project's format.  ``.npy`` files are IRN-style
+    pickled dicts (``keys`` over the foreground classes counted from 0,
+    ``high_res`` [K, H, W]) and are opened only when ``allow_pickle`` is True,
+    because unpickling runs code from the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise WsssError(f"{path}: CAM file not found")
+    if path.suffix == ".npy":
+        return _read_irn_cam(path, allow_pickle)
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            keys, cams = data["keys"], data["cams"]
+    except (OSError, ValueError, KeyError) as err:
+        raise WsssError(f"{path}: not a valid CAM file ({err})") from None
+    if cams.ndim != 3 or keys.ndim != 1 or cams.shape[0] != keys.shape[0]:
+        raise WsssError(f"{path}: CAM arrays have shapes keys {keys.shape}, cams {cams.shape}; expected [K] and [K, H, W]")
+    return keys.astype(np.int64), cams.astype(np.float32)
+
+
+def _read_irn_cam(path: Path, allow_pickle: bool) -> tuple[np.ndarray, np.ndarray]:
+    if not allow_pickle:
+        raise WsssError(
+            f"{path}: IRN-style .npy CAM dicts are pickles (loading runs code from the file); "
+            "pass --allow-pickle if you trust it"
+        )
+    try:
+        data = np.load(path, allow_pickle=True).item()
+        keys = np.asarray(data["keys"]).astype(np.int64)
+        cams = np.asarray(data["high_res"], dtype=np.float32)
+    except (OSError, ValueError, KeyError, AttributeError, TypeError) as err:
+        raise WsssError(f"{path}: not an IRN-style CAM dict with 'keys' and 'high_res' ({err})") from None
+    # IRN counts foreground classes from 0 and sometimes stores the background plane as key 0 first.
+    if cams.shape[0] == keys.shape[0] + 1:
+        cams = cams[1:]
+    keys = keys + 1
+    return keys, cams
+
+
+def cam_is_complete(path: str | Path) -> bool:
+    """True if ``path`` is a readable CAM file (used to skip finished images on resume)."""
+    try:
+        read_cam(path)
+    except WsssError:
+        return False
+    return True
+
+
+# --------------------------------------------------------------------------- reliability maps
+
+def write_reliability(path: str | Path, reliability: np.ndarray) -> None:
+    """Write a reliability map float [H, W] as plain float16 ``.npy`` (no pickle)."""
+    reliability = np.asarray(reliability)
+    if reliability.ndim != 2:
+        raise ValueError(f"reliability map must be [H, W], got shape {reliability.shape}")
+    buffer = io.BytesIO()
+    np.save(buffer, reliability.astype(np.float16), allow_pickle=False)
+    with atomic_write(path) as handle:
+        handle.write(buffer.getvalue())
+
+
+def read_reliability(path: str | Path) -> np.ndarray:
+    """Read a reliability map as float32 [H, W]."""
+    path = Path(path)
+    try:
+        array = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise WsssError(f"{path}: reliability map not found") from None
+    except (OSError, ValueError) as err:
+        raise WsssError(f"{path}: not a plain .npy reliability map ({err})") from None
+    if array.ndim != 2:
+        raise WsssError(f"{path}: reliability map has shape {array.shape}; expected [H, W]")
+    return array.astype(np.float32)
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+def save_checkpoint(path: str | Path, checkpoint: dict) -> None:
+    """Save a checkpoint dict with ``torch.save``, atomically."""
+    import torch
+
+    required = {"model", "config", "classes", "arch"}
+    missing = required - set(checkpoint)
+    if missing:
+        raise ValueError(f"checkpoint is missing {sorted(missing)}")
+    buffer = io.BytesIO()
+    torch.save(checkpoint, buffer)
+    with atomic_write(path) as handle:
+        handle.write(buffer.getvalue())
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """Load a checkpoint dict on the CPU with ``weights_only=True`` (no arbitrary unpickling)."""
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise WsssError(f"{path}: checkpoint not found")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types for corrupt or foreign files
+        raise WsssError(f"{path}: not a readable wsss checkpoint ({type(err).__name__}: {err})") from None
+    if not isinstance(checkpoint, dict) or "model" not in checkpoint:
+        raise WsssError(f"{path}: not a wsss checkpoint (no 'model' entry)")
+    return checkpoint

@@ -1,0 +1,131 @@
+"""The one confusion matrix for CAMs, pseudo-labels and segmentation predictions."""
+
+from __future__ import annotations
+
+import numpy as np
+
+IGNORE_INDEX = 255
+
+
+class ConfusionMatrix:
+    """Accumulates a ``num_classes x num_classes`` confusion matrix (rows = ground truth, columns = prediction).
+
+    Ground-truth pixels equal to ``ignore_index`` are skipped.  Predictions equal
+    to ``ignore_index`` are, by default, counted as background (class 0), as a
+    pseudo-label that abstains leaves that pixel unlabelled; with
+    ``ignore_pred=True`` they are left out and counted in :attr:`pred_ignored`
+    so that coverage can be reported.
+
+    Matrices are mergeable with ``+=`` (per-process or per-worker accumulation).
+    """
+
+    def __init__(self, num_classes: int, *, ignore_index: int = IGNORE_INDEX, ignore_pred: bool = False):
+        if num_classes < 1:
+            raise ValueError("num_classes must be positive")
+        self.num_classes = num_classes
+        self.ignore_index = ignore_index
+        self.ignore_pred = ignore_pred
+        self.matrix = np.zeros((num_classes, num_classes), dtype=np.int64)
+        self.pred_ignored = 0  # labelled ground-truth pixels whose prediction was ignore_index
+
+    def update(self, target: np.ndarray, prediction: np.ndarray) -> "ConfusionMatrix":
+        """Add one pair of integer label maps of equal shape; returns ``self``."""
+        target = np.asarray(target).reshape(-1).astype(np.int64)
+        prediction = np.asarray(prediction).reshape(-1).astype(np.int64)
+        if target.shape != prediction.shape:
+            raise ValueError(f"target and prediction differ in size: {target.size} vs {prediction.size}")
+        valid = target != self.ignore_index
+        pred_void = prediction == self.ignore_index
+        self.pred_ignored += int(np.count_nonzero(valid & pred_void))
+        if self.ignore_pred:
+            valid &= ~pred_void
+        else:
+            prediction = np.where(pred_void, 0, prediction)
+        target, prediction = target[valid], prediction[valid]
+        out_of_range = (target < 0) | (target >= self.num_classes) | (prediction < 0) | (prediction >= self.num_classes)
+        if out_of_range.any():
+            bad = np.concatenate([target[out_of_range], prediction[out_of_range]])
+            raise ValueError(f"label values outside 0..{self.num_classes - 1}: {sorted(set(bad.tolist()))[:5]}")
+        self.matrix += np.bincount(target * self.num_classes + prediction, minlength=self.num_classes ** 2).reshape(
+            self.num_classes, self.num_classes)
+        return self
+
+    def __iadd__(self, other: "ConfusionMatrix") -> "ConfusionMatrix":
+        if other.num_classes != self.num_classes:
+            raise ValueError("cannot merge confusion matrices of different sizes")
+        self.matrix += other.matrix
+        self.pred_ignored += other.pred_ignored
+        return self
+
+    def reset(self) -> None:
+        self.matrix[:] = 0
+        self.pred_ignored = 0
+
+    # ------------------------------------------------------------------ scores
+
+    @property
+    def true_positives(self) -> np.ndarray:
+        return np.diag(self.matrix)
+
+    @property
+    def present(self) -> np.ndarray:
+        """bool [C]: the class occurs in ground truth or prediction."""
+        return (self.matrix.sum(0) + self.matrix.sum(1)) > 0
+
+    def iou(self) -> np.ndarray:
+        """float [C]: TP / (TP + FP + FN) per class; NaN for classes in neither ground truth nor prediction."""
+        union = self.matrix.sum(0) + self.matrix.sum(1) - self.true_positives
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.where(union > 0, self.true_positives / np.maximum(union, 1), np.nan)
+
+    def miou(self) -> float:
+        """Mean IoU over the classes present in ground truth or prediction (NaN if none)."""
+        iou = self.iou()
+        return float(np.nanmean(iou)) if np.isfinite(iou).any() else float("nan")
+
+    def precision(self) -> np.ndarray:
+        """float [C]: TP / (TP + FP); NaN where the class is never predicted."""
+        predicted = self.matrix.sum(0)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.where(predicted > 0, self.true_positives / np.maximum(predicted, 1), np.nan)
+
+    def recall(self) -> np.ndarray:
+        """float [C]: TP / (TP + FN); NaN where the class is absent from ground truth."""
+        actual = self.matrix.sum(1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.where(actual > 0, self.true_positives / np.maximum(actual, 1), np.nan)
+
+    def pixel_accuracy(self) -> float:
+        total = self.matrix.sum()
+        return float(self.true_positives.sum() / total) if total else float("nan")
+
+    def coverage(self) -> float:
+        """Share of labelled ground-truth pixels that received a prediction other than ignore."""
+        labelled = self.matrix.sum() + (self.pred_ignored if self.ignore_pred else 0)
+        return float(1.0 - self.pred_ignored / labelled) if labelled else float("nan")
+
+    def summary(self, class_names: list[str] | None = None) -> dict:
+        """Return a JSON-ready dict: mIoU, pixel accuracy, coverage and per-class IoU/precision/recall."""
+        names = class_names or [str(index) for index in range(self.num_classes)]
+        iou, precision, recall = self.iou(), self.precision(), self.recall()
+
+        def clean(value: float) -> float | None:
+            return None if np.isnan(value) else round(float(value), 6)
+
+        per_class = {
+            names[index]: {"iou": clean(iou[index]), "precision": clean(precision[index]), "recall": clean(recall[index])}
+            for index in range(self.num_classes) if self.present[index]
+        }
+        return {"miou": clean(self.miou()), "pixel_accuracy": clean(self.pixel_accuracy()),
+                "coverage": clean(self.coverage()), "num_pixels": int(self.matrix.sum()), "per_class": per_class}
+
+    def table(self, class_names: list[str] | None = None) -> str:
+        """Return a printable per-class table ending with the mIoU line."""
+        names = class_names or [str(index) for index in range(self.num_classes)]
+        iou, precision, recall = self.iou(), self.precision(), self.recall()
+        width = max(10, max(len(name) for name in names))
+        lines = [f"{'class':<{width}}  {'IoU':>7}  {'prec':>7}  {'recall':>7}"]
+        for index in np.flatnonzero(self.present):
+            lines.append(f"{names[index]:<{width}}  {iou[index]:7.4f}  {precision[index]:7.4f}  {recall[index]:7.4f}")
+        lines.append(f"{'mIoU':<{width}}  {self.miou():7.4f}")
+        return "\n".join(lines)
