@@ -1,0 +1,1 @@
+"""Networks: ResNet backbones, the CAM classifier and DeepLab."""

@@ -1,0 +1,114 @@
+"""ResNet backbones from torchvision, with output stride 16 and explicit weight loading.
+
+``weights`` is ``"imagenet"`` (torchvision's weight enum; downloads once into
+the torch hub cache), ``"none"`` (random initialisation) or a path to a
+``state_dict`` file.  Without internet the ImageNet download fails with a
+one-line error that names ``--weights PATH`` and ``--weights none``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+from torchvision import models
+
+from wsss.errors import WsssError
+
+# name -> (torchvision constructor, ImageNet weight enum, channels of the last stage)
+BACKBONES = {
+    "resnet18": (models.resnet18, models.ResNet18_Weights.IMAGENET1K_V1, 512),
+    "resnet50": (models.resnet50, models.ResNet50_Weights.IMAGENET1K_V2, 2048),
+    "resnet101": (models.resnet101, models.ResNet101_Weights.IMAGENET1K_V2, 2048),
+}
+
+
+def _lookup(name: str):
+    try:
+        return BACKBONES[name]
+    except KeyError:
+        raise KeyError(f"unknown backbone {name!r}; choose from {sorted(BACKBONES)}") from None
+
+
+def backbone_channels(name: str) -> int:
+    """Channels of the backbone's last feature map."""
+    return _lookup(name)[2]
+
+
+def load_imagenet_state(name: str, weight_enum) -> dict:
+    """Return torchvision's ImageNet ``state_dict``, or raise a WsssError when it cannot be fetched."""
+    try:
+        return weight_enum.get_state_dict(progress=False, check_hash=True)
+    except Exception as err:  # urllib, ssl, socket and hash errors all mean "no weights here"
+        raise WsssError(
+            f"--weights imagenet: could not download the ImageNet weights of {name} ({type(err).__name__}); "
+            "put the file next to you and pass --weights PATH, or train from scratch with --weights none"
+        ) from None
+
+
+def load_state_file(path: str | Path) -> dict:
+    """Read a ``state_dict`` (or a wsss checkpoint's ``model``) from a file, weights only."""
+    path = Path(path)
+    if not path.is_file():
+        raise WsssError(f"--weights {path}: file not found (use imagenet, none or a state_dict file)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise WsssError(f"--weights {path}: not a readable state_dict ({type(err).__name__}: {err})") from None
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]
+    if not isinstance(state, dict):
+        raise WsssError(f"--weights {path}: expected a state_dict")
+    return state
+
+
+def build_resnet(name: str, weights: str = "none", output_stride: int = 16) -> nn.Module:
+    """Build a torchvision ResNet without its pooling/fc head.
+
+    Args:
+        name: ``resnet18``, ``resnet50`` or ``resnet101``.
+        weights: ``imagenet``, ``none`` or a path to a state_dict.
+        output_stride: 16 (last stage dilated, the CAM/DeepLab setting) or 32.
+
+    Returns:
+        A module mapping [B, 3, H, W] to features [B, C, ceil(H/os), ceil(W/os)].
+    """
+    constructor, weight_enum, _ = _lookup(name)
+    if output_stride not in (16, 32):
+        raise ValueError(f"output_stride must be 16 or 32, got {output_stride}")
+    net = constructor(weights=None)
+    if weights == "imagenet":
+        net.load_state_dict(load_imagenet_state(name, weight_enum))
+    elif weights != "none":
+        state = load_state_file(weights)
+        state = {key.removeprefix("backbone."): value for key, value in state.items()}
+        missing, _unexpected = net.load_state_dict(state, strict=False)
+        if len(missing) == len(net.state_dict()):
+            raise WsssError(f"--weights {weights}: no parameter of {name} found in the file")
+    if output_stride == 16:
+        _dilate_last_stage(net.layer4)
+    return nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3, net.layer4)
+
+
+def _dilate_last_stage(stage: nn.Sequential) -> None:
+    # Replace the stride-2 of the last stage by dilation 2, keeping the receptive field
+    # (torchvision's replace_stride_with_dilation only exists for Bottleneck ResNets).
+    for module in stage.modules():
+        if isinstance(module, nn.Conv2d):
+            if module.stride == (2, 2):
+                module.stride = (1, 1)
+            elif module.kernel_size == (3, 3):
+                module.dilation, module.padding = (2, 2), (2, 2)
+
+
+def freeze_batchnorm(module: nn.Module) -> None:
+    """Put every BatchNorm in eval mode with frozen affine parameters (IRN's small-batch setting).
+
+    Call after every ``model.train()``.
+    """
+    for layer in module.modules():
+        if isinstance(layer, nn.modules.batchnorm._BatchNorm):
+            layer.eval()
+            for parameter in layer.parameters():
+                parameter.requires_grad_(False)
