@@ -43,7 +43,8 @@ def load_imagenet_state(name: str, weight_enum) -> dict:
     except Exception as err:  # urllib, ssl, socket and hash errors all mean "no weights here"
         raise WsssError(
             f"--weights imagenet: could not download the ImageNet weights of {name} ({type(err).__name__}); "
-            "put the file next to you and pass --weights PATH, or train from scratch with --weights none"
+            f"fetch {weight_enum.url} on a machine with internet and pass --weights PATH, "
+            "or train from scratch with --weights none"
         ) from None
 
 

@@ -1,0 +1,62 @@
+import urllib.error
+
+import pytest
+import torch
+from torchvision.models import resnet18
+
+from wsss.errors import WsssError
+from wsss.models import backbones
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
+def test_output_stride_16_for_odd_sizes(name):
+    net = backbones.build_resnet(name, "none", output_stride=16).eval()
+    with torch.inference_mode():
+        features = net(torch.zeros(1, 3, 61, 47))
+    # stride 16 with padding: ceil(61 / 16) = 4, ceil(47 / 16) = 3
+    assert features.shape == (1, backbones.backbone_channels(name), 4, 3)
+
+
+def test_output_stride_32_keeps_torchvision_layout():
+    net = backbones.build_resnet("resnet18", "none", output_stride=32).eval()
+    with torch.inference_mode():
+        assert net(torch.zeros(1, 3, 64, 64)).shape == (1, 512, 2, 2)
+
+
+def test_unknown_backbone_lists_valid_names():
+    with pytest.raises(KeyError, match="resnet101"):
+        backbones.build_resnet("vgg16")
+
+
+def test_imagenet_download_failure_is_one_clear_error(monkeypatch):
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    with pytest.raises(WsssError) as info:
+        backbones.build_resnet("resnet18", "imagenet")
+    message = str(info.value)
+    assert "--weights PATH" in message and "--weights none" in message and "\n" not in message
+
+
+def test_weights_from_a_state_dict_file(tmp_path):
+    torch.manual_seed(0)
+    source = backbones.build_resnet("resnet18", "none", output_stride=32)
+    full = resnet18(weights=None)  # a torchvision-shaped state dict: conv1, bn1, layer1, ...
+    path = tmp_path / "r18.pth"
+    torch.save(full.state_dict(), path)
+    loaded = backbones.build_resnet("resnet18", str(path))
+    torch.testing.assert_close(loaded[0].weight, full.conv1.weight)
+    assert not torch.equal(source[0].weight, full.conv1.weight)
+    with pytest.raises(WsssError, match="missing.pth: file not found"):
+        backbones.build_resnet("resnet18", str(tmp_path / "missing.pth"))
+
+
+def test_freeze_batchnorm_keeps_statistics():
+    net = backbones.build_resnet("resnet18", "none")
+    net.train()
+    backbones.freeze_batchnorm(net)
+    before = net[1].running_mean.clone()
+    net(torch.randn(2, 3, 32, 32))
+    torch.testing.assert_close(net[1].running_mean, before)
+    assert not net[1].weight.requires_grad
