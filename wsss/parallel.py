@@ -1,0 +1,46 @@
+"""Per-image work over a process pool, with a progress bar."""
+
+from __future__ import annotations
+
+import multiprocessing
+from typing import Callable, Iterator, Sequence, TypeVar
+
+from tqdm import tqdm
+
+from wsss.device import default_workers
+
+Task = TypeVar("Task")
+Result = TypeVar("Result")
+
+
+def imap_images(func: Callable[[Task], Result], tasks: Sequence[Task], workers: int | None = None,
+                desc: str = "images") -> Iterator[Result]:
+    """Apply ``func`` to every task in a process pool, in order, with a tqdm bar.
+
+    Args:
+        func: a picklable (module-level or ``functools.partial``) function of one task.
+        tasks: the per-image work items.
+        workers: processes to use; ``None`` = all cores, 0 or 1 = run in this process
+            (also used when there is a single task, where a pool only costs start-up time).
+        desc: label of the progress bar.
+
+    Yields:
+        ``func(task)`` for each task, in the order of ``tasks``.  An exception raised
+        in a worker (e.g. :class:`WsssError` naming a bad file) is re-raised here.
+    """
+    workers = default_workers() if workers is None else workers
+    workers = min(workers, len(tasks))
+    progress = tqdm(total=len(tasks), desc=desc, unit="img", disable=None, leave=False)
+    try:
+        if workers <= 1:
+            for task in tasks:
+                yield func(task)
+                progress.update()
+            return
+        chunksize = max(1, min(64, len(tasks) // (workers * 8)))
+        with multiprocessing.Pool(workers) as pool:
+            for result in pool.imap(func, tasks, chunksize=chunksize):
+                yield result
+                progress.update()
+    finally:
+        progress.close()
