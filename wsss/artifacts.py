@@ -85,6 +85,11 @@ def metrics_path(folder: str | Path) -> Path:
     return Path(folder) / METRICS_FILE
 
 
+def eval_metrics_path(folder: str | Path, split: str) -> Path:
+    """Return the default report of ``wsss eval`` on a folder: ``<folder>/metrics_eval_<split>.json``."""
+    return Path(folder) / f"metrics_eval_{split}.json"
+
+
 # --------------------------------------------------------------------------- atomic writes
 
 @contextlib.contextmanager

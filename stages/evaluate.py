@@ -1,0 +1,137 @@
+"""``wsss eval``: mIoU of label maps (pseudo-labels, predictions) or CAMs against ground-truth masks.
+
+Label maps: ``wsss eval --pred DIR --root R --split val``.  CAMs:
+``wsss eval --cams DIR --root R --split train --sweep 0.05:0.60:0.01`` scores the
+background threshold at every step of the sweep and reports the best one.
+The report (summary, per-class scores, sweep, provenance) goes to
+``<DIR>/metrics_eval_<split>.json`` unless ``--out`` says otherwise.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+
+from stages.options import allow_pickle_option, dataset_option, parse_range, root_option, split_option, workers_option
+from wsss import artifacts, evaluation
+from wsss.datasets.prepared import PreparedDataset
+from wsss.errors import WsssError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Options of ``wsss eval``; exactly one of ``pred_dir`` and ``cam_dir`` is set."""
+
+    root: Path
+    split: str = "val"
+    pred_dir: Path | None = None
+    cam_dir: Path | None = None
+    dataset: str | None = None
+    ignore_pred_255: bool = False
+    sweep: tuple[float, float, float] = evaluation.DEFAULT_SWEEP
+    allow_pickle: bool = False
+    allow_missing: bool = False
+    out_file: Path | None = None
+    workers: int | None = None
+
+
+def format_threshold(threshold: float) -> str:
+    """``0.15`` -> ``"0.15"``; finer thresholds keep their digits (``0.125``)."""
+    text = f"{threshold:.2f}"
+    return text if abs(float(text) - threshold) < 1e-9 else f"{threshold:g}"
+
+
+def run(cfg: EvalConfig) -> dict:
+    """Evaluate, write the JSON report and return it (plus ``"report"``: the printable text, not written).
+
+    Returns:
+        ``{"mode": "labels"|"cams", "miou", "summary": ConfusionMatrix.summary(...), ...}``; for
+        CAMs also ``"best_threshold"`` and ``"sweep"`` (``[{"threshold", "miou"}]``).
+    """
+    if (cfg.pred_dir is None) == (cfg.cam_dir is None):
+        raise WsssError("give exactly one of --pred (label PNGs) and --cams (CAM files)")
+    dataset = PreparedDataset.load(cfg.root, cfg.dataset)
+    ids = dataset.ids(cfg.split)
+    folder = Path(cfg.pred_dir if cfg.pred_dir is not None else cfg.cam_dir)
+    missing = evaluation.missing_inputs(folder, ids, cams=cfg.cam_dir is not None) if folder.is_dir() else ids
+    result: dict = {"mode": "labels" if cfg.pred_dir is not None else "cams", "dataset": dataset.kind,
+                    "root": str(dataset.root), "split": cfg.split, "input": str(folder),
+                    "num_images": len(ids) - len(missing), "num_missing": len(missing)}
+    if cfg.pred_dir is not None:
+        matrix = evaluation.evaluate_labels(dataset, cfg.split, cfg.pred_dir, ids=ids, ignore_pred=cfg.ignore_pred_255,
+                                            workers=cfg.workers, allow_missing=cfg.allow_missing)
+        result["ignore_pred_255"] = cfg.ignore_pred_255
+        lines = [_table(matrix, dataset.classes), f"mIoU {matrix.miou():.4f}"]
+        if cfg.ignore_pred_255:
+            lines.append(f"coverage {matrix.coverage():.4f}")
+    else:
+        try:
+            thresholds = evaluation.threshold_range(*cfg.sweep)
+        except ValueError as err:
+            raise WsssError(f"--sweep: {err}") from None
+        thresholds, matrices = evaluation.evaluate_cams(dataset, cfg.split, cfg.cam_dir, thresholds, ids=ids,
+                                                        allow_pickle=cfg.allow_pickle, workers=cfg.workers,
+                                                        allow_missing=cfg.allow_missing)
+        index, threshold, best = evaluation.best_threshold(thresholds, matrices)
+        matrix = matrices[index]
+        result["best_threshold"] = threshold
+        result["sweep"] = [{"threshold": float(t), "miou": _round(m.miou())} for t, m in zip(thresholds, matrices)]
+        for entry in result["sweep"]:
+            log.info("threshold %s mIoU %s", format_threshold(entry["threshold"]), entry["miou"])
+        lines = [_table(matrix, dataset.classes), f"mIoU {best:.4f}",
+                 f"best threshold {format_threshold(threshold)} mIoU {best:.4f}"]
+    result["miou"] = _round(matrix.miou())
+    result["summary"] = matrix.summary(dataset.classes)
+    out_file = cfg.out_file or artifacts.eval_metrics_path(folder, cfg.split)
+    result["provenance"] = artifacts.provenance(cfg)
+    artifacts.write_json(out_file, result)
+    log.info("wrote %s", out_file)
+    return {**result, "out_file": str(out_file), "report": "\n".join(lines)}
+
+
+def _table(matrix, class_names: list[str]) -> str:
+    # The table ends with its own padded mIoU line; the report prints one plain `mIoU x.xxxx` line instead.
+    lines = matrix.table(class_names).splitlines()
+    return "\n".join(lines[:-1] if lines and lines[-1].startswith("mIoU") else lines)
+
+
+def _round(value: float) -> float | None:
+    return None if value != value else round(float(value), 6)
+
+
+@click.command()
+@click.option("--pred", "pred_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Folder of label PNGs <id>.png (pseudo-labels or predictions).")
+@click.option("--cams", "cam_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Folder of CAM files <id>.npz (or IRN-style <id>.npy with --allow-pickle).")
+@dataset_option()
+@root_option()
+@split_option("val", "Split whose ground-truth masks are used.")
+@click.option("--ignore-pred-255", is_flag=True,
+              help="Leave out pixels predicted 255 and report coverage (default: 255 counts as background).")
+@click.option("--sweep", default="0.05:0.60:0.01", show_default=True,
+              help="CAM background thresholds start:stop:step (stop inclusive).")
+@allow_pickle_option
+@click.option("--allow-missing", is_flag=True, help="Skip images without a prediction/CAM file instead of failing.")
+@click.option("--out", "out_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="JSON report [default: <DIR>/metrics_eval_<split>.json].")
+@workers_option
+def command(pred_dir: Path | None, cam_dir: Path | None, dataset: str | None, root: Path, split: str,
+            ignore_pred_255: bool, sweep: str, allow_pickle: bool, allow_missing: bool, out_file: Path | None,
+            workers: int | None) -> None:
+    """mIoU of label maps (--pred) or CAMs (--cams, with a threshold sweep) against ground truth."""
+    if (pred_dir is None) == (cam_dir is None):
+        raise click.UsageError("give exactly one of --pred DIR and --cams DIR")
+    try:
+        sweep_range = parse_range(sweep)
+    except click.BadParameter as err:
+        raise click.BadParameter(err.message, param_hint="--sweep") from None
+    result = run(EvalConfig(root=root, split=split, pred_dir=pred_dir, cam_dir=cam_dir, dataset=dataset,
+                            ignore_pred_255=ignore_pred_255, sweep=sweep_range, allow_pickle=allow_pickle,
+                            allow_missing=allow_missing, out_file=out_file, workers=workers))
+    click.echo(result["report"])
