@@ -1,0 +1,240 @@
+"""A run's report: per-stage mIoU, per-class IoU, training curves and a gallery, as Markdown + PNGs.
+
+A run folder (what ``run_pipeline.sh`` writes) holds one folder per stage::
+
+    <run>/cls     train-cls       metrics.json with the per-epoch history
+    <run>/cams    make-cam        metrics_eval_<split>.json (CAM threshold sweep)
+    <run>/pseudo  refine          metrics_eval_<split>.json (pseudo-label mIoU)
+    <run>/seg     train-seg       metrics.json with the per-iteration history
+    <run>/pred    predict         metrics_eval_<split>.json (segmentation mIoU)
+
+Missing folders are skipped, so a partial run still gets a report.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from wsss import artifacts
+from wsss.datasets.prepared import PreparedDataset
+from wsss.errors import WsssError
+from wsss.visualize import cam_heatmap, colorize_label, grid, labelled_tile
+
+# (folder, title, what its mIoU measures) in pipeline order
+STAGES = (
+    ("cams", "CAM", "best background threshold"),
+    ("pseudo", "pseudo-labels", "refine output, 255 counted as background"),
+    ("pred", "DeepLab", "predictions of the trained segmentation model"),
+)
+
+
+@dataclass
+class StageResult:
+    """The evaluation of one stage's output."""
+
+    folder: str
+    title: str
+    split: str
+    miou: float | None
+    per_class: dict[str, dict] = field(default_factory=dict)
+    note: str = ""
+
+
+def _eval_files(folder: Path) -> list[Path]:
+    return sorted(folder.glob("metrics_eval_*.json"))
+
+
+def collect_results(run_dir: Path) -> list[StageResult]:
+    """Read the evaluation JSON of every stage folder present in ``run_dir``."""
+    results = []
+    for folder, title, note in STAGES:
+        for path in _eval_files(run_dir / folder):
+            data = artifacts.read_json(path)
+            extra = f" (threshold {data['best_threshold']:.2f})" if data.get("best_threshold") is not None else ""
+            results.append(StageResult(folder=folder, title=title, split=data.get("split", "?"), miou=data.get("miou"),
+                                       per_class=data.get("summary", {}).get("per_class", {}), note=note + extra))
+    return results
+
+
+def _history(run_dir: Path, folder: str) -> list[dict]:
+    path = artifacts.metrics_path(run_dir / folder)
+    return artifacts.read_json(path).get("history", []) if path.is_file() else []
+
+
+def plot_stage_miou(results: list[StageResult], path: Path) -> None:
+    """Bar chart of mIoU per stage."""
+    import matplotlib.pyplot as plt
+
+    labels = [f"{result.title}\n({result.split})" for result in results]
+    values = [100 * (result.miou or 0.0) for result in results]
+    figure, axis = plt.subplots(figsize=(1.8 + 1.6 * len(results), 3.6))
+    bars = axis.bar(labels, values, color=["#4c72b0", "#dd8452", "#55a868", "#c44e52"][: len(results)])
+    axis.bar_label(bars, fmt="%.1f")
+    axis.set_ylabel("mIoU (%)")
+    axis.set_ylim(0, 100)
+    axis.set_title("mIoU per stage")
+    _save(figure, path)
+
+
+def plot_per_class(results: list[StageResult], path: Path) -> None:
+    """Grouped bars: IoU of every class for every stage."""
+    import matplotlib.pyplot as plt
+
+    classes = sorted({name for result in results for name in result.per_class},
+                     key=lambda name: next(i for r in results for i, n in enumerate(r.per_class) if n == name))
+    width = 0.8 / max(1, len(results))
+    figure, axis = plt.subplots(figsize=(max(6.0, 0.6 * len(classes) * max(1, len(results)) + 2), 3.8))
+    positions = np.arange(len(classes))
+    for index, result in enumerate(results):
+        values = [100 * ((result.per_class.get(name) or {}).get("iou") or 0.0) for name in classes]
+        axis.bar(positions + index * width, values, width, label=f"{result.title} ({result.split})")
+    axis.set_xticks(positions + width * (len(results) - 1) / 2, classes, rotation=30, ha="right")
+    axis.set_ylabel("IoU (%)")
+    axis.set_ylim(0, 100)
+    axis.legend(fontsize=8)
+    axis.set_title("IoU per class")
+    _save(figure, path)
+
+
+def plot_curves(cls_history: list[dict], seg_history: list[dict], path: Path) -> bool:
+    """Training curves: classifier loss terms, mAP and CAM mIoU per epoch; DeepLab loss and val mIoU.
+
+    Returns False (and writes nothing) when there is no history at all.
+    """
+    import matplotlib.pyplot as plt
+
+    if not cls_history and not seg_history:
+        return False
+    figure, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    epochs = [record["epoch"] for record in cls_history]
+    for key in sorted({key for record in cls_history for key in record if key.startswith("loss_")}):
+        axes[0].plot(epochs, [record.get(key) for record in cls_history], marker="o", label=key[5:])
+    axes[0].set(title="train-cls loss", xlabel="epoch")
+    for key, label in (("val_map", "val mAP"), ("val_cam_miou", "val CAM mIoU")):
+        values = [record.get(key) for record in cls_history]
+        if any(value is not None for value in values):
+            axes[1].plot(epochs, values, marker="o", label=label)
+    axes[1].set(title="train-cls validation", xlabel="epoch", ylim=(0, 1))
+    losses = [(record["iteration"], record["loss"]) for record in seg_history if "loss" in record]
+    mious = [(record["iteration"], record["val_miou"]) for record in seg_history if "val_miou" in record]
+    if losses:
+        axes[2].plot(*zip(*losses), label="loss")
+    if mious:
+        twin = axes[2].twinx()
+        twin.plot(*zip(*mious), marker="o", color="#c44e52", label="val mIoU")
+        twin.set(ylim=(0, 1), ylabel="val mIoU")
+        twin.legend(loc="upper right", fontsize=8)
+    axes[2].set(title="train-seg", xlabel="iteration", ylabel="loss")
+    for axis in axes:
+        if axis.get_legend_handles_labels()[0]:
+            axis.legend(fontsize=8, loc="upper left" if axis is axes[2] else "best")
+    _save(figure, path)
+    return True
+
+
+def _stage_config(run_dir: Path, folder: str) -> dict | None:
+    path = artifacts.config_path(run_dir / folder)
+    return artifacts.read_json(path).get("config") if path.is_file() else None
+
+
+def gallery(run_dir: Path, path: Path, rows: int = 6, tile_height: int = 128) -> list[str]:
+    """Write a picture of ``rows`` images: image | CAM heatmap | pseudo-label | prediction | ground truth.
+
+    Images come from the split the CAMs were made for; the prediction column uses
+    ``<run>/pred_<split>/`` (or ``<run>/pred/`` when it was made for that split).
+
+    Returns:
+        The image ids shown (empty when there are no CAMs to show).
+    """
+    config = _stage_config(run_dir, "cams")
+    if config is None:
+        return []
+    dataset = PreparedDataset.load(config["root"], config.get("dataset"))
+    split = config["split"]
+    pred_config = _stage_config(run_dir, "pred")
+    pred_dir = run_dir / f"pred_{split}"
+    if not pred_dir.is_dir() and pred_config is not None and pred_config.get("split") == split:
+        pred_dir = run_dir / "pred"
+    ids = [image_id for image_id in dataset.ids(split) if artifacts.cam_path(run_dir / "cams", image_id).is_file()]
+    # spread the picks over the split so that the gallery is not just the first few images
+    picks = [ids[round(i * (len(ids) - 1) / max(1, rows - 1))] for i in range(min(rows, len(ids)))] if ids else []
+    picture_rows = []
+    for image_id in dict.fromkeys(picks):
+        image = dataset.read_image(split, image_id)
+        keys, cams = artifacts.read_cam(artifacts.cam_path(run_dir / "cams", image_id))
+        names = ", ".join(dataset.classes[key] for key in keys)
+        tiles = [labelled_tile(image, image_id, tile_height), labelled_tile(cam_heatmap(image, cams), f"CAM {names}", tile_height)]
+        for caption, file in (("pseudo-label", artifacts.label_path(run_dir / "pseudo", image_id)),
+                              ("prediction", artifacts.label_path(pred_dir, image_id))):
+            tiles.append(labelled_tile(colorize_label(artifacts.read_label_png(file)) if file.is_file()
+                                       else np.full_like(image, 255), caption if file.is_file() else f"no {caption}",
+                                       tile_height))
+        truth = colorize_label(dataset.read_mask(split, image_id)) if dataset.has_masks(split) else np.full_like(image, 255)
+        tiles.append(labelled_tile(truth, "ground truth", tile_height))
+        picture_rows.append(tiles)
+    if picture_rows:
+        artifacts.write_image(path, grid(picture_rows))
+    return list(dict.fromkeys(picks))
+
+
+def _save(figure, path: Path) -> None:
+    import io
+
+    import matplotlib.pyplot as plt
+
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110)
+    plt.close(figure)
+    with artifacts.atomic_write(path) as handle:
+        handle.write(buffer.getvalue())
+
+
+def _fmt(value: float | None) -> str:
+    return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.1f}"
+
+
+def write_report(run_dir: str | Path, gallery_rows: int = 6) -> dict:
+    """Write ``<run>/report.md`` and its figures under ``<run>/report/``; return a summary dict."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise WsssError(f"{run_dir}: run folder not found")
+    results = collect_results(run_dir)
+    figures_dir = run_dir / "report"
+    figures_dir.mkdir(parents=True, exist_ok=True)
+    lines = [f"# wsss run report: {run_dir.name}", ""]
+    if not results:
+        raise WsssError(f"{run_dir}: no stage evaluation found (expected <stage>/metrics_eval_<split>.json "
+                        "from make-cam --eval, wsss eval --pred)")
+    lines += ["## mIoU per stage", "", "| stage | split | mIoU (%) | note |", "|---|---|---|---|"]
+    lines += [f"| {r.title} | {r.split} | {_fmt(r.miou)} | {r.note} |" for r in results]
+    seg_metrics_path = artifacts.metrics_path(run_dir / "seg")
+    seg_metrics = artifacts.read_json(seg_metrics_path) if seg_metrics_path.is_file() else {}
+    if seg_metrics.get("weak_full_ratio") is not None:
+        lines += ["", f"weak/full ratio (DeepLab on pseudo-labels / on ground truth): {seg_metrics['weak_full_ratio']:.3f}"]
+    plot_stage_miou(results, figures_dir / "stage_miou.png")
+    plot_per_class(results, figures_dir / "per_class_iou.png")
+    lines += ["", "![mIoU per stage](report/stage_miou.png)", "", "## IoU per class", "",
+              "![IoU per class](report/per_class_iou.png)", ""]
+    classes = list(dict.fromkeys(name for r in results for name in r.per_class))
+    lines += ["| class | " + " | ".join(f"{r.title} ({r.split})" for r in results) + " |",
+              "|---|" + "---|" * len(results)]
+    lines += [f"| {name} | " + " | ".join(_fmt((r.per_class.get(name) or {}).get("iou")) for r in results) + " |"
+              for name in classes]
+    if plot_curves(_history(run_dir, "cls"), _history(run_dir, "seg"), figures_dir / "curves.png"):
+        lines += ["", "## Training curves", "", "![training curves](report/curves.png)"]
+    shown = gallery(run_dir, figures_dir / "gallery.png", rows=gallery_rows)
+    if shown:
+        lines += ["", "## Gallery", "", "image | CAM heatmap | pseudo-label | prediction | ground truth", "",
+                  "![gallery](report/gallery.png)"]
+    with artifacts.atomic_write(run_dir / "report.md", "w") as handle:
+        handle.write("\n".join(lines) + "\n")
+    return {"stages": [{"stage": r.title, "split": r.split, "miou": r.miou} for r in results],
+            "gallery": shown, "report": str(run_dir / "report.md")}
