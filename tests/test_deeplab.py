@@ -1,0 +1,54 @@
+import pytest
+import torch
+from torchvision import models
+
+from wsss.errors import WsssError
+from wsss.models.deeplab import SEG_MODELS, build_seg_model, model_from_checkpoint
+
+torch.set_num_threads(1)
+
+
+def test_unknown_model_error_lists_the_choices():
+    with pytest.raises(KeyError, match="deeplabv3_resnet18.*deeplabv3_resnet50"):
+        SEG_MODELS["deeplabv3_vgg"]
+
+
+def test_resnet18_logits_at_input_resolution_for_odd_sizes():
+    model = build_seg_model("deeplabv3_resnet18", 4).eval()
+    with torch.no_grad():
+        logits = model(torch.randn(2, 3, 33, 47))
+    assert logits.shape == (2, 4, 33, 47)
+    backbone, head = model.parameter_groups()
+    assert len(backbone) + len(head) == len(list(model.parameters())) and head
+
+
+def test_torchvision_deeplab_loads_backbone_from_a_state_file(tmp_path):
+    torch.manual_seed(3)
+    resnet = models.resnet50(weights=None)
+    path = tmp_path / "resnet50.pth"
+    torch.save(resnet.state_dict(), path)  # includes fc.*, which the segmentation trunk drops
+    model = build_seg_model("deeplabv3_resnet50", 3, str(path))
+    assert torch.equal(model.backbone.layer3[0].conv2.weight, resnet.layer3[0].conv2.weight)
+    assert torch.equal(model.backbone.conv1.weight, resnet.conv1.weight)
+    with torch.no_grad():
+        assert model.eval()(torch.randn(1, 3, 17, 19)).shape == (1, 3, 17, 19)
+
+
+def test_backbone_file_without_matching_weights_is_an_error(tmp_path):
+    path = tmp_path / "other.pth"
+    torch.save({"something.weight": torch.zeros(3)}, path)
+    with pytest.raises(WsssError, match="no parameter of resnet50"):
+        build_seg_model("deeplabv3_resnet50", 3, str(path))
+    with pytest.raises(WsssError, match="file not found"):
+        build_seg_model("deeplabv3_resnet18", 3, str(tmp_path / "missing.pth"))
+
+
+def test_model_from_checkpoint_round_trips_and_rejects_foreign_arch():
+    model = build_seg_model("deeplabv3_resnet18", 3)
+    checkpoint = {"model": model.state_dict(), "arch": {"model": "deeplabv3_resnet18", "num_classes": 3}}
+    rebuilt = model_from_checkpoint(checkpoint)
+    assert torch.equal(rebuilt.head[-1].weight, model.head[-1].weight)
+    with pytest.raises(WsssError, match="not a train-seg checkpoint"):
+        model_from_checkpoint({"model": {}, "arch": {"backbone": "resnet50"}}, "cls/best.pth")
+    with pytest.raises(WsssError, match="weights do not fit"):
+        model_from_checkpoint({"model": model.state_dict(), "arch": {"model": "deeplabv3_resnet18", "num_classes": 5}})

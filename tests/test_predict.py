@@ -1,0 +1,103 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from stages.cli import cli
+from stages.predict import PredictConfig, predict_label
+from wsss import artifacts
+from wsss.datasets.prepared import PreparedDataset, SplitSpec, write_prepared
+from wsss.metrics import ConfusionMatrix
+from wsss.models.deeplab import build_seg_model
+
+torch.set_num_threads(1)
+
+CLASSES = ["background", "square"]
+SIZES = {"odd0": (37, 29), "odd1": (31, 45), "odd2": (33, 33)}
+
+
+@pytest.fixture()
+def setup(tmp_path):
+    root = tmp_path / "data"
+    rng = np.random.default_rng(1)
+    for image_id, (height, width) in SIZES.items():
+        image = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+        mask = np.zeros((height, width), np.uint8)
+        mask[5:20, 7:19] = 1
+        artifacts.write_image(root / "images" / f"{image_id}.png", image)
+        artifacts.write_label_png(root / "masks" / f"{image_id}.png", mask)
+    spec = SplitSpec(image_dir="images", image_ext=".png", mask_dir="masks")
+    write_prepared(root, "folder", CLASSES, {"val": (spec, list(SIZES))}, {i: [1] for i in SIZES})
+    torch.manual_seed(0)
+    model = build_seg_model("deeplabv3_resnet18", len(CLASSES))
+    checkpoint = tmp_path / "seg" / "best.pth"
+    artifacts.save_checkpoint(checkpoint, {"model": model.state_dict(), "config": {}, "classes": CLASSES,
+                                           "arch": {"model": "deeplabv3_resnet18", "num_classes": len(CLASSES)}})
+    return root, checkpoint, model
+
+
+def predict(root, checkpoint, out, *extra):
+    return CliRunner().invoke(cli, ["predict", "--root", str(root), "--checkpoint", str(checkpoint), "--out", str(out),
+                                    "--split", "val", "--scales", "1.0,0.75", "--device", "cpu", "--workers", "0",
+                                    *extra])
+
+
+def test_prediction_png_size_equals_image_size_for_odd_sizes(setup, tmp_path):
+    root, checkpoint, model = setup
+    out = tmp_path / "pred"
+    result = predict(root, checkpoint, out, "--overlay", "--eval")
+    assert result.exit_code == 0, result.output
+    dataset = PreparedDataset.load(root)
+    expected_matrix = ConfusionMatrix(len(CLASSES))
+    cfg = PredictConfig(root=root, checkpoint=checkpoint, out_dir=out, scales=(1.0, 0.75))
+    for image_id, size in SIZES.items():
+        label = artifacts.read_label_png(artifacts.label_path(out, image_id))
+        assert label.shape == size
+        overlay = artifacts.read_image(artifacts.overlay_path(out / "overlay", image_id))
+        assert overlay.shape == (*size, 3)
+        image = dataset.read_image("val", image_id)
+        np.testing.assert_array_equal(label, predict_label(model.eval(), image, cfg, "cpu"))
+        expected_matrix.update(dataset.read_mask("val", image_id), label)
+    metrics = json.loads(artifacts.metrics_path(out).read_text())
+    assert metrics["predicted"] == 3 and metrics["skipped"] == 0 and metrics["scales"] == [1.0, 0.75]
+    assert metrics["miou"] == pytest.approx(expected_matrix.miou())
+    assert f"val mIoU {metrics['miou']:.4f}" in result.output
+    assert json.loads(artifacts.config_path(out).read_text())["arch"]["model"] == "deeplabv3_resnet18"
+
+
+def test_existing_predictions_are_skipped_unless_overwrite(setup, tmp_path):
+    root, checkpoint, _ = setup
+    out = tmp_path / "pred"
+    assert predict(root, checkpoint, out).exit_code == 0
+    artifacts.label_path(out, "odd1").write_bytes(b"not a png")  # a broken file is redone
+    result = predict(root, checkpoint, out)
+    assert result.exit_code == 0 and "1 predicted, 2 skipped" in result.output
+    assert artifacts.read_label_png(artifacts.label_path(out, "odd1")).shape == SIZES["odd1"]
+    result = predict(root, checkpoint.parent, out, "--overwrite")  # an output folder means its best.pth
+    assert "3 predicted, 0 skipped" in result.output
+    assert json.loads(artifacts.metrics_path(out).read_text())["checkpoint"] == str(checkpoint)
+
+
+def test_crf_post_processing_writes_full_size_labels(setup, tmp_path):
+    pytest.importorskip("pydensecrf")
+    root, checkpoint, _ = setup
+    out = tmp_path / "crf"
+    result = predict(root, checkpoint, out, "--crf", "--crf-iterations", "2", "--no-flip")
+    assert result.exit_code == 0, result.output
+    for image_id, size in SIZES.items():
+        assert artifacts.read_label_png(artifacts.label_path(out, image_id)).shape == size
+    assert json.loads(artifacts.metrics_path(out).read_text())["crf"] is True
+
+
+def test_checkpoint_for_other_classes_is_an_error(setup, tmp_path):
+    root, _, _ = setup
+    model = build_seg_model("deeplabv3_resnet18", 3)
+    checkpoint = tmp_path / "other.pth"
+    artifacts.save_checkpoint(checkpoint, {"model": model.state_dict(), "config": {}, "classes": ["bg", "a", "b"],
+                                           "arch": {"model": "deeplabv3_resnet18", "num_classes": 3}})
+    result = predict(root, checkpoint, tmp_path / "pred")
+    assert result.exit_code == 1 and result.output.startswith("Error: ") and "classes" in result.output
+    result = predict(root, tmp_path / "missing.pth", tmp_path / "pred")
+    assert result.exit_code == 1 and "checkpoint not found" in result.output

@@ -1,0 +1,150 @@
+"""DeepLabV3 segmentation networks trained on pseudo-labels (or ground truth for the upper bound).
+
+Every model maps an image batch float32 [B, 3, H, W] to logits float32
+[B, C, H, W] at the input resolution, and exposes ``backbone`` and ``head``
+so that the optimiser can give the freshly initialised head a larger
+learning rate.
+
+``SEG_MODELS`` is the visible list of choices:
+
+* ``deeplabv3_resnet50`` / ``deeplabv3_resnet101``: torchvision's DeepLabV3
+  (ResNet with output stride 8, ASPP rates 12/24/36), built with
+  ``weights=None, weights_backbone=None``; the ImageNet backbone is then
+  loaded through :mod:`wsss.models.backbones`, so a failed download gives the
+  same one-line error as ``train-cls``.
+* ``deeplabv3_resnet18``: a ResNet-18 (output stride 16) with torchvision's
+  DeepLabV3 head (ASPP rates 6/12/18), small enough for CPU demos and tests.
+
+``weights_backbone`` is ``"imagenet"``, ``"none"`` or a path to a
+``state_dict`` (a torchvision ResNet file, or a wsss checkpoint whose keys
+start with ``backbone.``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.models import segmentation as tv_segmentation
+from torchvision.models.segmentation.deeplabv3 import DeepLabHead
+
+from wsss.errors import WsssError
+from wsss.models.backbones import BACKBONES, build_resnet, load_imagenet_state, load_state_file
+
+
+class SegmentationNet(nn.Module):
+    """Backbone + head; the logits are upsampled bilinearly to the input size.
+
+    Args:
+        backbone: maps [B, 3, H, W] to features [B, K, h, w] (or a dict whose ``"out"`` holds them,
+            as torchvision's ``IntermediateLayerGetter`` returns).
+        head: maps features [B, K, h, w] to logits [B, C, h, w].
+    """
+
+    def __init__(self, backbone: nn.Module, head: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"expected images [B, 3, H, W], got {tuple(images.shape)}")
+        features = self.backbone(images)
+        if isinstance(features, dict):
+            features = features["out"]
+        logits = self.head(features)
+        return F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=False)
+
+    def parameter_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        """Return ``(backbone parameters, head parameters)`` for :func:`wsss.optim.sgd_with_head`."""
+        return list(self.backbone.parameters()), list(self.head.parameters())
+
+
+def _load_backbone_state(backbone: nn.Module, resnet_name: str, weights: str) -> None:
+    """Load ImageNet or file weights into a torchvision ResNet trunk (``IntermediateLayerGetter``)."""
+    if weights == "none":
+        return
+    if weights == "imagenet":
+        state = load_imagenet_state(resnet_name, BACKBONES[resnet_name][1])
+    else:
+        state = {key.removeprefix("backbone."): value for key, value in load_state_file(weights).items()}
+    # The classification layer (fc) has no place in a segmentation trunk.
+    state = {key: value for key, value in state.items() if not key.startswith("fc.")}
+    own = backbone.state_dict()
+    matching = {key: value for key, value in state.items() if key in own and own[key].shape == value.shape}
+    if not matching:
+        raise WsssError(f"--weights {weights}: no parameter of {resnet_name} found in the file")
+    backbone.load_state_dict(matching, strict=False)
+
+
+def _torchvision_deeplab(constructor: Callable, resnet_name: str) -> Callable[[int, str], SegmentationNet]:
+    def build(num_classes: int, weights_backbone: str) -> SegmentationNet:
+        net = constructor(weights=None, weights_backbone=None, num_classes=num_classes, aux_loss=False)
+        _load_backbone_state(net.backbone, resnet_name, weights_backbone)
+        return SegmentationNet(net.backbone, net.classifier)
+    return build
+
+
+def _resnet18_deeplab(num_classes: int, weights_backbone: str) -> SegmentationNet:
+    backbone = build_resnet("resnet18", weights_backbone, output_stride=16)
+    # Output stride 16 halves the dilation rates of the stride-8 setting (DeepLabV3 paper, Sec. 3.3).
+    return SegmentationNet(backbone, DeepLabHead(BACKBONES["resnet18"][2], num_classes, atrous_rates=(6, 12, 18)))
+
+
+@dataclass(frozen=True)
+class SegModelSpec:
+    """One entry of :data:`SEG_MODELS`: the ResNet it is built on and its constructor."""
+
+    backbone: str
+    build: Callable[[int, str], SegmentationNet]
+
+
+class _Choices(dict):
+    """A dict whose missing-key error lists the valid names."""
+
+    def __missing__(self, key):
+        raise KeyError(f"unknown segmentation model {key!r}; choose from {sorted(self)}")
+
+
+SEG_MODELS: dict[str, SegModelSpec] = _Choices({
+    "deeplabv3_resnet50": SegModelSpec("resnet50", _torchvision_deeplab(tv_segmentation.deeplabv3_resnet50, "resnet50")),
+    "deeplabv3_resnet101": SegModelSpec("resnet101", _torchvision_deeplab(tv_segmentation.deeplabv3_resnet101, "resnet101")),
+    "deeplabv3_resnet18": SegModelSpec("resnet18", _resnet18_deeplab),
+})
+
+
+def build_seg_model(name: str, num_classes: int, weights_backbone: str = "none") -> SegmentationNet:
+    """Build a segmentation network from :data:`SEG_MODELS`.
+
+    Args:
+        name: a key of :data:`SEG_MODELS`.
+        num_classes: output classes including background.
+        weights_backbone: ``imagenet``, ``none`` or a state_dict path for the ResNet trunk.
+
+    Returns:
+        A :class:`SegmentationNet` mapping [B, 3, H, W] to logits [B, num_classes, H, W].
+    """
+    if num_classes < 2:
+        raise ValueError(f"num_classes must be at least 2 (background + one class), got {num_classes}")
+    return SEG_MODELS[name].build(num_classes, weights_backbone)
+
+
+def model_from_checkpoint(checkpoint: dict, source: str = "checkpoint") -> SegmentationNet:
+    """Rebuild the network of a ``train-seg`` checkpoint (its ``arch`` entry) and load its weights.
+
+    Args:
+        checkpoint: dict from :func:`wsss.artifacts.load_checkpoint`.
+        source: file name used in error messages.
+    """
+    arch = checkpoint.get("arch")
+    if not isinstance(arch, dict) or arch.get("model") not in SEG_MODELS or not isinstance(arch.get("num_classes"), int):
+        raise WsssError(f"{source}: not a train-seg checkpoint (arch {arch!r}; expected a model from {sorted(SEG_MODELS)})")
+    model = build_seg_model(arch["model"], arch["num_classes"], "none")
+    try:
+        model.load_state_dict(checkpoint["model"])
+    except RuntimeError as err:
+        raise WsssError(f"{source}: weights do not fit {arch['model']} ({str(err).splitlines()[0]})") from None
+    return model
