@@ -1,0 +1,127 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from wsss.losses import (CamObjective, equivariance_loss, erase_mask, multilabel_soft_margin_loss, rescale_flip_images,
+                         rescale_flip_maps, sample_view)
+from wsss.models.classifier import CamNet
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_multilabel_soft_margin_by_hand():
+    logits = torch.tensor([[0.0, math.log(3.0)]])
+    targets = torch.tensor([[1.0, 0.0]])
+    # -log sigmoid(0) = log 2 ; -log sigmoid(-log 3) = -log(1/4) = log 4 ; mean = 1.5 log 2
+    loss = multilabel_soft_margin_loss(logits, targets)
+    assert loss.item() == pytest.approx(1.5 * math.log(2.0))
+    logits, targets = torch.randn(4, 6), (torch.rand(4, 6) > 0.5).float()
+    torch.testing.assert_close(multilabel_soft_margin_loss(logits, targets),
+                               F.multilabel_soft_margin_loss(logits, targets))
+    with pytest.raises(ValueError, match="differ"):
+        multilabel_soft_margin_loss(logits, targets[:, :3])
+
+
+def test_equivariance_loss_is_zero_for_an_equivariant_map():
+    maps = torch.randn(2, 3, 5, 6)
+    present = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
+    flip = lambda m: m.flip(-1)  # noqa: E731
+    assert equivariance_loss(maps, maps.flip(-1), present, flip).item() == pytest.approx(0.0, abs=1e-7)
+    # scale invariance: the maps are max-normalised before comparison
+    assert equivariance_loss(maps, 3.0 * maps.flip(-1), present, flip).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_equivariance_loss_by_hand():
+    maps = torch.zeros(1, 2, 2, 2)
+    maps[0, 0] = torch.tensor([[1.0, 0.0], [0.0, 0.0]])
+    view = torch.zeros(1, 2, 2, 2)
+    view[0, 0] = torch.tensor([[2.0, 1.0], [0.0, -5.0]])   # normalised: [[1, 0.5], [0, 0]]
+    view[0, 1] = torch.tensor([[9.0, 0.0], [0.0, 0.0]])    # class 1 is absent: ignored
+    present = torch.tensor([[1.0, 0.0]])
+    loss = equivariance_loss(maps, view, present, lambda m: m)
+    # |[1, .5, 0, 0] - [1, 0, 0, 0]| averaged over 4 pixels of the one present map
+    assert loss.item() == pytest.approx(0.125)
+    assert equivariance_loss(maps, view, torch.zeros(1, 2), lambda m: m).item() == 0.0
+
+
+def test_rescale_flip_maps_commutes_with_an_identity_network():
+    # For F(I) = I at stride 1, A(F(I)) must equal F(A(I)) exactly: the geometry of both sides agrees.
+    torch.manual_seed(0)
+    images = torch.rand(2, 3, 12, 17)
+    # (a window cut from the image is only downscaled: upscaling would read past the window's edge)
+    cases = [((6, 9), False, None), ((6, 9), True, None), ((20, 29), True, None), ((4, 5), False, (3, 5, 8, 10)),
+             ((4, 5), True, (3, 5, 8, 10)), ((7, 6), True, (0, 11, 12, 6))]
+    for size, flip, box in cases:
+        view = rescale_flip_images(images, size, flip, box)
+        mapped = rescale_flip_maps(images, (12, 17), size, size, flip, stride=1, box=box)
+        torch.testing.assert_close(mapped, view, rtol=1e-5, atol=1e-5)
+        transform = lambda m: rescale_flip_maps(m, (12, 17), size, size, flip, 1, box)  # noqa: E731
+        assert equivariance_loss(images, view, torch.ones(2, 3), transform).item() < 1e-5
+    # a map anchored to the image frame (bright top row) is equivariant to rescale + flip, not to a window
+    frame = torch.zeros(1, 1, 12, 17)
+    frame[..., 0, :] = 1.0
+    size = (6, 9)
+    rescale_only = lambda m: rescale_flip_maps(m, (12, 17), size, size, True, 1)  # noqa: E731
+    assert equivariance_loss(frame, rescale_flip_images(frame, size, True), torch.ones(1, 1), rescale_only) < 1e-5
+    box = (4, 0, 8, 12)
+    window = lambda m: rescale_flip_maps(m, (12, 17), (4, 6), (4, 6), True, 1, box)  # noqa: E731
+    frame_of_view = torch.zeros(1, 1, 4, 6)
+    frame_of_view[..., 0, :] = 1.0  # the frame-anchored network lights the top row of its input again
+    assert equivariance_loss(frame, frame_of_view, torch.ones(1, 1), window) > 0.2
+
+
+def test_sample_view_draws_windows_inside_the_image():
+    import random
+
+    rng = random.Random(0)
+    for _ in range(50):
+        (top, left, box_h, box_w), size, flip = sample_view((40, 30), (0.5, 0.75), 0.6, rng)
+        assert 0 <= top and top + box_h <= 40 and 0 <= left and left + box_w <= 30
+        assert 24 <= box_h <= 40 and 0.5 * box_h - 1 <= size[0] <= 0.75 * box_h + 1
+    assert sample_view((40, 30), (0.5, 0.5), 1.0, rng)[0] == (0, 0, 40, 30)
+
+
+def test_erase_mask_marks_exactly_the_pixels_above_the_threshold():
+    maps = torch.zeros(1, 3, 2, 3)
+    maps[0, 0] = torch.tensor([[0.0, 2.0, 4.0], [1.0, 3.0, 0.0]])   # >= 0.5 * 4: (0,1), (0,2), (1,1)
+    maps[0, 1] = torch.tensor([[9.0, 0.0, 0.0], [0.0, 0.0, 0.0]])   # absent class: ignored
+    maps[0, 2] = torch.tensor([[0.0, 0.0, 0.0], [-1.0, 0.0, 0.5]])  # >= 0.5 * 0.5: (1,2)
+    present = torch.tensor([[1.0, 0.0, 1.0]])
+    mask = erase_mask(maps, present, (2, 3), erase_thresh=0.5)
+    expected = torch.tensor([[[False, True, True], [False, True, True]]])
+    assert torch.equal(mask, expected)
+    # a present class with an all-zero map erases nothing
+    assert not erase_mask(torch.zeros(1, 1, 2, 3), torch.ones(1, 1), (2, 3), 0.5).any()
+
+
+def test_erase_mask_upsamples_feature_maps_to_the_image():
+    maps = torch.tensor([[[[0.0, 1.0]]]])  # cells centred on pixels 0 and 16 of a 1x32 input
+    mask = erase_mask(maps, torch.ones(1, 1), (1, 32), erase_thresh=0.5, stride=16)
+    # pixel p reads p / 16: >= 0.5 from pixel 8 on
+    assert mask[0, 0].tolist() == [False] * 8 + [True] * 24
+
+
+def test_cam_objective_terms():
+    torch.manual_seed(0)
+    net = CamNet("resnet18", num_classes=4)
+    images, targets = torch.randn(2, 3, 48, 48), torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
+    plain = CamObjective(net)(images, targets)
+    assert plain["er"].item() == 0.0 and plain["erase"].item() == 0.0
+    assert plain["total"].item() == pytest.approx(plain["cls"].item())
+    objective = CamObjective(net, er_weight=0.5, er_scale_range=(0.5, 0.5), er_min_crop=0.7, erase_weight=2.0,
+                             erase_thresh=0.7)
+    objective.rng.seed(3)
+    terms = objective(images, targets)
+    assert terms["er"].item() > 0 and terms["erase"].item() > 0
+    assert terms["total"].item() == pytest.approx(terms["cls"].item() + 0.5 * terms["er"].item()
+                                                  + 2.0 * terms["erase"].item(), rel=1e-5)
+    terms["total"].backward()
+    assert net.classifier.weight.grad is not None and net.backbone[0].weight.grad.abs().sum() > 0

@@ -1,0 +1,162 @@
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from stages.cli import cli
+from wsss import artifacts
+from wsss.cam import erasing_cam, max_normalize, multiscale_cam
+from wsss.datasets.prepared import PreparedDataset, SplitSpec, write_prepared
+from wsss.models.classifier import CamNet
+from wsss.transforms import normalize_image
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+CLASSES = ["background", "square", "disc", "ring"]
+SIZES = {"a": (61, 47), "b": (40, 36), "c": (40, 36), "d": (33, 50)}
+LABELS = {"a": [1, 3], "b": [2], "c": [1, 2], "d": [3]}
+
+
+def make_dataset(root):
+    rng = np.random.default_rng(0)
+    for image_id, (height, width) in SIZES.items():
+        image = rng.integers(0, 255, (height, width, 3), dtype=np.uint8)
+        mask = np.zeros((height, width), np.uint8)
+        for cls in LABELS[image_id]:
+            mask[4 * cls:4 * cls + 8, 2:20] = cls
+            image[mask == cls] = (60 * cls, 200, 255 - 60 * cls)
+        artifacts.write_image(root / "images" / f"{image_id}.png", image)
+        artifacts.write_label_png(root / "masks" / f"{image_id}.png", mask)
+    spec = SplitSpec(image_dir="images", image_ext=".png", mask_dir="masks")
+    write_prepared(root, "folder", CLASSES, {"train": (spec, list(SIZES))}, LABELS)
+
+
+@pytest.fixture()
+def setup(tmp_path):
+    root = tmp_path / "data"
+    make_dataset(root)
+    torch.manual_seed(0)
+    net = CamNet("resnet18", num_classes=len(CLASSES)).eval()
+    checkpoint = tmp_path / "cls" / "best.pth"
+    artifacts.save_checkpoint(checkpoint, {"model": net.state_dict(), "config": {}, "classes": CLASSES,
+                                           "arch": net.arch, "epoch": 1})
+    return root, checkpoint, net
+
+
+def make_cam(root, checkpoint, out, *extra):
+    return CliRunner().invoke(cli, ["make-cam", "--root", str(root), "--checkpoint", str(checkpoint), "--out", str(out),
+                                    "--device", "cpu", "--workers", "0", *extra])
+
+
+def test_gt_cams_at_full_resolution_match_the_library(setup, tmp_path):
+    root, checkpoint, net = setup
+    out = tmp_path / "cams"
+    result = make_cam(root, checkpoint.parent, out, "--scales", "1.0,0.5")  # a folder means its best.pth
+    assert result.exit_code == 0, result.output
+    dataset = PreparedDataset.load(root)
+    for image_id, (height, width) in SIZES.items():
+        keys, cams = artifacts.read_cam(artifacts.cam_path(out, image_id))
+        assert keys.tolist() == LABELS[image_id]
+        assert cams.shape == (len(LABELS[image_id]), height, width)
+        assert cams.min() >= 0 and np.allclose(cams.max(axis=(1, 2)), 1.0, atol=1e-3)
+    image = normalize_image(dataset.read_image("train", "a"))[None]
+    expected, _ = multiscale_cam(net, image, [[0, 2]], scales=(1.0, 0.5))
+    _, cams = artifacts.read_cam(artifacts.cam_path(out, "a"))
+    np.testing.assert_allclose(cams, max_normalize(expected[0]).numpy(), atol=2e-3)  # float16 on disk
+    metrics = json.loads(artifacts.metrics_path(out).read_text())
+    assert metrics["processed"] == 4 and metrics["skipped"] == 0 and metrics["images_per_second"] > 0
+    config = json.loads(artifacts.config_path(out).read_text())
+    assert config["config"]["scales"] == [1.0, 0.5] and config["checkpoint_file"].endswith("best.pth")
+
+
+def test_finished_images_are_skipped_unless_overwrite(setup, tmp_path):
+    root, checkpoint, _ = setup
+    out = tmp_path / "cams"
+    assert make_cam(root, checkpoint, out, "--scales", "1.0").exit_code == 0
+    first = artifacts.cam_path(out, "b")
+    os.utime(first, (1, 1))
+    (out / "c.npz").write_bytes(b"truncated")  # a broken file is redone
+    result = make_cam(root, checkpoint, out, "--scales", "1.0")
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(artifacts.metrics_path(out).read_text())
+    assert metrics["processed"] == 1 and metrics["skipped"] == 3
+    assert first.stat().st_mtime == 1 and artifacts.cam_is_complete(out / "c.npz")
+    assert make_cam(root, checkpoint, out, "--scales", "1.0", "--overwrite").exit_code == 0
+    assert first.stat().st_mtime > 1
+
+
+def test_batching_equal_sizes_gives_the_same_cams(setup, tmp_path):
+    root, checkpoint, _ = setup
+    assert make_cam(root, checkpoint, tmp_path / "one", "--scales", "1.0,1.5").exit_code == 0
+    assert make_cam(root, checkpoint, tmp_path / "two", "--scales", "1.0,1.5", "--batch-size", "3").exit_code == 0
+    for image_id in SIZES:  # b and c share a size and run as one batch
+        _, single = artifacts.read_cam(artifacts.cam_path(tmp_path / "one", image_id))
+        _, batched = artifacts.read_cam(artifacts.cam_path(tmp_path / "two", image_id))
+        np.testing.assert_allclose(single, batched, atol=2e-3)
+
+
+def test_predicted_classes_follow_the_score_threshold(setup, tmp_path):
+    root, checkpoint, net = setup
+    dataset = PreparedDataset.load(root)
+    image = normalize_image(dataset.read_image("train", "a"))[None]
+    with torch.inference_mode():
+        _, logits = multiscale_cam(net, image, None, scales=(1.0,))
+    scores = torch.sigmoid(logits[0])
+    threshold = float(scores.sort().values[1])  # between the lowest and the middle score: keep 2 of 3
+    result = make_cam(root, checkpoint, tmp_path / "pred", "--scales", "1.0", "--classes", "pred",
+                      "--score-thresh", f"{threshold - 1e-6:.8f}", "--limit", "1")
+    assert result.exit_code == 0, result.output
+    keys, cams = artifacts.read_cam(artifacts.cam_path(tmp_path / "pred", "a"))
+    assert keys.tolist() == (torch.nonzero(scores >= threshold - 1e-6).flatten() + 1).tolist()
+    assert len(keys) == 2 and cams.shape == (2, 61, 47)
+    assert not artifacts.cam_path(tmp_path / "pred", "b").exists()  # --limit 1
+
+
+def test_inference_erasing_changes_the_cams_and_matches_the_library(setup, tmp_path):
+    root, checkpoint, net = setup
+    out = tmp_path / "erase"
+    result = make_cam(root, checkpoint, out, "--scales", "1.0", "--no-flip", "--erase-steps", "2",
+                      "--erase-thresh", "0.6")
+    assert result.exit_code == 0, result.output
+    dataset = PreparedDataset.load(root)
+    image = normalize_image(dataset.read_image("train", "a"))
+    expected = erasing_cam(net, image, [0, 2], erase_steps=2, erase_thresh=0.6, scales=(1.0,), flip=False)
+    plain = erasing_cam(net, image, [0, 2], erase_steps=0, scales=(1.0,), flip=False)
+    _, cams = artifacts.read_cam(artifacts.cam_path(out, "a"))
+    np.testing.assert_allclose(cams, expected.numpy(), atol=2e-3)
+    assert np.abs(cams - plain.numpy()).max() > 0.01
+
+
+def test_eval_runs_the_threshold_sweep(setup, tmp_path):
+    root, checkpoint, _ = setup
+    out = tmp_path / "cams"
+    result = make_cam(root, checkpoint, out, "--scales", "1.0", "--eval", "--sweep", "0.1:0.5:0.1")
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(artifacts.metrics_path(out).read_text())
+    sweep = metrics["eval"]["sweep"]
+    assert [entry["threshold"] for entry in sweep] == pytest.approx([0.1, 0.2, 0.3, 0.4, 0.5])
+    assert metrics["eval"]["miou"] == pytest.approx(max(entry["miou"] for entry in sweep))
+    assert "best threshold" in result.output
+    assert os.path.isfile(metrics["eval"]["report_file"])
+
+
+def test_bad_inputs_are_one_line_errors(setup, tmp_path):
+    root, checkpoint, net = setup
+    result = make_cam(root, tmp_path / "missing.pth", tmp_path / "cams")
+    assert result.exit_code == 1 and "missing.pth: checkpoint not found" in result.output
+    other = tmp_path / "other.pth"
+    artifacts.save_checkpoint(other, {"model": net.state_dict(), "config": {}, "classes": ["background", "x", "y", "z"],
+                                      "arch": net.arch})
+    result = make_cam(root, other, tmp_path / "cams")
+    assert result.exit_code == 1 and "other.pth: the classifier was trained on classes" in result.output
+    assert "Traceback" not in result.output

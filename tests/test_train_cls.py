@@ -1,0 +1,193 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from stages.cli import cli
+from stages.train_cls import average_precision, mean_average_precision
+from wsss import artifacts
+from wsss.datasets.prepared import SplitSpec, write_prepared
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+CLASSES = ["background", "square", "disc"]
+COLOURS = {1: (220, 40, 40), 2: (40, 40, 220)}
+
+
+def make_dataset(root, val_masks=True):
+    """4 train and 2 val images (odd sizes), each with a red square (1), a blue disc (2) or both."""
+    rng = np.random.default_rng(0)
+    sizes = {"t0": (40, 36), "t1": (36, 40), "t2": (40, 40), "t3": (38, 42), "v0": (37, 41), "v1": (40, 35)}
+    present = {"t0": [1], "t1": [2], "t2": [1, 2], "t3": [2], "v0": [1, 2], "v1": [1]}
+    for image_id, (height, width) in sizes.items():
+        image = rng.integers(90, 140, (height, width, 3), dtype=np.uint8)
+        mask = np.zeros((height, width), np.uint8)
+        if 1 in present[image_id]:
+            mask[2:16, 2:16] = 1
+        if 2 in present[image_id]:
+            yy, xx = np.mgrid[:height, :width]
+            mask[(yy - 26) ** 2 + (xx - 24) ** 2 < 49] = 2
+        for cls, colour in COLOURS.items():
+            image[mask == cls] = colour
+        artifacts.write_image(root / "images" / f"{image_id}.png", image)
+        artifacts.write_label_png(root / "masks" / f"{image_id}.png", mask)
+    train_spec = SplitSpec(image_dir="images", image_ext=".png", mask_dir="masks")
+    val_spec = SplitSpec(image_dir="images", image_ext=".png", mask_dir="masks" if val_masks else None)
+    write_prepared(root, "folder", CLASSES, {"train": (train_spec, ["t0", "t1", "t2", "t3"]),
+                                             "val": (val_spec, ["v0", "v1"])}, present)
+
+
+BASE = ["--backbone", "resnet18", "--weights", "none", "--crop-size", "32", "--batch-size", "2", "--device", "cpu",
+        "--workers", "0", "--lr", "0.01", "--seed", "3"]
+
+
+def train(root, out, *extra):
+    return CliRunner().invoke(cli, ["train-cls", "--root", str(root), "--out", str(out), *BASE, *extra])
+
+
+@pytest.fixture()
+def root(tmp_path):
+    make_dataset(tmp_path / "data")
+    return tmp_path / "data"
+
+
+def weights(out, which="last"):
+    return artifacts.load_checkpoint(artifacts.checkpoint_path(out, which))["model"]
+
+
+def assert_same_weights(first, second):
+    assert first.keys() == second.keys()
+    for key in first:
+        assert torch.equal(first[key], second[key]), key
+
+
+# --------------------------------------------------------------------------- average precision
+
+
+def test_average_precision_by_hand():
+    scores = np.array([[0.9, 0.1], [0.8, 0.2], [0.7, 0.3], [0.6, 0.4]])
+    targets = np.array([[1, 0], [0, 0], [1, 0], [0, 0]])
+    ap = average_precision(scores, targets)
+    # ranks 1..4: hits at 1 and 3 -> precision 1 at recall .5, 2/3 at recall 1: AP = .5 * 1 + .5 * 2/3
+    assert ap[0] == pytest.approx(0.5 + 0.5 * 2 / 3)
+    assert np.isnan(ap[1])  # no positive image
+    assert mean_average_precision(scores, targets) == pytest.approx(ap[0])
+
+
+def test_average_precision_ties_form_one_threshold():
+    # tied scores: one threshold with precision 1/2 at recall 1
+    ap = average_precision(np.array([[0.5], [0.5]]), np.array([[1], [0]]))
+    assert ap[0] == pytest.approx(0.5)
+
+
+def test_average_precision_matches_sklearn():
+    from sklearn.metrics import average_precision_score
+
+    rng = np.random.default_rng(1)
+    scores = rng.normal(size=(30, 4)).round(1)  # rounding creates ties
+    targets = rng.random((30, 4)) > 0.6
+    ours = average_precision(scores, targets)
+    for k in range(4):
+        assert ours[k] == pytest.approx(average_precision_score(targets[:, k], scores[:, k]))
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+def test_one_epoch_writes_checkpoints_config_and_metrics(root, tmp_path):
+    out = tmp_path / "cls"
+    result = train(root, out, "--epochs", "1", "--er-weight", "1", "--erase-weight", "0.5", "--er-scale-range",
+                   "0.5,0.75")
+    assert result.exit_code == 0, result.output
+    for which in ("last", "best"):
+        checkpoint = artifacts.load_checkpoint(artifacts.checkpoint_path(out, which))  # weights_only=True
+        assert checkpoint["arch"] == {"backbone": "resnet18", "num_classes": 3, "output_stride": 16}
+        assert checkpoint["classes"] == CLASSES
+        assert checkpoint["epoch"] == 1 and checkpoint["step"] == 2  # 4 images, batch 2
+        assert checkpoint["config"]["er_weight"] == 1.0 and checkpoint["config"]["erase_weight"] == 0.5
+        assert {"optimizer", "scheduler"} <= set(checkpoint)
+        assert checkpoint["model"]["classifier.weight"].shape == (2, 512, 1, 1)
+    config = json.loads(artifacts.config_path(out).read_text())
+    assert config["config"]["backbone"] == "resnet18" and config["arch"]["num_classes"] == 3
+    metrics = json.loads(artifacts.metrics_path(out).read_text())
+    assert metrics["finished"] and metrics["epoch"] == 1 and len(metrics["history"]) == 1
+    record = metrics["history"][0]
+    assert record["loss_er"] > 0 and record["loss_erase"] > 0 and record["loss_cls"] > 0
+    assert record["loss_total"] == pytest.approx(record["loss_cls"] + record["loss_er"] + 0.5 * record["loss_erase"],
+                                                 rel=1e-4)
+    assert 0 <= record["val_map"] <= 1 and 0 <= record["val_cam_miou"] <= 1
+    assert set(record["val_ap"]) == {"square", "disc"}
+    assert metrics["best"] == {"epoch": 1, "metric": "val_cam_miou", "value": record["val_cam_miou"]}
+
+
+def test_same_seed_same_weights(root, tmp_path):
+    assert train(root, tmp_path / "a", "--epochs", "1", "--er-weight", "1").exit_code == 0
+    assert train(root, tmp_path / "b", "--epochs", "1", "--er-weight", "1").exit_code == 0
+    assert_same_weights(weights(tmp_path / "a"), weights(tmp_path / "b"))
+    # and a different seed really changes them
+    result = CliRunner().invoke(cli, ["train-cls", "--root", str(root), "--out", str(tmp_path / "c"), *BASE[:-2],
+                                      "--seed", "4", "--epochs", "1", "--er-weight", "1"])
+    assert result.exit_code == 0, result.output
+    assert not torch.equal(weights(tmp_path / "a")["classifier.weight"], weights(tmp_path / "c")["classifier.weight"])
+
+
+def test_resume_continues_the_schedule(root, tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    extra = ["--epochs", "2", "--erase-weight", "1", "--er-weight", "0.5"]
+    assert train(root, straight, *extra).exit_code == 0
+    result = train(root, resumed, *extra, "--stop-after", "1")
+    assert result.exit_code == 0, result.output
+    halfway = artifacts.load_checkpoint(artifacts.checkpoint_path(resumed, "last"))
+    assert halfway["epoch"] == 1 and halfway["step"] == 2
+    assert halfway["scheduler"]["last_epoch"] == 2
+    assert not json.loads(artifacts.metrics_path(resumed).read_text())["finished"]
+    result = train(root, resumed, *extra, "--resume")
+    assert result.exit_code == 0, result.output
+    final = artifacts.load_checkpoint(artifacts.checkpoint_path(resumed, "last"))
+    assert final["epoch"] == 2 and final["step"] == 4 and final["scheduler"]["last_epoch"] == 4
+    # poly schedule over 4 steps: the learning rate after the last step is 0
+    assert final["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.0)
+    assert_same_weights(final["model"], weights(straight))
+    metrics = json.loads(artifacts.metrics_path(resumed).read_text())
+    assert metrics["finished"] and [r["epoch"] for r in metrics["history"]] == [1, 2]
+
+
+def test_finished_run_is_not_trained_again_and_changed_schedule_refuses(root, tmp_path):
+    out = tmp_path / "cls"
+    assert train(root, out, "--epochs", "1").exit_code == 0
+    before = weights(out)
+    result = train(root, out, "--epochs", "1")
+    assert result.exit_code == 0 and "trained 1/1 epochs" in result.output
+    assert_same_weights(before, weights(out))
+    result = train(root, out, "--epochs", "1", "--er-weight", "1")
+    assert result.exit_code == 1
+    assert "last.pth: cannot resume, the run used different er_weight" in result.output
+    assert "Traceback" not in result.output
+    assert train(root, out, "--epochs", "1", "--er-weight", "1", "--overwrite").exit_code == 0
+
+
+def test_without_val_masks_best_is_chosen_by_map(tmp_path):
+    make_dataset(tmp_path / "data", val_masks=False)
+    out = tmp_path / "cls"
+    result = train(tmp_path / "data", out, "--epochs", "1")
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(artifacts.metrics_path(out).read_text())
+    assert metrics["history"][0]["val_cam_miou"] is None
+    assert metrics["best"]["metric"] == "val_map"
+
+
+def test_bad_input_is_a_one_line_error(tmp_path, root):
+    result = train(tmp_path / "nowhere", tmp_path / "cls", "--epochs", "1")
+    assert result.exit_code == 1 and "Error:" in result.output and "nowhere" in result.output
+    result = train(root, tmp_path / "cls", "--epochs", "1", "--weights", str(tmp_path / "missing.pth"))
+    assert result.exit_code == 1 and "missing.pth: file not found" in result.output
+    assert "Traceback" not in result.output

@@ -1,0 +1,211 @@
+"""Losses of the CAM network: multi-label soft margin, equivariance regularisation, adversarial erasing.
+
+:class:`CamObjective` bundles them into one module whose ``forward`` runs every
+pass of a training step (image, rescaled view, erased image).  Wrapping that
+module (not the bare network) in DistributedDataParallel keeps one DDP forward
+per backward even though the network runs up to three times.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from wsss.cam import erase_images, feature_to_image, max_normalize, resample
+
+
+def multilabel_soft_margin_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean over images and classes of the binary logistic loss.
+
+    ``-[y log sigmoid(x) + (1 - y) log sigmoid(-x)]``, the same as
+    :func:`torch.nn.functional.multilabel_soft_margin_loss`.
+
+    Args:
+        logits: float [B, K].
+        targets: float [B, K] of 0/1.
+
+    Returns:
+        scalar tensor.
+    """
+    if logits.shape != targets.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} and targets {tuple(targets.shape)} differ")
+    loss = -(targets * F.logsigmoid(logits) + (1 - targets) * F.logsigmoid(-logits))
+    return loss.mean()
+
+
+# --------------------------------------------------------------------------- equivariance (SEAM)
+
+Box = tuple[int, int, int, int]  # (top, left, height, width) in pixels of the original image
+
+
+def sample_view(image_size: tuple[int, int], scale_range: tuple[float, float], min_crop: float = 1.0,
+                generator: random.Random | None = None) -> tuple[Box, tuple[int, int], bool]:
+    """Draw the random transform A of the equivariance loss.
+
+    A crops a window whose sides are a fraction ``c ~ U[min_crop, 1]`` of the image's
+    (``min_crop = 1``: the whole image, SEAM's rescale-only view) at a uniformly random
+    place, rescales it by ``s ~ U[scale_range]`` and mirrors it with probability 1/2.
+
+    Returns:
+        ``(box, size, flip)``: the window (top, left, height, width), the view size
+        (H_view, W_view) and the mirror flag.
+    """
+    rng = generator or random
+    height, width = image_size
+    crop = rng.uniform(min_crop, 1.0) if min_crop < 1.0 else 1.0
+    box_h, box_w = max(1, round(height * crop)), max(1, round(width * crop))
+    # the whole image draws no position, so min_crop = 1 uses the random stream as a plain rescale + flip
+    top = rng.randint(0, height - box_h) if box_h < height else 0
+    left = rng.randint(0, width - box_w) if box_w < width else 0
+    scale = rng.uniform(*scale_range)
+    size = (max(1, round(box_h * scale)), max(1, round(box_w * scale)))
+    return (top, left, box_h, box_w), size, rng.random() < 0.5
+
+
+def rescale_flip_images(images: torch.Tensor, size: tuple[int, int], flip: bool,
+                        box: Box | None = None) -> torch.Tensor:
+    """A(I): crop [B, 3, H, W] to ``box`` (default: whole image), resize to ``size`` (bilinear), mirror if ``flip``."""
+    if box is not None:
+        top, left, box_h, box_w = box
+        images = images[..., top:top + box_h, left:left + box_w]
+    out = F.interpolate(images, size=size, mode="bilinear", align_corners=False)
+    return out.flip(-1) if flip else out
+
+
+def rescale_flip_maps(maps: torch.Tensor, image_size: tuple[int, int], size: tuple[int, int],
+                      out_maps_size: tuple[int, int], flip: bool, stride: int = 16,
+                      box: Box | None = None) -> torch.Tensor:
+    """A(CAM): map feature-resolution CAMs of the image onto the feature grid of the view.
+
+    View feature cell ``j`` is centred on view pixel ``stride * j``, i.e. (through the
+    bilinear resize of the window) on original pixel
+    ``top + (stride * j + 0.5) * H_box / H_view - 0.5``, i.e. on original feature
+    coordinate ``/ stride``; for a flipped view the column is mirrored first.
+
+    Args:
+        maps: float [B, K, h, w], CAMs of the original image of ``image_size``.
+        image_size: (H, W) of the original input.
+        size: (H_view, W_view) of the view.
+        out_maps_size: (h_view, w_view), the view's feature map size.
+        flip: whether the view is mirrored.
+        box: the window (top, left, height, width) the view was cut from (default: the whole image).
+
+    Returns:
+        float [B, K, h_view, w_view].
+    """
+    top, left, box_h, box_w = box if box is not None else (0, 0, *image_size)
+    view_h, view_w = size
+    step_y, step_x = box_h / view_h, box_w / view_w
+    offset_y = (top + 0.5 * box_h / view_h - 0.5) / stride
+    offset_x = (left + 0.5 * box_w / view_w - 0.5) / stride
+    if flip:
+        # view column c is unflipped column W_view - 1 - c
+        offset_x = (left + (view_w - 0.5) * box_w / view_w - 0.5) / stride
+        step_x = -step_x
+    return resample(maps, out_maps_size, (step_y, step_x), (offset_y, offset_x))
+
+
+def equivariance_loss(maps: torch.Tensor, view_maps: torch.Tensor, present: torch.Tensor,
+                      transform: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """SEAM's equivariance regularisation: mean |CAM(A(I)) - A(CAM(I))| over present classes.
+
+    Both sides are ReLU'd and max-normalised per class on the view's grid, so the
+    loss compares shapes, not magnitudes, and is exactly 0 for an equivariant
+    network (SEAM normalises before applying A, where rescaling can move the
+    maximum and leave a residue even then).  Gradients flow into both branches.
+
+    Args:
+        maps: float [B, K, h, w], raw class maps of the images.
+        view_maps: float [B, K, h', w'], raw class maps of the transformed images A(I).
+        present: float or bool [B, K], 1 for the classes in each image.
+        transform: A on maps, [B, K, h, w] -> [B, K, h', w'].
+
+    Returns:
+        scalar tensor: the mean absolute difference over the pixels of present class maps (0 if none).
+    """
+    target = max_normalize(transform(torch.relu(maps)))
+    prediction = max_normalize(torch.relu(view_maps))
+    if target.shape != prediction.shape:
+        raise ValueError(f"A(CAM) has shape {tuple(target.shape)} but CAM(A(I)) {tuple(prediction.shape)}")
+    per_map = (prediction - target).abs().mean(dim=(2, 3))  # [B, K]
+    present = present.to(per_map.dtype)
+    return (per_map * present).sum() / present.sum().clamp_min(1.0)
+
+
+# --------------------------------------------------------------------------- adversarial erasing
+
+def erase_mask(maps: torch.Tensor, present: torch.Tensor, image_size: tuple[int, int], erase_thresh: float,
+               stride: int = 16) -> torch.Tensor:
+    """Pixels to erase: where the CAM of any present class is ``>= erase_thresh * its maximum``.
+
+    Args:
+        maps: float [B, K, h, w] raw class maps (feature resolution; at ``image_size`` they are used as is).
+        present: float or bool [B, K].
+        image_size: (H, W) of the input images.
+        erase_thresh: fraction of each class map's maximum.
+
+    Returns:
+        bool [B, H, W].
+    """
+    maps = torch.relu(maps.detach())
+    if tuple(maps.shape[-2:]) != tuple(image_size):
+        maps = feature_to_image(maps, image_size, stride=stride)
+    peak = maps.amax(dim=(2, 3), keepdim=True)
+    # A map that is 0 everywhere has no discriminative region to erase.
+    hot = (maps >= erase_thresh * peak) & (peak > 0)
+    return (hot & present.bool()[:, :, None, None]).any(dim=1)
+
+
+# --------------------------------------------------------------------------- the training objective
+
+class CamObjective(nn.Module):
+    """One training step's losses for the CAM network.
+
+    ``total = cls + er_weight * er + erase_weight * erase`` where
+
+    * ``cls``: multi-label soft margin of the images;
+    * ``er``: :func:`equivariance_loss` between the CAMs of a random view
+      (:func:`sample_view`: window of ``er_min_crop``..1 of each side, scale from
+      ``er_scale_range``, random mirror) and the equally transformed CAMs;
+    * ``erase``: multi-label soft margin of the images with the discriminative
+      regions of every present class erased (:func:`erase_mask`).
+
+    Args:
+        model: a :class:`~wsss.models.classifier.CamNet`.
+    """
+
+    def __init__(self, model: nn.Module, *, er_weight: float = 0.0, er_scale_range: tuple[float, float] = (0.3, 0.7),
+                 er_min_crop: float = 1.0, erase_weight: float = 0.0, erase_thresh: float = 0.7):
+        super().__init__()
+        self.model = model
+        self.er_weight, self.er_scale_range, self.er_min_crop = er_weight, tuple(er_scale_range), er_min_crop
+        self.erase_weight, self.erase_thresh = erase_weight, erase_thresh
+        # Draws the random view of the equivariance loss; the training loop re-seeds it every step.
+        self.rng = random.Random(0)
+
+    def forward(self, images: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Return ``{"total", "cls", "er", "erase"}`` scalar tensors (unused terms are 0)."""
+        logits, maps = self.model(images, return_maps=True)
+        cls_loss = multilabel_soft_margin_loss(logits, targets)
+        zero = cls_loss.new_zeros(())
+        terms = {"cls": cls_loss, "er": zero, "erase": zero}
+        image_size = tuple(images.shape[-2:])
+        stride = getattr(self.model, "output_stride", 16)
+        if self.er_weight > 0:
+            box, size, flip = sample_view(image_size, self.er_scale_range, self.er_min_crop, self.rng)
+            _, view_maps = self.model(rescale_flip_images(images, size, flip, box), return_maps=True)
+            view_grid = tuple(view_maps.shape[-2:])
+
+            def transform(maps_: torch.Tensor) -> torch.Tensor:
+                return rescale_flip_maps(maps_, image_size, size, view_grid, flip, stride, box)
+
+            terms["er"] = equivariance_loss(maps, view_maps, targets, transform)
+        if self.erase_weight > 0:
+            mask = erase_mask(maps, targets, image_size, self.erase_thresh, stride)
+            terms["erase"] = multilabel_soft_margin_loss(self.model(erase_images(images, mask)), targets)
+        terms["total"] = cls_loss + self.er_weight * terms["er"] + self.erase_weight * terms["erase"]
+        return terms
