@@ -1,0 +1,405 @@
+"""``wsss refine``: CAMs -> pseudo-labels (palette PNG) + RAW reliability maps, with GMM threshold and dense CRF.
+
+For every image of the split the CAM file ``<cams>/<id>.npz`` (IRN-style
+``<id>.npy`` only with ``--allow-pickle``) is turned into ``<out>/<id>.png``
+(0 background, class index, 255 ignore) and ``<out>/<id>.npy`` (float16 RAW
+weights, mean 1 over labelled pixels) by :func:`wsss.refine.refine_image`.
+
+Images are processed by a pool of ``--workers`` processes; each worker reads
+its own CAM file and image, writes its own outputs and returns only a few
+numbers, so memory does not grow with the dataset.  Each image's seed is derived
+from ``--seed`` and its id (CRC-32), so the outputs do not depend on the number
+of workers or the order of work.  Finished images are skipped unless
+``--overwrite`` (their statistics are recomputed from the CAM without the CRF,
+which is cheap).  ``metrics.json`` holds the distribution of the thresholds,
+the fallback counts per reason, the ignore ratio and, with ``--eval``, the
+pseudo-label mIoU against the split's ground truth.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import multiprocessing
+import time
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import click
+import numpy as np
+
+from stages import options
+from wsss import artifacts
+from wsss.crf import CrfParams
+from wsss.datasets.prepared import PreparedDataset
+from wsss.errors import WsssError
+from wsss.gmm import FALLBACK_REASONS, GmmParams
+from wsss.refine import RefineParams, image_thresholds, refine_image
+from wsss.reliability import LAMBDA_ALPHA, LAMBDA_BETA
+
+log = logging.getLogger(__name__)
+
+_DEFAULT_CRF = CrfParams()
+
+
+@dataclass(frozen=True)
+class RefineConfig:
+    """Options of ``wsss refine`` (see ``wsss refine --help``).
+
+    Attributes:
+        cam_dir: folder of CAM files.
+        root: prepared dataset root (images for the CRF, ids, masks for ``evaluate``).
+        out_dir: output folder (PNG + NPY per image, config.json, metrics.json).
+        params: the per-image settings.
+        limit: only the first ``limit`` ids of the split (quick looks, benchmarks).
+    """
+
+    cam_dir: Path
+    root: Path
+    out_dir: Path
+    dataset: str | None = None
+    split: str = "train"
+    params: RefineParams = field(default_factory=RefineParams)
+    limit: int | None = None
+    allow_pickle: bool = False
+    evaluate: bool = False
+    workers: int | None = None
+    seed: int = 0
+    overwrite: bool = False
+    progress: bool = True
+
+
+def image_seed(seed: int, image_id: str) -> int:
+    """Seed of one image: a function of the run seed and the id only (not of worker or order)."""
+    return (seed * 1_000_003 + zlib.crc32(image_id.encode("utf-8"))) % 2**32
+
+
+def find_cam(cam_dir: Path, image_id: str) -> Path | None:
+    """The image's CAM file: ``<id>.npz``, else the IRN-style ``<id>.npy``, else None."""
+    for path in (artifacts.cam_path(cam_dir, image_id), artifacts.irn_cam_path(cam_dir, image_id)):
+        if path.is_file():
+            return path
+    return None
+
+
+def _is_done(out_dir: Path, image_id: str) -> bool:
+    """True when both outputs exist, are readable and agree in shape."""
+    try:
+        label = artifacts.read_label_png(artifacts.label_path(out_dir, image_id))
+        reliability = artifacts.read_reliability(artifacts.reliability_path(out_dir, image_id))
+    except WsssError:
+        return False
+    return label.shape == reliability.shape
+
+
+# --------------------------------------------------------------------------- per-image work (runs in workers)
+
+def _read_inputs(cfg: RefineConfig, dataset: PreparedDataset, image_id: str):
+    cam_file = find_cam(cfg.cam_dir, image_id)
+    if cam_file is None:
+        raise WsssError(f"{artifacts.cam_path(cfg.cam_dir, image_id)}: CAM file not found")
+    keys, cams = artifacts.read_cam(cam_file, allow_pickle=cfg.allow_pickle)
+    if keys.size and (keys.min() < 1 or keys.max() >= dataset.num_classes):
+        raise WsssError(f"{cam_file}: CAM keys {keys.tolist()} outside the dataset's classes "
+                        f"1..{dataset.num_classes - 1}")
+    return cam_file, keys, cams
+
+
+def process_image(cfg: RefineConfig, dataset: PreparedDataset, image_id: str) -> dict:
+    """Refine one image (or, if finished and not ``overwrite``, recompute its statistics).
+
+    Returns:
+        ``{"id", "skipped", **info}`` with the small ``info`` dict of :func:`refine_image`.
+    """
+    from threadpoolctl import threadpool_limits
+
+    seed = image_seed(cfg.seed, image_id)
+    # one BLAS/OpenMP thread per image: the arrays are small, processes give the parallelism,
+    # and the numbers do not depend on how many threads a machine has
+    with threadpool_limits(limits=1):
+        cam_file, keys, cams = _read_inputs(cfg, dataset, image_id)
+        if not cfg.overwrite and _is_done(cfg.out_dir, image_id):
+            label = artifacts.read_label_png(artifacts.label_path(cfg.out_dir, image_id))
+            if label.shape != cams.shape[1:]:
+                raise WsssError(f"{artifacts.label_path(cfg.out_dir, image_id)}: finished pseudo-label is "
+                                f"{label.shape[1]}x{label.shape[0]} but {cam_file} is {cams.shape[2]}x{cams.shape[1]}; "
+                                "pass --overwrite")
+            info = image_thresholds(keys, cams, cfg.params, seed=seed).summary(label)
+            return {"id": image_id, "skipped": True, **info}
+        image = dataset.read_image(cfg.split, image_id)
+        if image.shape[:2] != cams.shape[1:]:
+            raise WsssError(f"{cam_file}: CAM is {cams.shape[2]}x{cams.shape[1]} but the image "
+                            f"{dataset.image_path(cfg.split, image_id)} is {image.shape[1]}x{image.shape[0]}")
+        try:
+            label, reliability, info = refine_image(image, keys, cams, cfg.params, seed=seed)
+        except ValueError as err:
+            raise WsssError(f"{cam_file}: {err}") from None
+    artifacts.write_reliability(artifacts.reliability_path(cfg.out_dir, image_id), reliability)
+    artifacts.write_label_png(artifacts.label_path(cfg.out_dir, image_id), label)
+    return {"id": image_id, "skipped": False, **info}
+
+
+_WORKER_STATE: dict = {}
+
+
+def _init_worker(cfg: RefineConfig, dataset: PreparedDataset) -> None:
+    _WORKER_STATE["cfg"], _WORKER_STATE["dataset"] = cfg, dataset
+
+
+def _worker_process(image_id: str) -> dict:
+    return process_image(_WORKER_STATE["cfg"], _WORKER_STATE["dataset"], image_id)
+
+
+def _pool_context() -> multiprocessing.context.BaseContext:
+    # forkserver: children start from a clean server (no threads inherited from tqdm), with the heavy
+    # imports done once; spawn where forkserver does not exist
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(["stages.refine", "wsss.refine", "sklearn.mixture", "pydensecrf.densecrf"])
+        return context
+    return multiprocessing.get_context("spawn")
+
+
+def _run_all(cfg: RefineConfig, dataset: PreparedDataset, ids: list[str], workers: int) -> list[dict]:
+    from tqdm import tqdm
+
+    results = []
+    with tqdm(total=len(ids), desc=f"refine {cfg.split}", unit="img", disable=not cfg.progress) as bar:
+        if workers <= 1 or len(ids) <= 1:
+            for image_id in ids:
+                results.append(process_image(cfg, dataset, image_id))
+                bar.update(1)
+        else:
+            chunksize = max(1, min(8, math.ceil(len(ids) / (8 * workers))))
+            with _pool_context().Pool(min(workers, len(ids)), initializer=_init_worker,
+                                      initargs=(cfg, dataset)) as pool:
+                for result in pool.imap_unordered(_worker_process, ids, chunksize=chunksize):
+                    results.append(result)
+                    bar.update(1)
+    order = {image_id: index for index, image_id in enumerate(ids)}
+    return sorted(results, key=lambda result: order[result["id"]])
+
+
+# --------------------------------------------------------------------------- metrics
+
+def _quantiles(values: list[float]) -> dict:
+    if not values:
+        return {"count": 0}
+    array = np.asarray(values, dtype=np.float64)
+    p25, median, p75 = np.percentile(array, [25, 50, 75])
+    return {"count": int(array.size), "min": round(float(array.min()), 6), "p25": round(float(p25), 6),
+            "median": round(float(median), 6), "p75": round(float(p75), 6), "max": round(float(array.max()), 6),
+            "mean": round(float(array.mean()), 6)}
+
+
+def summarise(results: list[dict], params: RefineParams) -> dict:
+    """Aggregate per-image info into the ``metrics.json`` sections (thresholds, fallbacks, ignore)."""
+    thresholds = [t for result in results for t in result["thresholds"]]
+    fits = sum(result["fits"] for result in results)
+    by_reason = dict.fromkeys(FALLBACK_REASONS, 0)
+    for result in results:
+        for reason in result["fallbacks"]:
+            by_reason[reason] = by_reason.get(reason, 0) + 1
+    total_fallbacks = sum(by_reason.values())
+    pixels = sum(result["pixels"] for result in results)
+    ignored = sum(result["ignore_ratio"] * result["pixels"] for result in results)
+    per_image_ignore = [result["ignore_ratio"] for result in results]
+    return {
+        "threshold": {"mode": params.threshold, "per_class": params.gmm_per_class, "fits": fits,
+                      **_quantiles(thresholds)},
+        "fallbacks": {"total": total_fallbacks, "rate": round(total_fallbacks / fits, 6) if fits else 0.0,
+                      "fallback_value": params.bg_thresh, "by_reason": by_reason},
+        "ignore_ratio": {"pixels": round(ignored / pixels, 6) if pixels else 0.0,
+                         "per_image": _quantiles(per_image_ignore)},
+        "foreground_ratio": round(sum(r["foreground_ratio"] * r["pixels"] for r in results) / pixels, 6)
+        if pixels else 0.0,
+    }
+
+
+def evaluate_pseudo_labels(dataset: PreparedDataset, split: str, out_dir: Path, ids: list[str],
+                           workers: int | None, progress: bool = True) -> dict:
+    """Pseudo-label quality: mIoU with 255 as background, and on labelled pixels only.
+
+    Returns:
+        ``{"miou", "miou_labelled", "precision_labelled", "ignore_share", "summary"}``:
+        ``miou`` counts 255 as background (comparable with CAM mIoU);
+        ``miou_labelled`` and ``precision_labelled`` (pixel accuracy) leave 255 out;
+        ``ignore_share`` is the share of labelled ground-truth pixels marked 255.
+    """
+    from wsss.evaluation import evaluate_labels
+
+    as_background = evaluate_labels(dataset, split, out_dir, ids=ids, ignore_pred=False, workers=workers,
+                                    progress=progress)
+    labelled = evaluate_labels(dataset, split, out_dir, ids=ids, ignore_pred=True, workers=workers,
+                               progress=progress)
+
+    def clean(value: float) -> float | None:
+        return None if value != value else round(float(value), 6)
+
+    return {"miou": clean(as_background.miou()), "miou_labelled": clean(labelled.miou()),
+            "precision_labelled": clean(labelled.pixel_accuracy()), "ignore_share": clean(1.0 - labelled.coverage()),
+            "summary": as_background.summary(dataset.classes), "table": as_background.table(dataset.classes)}
+
+
+# --------------------------------------------------------------------------- stage
+
+def _params_json(params: RefineParams) -> dict:
+    return json.loads(json.dumps(dataclasses.asdict(params)))
+
+
+def _check_previous_run(cfg: RefineConfig) -> None:
+    """Refuse to resume into a folder made with other per-image settings (the files would mix)."""
+    path = artifacts.config_path(cfg.out_dir)
+    if cfg.overwrite or not path.is_file():
+        return
+    try:
+        previous = artifacts.read_json(path)["config"]["params"]
+    except (WsssError, KeyError, TypeError):
+        return
+    if previous != _params_json(cfg.params):
+        changed = sorted(key for key in set(previous) | set(_params_json(cfg.params))
+                         if previous.get(key) != _params_json(cfg.params).get(key))
+        raise WsssError(f"{path}: {cfg.out_dir} was refined with other settings ({', '.join(changed)}); "
+                        "pass --overwrite or choose another --out")
+
+
+def run(cfg: RefineConfig) -> dict:
+    """Refine every image of the split and return the metrics written to ``<out>/metrics.json``."""
+    from wsss.device import default_workers
+
+    cam_dir, out_dir = Path(cfg.cam_dir), Path(cfg.out_dir)
+    if not cam_dir.is_dir():
+        raise WsssError(f"{cam_dir}: CAM folder not found (run `wsss make-cam` first)")
+    if out_dir.resolve() == cam_dir.resolve():
+        raise WsssError(f"{out_dir}: --out must differ from --cams (reliability maps <id>.npy would mix with CAMs)")
+    dataset = PreparedDataset.load(cfg.root, cfg.dataset)
+    ids = list(dataset.ids(cfg.split))
+    if cfg.limit is not None:
+        ids = ids[:cfg.limit]
+    if not ids:
+        raise WsssError(f"{cfg.root}: split {cfg.split!r} has no images")
+    missing = [image_id for image_id in ids if find_cam(cam_dir, image_id) is None]
+    if missing:
+        raise WsssError(f"{artifacts.cam_path(cam_dir, missing[0])}: CAM file not found "
+                        f"({len(missing)} of {len(ids)} images of split {cfg.split!r} have no CAM)")
+    pickled = [image_id for image_id in ids if find_cam(cam_dir, image_id).suffix == ".npy"]
+    if pickled and not cfg.allow_pickle:
+        raise WsssError(f"{artifacts.irn_cam_path(cam_dir, pickled[0])}: IRN-style .npy CAM dicts are pickles "
+                        "(loading runs code from the file); pass --allow-pickle if you trust them")
+    _check_previous_run(cfg)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    workers = default_workers() if cfg.workers is None else max(1, cfg.workers)
+    artifacts.write_config(out_dir, cfg, workers=workers)
+
+    started = time.perf_counter()
+    results = _run_all(cfg, dataset, ids, workers)
+    seconds = time.perf_counter() - started
+    refined = sum(not result["skipped"] for result in results)
+    if refined < len(results):
+        log.info("skipped %d finished images (pass --overwrite to redo them)", len(results) - refined)
+    metrics = {"split": cfg.split, "num_images": len(ids), "refined": refined, "skipped": len(results) - refined,
+               "workers": workers, "crf": cfg.params.crf is not None, "seconds": round(seconds, 3),
+               "images_per_second": round(refined / seconds, 3) if refined and seconds > 0 else None,
+               **summarise(results, cfg.params)}
+    if cfg.evaluate:
+        if dataset.has_masks(cfg.split):
+            report = evaluate_pseudo_labels(dataset, cfg.split, out_dir, ids, workers, cfg.progress)
+            log.info("pseudo-labels %s\n%s", cfg.split, report.pop("table"))
+            metrics["eval"] = report
+        else:
+            log.warning("--eval: split %r of %s has no ground-truth masks; nothing to evaluate", cfg.split, cfg.root)
+            metrics["eval"] = None
+    artifacts.write_metrics(out_dir, metrics)
+    return metrics
+
+
+# --------------------------------------------------------------------------- command line
+
+def _floats(count: int, name: str):
+    def parse(ctx, param, text):
+        values = options.float_list(text)
+        if len(values) != count:
+            raise click.BadParameter(f"expected {count} comma-separated numbers ({name}), got {text!r}")
+        return values
+    return parse
+
+
+@click.command(short_help="CAMs -> pseudo-labels + reliability (GMM threshold, dense CRF).")
+@click.option("--cams", "cam_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Folder of CAM files <id>.npz from `wsss make-cam` (IRN-style <id>.npy with --allow-pickle).")
+@options.root_option()
+@options.dataset_option()
+@options.split_option("train", "Split to refine (pseudo-label quality is conventionally measured on VOC train).")
+@options.out_option("Output folder for <id>.png pseudo-labels, <id>.npy reliability maps, config.json, metrics.json.")
+@click.option("--threshold", "threshold_mode", type=click.Choice(["gmm", "fixed"]), default="gmm", show_default=True,
+              help="Background threshold: per-image GMM crossing, or the fixed --bg-thresh.")
+@click.option("--bg-thresh", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.20,
+              show_default=True, help="Fixed background threshold; also the GMM's fallback on degenerate images.")
+@click.option("--fg-thresh", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
+              help="With --threshold fixed: confident foreground threshold; pixels between --bg-thresh and "
+                   "--fg-thresh become 255 (IRN uses 0.30/0.05).")
+@click.option("--gmm-per-class", is_flag=True, help="Fit one GMM per class CAM instead of one on the max over classes.")
+@click.option("--gmm-samples", type=click.IntRange(min=100), default=GmmParams().max_samples, show_default=True,
+              help="Pixels (seeded subsample) per GMM fit.")
+@click.option("--confidence", type=click.FloatRange(0, 1, max_open=True), default=0.9, show_default=True,
+              help="GMM posterior below this -> 255 (0 = off).")
+@click.option("--crf/--no-crf", default=False, show_default=True, help="Refine the labels with a dense CRF.")
+@click.option("--crf-iterations", type=click.IntRange(min=1), default=_DEFAULT_CRF.iterations, show_default=True,
+              help="Mean-field iterations.")
+@click.option("--crf-gaussian", default="3,3", show_default=True, callback=_floats(2, "SXY,COMPAT"),
+              help="Smoothness kernel SXY,COMPAT.")
+@click.option("--crf-bilateral", default="50,5,10", show_default=True, callback=_floats(3, "SXY,SRGB,COMPAT"),
+              help="Appearance kernel SXY,SRGB,COMPAT.")
+@click.option("--crf-scale", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True,
+              help="Run the CRF at this fraction of the resolution (about 1/scale^2 faster).")
+@click.option("--crf-temperature", type=click.FloatRange(0, min_open=True), default=1.0, show_default=True,
+              help="T in the CRF unary softmax([0, cam - threshold] / T); lower trusts the CAM more.")
+@click.option("--raw-alpha", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=LAMBDA_ALPHA,
+              show_default=True, help="RAW lambda_alpha (must stay in (0, 1)).")
+@click.option("--raw-beta", type=click.FloatRange(0, min_open=True), default=LAMBDA_BETA, show_default=True,
+              help="RAW lambda_beta (perplexity exponent).")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Only the first N images of the split.")
+@click.option("--eval", "evaluate", is_flag=True, help="Score the pseudo-labels against ground truth afterwards.")
+@options.allow_pickle_option
+@options.workers_option
+@options.seed_option
+@options.overwrite_option
+def command(cam_dir, root, dataset, split, out_dir, threshold_mode, bg_thresh, fg_thresh, gmm_per_class, gmm_samples,
+            confidence, crf, crf_iterations, crf_gaussian, crf_bilateral, crf_scale, crf_temperature, raw_alpha,
+            raw_beta, limit, evaluate, allow_pickle, workers, seed, overwrite):
+    """Turn CAMs into pseudo-labels (<id>.png) and RAW reliability maps (<id>.npy)."""
+    if fg_thresh is not None and threshold_mode != "fixed":
+        raise click.UsageError("--fg-thresh needs --threshold fixed (confident regions use two fixed thresholds)")
+    if fg_thresh is not None and fg_thresh < bg_thresh:
+        raise click.UsageError(f"--fg-thresh {fg_thresh} must not be below --bg-thresh {bg_thresh}")
+    if gmm_per_class and threshold_mode != "gmm":
+        raise click.UsageError("--gmm-per-class needs --threshold gmm")
+    try:
+        crf_params = CrfParams(iterations=crf_iterations, gaussian_sxy=crf_gaussian[0], gaussian_compat=crf_gaussian[1],
+                               bilateral_sxy=crf_bilateral[0], bilateral_srgb=crf_bilateral[1],
+                               bilateral_compat=crf_bilateral[2], scale=crf_scale) if crf else None
+        params = RefineParams(threshold=threshold_mode, bg_thresh=bg_thresh, fg_thresh=fg_thresh,
+                              gmm_per_class=gmm_per_class, confidence=confidence,
+                              gmm=GmmParams(fallback_threshold=bg_thresh, max_samples=gmm_samples), crf=crf_params,
+                              unary_temperature=crf_temperature, lambda_alpha=raw_alpha, lambda_beta=raw_beta)
+    except ValueError as err:
+        raise click.UsageError(str(err)) from None
+    cfg = RefineConfig(cam_dir=cam_dir, root=root, out_dir=out_dir, dataset=dataset, split=split, params=params,
+                       limit=limit, allow_pickle=allow_pickle, evaluate=evaluate, workers=workers, seed=seed,
+                       overwrite=overwrite)
+    metrics = run(cfg)
+    threshold = metrics["threshold"]
+    click.echo(f"{metrics['refined']} refined, {metrics['skipped']} skipped -> {out_dir}")
+    if threshold.get("count"):
+        click.echo(f"threshold median {threshold['median']:.3f} "
+                   f"(p25 {threshold['p25']:.3f}, p75 {threshold['p75']:.3f}); "
+                   f"fallbacks {metrics['fallbacks']['total']}/{threshold['fits']}; "
+                   f"ignore {metrics['ignore_ratio']['pixels']:.3f}")
+    if metrics.get("eval"):
+        report = metrics["eval"]
+        click.echo(f"{split} pseudo-label mIoU {report['miou']:.4f} (255 as background); labelled pixels: "
+                   f"mIoU {report['miou_labelled']:.4f}, precision {report['precision_labelled']:.4f}, "
+                   f"255 share {report['ignore_share']:.4f}")

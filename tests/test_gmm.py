@@ -1,0 +1,161 @@
+"""Tests of wsss/gmm.py: the closed-form crossing, the fitted threshold and the degenerate-case rules."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from scipy.optimize import brentq
+from scipy.stats import norm
+
+from wsss import gmm
+from wsss.gmm import GmmFit, GmmParams, GmmThreshold, gaussian_crossing, gmm_threshold, no_class_threshold
+
+
+def _numeric_crossing(weights, means, stds) -> float:
+    """Independent check: the root of w0 N0 - w1 N1 between the means, by bisection."""
+    def difference(x):
+        return weights[0] * norm.pdf(x, means[0], stds[0]) - weights[1] * norm.pdf(x, means[1], stds[1])
+    return brentq(difference, means[0], means[1], xtol=1e-12)
+
+
+def _mixture(rng, n, weights, means, stds) -> np.ndarray:
+    high = rng.random(n) < weights[1]
+    return np.where(high, rng.normal(means[1], stds[1], n), rng.normal(means[0], stds[0], n))
+
+
+def test_crossing_equal_variances_hand_worked():
+    # equal σ: the quadratic term vanishes, x = (μ0 + μ1)/2 + σ² log(w0/w1) / (μ1 − μ0)
+    assert gaussian_crossing((0.5, 0.5), (0.2, 0.6), (0.1, 0.1)) == pytest.approx(0.4, abs=1e-12)
+    expected = 0.4 + 0.01 * math.log(3.0) / 0.4  # = 0.427465...
+    assert gaussian_crossing((0.75, 0.25), (0.2, 0.6), (0.1, 0.1)) == pytest.approx(expected, abs=1e-12)
+    assert expected == pytest.approx(0.427465, abs=1e-6)
+
+
+@pytest.mark.parametrize("weights, means, stds", [
+    ((0.7, 0.3), (0.25, 0.65), (0.07, 0.12)),
+    ((0.4, 0.6), (0.15, 0.70), (0.10, 0.05)),
+    ((0.9, 0.1), (0.10, 0.80), (0.05, 0.15)),
+])
+def test_crossing_matches_numeric_root(weights, means, stds):
+    assert gaussian_crossing(weights, means, stds) == pytest.approx(_numeric_crossing(weights, means, stds), abs=1e-9)
+
+
+def test_no_crossing_between_the_means():
+    # a heavy broad component dominates even at the light narrow one's mean
+    weights, means, stds = (0.99, 0.01), (0.3, 0.4), (0.2, 0.02)
+    assert weights[0] * norm.pdf(0.4, 0.3, 0.2) > weights[1] * norm.pdf(0.4, 0.4, 0.02)
+    assert gaussian_crossing(weights, means, stds) is None
+    assert gaussian_crossing((0.5, 0.5), (0.6, 0.2), (0.1, 0.1)) is None  # means out of order
+
+
+@pytest.mark.parametrize("seed, weights, means, stds", [
+    (0, (0.7, 0.3), (0.25, 0.65), (0.07, 0.12)),
+    (1, (0.5, 0.5), (0.20, 0.75), (0.08, 0.10)),
+    (2, (0.8, 0.2), (0.15, 0.60), (0.05, 0.15)),
+])
+def test_fitted_threshold_is_within_002_of_the_analytic_crossing(seed, weights, means, stds):
+    rng = np.random.default_rng(100 + seed)
+    scores = _mixture(rng, 60_000, weights, means, stds).reshape(200, 300)
+    analytic = _numeric_crossing(weights, means, stds)
+    result = gmm_threshold(scores, GmmParams(), seed=seed)
+    assert result.fallback is None
+    assert abs(result.threshold - analytic) < 0.02
+    assert result.fit.means[0] == pytest.approx(means[0], abs=0.02)
+    assert result.fit.means[1] == pytest.approx(means[1], abs=0.03)
+
+
+def test_same_seed_same_threshold_and_subsample_is_bounded(monkeypatch):
+    rng = np.random.default_rng(5)
+    scores = _mixture(rng, 50_000, (0.6, 0.4), (0.2, 0.7), (0.08, 0.1))
+    first = gmm_threshold(scores, seed=7)
+    assert gmm_threshold(scores, seed=7) == first
+    seen = []
+    original = gmm.fit_two_gaussians
+
+    def spy(samples, **kwargs):
+        seen.append(np.asarray(samples).size)
+        return original(samples, **kwargs)
+
+    monkeypatch.setattr(gmm, "fit_two_gaussians", spy)
+    gmm_threshold(scores, GmmParams(max_samples=2_000), seed=7)
+    assert seen == [2_000]
+
+
+def test_posterior_is_half_at_the_crossing_and_clipped_beyond_the_means():
+    fit = GmmFit(weights=(0.5, 0.5), means=(0.2, 0.6), stds=(0.1, 0.1))
+    posterior = fit.foreground_posterior(np.array([0.0, 0.2, 0.4, 0.6, 1.0]))
+    assert posterior[2] == pytest.approx(0.5, abs=1e-6)
+    # beyond a mean the posterior is that of the mean itself
+    assert posterior[0] == posterior[1] and posterior[3] == posterior[4]
+    # at μ1 = 0.6: ratio of densities exp(-(0.4/0.1)²/2) = exp(-8): posterior = 1/(1 + e^-8)
+    assert posterior[3] == pytest.approx(1.0 / (1.0 + math.exp(-8.0)), abs=1e-6)
+    result = GmmThreshold(0.4, fit, None)
+    confidence = result.confidence(np.array([0.2, 0.4, 0.6]))
+    np.testing.assert_allclose(confidence, [1.0 / (1.0 + math.exp(-8.0)), 0.5, 1.0 / (1.0 + math.exp(-8.0))], atol=1e-6)
+
+
+# --------------------------------------------------------------------------- degenerate cases
+
+FALLBACK = GmmParams(fallback_threshold=0.17)
+
+
+def _assert_fallback(result: GmmThreshold, reason: str) -> None:
+    assert result.fallback == reason
+    assert result.threshold == pytest.approx(0.17)
+    # a fallback marks nothing uncertain
+    np.testing.assert_array_equal(result.confidence(np.linspace(0, 1, 11)), np.ones(11, dtype=np.float32))
+
+
+def test_no_classes():
+    _assert_fallback(no_class_threshold(FALLBACK), "no_classes")
+
+
+def test_empty_cam():
+    scores = np.zeros((40, 40), dtype=np.float32)
+    scores[0, :10] = 0.9  # 10 pixels above min_score < min_samples (50)
+    _assert_fallback(gmm_threshold(scores, FALLBACK), "empty")
+
+
+def test_flat_cam():
+    _assert_fallback(gmm_threshold(np.full((40, 40), 0.5, dtype=np.float32), FALLBACK), "flat")
+
+
+def test_one_mode():
+    rng = np.random.default_rng(0)
+    scores = rng.normal(0.3, 0.05, size=(100, 100))
+    _assert_fallback(gmm_threshold(scores, FALLBACK, seed=0), "one_mode")
+
+
+def test_object_filling_the_frame():
+    rng = np.random.default_rng(1)
+    # two clear modes, both object: 0.6 and 0.9
+    scores = _mixture(rng, 20_000, (0.5, 0.5), (0.6, 0.9), (0.04, 0.04))
+    result = gmm_threshold(scores, FALLBACK, seed=0)
+    _assert_fallback(result, "full_frame")
+    assert result.fit.means[0] == pytest.approx(0.6, abs=0.02)
+
+
+def test_no_crossing_falls_back(monkeypatch):
+    fit = GmmFit(weights=(0.99, 0.01), means=(0.3, 0.4), stds=(0.2, 0.02))
+    monkeypatch.setattr(gmm, "fit_two_gaussians", lambda samples, **kwargs: (fit, -100.0, 0.0))
+    scores = np.random.default_rng(2).random((30, 30))
+    _assert_fallback(gmm_threshold(scores, FALLBACK), "no_crossing")
+
+
+def test_spike_of_zeros_does_not_pull_the_threshold_to_zero():
+    rng = np.random.default_rng(3)
+    scores = np.zeros(100_000)
+    scores[:20_000] = rng.uniform(0.5, 1.0, 20_000)             # object
+    scores[20_000:40_000] = np.clip(rng.exponential(0.05, 20_000), 0, 1)  # background haze; the rest is exact 0
+    result = gmm_threshold(scores, seed=0)
+    assert result.fallback is None
+    assert 0.15 < result.threshold < 0.45
+
+
+def test_params_are_checked():
+    with pytest.raises(ValueError, match="fallback_threshold"):
+        GmmParams(fallback_threshold=1.5)
+    with pytest.raises(ValueError, match="reg_covar"):
+        GmmParams(reg_covar=0.0)

@@ -1,0 +1,277 @@
+"""Tests of wsss/refine.py (one image) and stages/refine.py (``wsss refine``) on a tiny synthetic dataset."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from stages.cli import cli
+from stages.refine import RefineConfig, image_seed, run
+from wsss import artifacts
+from wsss.crf import CrfParams
+from wsss.datasets.prepared import SplitSpec, write_prepared
+from wsss.refine import RefineParams, image_thresholds, refine_image
+
+CLASSES = ["background", "cat", "dog"]
+HEIGHT, WIDTH = 40, 56
+
+
+# --------------------------------------------------------------------------- one image
+
+def test_fixed_threshold_hand_worked():
+    # two CAM planes (cat = 1, dog = 2) on a 2x3 image, ξ = 0.3
+    cams = np.array([[[0.9, 0.2, 0.1], [0.5, 0.31, 0.0]],
+                     [[0.1, 0.8, 0.2], [0.6, 0.0, 0.29]]], dtype=np.float32)
+    label, reliability, info = refine_image(None, [1, 2], cams, RefineParams(threshold="fixed", bg_thresh=0.3))
+    np.testing.assert_array_equal(label, [[1, 2, 0], [2, 1, 0]])
+    assert label.dtype == np.uint8
+    assert info["thresholds"] == [0.3] and info["fits"] == 0 and info["ignore_ratio"] == 0.0
+    # RAW: fg d = (m-0.3)/0.7, bg d = (0.3-m)/0.3; P = -log(0.5 d); weights = (1/P) / mean(1/P)
+    m = np.array([[0.9, 0.8, 0.2], [0.6, 0.31, 0.29]])
+    fg = label != 0
+    d = np.where(fg, (m - 0.3) / 0.7, (0.3 - m) / 0.3)
+    reciprocal = 1.0 / -np.log(0.5 * d)
+    np.testing.assert_allclose(reliability, reciprocal / reciprocal.mean(), rtol=1e-5)
+
+
+def test_confident_regions_leave_255_between_the_thresholds():
+    cams = np.array([[[0.9, 0.2, 0.04, 0.35]]], dtype=np.float32)
+    params = RefineParams(threshold="fixed", bg_thresh=0.05, fg_thresh=0.3)
+    label, reliability, info = refine_image(None, [2], cams, params)
+    np.testing.assert_array_equal(label, [[2, 255, 0, 2]])
+    assert reliability[0, 1] == 0.0 and info["thresholds"] == [0.05, 0.3]
+    assert info["ignore_ratio"] == pytest.approx(0.25)
+
+
+def _blob_cams(rng: np.random.Generator, centre=(20, 18), radius=11) -> tuple[np.ndarray, np.ndarray]:
+    """One class CAM: ~0.8 inside a disc, ~0.1 outside, a soft rim, noise; returns (cams [1,H,W], disc mask)."""
+    yy, xx = np.mgrid[:HEIGHT, :WIDTH]
+    distance = np.sqrt((yy - centre[0]) ** 2 + (xx - centre[1]) ** 2)
+    disc = distance <= radius
+    cam = 0.1 + 0.7 / (1.0 + np.exp((distance - radius) / 1.0)) + rng.normal(0, 0.05, disc.shape)
+    return np.clip(cam, 0, 1).astype(np.float32)[None], disc
+
+
+def test_gmm_threshold_segments_a_blob_and_marks_uncertain_pixels():
+    rng = np.random.default_rng(0)
+    cams, disc = _blob_cams(rng)
+    label, reliability, info = refine_image(None, [1], cams, RefineParams(confidence=0.0), seed=3)
+    assert info["fits"] == 1 and info["fallbacks"] == []
+    xi = info["thresholds"][0]
+    assert 0.15 < xi < 0.6
+    # without CRF and uncertainty the label is exactly the thresholded CAM
+    np.testing.assert_array_equal(label, np.where(cams[0] >= np.float32(xi), 1, 0))
+    assert (label[disc] == 1).mean() > 0.99
+    assert info["ignore_ratio"] == 0.0
+
+    strict, _, strict_info = refine_image(None, [1], cams, RefineParams(confidence=0.99), seed=3)
+    uncertain = strict == 255
+    assert 0 < uncertain.sum() < uncertain.size * 0.5
+    # the uncertain pixels are the scores of one interval around the threshold
+    assert strict_info["thresholds"] == info["thresholds"]
+    low, high = cams[0][uncertain].min(), cams[0][uncertain].max()
+    assert low <= xi <= high
+    certain = cams[0][~uncertain]
+    assert not np.any((certain > low) & (certain < high))
+    # labelled pixels keep the labels of the lenient run
+    np.testing.assert_array_equal(strict[~uncertain], label[~uncertain])
+
+
+def test_per_class_gmm_gives_one_threshold_per_class():
+    rng = np.random.default_rng(1)
+    first, disc1 = _blob_cams(rng, centre=(12, 12), radius=8)
+    second, disc2 = _blob_cams(rng, centre=(28, 42), radius=9)
+    cams = np.concatenate([first, second * 0.7])  # the dog CAM is weaker
+    label, _, info = refine_image(None, [1, 2], cams, RefineParams(gmm_per_class=True, confidence=0.0), seed=0)
+    assert info["fits"] == 2 and len(info["thresholds"]) == 2
+    assert info["thresholds"][1] < info["thresholds"][0]  # the weaker CAM gets a lower threshold
+    assert (label[disc1] == 1).mean() > 0.97 and (label[disc2] == 2).mean() > 0.97
+
+
+def test_no_class_cam_is_background_and_counted():
+    label, reliability, info = refine_image(None, [], np.zeros((0, 4, 5), np.float32), RefineParams())
+    np.testing.assert_array_equal(label, np.zeros((4, 5), np.uint8))
+    np.testing.assert_array_equal(reliability, np.ones((4, 5), np.float32))
+    assert info["fallbacks"] == ["no_classes"] and info["fits"] == 1
+
+
+def test_crf_follows_the_colour_edge():
+    rng = np.random.default_rng(2)
+    image = np.full((HEIGHT, WIDTH, 3), 200, dtype=np.uint8)
+    image[:, :28] = (30, 40, 150)  # object on the left 28 columns
+    cam = np.full((HEIGHT, WIDTH), 0.05, dtype=np.float32)
+    cam[:, :22] = 0.9
+    cam[:, 22:34] = 0.45  # the CAM fades out across the edge
+    cams = np.clip(cam + rng.normal(0, 0.02, cam.shape), 0, 1).astype(np.float32)[None]
+    params = RefineParams(threshold="fixed", bg_thresh=0.3, confidence=0.0)
+    plain, _, _ = refine_image(image, [1], cams, params)
+    assert (plain[:, 28:34] == 1).all()  # without the CRF the label overshoots the edge
+    refined, _, _ = refine_image(image, [1], cams, RefineParams(threshold="fixed", bg_thresh=0.3, crf=CrfParams()))
+    assert (refined[:, :28] == 1).mean() > 0.99 and (refined[:, 28:] == 0).mean() > 0.99
+
+
+def test_params_are_checked():
+    with pytest.raises(ValueError, match="fg_thresh"):
+        RefineParams(threshold="gmm", fg_thresh=0.3)
+    with pytest.raises(ValueError, match="fg_thresh"):
+        RefineParams(threshold="fixed", bg_thresh=0.4, fg_thresh=0.3)
+    with pytest.raises(ValueError, match="gmm_per_class"):
+        RefineParams(threshold="fixed", gmm_per_class=True)
+    with pytest.raises(ValueError, match="image"):
+        refine_image(None, [1], np.zeros((1, 4, 4), np.float32), RefineParams(crf=CrfParams()))
+
+
+# --------------------------------------------------------------------------- the stage
+
+IDS = ["a1", "b2", "c3", "d4", "e5"]
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    """A prepared 'folder' dataset of 5 images with masks, and a folder of CAMs made from the masks."""
+    root, cam_dir = tmp_path / "data", tmp_path / "cams"
+    rng = np.random.default_rng(0)
+    labels = {}
+    yy, xx = np.mgrid[:HEIGHT, :WIDTH]
+    for index, image_id in enumerate(IDS):
+        cls = 1 + index % 2
+        cy, cx, radius = 12 + 3 * index, 15 + 5 * index, 9 + index
+        disc = (yy - cy) ** 2 + (xx - cx) ** 2 <= radius ** 2
+        image = np.full((HEIGHT, WIDTH, 3), (200, 190, 170), dtype=np.uint8)
+        image[disc] = (40, 80, 150) if cls == 1 else (160, 40, 40)
+        image = np.clip(image + rng.normal(0, 4, image.shape), 0, 255).astype(np.uint8)
+        artifacts.write_image(root / "images" / f"{image_id}.png", image)
+        artifacts.write_label_png(root / "masks" / f"{image_id}.png", np.where(disc, cls, 0).astype(np.uint8))
+        # a blurry CAM: smooth bump that spills past the object
+        bump = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * (radius * 0.9) ** 2))
+        cam = np.clip(bump + rng.normal(0, 0.02, bump.shape), 0, 1)
+        artifacts.write_cam(artifacts.cam_path(cam_dir, image_id), np.array([cls]), cam[None] / cam.max())
+        labels[image_id] = [cls]
+    spec = SplitSpec(image_dir="images", image_ext=".png", mask_dir="masks")
+    write_prepared(root, "folder", CLASSES, {"train": (spec, IDS)}, labels)
+    return root, cam_dir, tmp_path
+
+
+def _outputs(folder):
+    return {image_id: (artifacts.label_path(folder, image_id).read_bytes(),
+                       artifacts.reliability_path(folder, image_id).read_bytes()) for image_id in IDS}
+
+
+def test_one_and_two_workers_give_identical_outputs(tiny):
+    root, cam_dir, tmp = tiny
+    params = RefineParams(crf=CrfParams(iterations=3))
+    one = run(RefineConfig(cam_dir=cam_dir, root=root, out_dir=tmp / "w1", params=params, workers=1, progress=False))
+    two = run(RefineConfig(cam_dir=cam_dir, root=root, out_dir=tmp / "w2", params=params, workers=2, progress=False))
+    assert _outputs(tmp / "w1") == _outputs(tmp / "w2")
+    assert one["threshold"] == two["threshold"] and one["refined"] == two["refined"] == len(IDS)
+    assert one["workers"] == 1 and two["workers"] == 2
+
+
+def test_stage_outputs_metrics_resume_and_eval(tiny):
+    root, cam_dir, tmp = tiny
+    out = tmp / "pseudo"
+    cfg = RefineConfig(cam_dir=cam_dir, root=root, out_dir=out, params=RefineParams(confidence=0.0), evaluate=True,
+                       workers=1, seed=4, progress=False)
+    metrics = run(cfg)
+    # the files re-opened from disk
+    for image_id in IDS:
+        label = artifacts.read_label_png(artifacts.label_path(out, image_id))
+        weights = artifacts.read_reliability(artifacts.reliability_path(out, image_id))
+        assert label.shape == weights.shape == (HEIGHT, WIDTH)
+        assert np.load(artifacts.reliability_path(out, image_id)).dtype == np.float16
+        assert set(np.unique(label)) <= {0, 1, 2, 255}
+        assert weights[label != 255].mean() == pytest.approx(1.0, abs=1e-2)
+    written = json.loads(artifacts.metrics_path(out).read_text())
+    assert written["threshold"]["count"] == len(IDS)
+    assert written["threshold"]["min"] <= written["threshold"]["median"] <= written["threshold"]["max"]
+    assert set(written["fallbacks"]["by_reason"]) >= {"empty", "flat", "one_mode", "full_frame", "no_crossing"}
+    assert written["eval"]["miou"] > 0.5 and written["eval"]["ignore_share"] == 0.0
+    config = json.loads(artifacts.config_path(out).read_text())
+    assert config["config"]["params"]["threshold"] == "gmm" and config["config"]["seed"] == 4
+
+    # resume: nothing is redone, the statistics are the same, files untouched
+    before = {image_id: artifacts.label_path(out, image_id).stat().st_mtime_ns for image_id in IDS}
+    again = run(cfg)
+    assert again["refined"] == 0 and again["skipped"] == len(IDS)
+    assert again["threshold"] == metrics["threshold"] and again["ignore_ratio"] == metrics["ignore_ratio"]
+    assert before == {image_id: artifacts.label_path(out, image_id).stat().st_mtime_ns for image_id in IDS}
+
+    # a half-written image (reliability missing) is redone
+    artifacts.reliability_path(out, "c3").unlink()
+    assert run(cfg)["refined"] == 1
+
+    # resuming with other settings is refused
+    from wsss.errors import WsssError
+    with pytest.raises(WsssError, match="other settings"):
+        run(RefineConfig(cam_dir=cam_dir, root=root, out_dir=out, params=RefineParams(threshold="fixed"),
+                         workers=1, progress=False))
+
+
+def test_pseudo_labels_beat_the_cam_at_the_fixed_threshold(tiny):
+    from wsss.datasets.prepared import PreparedDataset
+    from wsss.evaluation import evaluate_cams
+
+    root, cam_dir, tmp = tiny
+    metrics = run(RefineConfig(cam_dir=cam_dir, root=root, out_dir=tmp / "crf", evaluate=True, workers=1,
+                               params=RefineParams(crf=CrfParams(), confidence=0.0), progress=False))
+    _, matrices = evaluate_cams(PreparedDataset.load(root), "train", cam_dir, [0.2], progress=False)
+    assert metrics["eval"]["miou"] > matrices[0].miou()
+
+
+def test_image_seed_depends_on_id_and_seed_only():
+    assert image_seed(0, "a1") == image_seed(0, "a1")
+    assert image_seed(0, "a1") != image_seed(0, "b2") and image_seed(0, "a1") != image_seed(1, "a1")
+
+
+def test_thresholds_only_agree_with_refine(tiny):
+    root, cam_dir, _ = tiny
+    keys, cams = artifacts.read_cam(artifacts.cam_path(cam_dir, "b2"))
+    _, _, info = refine_image(None, keys, cams, RefineParams(), seed=9)
+    assert image_thresholds(keys, cams, RefineParams(), seed=9).reported == pytest.approx(info["thresholds"], abs=1e-6)
+
+
+# --------------------------------------------------------------------------- command line
+
+def test_cli_refine_with_crf_and_eval(tiny):
+    root, cam_dir, tmp = tiny
+    out = tmp / "cli"
+    result = CliRunner().invoke(cli, ["-q", "refine", "--cams", str(cam_dir), "--root", str(root), "--out", str(out),
+                                      "--crf", "--crf-iterations", "3", "--crf-scale", "0.5", "--workers", "1",
+                                      "--eval"])
+    assert result.exit_code == 0, result.output
+    assert "pseudo-label mIoU" in result.output
+    metrics = json.loads(artifacts.metrics_path(out).read_text())
+    assert metrics["crf"] is True and metrics["refined"] == len(IDS)
+    config = json.loads(artifacts.config_path(out).read_text())
+    assert config["config"]["params"]["crf"]["scale"] == 0.5
+    assert all(artifacts.label_path(out, image_id).is_file() for image_id in IDS)
+
+
+def test_cli_errors_name_the_problem(tiny):
+    root, cam_dir, tmp = tiny
+    runner = CliRunner()
+    base = ["refine", "--cams", str(cam_dir), "--root", str(root), "--workers", "1"]
+
+    artifacts.cam_path(cam_dir, "d4").unlink()
+    result = runner.invoke(cli, base + ["--out", str(tmp / "x")])
+    assert result.exit_code == 1 and "Error:" in result.output and "d4.npz" in result.output
+    assert "Traceback" not in result.output
+    assert not (tmp / "x").exists()
+
+    # an IRN-style pickled CAM needs --allow-pickle
+    np.save(artifacts.irn_cam_path(cam_dir, "d4"),
+            {"keys": np.array([0]), "high_res": np.zeros((1, HEIGHT, WIDTH), np.float32)}, allow_pickle=True)
+    result = runner.invoke(cli, base + ["--out", str(tmp / "y")])
+    assert result.exit_code == 1 and "--allow-pickle" in result.output and "d4.npy" in result.output
+    result = runner.invoke(cli, base + ["--out", str(tmp / "y"), "--allow-pickle"])
+    assert result.exit_code == 0, result.output
+
+    result = runner.invoke(cli, base + ["--out", str(tmp / "z"), "--fg-thresh", "0.3"])
+    assert result.exit_code == 2 and "--threshold fixed" in result.output
+    result = runner.invoke(cli, base + ["--out", str(tmp / "z"), "--crf-bilateral", "50,5"])
+    assert result.exit_code == 2 and "SXY,SRGB,COMPAT" in result.output
+    result = runner.invoke(cli, base + ["--out", str(cam_dir)])
+    assert result.exit_code == 1 and "--out must differ" in result.output

@@ -1,0 +1,280 @@
+"""One image's CAMs -> pseudo-label + RAW reliability map (the work of ``wsss refine``).
+
+:func:`refine_image` is a pure function of (image, CAM keys, CAMs, parameters,
+seed), so the stage can run it in any process in any order and get the same
+files.  Steps:
+
+1. **Threshold.**  Per image, ξ comes from the GMM (:mod:`wsss.gmm`) fitted to the
+   foreground score m = max over present classes of the CAMs (``--gmm-per-class``:
+   one fit and one ξ_k per class on that class's CAM), or is the fixed
+   ``bg_thresh``.  With ``fg_thresh`` (fixed mode), two labelings are made, one at
+   ``fg_thresh`` and one at ``bg_thresh``; a pixel is foreground where the first
+   says so, background where both say background, and 255 in between (IRN's
+   confident regions).
+2. **Label.**  Class scores are the margins ``cam_k − ξ_k``, the background score
+   is 0, so the hard label is background where every CAM is below its threshold
+   and otherwise the class with the largest margin (with one global ξ this is the
+   class of the largest CAM).
+3. **CRF** (optional).  The unary is the softmax of [0, cam_k − ξ_k] / T, which for a
+   global ξ and T = 1 is exactly the softmax of [ξ, CAMs]; :func:`wsss.crf.dense_crf`
+   refines it and the label becomes its argmax.
+4. **Uncertainty** (GMM mode).  Pixels whose GMM component posterior is below
+   ``confidence`` become 255.  Images where the GMM fell back have no posterior and
+   no uncertain pixels.
+5. **Reliability.**  RAW weights (:mod:`wsss.reliability`) from each pixel's CAM
+   score (its label's class for foreground, the top class for background) and the
+   threshold that applied to it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from wsss.crf import CrfParams, dense_crf
+from wsss.gmm import GmmParams, GmmThreshold, gmm_threshold, no_class_threshold
+from wsss.reliability import LAMBDA_ALPHA, LAMBDA_BETA, reliability_map
+
+IGNORE_INDEX = 255
+THRESHOLD_MODES = ("gmm", "fixed")
+
+
+@dataclass(frozen=True)
+class RefineParams:
+    """Everything that decides one image's pseudo-label (see the module docstring).
+
+    Attributes:
+        threshold: ``"gmm"`` (dynamic, per image) or ``"fixed"``.
+        bg_thresh: the fixed background threshold, and the GMM's fallback value.
+        fg_thresh: with ``threshold="fixed"``, IRN-style confident foreground threshold
+            (pixels between ``bg_thresh`` and ``fg_thresh`` become 255); None = off.
+        gmm_per_class: one GMM per class instead of one on the max over classes.
+        confidence: GMM posterior below this -> 255 (0 disables).
+        gmm: GMM rules; its ``fallback_threshold`` is replaced by ``bg_thresh``.
+        crf: dense-CRF settings, or None to skip the CRF.
+        unary_temperature: T in the unary softmax([0, cam − ξ] / T).
+        lambda_alpha, lambda_beta: RAW constants.
+    """
+
+    threshold: str = "gmm"
+    bg_thresh: float = 0.20
+    fg_thresh: float | None = None
+    gmm_per_class: bool = False
+    confidence: float = 0.9
+    gmm: GmmParams = field(default_factory=GmmParams)
+    crf: CrfParams | None = None
+    unary_temperature: float = 1.0
+    lambda_alpha: float = LAMBDA_ALPHA
+    lambda_beta: float = LAMBDA_BETA
+
+    def __post_init__(self) -> None:
+        if self.threshold not in THRESHOLD_MODES:
+            raise ValueError(f"threshold must be one of {THRESHOLD_MODES}, got {self.threshold!r}")
+        if not 0.0 < self.bg_thresh < 1.0:
+            raise ValueError(f"bg_thresh must lie in (0, 1), got {self.bg_thresh}")
+        if self.fg_thresh is not None:
+            if self.threshold != "fixed":
+                raise ValueError("fg_thresh (confident foreground/background) needs threshold='fixed'")
+            if not self.bg_thresh <= self.fg_thresh < 1.0:
+                raise ValueError(f"fg_thresh must lie in [bg_thresh, 1), got {self.fg_thresh}")
+        if self.gmm_per_class and self.threshold != "gmm":
+            raise ValueError("gmm_per_class needs threshold='gmm'")
+        if not 0.0 <= self.confidence < 1.0:
+            raise ValueError(f"confidence must lie in [0, 1), got {self.confidence}")
+        if self.unary_temperature <= 0:
+            raise ValueError(f"unary_temperature must be positive, got {self.unary_temperature}")
+        if not 0.0 < self.lambda_alpha < 1.0 or self.lambda_beta <= 0:
+            raise ValueError("lambda_alpha must lie in (0, 1) and lambda_beta must be positive")
+
+    @property
+    def gmm_params(self) -> GmmParams:
+        """The GMM settings with the fallback set to ``bg_thresh``."""
+        return dataclasses.replace(self.gmm, fallback_threshold=self.bg_thresh)
+
+
+def class_seed(seed: int, key: int) -> int:
+    """Seed of one class's fit, from the image seed and the class index (not the class's position)."""
+    return (seed + 7919 * int(key)) % 2**32
+
+
+def _hard_label(margins: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Return (index [H, W] of the best class, foreground bool [H, W]) from margins [K, H, W]."""
+    best = margins.argmax(0)
+    foreground = np.take_along_axis(margins, best[None], 0)[0] >= 0
+    return best, foreground
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(0, keepdims=True)
+    exp = np.exp(shifted)
+    return (exp / exp.sum(0, keepdims=True)).astype(np.float32)
+
+
+def label_from_thresholds(cams: np.ndarray, thresholds: np.ndarray, *, image: np.ndarray | None = None,
+                          crf: CrfParams | None = None, unary_temperature: float = 1.0) -> np.ndarray:
+    """Label every pixel from per-class thresholds, optionally through the dense CRF.
+
+    Args:
+        cams: float32 [K, H, W] CAMs of the present classes (K >= 1).
+        thresholds: float [K] ξ_k.
+        image: uint8 [H, W, 3], needed only with ``crf``.
+        crf: CRF settings or None.
+        unary_temperature: T of the unary softmax.
+
+    Returns:
+        int64 [H, W]: 0 = background, k + 1 = the k-th CAM (position, not class index).
+    """
+    margins = cams - np.asarray(thresholds, dtype=np.float32)[:, None, None]
+    if crf is None:
+        best, foreground = _hard_label(margins)
+        return np.where(foreground, best + 1, 0)
+    if image is None:
+        raise ValueError("the CRF needs the image")
+    logits = np.concatenate([np.zeros((1,) + margins.shape[1:], dtype=np.float32), margins]) / unary_temperature
+    posterior = dense_crf(image, _softmax(logits), **crf.kwargs())
+    return posterior.argmax(0)
+
+
+@dataclass(frozen=True)
+class ImageThresholds:
+    """The thresholds of one image.
+
+    Attributes:
+        thresholds: float [K] ξ_k used to label each CAM plane (``bg_thresh`` for the
+            low labeling of confident regions).
+        reported: the values that go into the threshold statistics (one per GMM fit;
+            the fixed value(s) otherwise).
+        fits: the GMM results (empty in fixed mode).
+    """
+
+    thresholds: np.ndarray
+    reported: list[float]
+    fits: list[GmmThreshold]
+
+    def summary(self, label: np.ndarray) -> dict:
+        """The small JSON-ready ``info`` dict of an image with this pseudo-label."""
+        pixels = int(label.size)
+        ignored = int(np.count_nonzero(label == IGNORE_INDEX))
+        foreground = int(np.count_nonzero((label != 0) & (label != IGNORE_INDEX)))
+        return {
+            "thresholds": [round(float(t), 6) for t in self.reported],
+            "fallbacks": [fit.fallback for fit in self.fits if fit.fallback is not None],
+            "fits": len(self.fits),
+            "pixels": pixels,
+            "ignore_ratio": ignored / pixels if pixels else 0.0,
+            "foreground_ratio": foreground / pixels if pixels else 0.0,
+        }
+
+
+def image_thresholds(keys: np.ndarray, cams: np.ndarray, params: RefineParams = RefineParams(), *,
+                     seed: int = 0) -> ImageThresholds:
+    """Find the thresholds of one image (the GMM fits, or the fixed values); no labelling, no CRF.
+
+    Args:
+        keys: int [K] class indices.
+        cams: float [K, H, W] CAMs in [0, 1].
+        params: the settings.
+        seed: this image's seed.
+
+    Returns:
+        An :class:`ImageThresholds`.
+    """
+    keys = np.asarray(keys).reshape(-1)
+    cams = np.asarray(cams, dtype=np.float32)
+    count = len(keys)
+    if params.threshold == "fixed":
+        reported = [float(params.bg_thresh)] + ([float(params.fg_thresh)] if params.fg_thresh is not None else [])
+        return ImageThresholds(np.full(count, params.bg_thresh), reported, [])
+    if count == 0:
+        return ImageThresholds(np.zeros(0), [float(params.bg_thresh)], [no_class_threshold(params.gmm_params)])
+    cams = np.clip(cams, 0.0, 1.0)
+    if params.gmm_per_class:
+        fits = [gmm_threshold(cams[k], params.gmm_params, seed=class_seed(seed, key)) for k, key in enumerate(keys)]
+        thresholds = np.array([fit.threshold for fit in fits])
+        return ImageThresholds(thresholds, [float(t) for t in thresholds], fits)
+    fit = gmm_threshold(cams.max(0), params.gmm_params, seed=seed)
+    return ImageThresholds(np.full(count, fit.threshold), [float(fit.threshold)], [fit])
+
+
+def refine_image(image: np.ndarray | None, keys: np.ndarray, cams: np.ndarray, params: RefineParams = RefineParams(),
+                 *, seed: int = 0) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Turn one image's CAMs into a pseudo-label and a reliability map.
+
+    Args:
+        image: uint8 [H, W, 3] RGB image (may be None when ``params.crf`` is None).
+        keys: int [K] class indices (>= 1) of the CAM planes.
+        cams: float [K, H, W] CAMs in [0, 1].
+        params: the settings.
+        seed: this image's seed (derive it from the image id).
+
+    Returns:
+        ``(label, reliability, info)``: uint8 [H, W] (0 background, class index,
+        255 ignore); float32 [H, W] RAW weights (mean 1 over labelled pixels, 0 on
+        ignore); and a small JSON-ready dict with ``thresholds`` (one per fit, or the
+        fixed value), ``fallbacks`` (reasons), ``fits``, ``ignore_ratio``,
+        ``foreground_ratio``.
+
+    Raises:
+        ValueError: on inconsistent shapes.
+    """
+    keys = np.asarray(keys, dtype=np.int64).reshape(-1)
+    cams = np.clip(np.asarray(cams, dtype=np.float32), 0.0, 1.0)
+    if cams.ndim != 3 or cams.shape[0] != keys.shape[0]:
+        raise ValueError(f"expected keys [K] and cams [K, H, W], got {keys.shape} and {cams.shape}")
+    height, width = cams.shape[1:]
+    if image is not None and tuple(image.shape[:2]) != (height, width):
+        raise ValueError(f"image is {image.shape[1]}x{image.shape[0]} but the CAM is {width}x{height}")
+    if params.crf is not None and image is None:
+        raise ValueError("the CRF needs the image")
+    if keys.size and (keys.min() < 1 or keys.max() >= IGNORE_INDEX):
+        raise ValueError(f"CAM keys must be class indices in 1..254, got {keys.tolist()}")
+
+    if keys.size == 0:
+        return _no_class_result(height, width, params)
+
+    crf, temperature = params.crf, params.unary_temperature
+    found = image_thresholds(keys, cams, params, seed=seed)
+    fits, thresholds = found.fits, found.thresholds
+    if params.threshold == "fixed" and params.fg_thresh is not None:
+        high = label_from_thresholds(cams, np.full(len(keys), params.fg_thresh), image=image, crf=crf,
+                                     unary_temperature=temperature)
+        low = label_from_thresholds(cams, thresholds, image=image, crf=crf, unary_temperature=temperature)
+        position = np.where(high > 0, high, IGNORE_INDEX)
+        position[(high == 0) & (low == 0)] = 0
+        pixel_threshold = np.where(position > 0, params.fg_thresh, params.bg_thresh).astype(np.float32)
+    else:
+        position = label_from_thresholds(cams, thresholds, image=image, crf=crf, unary_temperature=temperature)
+        pixel_threshold = None
+
+    # the CAM plane that speaks for each pixel: its label's class, or the top CAM for background
+    top_index = cams.argmax(0)
+    plane = np.where((position > 0) & (position != IGNORE_INDEX), position - 1, top_index)
+    score = np.take_along_axis(cams, plane[None], 0)[0]
+    if pixel_threshold is None:
+        pixel_threshold = thresholds.astype(np.float32)[plane]
+
+    if fits and params.confidence > 0:
+        if params.gmm_per_class:
+            per_class = np.stack([fit.confidence(cams[k]) for k, fit in enumerate(fits)])
+            confidence = np.take_along_axis(per_class, plane[None], 0)[0]
+        else:
+            confidence = fits[0].confidence(cams.max(0))
+        position = np.where(confidence < params.confidence, IGNORE_INDEX, position)
+
+    lut = np.full(256, IGNORE_INDEX, dtype=np.uint8)
+    lut[0] = 0
+    lut[1:len(keys) + 1] = keys
+    label = lut[position.astype(np.int64)]
+    reliability = reliability_map(score, pixel_threshold, label, lambda_alpha=params.lambda_alpha,
+                                  lambda_beta=params.lambda_beta, ignore_index=IGNORE_INDEX)
+    return label, reliability, found.summary(label)
+
+
+def _no_class_result(height: int, width: int, params: RefineParams) -> tuple[np.ndarray, np.ndarray, dict]:
+    """A CAM without classes: all background, uniform reliability (counted as a fallback in GMM mode)."""
+    label = np.zeros((height, width), dtype=np.uint8)
+    reliability = np.ones((height, width), dtype=np.float32)
+    found = image_thresholds(np.zeros(0, dtype=np.int64), np.zeros((0, height, width), dtype=np.float32), params)
+    return label, reliability, found.summary(label)
