@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
 
 import click
@@ -10,8 +11,31 @@ from wsss import __version__
 from wsss.errors import WsssError
 
 
+# Every command, in pipeline order: name -> module exposing ``command``.  Modules are imported only
+# when their command runs (or --help lists them), so `wsss eval` does not pay for importing torch.
+COMMANDS = {
+    "demo-data": "stages.demo_data",
+    "prepare": "stages.prepare",
+    "train-cls": "stages.train_cls",
+    "make-cam": "stages.make_cam",
+    "refine": "stages.refine",
+    "train-seg": "stages.train_seg",
+    "predict": "stages.predict",
+    "eval": "stages.evaluate",
+    "report": "stages.report",
+}
+
+
 class _Group(click.Group):
-    """A group that turns :class:`WsssError` into a one-line ``Error: ...`` and exit code 1."""
+    """The wsss group: lazily imported commands, and :class:`WsssError` as a one-line ``Error: ...``, exit 1."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(COMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in COMMANDS:
+            return None
+        return importlib.import_module(COMMANDS[name]).command
 
     def invoke(self, ctx: click.Context):
         try:
@@ -35,16 +59,9 @@ def cli(verbose: int, quiet: bool) -> None:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", force=True)
 
 
-def _register() -> None:
-    from stages import demo_data, evaluate, prepare
-
-    cli.add_command(demo_data.command, "demo-data")
-    cli.add_command(prepare.command, "prepare")
-    cli.add_command(evaluate.command, "eval")
-
-
-_register()
-
-
 def main() -> None:
     cli(prog_name="wsss")
+
+
+if __name__ == "__main__":  # torchrun -m stages.cli ...
+    main()
