@@ -101,6 +101,9 @@ if [ "$DATASET" = demo ]; then
     # CPU-sized settings for the synthetic data (about 10 minutes on 2 cores); real datasets use
     # each command's defaults, the literature's settings (see README). The demo classifier is
     # trained plain: from scratch, equivariance and erasing lowered CAM mIoU (bench/README.md).
+    # One intra-op thread: the demo's tiny tensors gain little from more, and on a busy 2-core
+    # machine PyTorch's spinning worker threads made training up to 10x slower (export it to override).
+    export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
     step "demo data -> $ROOT"
     if [ ! -f "$ROOT/ImageSets/Segmentation/val.txt" ]; then
         wsss demo-data "$(dirname "$ROOT")" --num-train "$NUM_TRAIN" --num-val "$NUM_VAL" --size "$SIZE" --seed "$SEED"

@@ -82,7 +82,7 @@ def run(cfg: EvalConfig) -> dict:
         result["best_threshold"] = threshold
         result["sweep"] = [{"threshold": float(t), "miou": _round(m.miou())} for t, m in zip(thresholds, matrices)]
         for entry in result["sweep"]:
-            log.info("threshold %s mIoU %s", format_threshold(entry["threshold"]), entry["miou"])
+            log.debug("threshold %s mIoU %s", format_threshold(entry["threshold"]), entry["miou"])
         lines = [_table(matrix, dataset.classes), f"mIoU {best:.4f}",
                  f"best threshold {format_threshold(threshold)} mIoU {best:.4f}"]
     result["miou"] = _round(matrix.miou())
