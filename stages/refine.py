@@ -22,7 +22,6 @@ import dataclasses
 import json
 import logging
 import math
-import multiprocessing
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -37,6 +36,7 @@ from wsss.crf import CrfParams
 from wsss.datasets.prepared import PreparedDataset
 from wsss.errors import WsssError
 from wsss.gmm import FALLBACK_REASONS, GmmParams
+from wsss.parallel import pool_context
 from wsss.refine import RefineParams, image_thresholds, refine_image
 from wsss.reliability import LAMBDA_ALPHA, LAMBDA_BETA
 
@@ -153,29 +153,17 @@ def _worker_process(image_id: str) -> dict:
     return process_image(_WORKER_STATE["cfg"], _WORKER_STATE["dataset"], image_id)
 
 
-def _pool_context() -> multiprocessing.context.BaseContext:
-    # forkserver: children start from a clean server (no threads inherited from tqdm), with the heavy
-    # imports done once; spawn where forkserver does not exist
-    if "forkserver" in multiprocessing.get_all_start_methods():
-        context = multiprocessing.get_context("forkserver")
-        context.set_forkserver_preload(["stages.refine", "wsss.refine", "sklearn.mixture", "pydensecrf.densecrf"])
-        return context
-    return multiprocessing.get_context("spawn")
-
-
 def _run_all(cfg: RefineConfig, dataset: PreparedDataset, ids: list[str], workers: int) -> list[dict]:
     from tqdm import tqdm
 
     results = []
-    with tqdm(total=len(ids), desc=f"refine {cfg.split}", unit="img", disable=not cfg.progress) as bar:
-        if workers <= 1 or len(ids) <= 1:
-            for image_id in ids:
-                results.append(process_image(cfg, dataset, image_id))
-                bar.update(1)
-        else:
-            chunksize = max(1, min(8, math.ceil(len(ids) / (8 * workers))))
-            with _pool_context().Pool(min(workers, len(ids)), initializer=_init_worker,
-                                      initargs=(cfg, dataset)) as pool:
+    if workers <= 1 or len(ids) <= 1:
+        for image_id in tqdm(ids, desc=f"refine {cfg.split}", unit="img", disable=not cfg.progress):
+            results.append(process_image(cfg, dataset, image_id))
+    else:
+        chunksize = max(1, min(8, math.ceil(len(ids) / (8 * workers))))
+        with pool_context().Pool(min(workers, len(ids)), initializer=_init_worker, initargs=(cfg, dataset)) as pool:
+            with tqdm(total=len(ids), desc=f"refine {cfg.split}", unit="img", disable=not cfg.progress) as bar:
                 for result in pool.imap_unordered(_worker_process, ids, chunksize=chunksize):
                     results.append(result)
                     bar.update(1)

@@ -19,8 +19,6 @@ from __future__ import annotations
 import functools
 import logging
 import math
-import multiprocessing
-import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -30,6 +28,7 @@ from wsss import artifacts
 from wsss.datasets.prepared import PreparedDataset
 from wsss.errors import WsssError
 from wsss.metrics import ConfusionMatrix
+from wsss.parallel import pool_context
 
 log = logging.getLogger(__name__)
 
@@ -214,15 +213,6 @@ def _cams_chunk(common: tuple, items: list[tuple[str, Path]]) -> np.ndarray:
     return total
 
 
-def _pool_context() -> multiprocessing.context.BaseContext:
-    # fork on Linux: workers start at once.  forkserver/spawn would re-import the main module in every
-    # worker (for the `wsss` script: the whole command line with torch), seconds per worker.  The workers
-    # only read files and count with numpy, so inherited threads of torch or tqdm are never used there.
-    if sys.platform.startswith("linux"):
-        return multiprocessing.get_context("fork")
-    return multiprocessing.get_context("spawn")
-
-
 def _sized_call(function: Callable, common: tuple, items: list) -> tuple[int, Any]:
     return len(items), function(common, items)
 
@@ -248,7 +238,7 @@ def _parallel_sum(function: Callable, common: tuple, items: list, zero: Any, wor
     size = max(1, min(_MAX_CHUNK, math.ceil(len(items) / (4 * workers))))
     chunks = [items[start:start + size] for start in range(0, len(items), size)]
     # the pool is started before the progress bar, whose monitor thread should not be forked
-    with _pool_context().Pool(min(workers, len(chunks))) as pool:
+    with pool_context().Pool(min(workers, len(chunks))) as pool:
         with tqdm(total=len(items), desc=desc, unit="img", disable=not progress) as bar:
             for done, partial in pool.imap_unordered(functools.partial(_sized_call, function, common), chunks):
                 total += partial

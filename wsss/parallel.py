@@ -3,11 +3,25 @@
 from __future__ import annotations
 
 import multiprocessing
+import sys
 from typing import Callable, Iterator, Sequence, TypeVar
 
 from tqdm import tqdm
 
 from wsss.device import default_workers
+
+def pool_context() -> multiprocessing.context.BaseContext:
+    """The start method of every process pool in wsss: fork on Linux, spawn elsewhere.
+
+    fork starts workers at once.  forkserver/spawn re-import the main module in every worker
+    (for the ``wsss`` script, the command line; for a script read from stdin, a file that does
+    not exist, after which the pool restarts crashed workers forever).  Pools are started before
+    any progress bar, whose monitor thread must not be forked.
+    """
+    if sys.platform.startswith("linux"):
+        return multiprocessing.get_context("fork")
+    return multiprocessing.get_context("spawn")
+
 
 Task = TypeVar("Task")
 Result = TypeVar("Result")
@@ -30,17 +44,13 @@ def imap_images(func: Callable[[Task], Result], tasks: Sequence[Task], workers: 
     """
     workers = default_workers() if workers is None else workers
     workers = min(workers, len(tasks))
-    progress = tqdm(total=len(tasks), desc=desc, unit="img", disable=None, leave=False)
-    try:
-        if workers <= 1:
-            for task in tasks:
-                yield func(task)
-                progress.update()
-            return
-        chunksize = max(1, min(64, len(tasks) // (workers * 8)))
-        with multiprocessing.Pool(workers) as pool:
+    if workers <= 1:
+        for task in tqdm(tasks, desc=desc, unit="img", disable=None, leave=False):
+            yield func(task)
+        return
+    chunksize = max(1, min(64, len(tasks) // (workers * 8)))
+    with pool_context().Pool(workers) as pool:
+        with tqdm(total=len(tasks), desc=desc, unit="img", disable=None, leave=False) as progress:
             for result in pool.imap(func, tasks, chunksize=chunksize):
                 yield result
                 progress.update()
-    finally:
-        progress.close()
