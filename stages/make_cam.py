@@ -199,17 +199,6 @@ def _evaluate(cfg: MakeCamConfig, dataset: PreparedDataset, ids: list[str]) -> d
 # --------------------------------------------------------------------------- command line
 
 
-def _scales(ctx, param, text: str) -> tuple[float, ...]:
-    values = options.float_list(text)
-    if not values or min(values) <= 0:
-        raise click.BadParameter(f"expected positive comma-separated scales, got {text!r}")
-    return values
-
-
-def _sweep(ctx, param, text: str) -> tuple[float, float, float]:
-    return options.parse_range(text)
-
-
 @click.command(short_help="Class activation maps of a split (multi-scale, flip, erasing).")
 @options.root_option()
 @options.dataset_option()
@@ -217,7 +206,7 @@ def _sweep(ctx, param, text: str) -> tuple[float, float, float]:
 @click.option("--checkpoint", type=click.Path(path_type=Path), required=True,
               help="train-cls checkpoint (.pth), or its output folder (uses best.pth).")
 @options.out_option("Output folder for <id>.npz, config.json and metrics.json.")
-@click.option("--scales", default=",".join(str(s) for s in DEFAULT_SCALES), show_default=True, callback=_scales,
+@click.option("--scales", default=",".join(str(s) for s in DEFAULT_SCALES), show_default=True, callback=options.positive_scales,
               help="Comma-separated input scales.")
 @click.option("--flip/--no-flip", default=True, show_default=True, help="Add the mirrored image at every scale.")
 @click.option("--classes", type=click.Choice(CLASS_SOURCES), default="gt", show_default=True,
@@ -232,7 +221,7 @@ def _sweep(ctx, param, text: str) -> tuple[float, float, float]:
               help="Images of equal size per forward pass.")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Only the first N images of the split.")
 @click.option("--eval", "evaluate", is_flag=True, help="Afterwards run the threshold sweep of `wsss eval --cams`.")
-@click.option("--sweep", default="0.05:0.60:0.01", show_default=True, callback=_sweep,
+@click.option("--sweep", default="0.05:0.60:0.01", show_default=True, callback=options.threshold_range,
               help="With --eval: background thresholds start:stop:step (stop inclusive).")
 @options.device_option
 @options.workers_option

@@ -63,3 +63,38 @@ def parse_range(text: str) -> tuple[float, float, float]:
     if step <= 0 or stop < start:
         raise click.BadParameter(f"expected start <= stop and step > 0, got {text!r}")
     return start, stop, step
+
+
+# click callbacks built on the parsers above ------------------------------------------------------
+
+def positive_pair(ctx, param, text: str) -> tuple[float, float]:
+    """``MIN,MAX`` with ``0 < MIN <= MAX`` (scale ranges)."""
+    values = float_list(text)
+    if len(values) != 2 or not 0 < values[0] <= values[1]:
+        raise click.BadParameter(f"expected MIN,MAX with 0 < MIN <= MAX, got {text!r}")
+    return values
+
+
+def positive_scales(ctx, param, text: str) -> tuple[float, ...]:
+    """Comma-separated positive scales (multi-scale inference)."""
+    values = float_list(text)
+    if not values or min(values) <= 0:
+        raise click.BadParameter(f"expected positive comma-separated scales, got {text!r}")
+    return values
+
+
+def fixed_floats(count: int, name: str):
+    """A callback that takes exactly ``count`` comma-separated numbers (``name`` says which, e.g. SXY,COMPAT)."""
+    def parse(ctx, param, text):
+        if text is None:
+            return None
+        values = float_list(text)
+        if len(values) != count:
+            raise click.BadParameter(f"expected {count} comma-separated numbers ({name}), got {text!r}")
+        return values
+    return parse
+
+
+def threshold_range(ctx, param, text: str) -> tuple[float, float, float]:
+    """``start:stop:step`` (a threshold sweep)."""
+    return parse_range(text)

@@ -174,24 +174,6 @@ def run(cfg: PredictConfig) -> dict:
 # --------------------------------------------------------------------------- command line
 
 
-def _floats(count: int, name: str):
-    def parse(ctx, param, text):
-        if text is None:
-            return None
-        values = options.float_list(text)
-        if len(values) != count:
-            raise click.BadParameter(f"expected {count} comma-separated numbers ({name}), got {text!r}")
-        return values
-    return parse
-
-
-def _scales(ctx, param, text: str) -> tuple[float, ...]:
-    values = options.float_list(text)
-    if not values or min(values) <= 0:
-        raise click.BadParameter(f"expected positive comma-separated scales, got {text!r}")
-    return values
-
-
 @click.command(short_help="Segment a split with a train-seg checkpoint.")
 @options.root_option()
 @options.dataset_option()
@@ -199,14 +181,14 @@ def _scales(ctx, param, text: str) -> tuple[float, ...]:
 @click.option("--checkpoint", type=click.Path(path_type=Path), required=True,
               help="best.pth or last.pth of `wsss train-seg`, or its output folder (best.pth, else last.pth).")
 @options.out_option("Output folder for <id>.png label maps, config.json and metrics.json.")
-@click.option("--scales", default=",".join(str(s) for s in DEFAULT_SCALES), show_default=True, callback=_scales,
+@click.option("--scales", default=",".join(str(s) for s in DEFAULT_SCALES), show_default=True, callback=options.positive_scales,
               help="Comma-separated test-time scales.")
 @click.option("--flip/--no-flip", default=True, show_default=True, help="Also average the mirrored image.")
 @click.option("--crf/--no-crf", default=False, show_default=True, help="Dense-CRF post-processing.")
 @click.option("--crf-iterations", type=click.IntRange(min=1), default=10, show_default=True)
-@click.option("--crf-gaussian", default="1,3", show_default=True, callback=_floats(2, "SXY,COMPAT"),
+@click.option("--crf-gaussian", default="1,3", show_default=True, callback=options.fixed_floats(2, "SXY,COMPAT"),
               help="Smoothness kernel SXY,COMPAT.")
-@click.option("--crf-bilateral", default="67,3,4", show_default=True, callback=_floats(3, "SXY,SRGB,COMPAT"),
+@click.option("--crf-bilateral", default="67,3,4", show_default=True, callback=options.fixed_floats(3, "SXY,SRGB,COMPAT"),
               help="Appearance kernel SXY,SRGB,COMPAT.")
 @click.option("--crf-scale", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True,
               help="Run the CRF at this fraction of the resolution (faster on large images).")

@@ -306,14 +306,6 @@ def run(cfg: RefineConfig) -> dict:
 
 # --------------------------------------------------------------------------- command line
 
-def _floats(count: int, name: str):
-    def parse(ctx, param, text):
-        values = options.float_list(text)
-        if len(values) != count:
-            raise click.BadParameter(f"expected {count} comma-separated numbers ({name}), got {text!r}")
-        return values
-    return parse
-
 
 @click.command(short_help="CAMs -> pseudo-labels + reliability (GMM threshold, dense CRF).")
 @click.option("--cams", "cam_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
@@ -337,9 +329,9 @@ def _floats(count: int, name: str):
 @click.option("--crf/--no-crf", default=False, show_default=True, help="Refine the labels with a dense CRF.")
 @click.option("--crf-iterations", type=click.IntRange(min=1), default=_DEFAULT_CRF.iterations, show_default=True,
               help="Mean-field iterations.")
-@click.option("--crf-gaussian", default="3,3", show_default=True, callback=_floats(2, "SXY,COMPAT"),
+@click.option("--crf-gaussian", default="3,3", show_default=True, callback=options.fixed_floats(2, "SXY,COMPAT"),
               help="Smoothness kernel SXY,COMPAT.")
-@click.option("--crf-bilateral", default="50,5,10", show_default=True, callback=_floats(3, "SXY,SRGB,COMPAT"),
+@click.option("--crf-bilateral", default="50,5,10", show_default=True, callback=options.fixed_floats(3, "SXY,SRGB,COMPAT"),
               help="Appearance kernel SXY,SRGB,COMPAT.")
 @click.option("--crf-scale", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True,
               help="Run the CRF at this fraction of the resolution (about 1/scale^2 faster).")

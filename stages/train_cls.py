@@ -392,13 +392,6 @@ def _val_text(record: dict) -> str:
 # --------------------------------------------------------------------------- command line
 
 
-def _positive_pair(ctx, param, text: str) -> tuple[float, float]:
-    values = options.float_list(text)
-    if len(values) != 2 or not 0 < values[0] <= values[1]:
-        raise click.BadParameter(f"expected MIN,MAX with 0 < MIN <= MAX, got {text!r}")
-    return values
-
-
 @click.command(short_help="Train the multi-label CAM classifier.")
 @options.root_option()
 @options.dataset_option()
@@ -411,7 +404,7 @@ def _positive_pair(ctx, param, text: str) -> tuple[float, float]:
               help="Backbone initialisation: imagenet (torchvision download), none, or a state_dict file PATH.")
 @click.option("--freeze-bn", is_flag=True, help="Keep BatchNorm in eval mode with frozen parameters (small batches).")
 @click.option("--crop-size", type=click.IntRange(min=16), default=512, show_default=True)
-@click.option("--scale-range", default="0.5,1.5", show_default=True, callback=_positive_pair,
+@click.option("--scale-range", default="0.5,1.5", show_default=True, callback=options.positive_pair,
               help="MIN,MAX random rescale factors before cropping.")
 @click.option("--jitter/--no-jitter", default=True, show_default=True, help="Colour jitter.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
@@ -425,7 +418,7 @@ def _positive_pair(ctx, param, text: str) -> tuple[float, float]:
 @click.option("--poly-power", type=float, default=0.9, show_default=True)
 @click.option("--er-weight", type=click.FloatRange(min=0), default=0.0, show_default=True,
               help="Weight of the equivariance regularisation (SEAM); 0 disables it.")
-@click.option("--er-scale-range", default="0.3,0.7", show_default=True, callback=_positive_pair,
+@click.option("--er-scale-range", default="0.3,0.7", show_default=True, callback=options.positive_pair,
               help="MIN,MAX rescale factor of the equivariance view (also flipped at random).")
 @click.option("--er-min-crop", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True,
               help="The equivariance view is a random window of this..1 of each image side (1 = whole image, as "

@@ -427,13 +427,6 @@ def run(cfg: TrainSegConfig) -> dict:
 # --------------------------------------------------------------------------- command line
 
 
-def _scale_pair(ctx, param, text: str) -> tuple[float, float]:
-    values = options.float_list(text)
-    if len(values) != 2 or not 0 < values[0] <= values[1]:
-        raise click.BadParameter(f"expected MIN,MAX with 0 < MIN <= MAX, got {text!r}")
-    return values
-
-
 @click.command(short_help="Train DeepLab on pseudo-labels (or ground truth).")
 @options.root_option()
 @options.dataset_option()
@@ -451,7 +444,7 @@ def _scale_pair(ctx, param, text: str) -> tuple[float, float]:
 @click.option("--weights-backbone", "--weights", "weights_backbone", default="imagenet", show_default=True,
               help="Backbone initialisation: imagenet, none or a state_dict file.")
 @click.option("--crop-size", type=click.IntRange(min=8), default=321, show_default=True)
-@click.option("--scale-range", default="0.5,1.5", show_default=True, callback=_scale_pair,
+@click.option("--scale-range", default="0.5,1.5", show_default=True, callback=options.positive_pair,
               help="MIN,MAX random rescale factors.")
 @click.option("--jitter/--no-jitter", default=False, show_default=True, help="Colour jitter.")
 @click.option("--batch-size", type=click.IntRange(min=2), default=10, show_default=True)

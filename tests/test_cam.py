@@ -6,14 +6,6 @@ from wsss.cam import erase_images, erasing_cam, feature_to_image, max_normalize,
 from wsss.models.classifier import CamNet
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class PixelNet(torch.nn.Module):
     """A stand-in network whose class maps are the input channels sampled every ``stride`` pixels.
 

@@ -8,15 +8,6 @@ from wsss.models.classifier import (ARCHS, CamNet, build_classifier, fuse_conv_b
                                    prepare_for_inference)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # The test machine's cores are shared; one thread avoids OpenMP spin-waiting.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_archs_are_a_visible_dict_with_the_three_resnets():
     assert {"resnet18", "resnet50", "resnet101"} <= set(ARCHS)
     with pytest.raises(KeyError, match="resnet50"):

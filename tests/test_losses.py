@@ -9,14 +9,6 @@ from wsss.losses import (CamObjective, equivariance_loss, erase_mask, multilabel
 from wsss.models.classifier import CamNet
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_multilabel_soft_margin_by_hand():
     logits = torch.tensor([[0.0, math.log(3.0)]])
     targets = torch.tensor([[1.0, 0.0]])

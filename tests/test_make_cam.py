@@ -14,14 +14,6 @@ from wsss.models.classifier import CamNet
 from wsss.transforms import normalize_image
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 CLASSES = ["background", "square", "disc", "ring"]
 SIZES = {"a": (61, 47), "b": (40, 36), "c": (40, 36), "d": (33, 50)}
 LABELS = {"a": [1, 3], "b": [2], "c": [1, 2], "d": [3]}

@@ -11,14 +11,6 @@ from wsss import artifacts
 from wsss.datasets.prepared import SplitSpec, write_prepared
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 CLASSES = ["background", "square", "disc"]
 COLOURS = {1: (220, 40, 40), 2: (40, 40, 220)}
 
