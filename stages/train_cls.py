@@ -38,15 +38,15 @@ from pathlib import Path
 import click
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from stages import options
 from wsss import artifacts
 from wsss.cam import max_normalize, multiscale_cam
 from wsss.datasets.prepared import PreparedDataset
-from wsss.datasets.torch_data import ClassificationDataset
-from wsss.device import default_workers, init_distributed, resolve_device, seed_everything
+from wsss.datasets.torch_data import ClassificationDataset, SeededItems
+from wsss.device import default_workers, derive_seed, init_distributed, resolve_device, seed_everything
 from wsss.errors import WsssError
 from wsss.losses import CamObjective
 from wsss.metrics import ConfusionMatrix
@@ -148,35 +148,12 @@ def mean_average_precision(scores: np.ndarray, targets: np.ndarray) -> float:
 # --------------------------------------------------------------------------- data
 
 
-def _item_seed(*parts: int) -> int:
-    return int(np.random.SeedSequence([int(part) for part in parts]).generate_state(1)[0])
-
-
-class _SeededItems(Dataset):
-    """Item ``(index, seed)``: the base item, augmented with Python's ``random`` seeded to ``seed``."""
-
-    def __init__(self, base: Dataset):
-        self.base = base
-
-    def __len__(self) -> int:
-        return len(self.base)
-
-    def __getitem__(self, key: tuple[int, int]):
-        import random
-
-        index, seed = key
-        # Per-item seeding: the augmentation of an image in an epoch does not depend on the
-        # worker count or on whether the run was resumed.
-        random.seed(seed)
-        return self.base[index]
-
-
 class _SeededSampler(DistributedSampler):
     """This rank's share of the epoch's permutation, as ``(index, augmentation seed)`` pairs."""
 
     def __iter__(self):
         for index in super().__iter__():
-            yield index, _item_seed(self.seed, self.epoch, index)
+            yield index, derive_seed(self.seed, self.epoch, index)
 
 
 def _worker_init(worker_id: int) -> None:
@@ -301,7 +278,7 @@ def run(cfg: TrainClsConfig) -> dict:
     workers = min(default_workers(), 4) if cfg.workers is None else cfg.workers
     generator = torch.Generator()
     generator.manual_seed(cfg.seed)
-    loader = DataLoader(_SeededItems(train_set), batch_size=batch_size, sampler=sampler, num_workers=workers,
+    loader = DataLoader(SeededItems(train_set), batch_size=batch_size, sampler=sampler, num_workers=workers,
                         drop_last=True, worker_init_fn=_worker_init, generator=generator,
                         pin_memory=device.type == "cuda", persistent_workers=False)
     steps_per_epoch = len(loader)
@@ -344,7 +321,7 @@ def run(cfg: TrainClsConfig) -> dict:
         for images, targets in progress:
             state["step"] += 1
             # the random view of the equivariance loss: per step, so a resumed run draws the same ones
-            objective.rng.seed(_item_seed(cfg.seed, info.rank, state["step"]))
+            objective.rng.seed(derive_seed(cfg.seed, info.rank, state["step"]))
             images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
             terms = train_objective(images, targets)
             optimizer.zero_grad(set_to_none=True)

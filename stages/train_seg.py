@@ -41,7 +41,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import click
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
@@ -49,8 +48,9 @@ from tqdm import tqdm
 from stages import options
 from wsss import artifacts
 from wsss.datasets.prepared import PreparedDataset
-from wsss.datasets.torch_data import SegmentationDataset
-from wsss.device import DistInfo, default_workers, dist_info, init_distributed, resolve_device, seed_everything, shard
+from wsss.datasets.torch_data import SeededItems, SegmentationDataset
+from wsss.device import (DistInfo, default_workers, derive_seed, dist_info, init_distributed, resolve_device,
+                         seed_everything, shard)
 from wsss.errors import WsssError
 from wsss.metrics import ConfusionMatrix
 from wsss.models.backbones import freeze_batchnorm
@@ -110,25 +110,6 @@ def _plain(config: TrainSegConfig) -> dict:
 # --------------------------------------------------------------------------- data
 
 
-class _SeededItems(Dataset):
-    """Wraps a dataset so that item ``(index, seed)`` is augmented with its own random state."""
-
-    def __init__(self, base: Dataset):
-        self.base = base
-
-    def __len__(self) -> int:
-        return len(self.base)
-
-    def __getitem__(self, key: tuple[int, int]):
-        import random
-
-        index, item_seed = key
-        # The transforms draw from Python's `random`; seeding per item makes iteration i
-        # identical whether it runs straight through or after a resume, with any worker count.
-        random.seed(item_seed)
-        return self.base[index]
-
-
 class IterationBatchSampler:
     """Batches for iterations ``start .. total - 1`` drawn from a stream of shuffled epochs.
 
@@ -162,7 +143,7 @@ class IterationBatchSampler:
             batch = []
             for position in range(iteration * self.batch_size, (iteration + 1) * self.batch_size):
                 epoch, offset = divmod(position, per_epoch)
-                item_seed = int(np.random.SeedSequence([self.seed, self.rank, position]).generate_state(1)[0])
+                item_seed = derive_seed(self.seed, self.rank, position)
                 batch.append((self._indices(epoch)[offset], item_seed))
             yield batch
 
@@ -336,7 +317,7 @@ def run(cfg: TrainSegConfig) -> dict:
             train_model, device_ids=[device.index] if device.type == "cuda" else None)
     workers = min(default_workers(), 4) if cfg.workers is None else cfg.workers
     sampler = IterationBatchSampler(train_set, cfg.batch_size, cfg.seed, info, state["iteration"], stop)
-    loader = DataLoader(_SeededItems(train_set), batch_sampler=sampler, num_workers=workers,
+    loader = DataLoader(SeededItems(train_set), batch_sampler=sampler, num_workers=workers,
                         pin_memory=device.type == "cuda")
 
     def save(which: str) -> None:
@@ -360,7 +341,7 @@ def run(cfg: TrainSegConfig) -> dict:
         iteration = state["iteration"] + 1
         # Dropout in the ASPP head draws from torch's generator: seed it per iteration so a resumed
         # run draws the same masks as an uninterrupted one.
-        torch.manual_seed(int(np.random.SeedSequence([cfg.seed, info.rank, iteration]).generate_state(1)[0]))
+        torch.manual_seed(derive_seed(cfg.seed, info.rank, iteration))
         images, target = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
         weight = batch[2].to(device, non_blocking=True) if len(batch) > 2 else None
         loss = segmentation_loss(train_model(images), target, weight)

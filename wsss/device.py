@@ -66,6 +66,11 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def derive_seed(*parts: int) -> int:
+    """A 32-bit seed derived from several integers (base seed, rank, epoch, index, ...), order-sensitive."""
+    return int(np.random.SeedSequence([int(part) for part in parts]).generate_state(1)[0])
+
+
 def shard(items: list, info: DistInfo | None = None) -> list:
     """Return this rank's share of a list (round-robin), for per-image stages under torchrun."""
     info = info or dist_info()
