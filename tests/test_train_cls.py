@@ -6,7 +6,6 @@ import torch
 from click.testing import CliRunner
 
 from stages.cli import cli
-from stages.train_cls import average_precision, mean_average_precision
 from wsss import artifacts
 from wsss.datasets.prepared import SplitSpec, write_prepared
 
@@ -60,36 +59,6 @@ def assert_same_weights(first, second):
     assert first.keys() == second.keys()
     for key in first:
         assert torch.equal(first[key], second[key]), key
-
-
-# --------------------------------------------------------------------------- average precision
-
-
-def test_average_precision_by_hand():
-    scores = np.array([[0.9, 0.1], [0.8, 0.2], [0.7, 0.3], [0.6, 0.4]])
-    targets = np.array([[1, 0], [0, 0], [1, 0], [0, 0]])
-    ap = average_precision(scores, targets)
-    # ranks 1..4: hits at 1 and 3 -> precision 1 at recall .5, 2/3 at recall 1: AP = .5 * 1 + .5 * 2/3
-    assert ap[0] == pytest.approx(0.5 + 0.5 * 2 / 3)
-    assert np.isnan(ap[1])  # no positive image
-    assert mean_average_precision(scores, targets) == pytest.approx(ap[0])
-
-
-def test_average_precision_ties_form_one_threshold():
-    # tied scores: one threshold with precision 1/2 at recall 1
-    ap = average_precision(np.array([[0.5], [0.5]]), np.array([[1], [0]]))
-    assert ap[0] == pytest.approx(0.5)
-
-
-def test_average_precision_matches_sklearn():
-    from sklearn.metrics import average_precision_score
-
-    rng = np.random.default_rng(1)
-    scores = rng.normal(size=(30, 4)).round(1)  # rounding creates ties
-    targets = rng.random((30, 4)) > 0.6
-    ours = average_precision(scores, targets)
-    for k in range(4):
-        assert ours[k] == pytest.approx(average_precision_score(targets[:, k], scores[:, k]))
 
 
 # --------------------------------------------------------------------------- the stage

@@ -129,3 +129,42 @@ class ConfusionMatrix:
             lines.append(f"{names[index]:<{width}}  {iou[index]:7.4f}  {precision[index]:7.4f}  {recall[index]:7.4f}")
         lines.append(f"{'mIoU':<{width}}  {self.miou():7.4f}")
         return "\n".join(lines)
+
+
+def average_precision(scores: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """Average precision per class, ``sum_n (R_n - R_{n-1}) P_n`` over the distinct score thresholds.
+
+    The same definition as ``sklearn.metrics.average_precision_score`` (no interpolation;
+    tied scores form one threshold).
+
+    Args:
+        scores: float [N, K] (any monotone score: logits or probabilities).
+        targets: 0/1 [N, K].
+
+    Returns:
+        float64 [K]; NaN for a class without positive images.
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    targets = np.asarray(targets) > 0.5
+    if scores.shape != targets.shape or scores.ndim != 2:
+        raise ValueError(f"expected scores and targets [N, K] of one shape, got {scores.shape} and {targets.shape}")
+    result = np.full(scores.shape[1], np.nan)
+    for k in range(scores.shape[1]):
+        positives = int(targets[:, k].sum())
+        if positives == 0:
+            continue
+        order = np.argsort(-scores[:, k], kind="stable")
+        ranked_scores, hits = scores[order, k], targets[order, k]
+        true_pos = np.cumsum(hits)
+        # the last position of every run of equal scores is one threshold
+        last = np.r_[np.flatnonzero(np.diff(ranked_scores)), len(ranked_scores) - 1]
+        precision = true_pos[last] / (last + 1)
+        recall = true_pos[last] / positives
+        result[k] = float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+    return result
+
+
+def mean_average_precision(scores: np.ndarray, targets: np.ndarray) -> float:
+    """Mean of :func:`average_precision` over the classes with at least one positive (NaN if none)."""
+    ap = average_precision(scores, targets)
+    return float(np.nanmean(ap)) if np.isfinite(ap).any() else float("nan")
