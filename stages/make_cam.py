@@ -28,7 +28,6 @@ import click
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from stages import options
 from wsss import artifacts, evaluation
@@ -38,6 +37,7 @@ from wsss.datasets.torch_data import InferenceDataset, collate_single
 from wsss.device import default_workers, init_distributed, resolve_device, shard
 from wsss.errors import WsssError
 from wsss.models.classifier import load_classifier, prepare_for_inference
+from wsss.progress import bar as progress_bar
 from wsss.transforms import normalize_image
 
 log = logging.getLogger(__name__)
@@ -137,7 +137,7 @@ def run(cfg: MakeCamConfig) -> dict:
     started = time.perf_counter()
     done = 0
     no_class = 0
-    with tqdm(total=len(todo), desc="make-cam", unit="img", disable=not info.is_main) as bar:
+    with progress_bar(total=len(todo), desc="make-cam", show=info.is_main) as bar:
         for items in _batches(loader, cfg.batch_size):
             images = torch.stack([normalize_image(item["image"]) for item in items]).to(device)
             selection = choose(items)

@@ -25,7 +25,6 @@ from pathlib import Path
 import click
 import numpy as np
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from stages import options
 from wsss import artifacts
@@ -34,6 +33,7 @@ from wsss.datasets.torch_data import InferenceDataset, collate_single
 from wsss.device import default_workers, dist_info, init_distributed, resolve_device, shard
 from wsss.errors import WsssError
 from wsss.models.deeplab import model_from_checkpoint
+from wsss.progress import bar as progress_bar
 from wsss.segmentation import predict_probs
 from wsss.visualize import overlay_label
 
@@ -139,7 +139,7 @@ def run(cfg: PredictConfig) -> dict:
     loader = DataLoader(InferenceDataset(dataset, cfg.split, ids=todo), batch_size=1, collate_fn=collate_single,
                         num_workers=workers)
     started = time.perf_counter()
-    for item in tqdm(loader, desc=f"predict {cfg.split}", unit="img", disable=not info.is_main):
+    for item in progress_bar(loader, desc=f"predict {cfg.split}", show=info.is_main):
         label = predict_label(model, item["image"], cfg, device)
         artifacts.write_label_png(artifacts.label_path(cfg.out_dir, item["id"]), label)
         if cfg.overlay:

@@ -154,16 +154,16 @@ def _worker_process(image_id: str) -> dict:
 
 
 def _run_all(cfg: RefineConfig, dataset: PreparedDataset, ids: list[str], workers: int) -> list[dict]:
-    from tqdm import tqdm
+    from wsss.progress import bar as progress_bar
 
     results = []
     if workers <= 1 or len(ids) <= 1:
-        for image_id in tqdm(ids, desc=f"refine {cfg.split}", unit="img", disable=not cfg.progress):
+        for image_id in progress_bar(ids, desc=f"refine {cfg.split}", show=cfg.progress):
             results.append(process_image(cfg, dataset, image_id))
     else:
         chunksize = max(1, min(8, math.ceil(len(ids) / (8 * workers))))
         with pool_context().Pool(min(workers, len(ids)), initializer=_init_worker, initargs=(cfg, dataset)) as pool:
-            with tqdm(total=len(ids), desc=f"refine {cfg.split}", unit="img", disable=not cfg.progress) as bar:
+            with progress_bar(total=len(ids), desc=f"refine {cfg.split}", show=cfg.progress) as bar:
                 for result in pool.imap_unordered(_worker_process, ids, chunksize=chunksize):
                     results.append(result)
                     bar.update(1)

@@ -39,7 +39,6 @@ import click
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
-from tqdm import tqdm
 
 from stages import options
 from wsss import artifacts
@@ -52,6 +51,7 @@ from wsss.losses import CamObjective
 from wsss.metrics import ConfusionMatrix, average_precision, mean_average_precision
 from wsss.models.classifier import ARCHS, CamNet
 from wsss.optim import poly_scheduler, sgd_with_head
+from wsss.progress import bar as progress_bar
 from wsss.transforms import normalize_image, train_preset
 
 log = logging.getLogger(__name__)
@@ -140,7 +140,7 @@ def validate(model: CamNet, dataset: PreparedDataset, split: str, device: torch.
     with_masks = dataset.has_masks(split)
     matrix = ConfusionMatrix(dataset.num_classes)
     scores, targets = [], []
-    for position, image_id in enumerate(tqdm(ids, desc=f"val {split}", leave=False, disable=not show_progress)):
+    for position, image_id in enumerate(progress_bar(ids, desc=f"val {split}", leave=False, show=show_progress)):
         image = dataset.read_image(split, image_id)
         tensor = normalize_image(image)[None].to(device)
         labels = dataset.image_labels(image_id)
@@ -278,7 +278,8 @@ def run(cfg: TrainClsConfig) -> dict:
         sampler.set_epoch(epoch)
         model.train()
         sums = {"total": 0.0, "cls": 0.0, "er": 0.0, "erase": 0.0}
-        progress = tqdm(loader, desc=f"train-cls {epoch + 1}/{cfg.epochs}", disable=not info.is_main, leave=False)
+        progress = progress_bar(loader, desc=f"train-cls {epoch + 1}/{cfg.epochs}", unit="batch", show=info.is_main,
+                                leave=False)
         for images, targets in progress:
             state["step"] += 1
             # the random view of the equivariance loss: per step, so a resumed run draws the same ones

@@ -43,7 +43,6 @@ from pathlib import Path
 import click
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
-from tqdm import tqdm
 
 from stages import options
 from wsss import artifacts
@@ -56,6 +55,7 @@ from wsss.metrics import ConfusionMatrix
 from wsss.models.backbones import freeze_batchnorm
 from wsss.models.deeplab import SEG_MODELS, build_seg_model
 from wsss.optim import poly_scheduler, sgd_with_head
+from wsss.progress import bar as progress_bar
 from wsss.segmentation import predict_probs, segmentation_loss
 from wsss.transforms import train_preset
 
@@ -172,8 +172,8 @@ def evaluate_model(model: torch.nn.Module, dataset: PreparedDataset, split: str,
                    info: DistInfo, show_progress: bool = True) -> ConfusionMatrix:
     """Confusion matrix of single-scale full-resolution predictions on ``split``, summed over ranks."""
     matrix = ConfusionMatrix(dataset.num_classes)
-    for image_id in tqdm(shard(dataset.ids(split), info), desc=f"eval {split}", leave=False,
-                         disable=not (show_progress and info.is_main)):
+    for image_id in progress_bar(shard(dataset.ids(split), info), desc=f"eval {split}", leave=False,
+                                 show=show_progress and info.is_main):
         image = dataset.read_image(split, image_id)
         mask = dataset.read_mask(split, image_id, image.shape[:2])
         probs = predict_probs(model, image, scales=(1.0,), flip=False, device=device)
@@ -336,7 +336,7 @@ def run(cfg: TrainSegConfig) -> dict:
     train_model.train()
     if cfg.freeze_bn:
         freeze_batchnorm(model.backbone)
-    progress = tqdm(total=stop, initial=state["iteration"], desc="train-seg", disable=not info.is_main)
+    progress = progress_bar(total=stop, initial=state["iteration"], desc="train-seg", unit="it", show=info.is_main)
     for batch in loader:
         iteration = state["iteration"] + 1
         # Dropout in the ASPP head draws from torch's generator: seed it per iteration so a resumed

@@ -219,27 +219,26 @@ def _sized_call(function: Callable, common: tuple, items: list) -> tuple[int, An
 
 def _parallel_sum(function: Callable, common: tuple, items: list, zero: Any, workers: int | None, desc: str,
                   progress: bool) -> Any:
-    """Return ``zero`` plus the sum over chunks of ``function(common, chunk)``, with a tqdm bar over items.
+    """Return ``zero`` plus the sum over chunks of ``function(common, chunk)``, with a progress bar over items.
 
     ``workers=None`` uses all cores but at most one per ``_IMAGES_PER_WORKER`` images (starting
     processes costs more than scoring a handful of images); an explicit count is used as given.
     """
-    from tqdm import tqdm
-
     from wsss.device import default_workers
+    from wsss.progress import bar as progress_bar
 
     if workers is None:
         workers = min(default_workers(), math.ceil(len(items) / _IMAGES_PER_WORKER))
     total = zero
     if workers <= 1 or len(items) <= 1:
-        for item in tqdm(items, desc=desc, unit="img", disable=not progress):
+        for item in progress_bar(items, desc=desc, show=progress):
             total += function(common, [item])
         return total
     size = max(1, min(_MAX_CHUNK, math.ceil(len(items) / (4 * workers))))
     chunks = [items[start:start + size] for start in range(0, len(items), size)]
     # the pool is started before the progress bar, whose monitor thread should not be forked
     with pool_context().Pool(min(workers, len(chunks))) as pool:
-        with tqdm(total=len(items), desc=desc, unit="img", disable=not progress) as bar:
+        with progress_bar(total=len(items), desc=desc, show=progress) as bar:
             for done, partial in pool.imap_unordered(functools.partial(_sized_call, function, common), chunks):
                 total += partial
                 bar.update(done)

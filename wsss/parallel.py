@@ -6,9 +6,8 @@ import multiprocessing
 import sys
 from typing import Callable, Iterator, Sequence, TypeVar
 
-from tqdm import tqdm
-
 from wsss.device import default_workers
+from wsss.progress import bar as progress_bar
 
 def pool_context() -> multiprocessing.context.BaseContext:
     """The start method of every process pool in wsss: fork on Linux, spawn elsewhere.
@@ -29,7 +28,7 @@ Result = TypeVar("Result")
 
 def imap_images(func: Callable[[Task], Result], tasks: Sequence[Task], workers: int | None = None,
                 desc: str = "images") -> Iterator[Result]:
-    """Apply ``func`` to every task in a process pool, in order, with a tqdm bar.
+    """Apply ``func`` to every task in a process pool, in order, with a progress bar.
 
     Args:
         func: a picklable (module-level or ``functools.partial``) function of one task.
@@ -45,12 +44,12 @@ def imap_images(func: Callable[[Task], Result], tasks: Sequence[Task], workers: 
     workers = default_workers() if workers is None else workers
     workers = min(workers, len(tasks))
     if workers <= 1:
-        for task in tqdm(tasks, desc=desc, unit="img", disable=None, leave=False):
+        for task in progress_bar(tasks, desc=desc, leave=False):
             yield func(task)
         return
     chunksize = max(1, min(64, len(tasks) // (workers * 8)))
     with pool_context().Pool(workers) as pool:
-        with tqdm(total=len(tasks), desc=desc, unit="img", disable=None, leave=False) as progress:
+        with progress_bar(total=len(tasks), desc=desc, leave=False) as progress:
             for result in pool.imap(func, tasks, chunksize=chunksize):
                 yield result
                 progress.update()

@@ -391,14 +391,14 @@ def write_demo_dataset(out_dir: str | Path, *, num_train: int = DEFAULT_NUM_TRAI
         num_train, num_val: number of images of the ``train`` and ``val`` splits.
         size: long image side in pixels.
         seed: image ``i`` is drawn with ``numpy.random.default_rng((seed, i))``.
-        progress: show a tqdm bar.
+        progress: show a progress bar (see :mod:`wsss.progress`).
     """
-    from tqdm import tqdm
+    from wsss.progress import bar
 
     root = Path(out_dir) / "VOC2012"
     splits = demo_ids(num_train, num_val)
     all_ids = splits["train"] + splits["val"]
-    for index, image_id in enumerate(tqdm(all_ids, desc="demo-data", unit="img", disable=not progress)):
+    for index, image_id in enumerate(bar(all_ids, desc="demo-data", show=progress)):
         sample = render_sample(np.random.default_rng((seed, index)), size)
         height, width = sample.mask.shape
         artifacts.write_image(root / "JPEGImages" / f"{image_id}.jpg", sample.image)
