@@ -45,6 +45,25 @@ allow_pickle_option = click.option("--allow-pickle", is_flag=True,
                                    help="Allow IRN-style pickled .npy CAM dicts (unpickling runs code from the file).")
 
 
+def sgd_options(lr: float, head: str):
+    """The SGD + poly schedule options of the training stages (``head`` names the new layers)."""
+    decorators = [
+        click.option("--lr", type=float, default=lr, show_default=True, help="Backbone learning rate."),
+        click.option("--head-lr-mult", type=float, default=10.0, show_default=True,
+                     help=f"{head} learning rate factor."),
+        click.option("--weight-decay", type=float, default=1e-4, show_default=True),
+        click.option("--momentum", type=float, default=0.9, show_default=True),
+        click.option("--poly-power", type=float, default=0.9, show_default=True,
+                     help="lr = base lr x (1 - step / steps) ^ power."),
+    ]
+
+    def apply(command):
+        for decorator in reversed(decorators):
+            command = decorator(command)
+        return command
+    return apply
+
+
 def float_list(text: str) -> tuple[float, ...]:
     """Parse ``"1.0,0.5,1.5"`` into floats (a click callback helper)."""
     try:

@@ -45,7 +45,8 @@ from wsss import artifacts
 from wsss.cam import max_normalize, multiscale_cam
 from wsss.datasets.prepared import PreparedDataset
 from wsss.datasets.torch_data import ClassificationDataset, SeededItems
-from wsss.device import default_workers, derive_seed, init_distributed, resolve_device, seed_everything
+from wsss.device import (default_workers, derive_seed, init_distributed, mean_over_ranks, resolve_device,
+                         seed_everything)
 from wsss.errors import WsssError
 from wsss.losses import CamObjective
 from wsss.metrics import ConfusionMatrix, average_precision, mean_average_precision
@@ -295,8 +296,9 @@ def run(cfg: TrainClsConfig) -> dict:
             progress.set_postfix(loss=f"{float(terms['total'].detach()):.4f}",
                                  lr=f"{optimizer.param_groups[0]['lr']:.2e}")
         progress.close()
+        means = mean_over_ranks([value / max(1, steps_per_epoch) for value in sums.values()], info, device)
         record = {"epoch": epoch + 1, "step": state["step"], "lr": optimizer.param_groups[0]["lr"],
-                  **{f"loss_{key}": value / max(1, steps_per_epoch) for key, value in sums.items()}}
+                  **{f"loss_{key}": value for key, value in zip(sums, means)}}
         state["epoch"] = epoch + 1
         if info.is_main:
             if val_split is not None:
@@ -350,11 +352,7 @@ def _val_text(record: dict) -> str:
 @click.option("--epochs", type=click.IntRange(min=1), default=5, show_default=True)
 @click.option("--stop-after", type=click.IntRange(min=1), default=None,
               help="Stop after this epoch (the schedule still spans --epochs); continue later with --resume.")
-@click.option("--lr", type=float, default=0.1, show_default=True, help="Backbone learning rate.")
-@click.option("--head-lr-mult", type=float, default=10.0, show_default=True, help="Classifier learning rate factor.")
-@click.option("--weight-decay", type=float, default=1e-4, show_default=True)
-@click.option("--momentum", type=float, default=0.9, show_default=True)
-@click.option("--poly-power", type=float, default=0.9, show_default=True)
+@options.sgd_options(lr=0.1, head="Classifier")
 @click.option("--er-weight", type=click.FloatRange(min=0), default=0.0, show_default=True,
               help="Weight of the equivariance regularisation (SEAM); 0 disables it.")
 @click.option("--er-scale-range", default="0.3,0.7", show_default=True, callback=options.positive_pair,

@@ -48,8 +48,8 @@ from stages import options
 from wsss import artifacts
 from wsss.datasets.prepared import PreparedDataset
 from wsss.datasets.torch_data import SeededItems, SegmentationDataset
-from wsss.device import (DistInfo, default_workers, derive_seed, dist_info, init_distributed, resolve_device,
-                         seed_everything, shard)
+from wsss.device import (DistInfo, default_workers, derive_seed, dist_info, init_distributed, mean_over_ranks,
+                         resolve_device, seed_everything, shard)
 from wsss.errors import WsssError
 from wsss.metrics import ConfusionMatrix
 from wsss.models.backbones import freeze_batchnorm
@@ -354,8 +354,8 @@ def run(cfg: TrainSegConfig) -> dict:
         progress.update(1)
         progress.set_postfix(loss=f"{loss.item():.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
         if iteration % cfg.log_every == 0 or iteration == total:
-            state["history"].append({"iteration": iteration, "loss": running_loss / running_count,
-                                     "lr": optimizer.param_groups[0]["lr"]})
+            loss_mean, = mean_over_ranks([running_loss / running_count], info, device)
+            state["history"].append({"iteration": iteration, "loss": loss_mean, "lr": optimizer.param_groups[0]["lr"]})
             running_loss, running_count = 0.0, 0
         if cfg.val_split is not None and (iteration == total or (cfg.eval_every and iteration % cfg.eval_every == 0)):
             matrix = evaluate_model(model, dataset, cfg.val_split, device, info)
@@ -434,11 +434,7 @@ def run(cfg: TrainSegConfig) -> dict:
               help="Train for this many passes over the split instead of --iterations.")
 @click.option("--stop-at", type=click.IntRange(min=1), default=None,
               help="Stop after this iteration (the schedule still spans the whole run); continue with --resume.")
-@click.option("--lr", type=float, default=0.001, show_default=True, help="Backbone learning rate.")
-@click.option("--head-lr-mult", type=float, default=10.0, show_default=True, help="Head learning rate factor.")
-@click.option("--weight-decay", type=float, default=1e-4, show_default=True)
-@click.option("--momentum", type=float, default=0.9, show_default=True)
-@click.option("--poly-power", type=float, default=0.9, show_default=True)
+@options.sgd_options(lr=0.001, head="ASPP head")
 @click.option("--freeze-bn", is_flag=True, help="Freeze the backbone's BatchNorm (small batches).")
 @click.option("--eval-every", type=click.IntRange(min=0), default=2000, show_default=True,
               help="Validate (and checkpoint) every K iterations; 0 = only at the end.")

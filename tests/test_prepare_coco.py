@@ -12,6 +12,7 @@ from stages.cli import cli
 from wsss import artifacts
 from wsss.classes import builtin_classes
 from wsss.datasets.prepared import PreparedDataset
+from helpers import assert_one_line_error
 
 HEIGHT, WIDTH = 8, 10
 SPLIT = "val2014"
@@ -79,15 +80,6 @@ def expected_mask_1() -> np.ndarray:
 
 def invoke(*args):
     return CliRunner().invoke(cli, ["prepare", "coco", *map(str, args)])
-
-
-def assert_one_line_error(result, *needles: str) -> None:
-    assert result.exit_code != 0
-    assert "Traceback" not in result.output
-    errors = [line for line in result.output.splitlines() if "Error" in line]
-    assert len(errors) == 1 and errors[0].startswith("Error: "), result.output
-    for needle in needles:
-        assert needle in errors[0], errors[0]
 
 
 def test_class_indices_match_the_builtin_list():

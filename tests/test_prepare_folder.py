@@ -9,6 +9,7 @@ from click.testing import CliRunner
 from stages.cli import cli
 from wsss import artifacts
 from wsss.datasets.prepared import PreparedDataset
+from helpers import assert_one_line_error
 
 HEIGHT, WIDTH = 6, 8
 CAT, DOG = 1, 2  # background is prepended to classes.txt
@@ -44,15 +45,6 @@ def invoke(paths: dict, *extra, masks: bool = True):
     if masks:
         args += ["--masks", paths["masks"]]
     return CliRunner().invoke(cli, [str(arg) for arg in [*args, *extra]])
-
-
-def assert_one_line_error(result, *needles: str) -> None:
-    assert result.exit_code != 0
-    assert "Traceback" not in result.output
-    errors = [line for line in result.output.splitlines() if "Error" in line]
-    assert len(errors) == 1 and errors[0].startswith("Error: "), result.output
-    for needle in needles:
-        assert needle in errors[0], errors[0]
 
 
 def test_folder_happy_path(tmp_path):

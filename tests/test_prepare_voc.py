@@ -11,6 +11,7 @@ from PIL import Image
 from stages.cli import cli
 from wsss import artifacts
 from wsss.datasets.prepared import PreparedDataset
+from helpers import assert_one_line_error
 
 HEIGHT, WIDTH = 6, 8
 # VOC class indices (data/voc.txt)
@@ -98,15 +99,6 @@ def make_sbd(tmp_path):
 
 def invoke(*args: str):
     return CliRunner().invoke(cli, ["prepare", "voc", *map(str, args)])
-
-
-def assert_one_line_error(result, *needles: str) -> None:
-    assert result.exit_code != 0
-    assert "Traceback" not in result.output
-    errors = [line for line in result.output.splitlines() if "Error" in line]
-    assert len(errors) == 1 and errors[0].startswith("Error: "), result.output
-    for needle in needles:
-        assert needle in errors[0], errors[0]
 
 
 def test_voc_splits_labels_and_disagreements(tmp_path):

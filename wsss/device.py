@@ -57,6 +57,21 @@ def init_distributed(device) -> DistInfo:
     return info
 
 
+def mean_over_ranks(values: list[float], info: DistInfo, device) -> list[float]:
+    """The mean of each value over all torchrun ranks (the values themselves in a single process).
+
+    A collective call: every rank must reach it with the same number of values.
+    """
+    if not info.distributed:
+        return list(values)
+    import torch
+    import torch.distributed as dist
+
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    return (tensor / info.world_size).tolist()
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch (CPU and CUDA) for reproducible runs."""
     import torch

@@ -1,0 +1,11 @@
+"""Assertions shared by several test modules (importable because pytest puts tests/ on sys.path)."""
+
+
+def assert_one_line_error(result, *needles: str) -> None:
+    """A click result failed with exactly one ``Error: ...`` line containing every needle, no traceback."""
+    assert result.exit_code != 0
+    assert "Traceback" not in result.output
+    errors = [line for line in result.output.splitlines() if "Error" in line]
+    assert len(errors) == 1 and errors[0].startswith("Error: "), result.output
+    for needle in needles:
+        assert needle in errors[0], errors[0]
