@@ -1,20 +1,26 @@
-"""Segmentation quality on the demo data: CAMs -> pseudo-labels -> DeepLab (with and without RAW)
-against the fully supervised upper bound, and the weak/full ratio.
+"""Segmentation quality on the demo data: DeepLab on pseudo-labels (with and without RAW) against
+the fully supervised upper bound, over several seeds, and the weak/full ratio.
 
-Runs the whole pipeline through the ``wsss`` command line, one step after the
-other, and writes ``bench/seg_quality.md`` (the table and the exact commands)
-and ``bench/seg_quality.json``.  Every mIoU in the table comes from
-``wsss eval`` reports (``metrics_eval_<split>.json``), so CAMs, pseudo-labels
-and predictions are scored by the same code.
+Builds on a ``run_pipeline.sh`` run (its CAMs and GMM + CRF pseudo-labels, with their eval
+reports); the run is started first if it is missing (run_pipeline.sh resumes, so a finished run is
+only read).  Then, for every seed, three DeepLab trainings with the pipeline's demo settings:
 
-Usage (from the repository root; the work folder holds data and outputs)::
+- ``gt``: ``--labels gt``, the fully supervised upper bound;
+- ``pseudo``: ``--labels <run>/pseudo``;
+- ``raw``: the same pseudo-labels with ``--raw`` (per-pixel reliability weights);
 
-    .venv/bin/python bench/seg_quality.py --work /tmp/seg_quality [--fresh]
+each followed by ``wsss predict`` (scales 0.75/1/1.25 + flip, without and with the dense CRF) and
+``wsss eval`` on val.  Every mIoU in the table comes from a ``wsss eval`` report, so CAMs,
+pseudo-labels and predictions are scored by the same code.  Seeds differ in initialisation, crop
+and batch order; their spread tells how large a difference has to be before it means anything.
 
-The settings are CPU-demo sized (ResNet-18, no ImageNet weights, 64-px
-images); each training run takes a few minutes on one CPU thread.  Steps
-whose outputs exist are skipped by the stages themselves (resume), so an
-interrupted benchmark can be restarted; ``--fresh`` deletes the work folder first.
+Usage (from the repository root)::
+
+    .venv/bin/python bench/seg_quality.py --out work/demo --work work/seg_quality --seeds 0,1,2 --jobs 2
+
+Writes ``bench/seg_quality.md`` (table and exact commands) and ``bench/seg_quality.json``.
+Trainings whose output is finished are skipped by train-seg itself, so an interrupted benchmark
+can be restarted.
 """
 
 from __future__ import annotations
@@ -23,69 +29,65 @@ import argparse
 import json
 import os
 import shlex
-import shutil
+import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 WSSS = str(Path(sys.executable).parent / "wsss")
 
-# Shared by every train-seg run: only --labels / --raw differ between them.
-SEG_TRAINING = ["--model", "deeplabv3_resnet18", "--weights-backbone", "none", "--crop-size", "64",
-                "--batch-size", "8", "--iterations", "400", "--lr", "0.05", "--head-lr-mult", "1",
-                "--eval-every", "100", "--log-every", "50"]
-PREDICT = ["--scales", "0.75,1.0,1.25", "--flip"]
+# run_pipeline.sh's demo settings for train-seg and predict; only --labels, --raw and --seed vary.
+SEG_TRAINING = ["--model", "deeplabv3_resnet18", "--weights-backbone", "none", "--crop-size", "80",
+                "--batch-size", "8", "--iterations", "500", "--lr", "0.05", "--head-lr-mult", "1",
+                "--eval-every", "250", "--device", "cpu", "--workers", "0"]
+PREDICT = ["--scales", "0.75,1.0,1.25", "--flip", "--device", "cpu", "--workers", "0"]
+RUNS = ("gt", "pseudo", "raw")
+NAMES = {"pseudo": "DeepLab on pseudo-labels", "raw": "DeepLab on pseudo-labels + RAW",
+         "gt": "DeepLab on ground truth (upper bound)"}
 
 
-def steps(device: str) -> list[tuple[str, list[str]]]:
-    """The benchmark as (name, wsss arguments), in order; paths are relative to the work folder."""
-    root = "demo/VOC2012"
-    common = ["--device", device, "--workers", "0"]
-    plan = [
-        ("demo-data", ["demo-data", "demo"]),
-        ("prepare", ["prepare", "voc", "--root", root, "--workers", "1"]),
-        ("train-cls", ["train-cls", "--root", root, "--out", "cls", "--backbone", "resnet18", "--weights", "none",
-                       "--crop-size", "64", "--batch-size", "8", "--epochs", "20", "--lr", "0.05",
-                       "--val-cam-images", "20", *common]),
-        ("make-cam", ["make-cam", "--root", root, "--split", "train", "--checkpoint", "cls", "--out", "cams",
-                      "--scales", "1.0,0.5,1.5", *common]),
-        ("eval-cams", ["eval", "--root", root, "--split", "train", "--cams", "cams", "--workers", "1"]),
-        ("refine", ["refine", "--root", root, "--split", "train", "--cams", "cams", "--out", "pseudo", "--crf",
-                    "--workers", "1"]),
-        ("eval-pseudo", ["eval", "--root", root, "--split", "train", "--pred", "pseudo", "--workers", "1"]),
-        ("train-seg-gt", ["train-seg", "--root", root, "--labels", "gt", "--out", "seg_gt", *SEG_TRAINING, *common]),
-        ("train-seg-pseudo", ["train-seg", "--root", root, "--labels", "pseudo", "--out", "seg_pseudo",
-                              "--upper-bound", "seg_gt", *SEG_TRAINING, *common]),
-        ("train-seg-raw", ["train-seg", "--root", root, "--labels", "pseudo", "--raw", "--out", "seg_raw",
-                           "--upper-bound", "seg_gt", *SEG_TRAINING, *common]),
-    ]
-    for run in ("gt", "pseudo", "raw"):
-        for crf in (False, True):
-            name = f"pred_{run}" + ("_crf" if crf else "")
-            plan.append((f"predict-{run}" + ("-crf" if crf else ""),
-                         ["predict", "--root", root, "--split", "val", "--checkpoint", f"seg_{run}/last.pth",
-                          "--out", name, *PREDICT, *(["--crf"] if crf else []), *common]))
-            plan.append((f"eval-{name}", ["eval", "--root", root, "--split", "val", "--pred", name, "--workers", "1"]))
-    return plan
+def training(run: str, seed: int, root: str, pseudo: str) -> list[str]:
+    labels = ["--labels", "gt"] if run == "gt" else ["--labels", pseudo, "--upper-bound", f"seg_gt_s{seed}"]
+    raw = ["--raw"] if run == "raw" else []
+    return ["train-seg", "--root", root, *labels, *raw, "--out", f"seg_{run}_s{seed}", "--seed", str(seed),
+            *SEG_TRAINING]
 
 
-def run_steps(work: Path, device: str, threads: int) -> dict[str, float]:
-    """Run every step in ``work``; return wall seconds per step.  Logs go to ``work/logs/<step>.log``."""
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    (work / "logs").mkdir(parents=True, exist_ok=True)
-    seconds = {}
-    for name, arguments in steps(device):
-        if name == "demo-data" and (work / "demo" / "VOC2012").is_dir():
-            continue
-        print(f"[seg_quality] wsss {shlex.join(arguments)}", flush=True)
-        started = time.perf_counter()
-        with open(work / "logs" / f"{name}.log", "w") as log:
-            result = subprocess.run([WSSS, *arguments], cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT)
-        seconds[name] = round(time.perf_counter() - started, 1)
-        if result.returncode != 0:
-            sys.exit(f"step {name} failed (exit {result.returncode}); see {work / 'logs' / (name + '.log')}")
+def scoring(run: str, seed: int, root: str) -> list[list[str]]:
+    """predict (without, with CRF) and eval of one training, in order."""
+    steps = []
+    for crf in (False, True):
+        name = f"pred_{run}_s{seed}" + ("_crf" if crf else "")
+        steps.append(["predict", "--root", root, "--split", "val", "--checkpoint", f"seg_{run}_s{seed}/last.pth",
+                      "--out", name, *PREDICT, *(["--crf"] if crf else [])])
+        steps.append(["eval", "--root", root, "--split", "val", "--pred", name, "--workers", "1"])
+    return steps
+
+
+def wsss(arguments: list[str], work: Path, log: Path) -> float:
+    """Run one wsss command in ``work`` with one thread; exit the benchmark if it fails; return seconds."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    started = time.perf_counter()
+    with open(log, "a") as handle:
+        handle.write(f"$ wsss {shlex.join(arguments)}\n")
+        handle.flush()
+        result = subprocess.run([WSSS, *arguments], cwd=work, env=env, stdout=handle, stderr=subprocess.STDOUT)
+    if result.returncode != 0:
+        sys.exit(f"wsss {arguments[0]} failed (exit {result.returncode}); see {log}")
+    return round(time.perf_counter() - started, 1)
+
+
+def job(run: str, seed: int, work: Path, root: str, pseudo: str) -> float:
+    """Train, predict and score one (run, seed); return the training seconds."""
+    log = work / "logs" / f"{run}_s{seed}.log"
+    print(f"[seg_quality] {run} seed {seed}: training", flush=True)
+    seconds = wsss(training(run, seed, root, pseudo), work, log)
+    for arguments in scoring(run, seed, root):
+        wsss(arguments, work, log)
+    print(f"[seg_quality] {run} seed {seed}: done ({seconds} s of training)", flush=True)
     return seconds
 
 
@@ -93,85 +95,131 @@ def _miou(path: Path) -> float:
     return float(json.loads(path.read_text())["miou"])
 
 
-def collect(work: Path) -> dict:
+def collect(work: Path, run_dir: Path, seeds: list[int]) -> dict:
     """Read the eval reports and train-seg metrics into one dict."""
-    report = {
-        "cam_train": _miou(work / "cams" / "metrics_eval_train.json"),
-        "pseudo_train": _miou(work / "pseudo" / "metrics_eval_train.json"),
-        "runs": {},
-    }
-    for run in ("gt", "pseudo", "raw"):
-        metrics = json.loads((work / f"seg_{run}" / "metrics.json").read_text())
-        report["runs"][run] = {
-            "train_seg_val": metrics["val_miou"],
-            "predict_val": _miou(work / f"pred_{run}" / "metrics_eval_val.json"),
-            "predict_crf_val": _miou(work / f"pred_{run}_crf" / "metrics_eval_val.json"),
-            "weak_full_ratio": metrics.get("weak_full_ratio"),
-            "train_seconds": metrics["seconds"],
-        }
-    full = report["runs"]["gt"]
-    for run in ("pseudo", "raw"):
-        entry = report["runs"][run]
-        entry["weak_full_predict"] = entry["predict_val"] / full["predict_val"]
-        entry["weak_full_predict_crf"] = entry["predict_crf_val"] / full["predict_crf_val"]
+    report = {"cam_train": _miou(run_dir / "cams" / "metrics_eval_train.json"),
+              "pseudo_train": _miou(run_dir / "pseudo" / "metrics_eval_train.json"),
+              "seeds": seeds, "runs": {}}
+    for run in RUNS:
+        per_seed = []
+        for seed in seeds:
+            metrics = json.loads((work / f"seg_{run}_s{seed}" / "metrics.json").read_text())
+            per_seed.append({
+                "seed": seed,
+                "train_seg_val": metrics["val_miou"],
+                "predict_val": _miou(work / f"pred_{run}_s{seed}" / "metrics_eval_val.json"),
+                "predict_crf_val": _miou(work / f"pred_{run}_s{seed}_crf" / "metrics_eval_val.json"),
+                "weak_full_ratio": metrics.get("weak_full_ratio"),
+                "train_seconds": metrics["seconds"],
+            })
+        report["runs"][run] = per_seed
     return report
 
 
-def markdown(report: dict, seconds: dict[str, float], device: str, threads: int) -> str:
-    runs = report["runs"]
+def _mean_sd(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def markdown(report: dict, commands: list[str], data: str) -> str:
+    runs, seeds = report["runs"], report["seeds"]
     pct = lambda value: f"{100 * value:.1f}"
-    ratio = lambda value: "–" if value is None else f"{value:.2f}"
+
+    def cell(run: str, key: str) -> str:
+        mean, sd = _mean_sd([entry[key] for entry in runs[run]])
+        each = " / ".join(pct(entry[key]) for entry in runs[run])
+        return f"{pct(mean)} ± {pct(sd)} | {each}"
+
+    def ratio(run: str, key: str) -> str:
+        if run == "gt":
+            return "1"
+        weak = statistics.fmean(entry[key] for entry in runs[run])
+        full = statistics.fmean(entry[key] for entry in runs["gt"])
+        return f"{weak / full:.2f}"
+
+    seed_list = ", ".join(str(seed) for seed in seeds)
     lines = [
         "# Segmentation quality on the demo data (`bench/seg_quality.py`)",
         "",
-        f"Demo dataset (40 train / 20 val synthetic images, 64 px, 6 classes + background), device `{device}`, "
-        f"{threads} CPU thread(s). mIoU in %, every value from a `wsss eval` report.",
+        f"{data}. DeepLabV3-ResNet-18 from scratch, 500 iterations, CPU, one thread per training; "
+        f"seeds {seed_list}. mIoU in %, every value from a `wsss eval` report; mean ± sample standard "
+        "deviation over the seeds, then each seed's value.",
         "",
-        "| stage | split | mIoU | weak/full |",
-        "|---|---|---|---|",
-        f"| CAMs (best background threshold of the sweep) | train | {pct(report['cam_train'])} | |",
-        f"| pseudo-labels (GMM threshold + CRF, 255 counted as background) | train | {pct(report['pseudo_train'])} | |",
+        "| stage | split | mIoU mean ± sd | per seed | weak/full |",
+        "|---|---|---|---|---|",
+        f"| CAMs (best background threshold of the sweep) | train | {pct(report['cam_train'])} | | |",
+        f"| pseudo-labels (GMM threshold + CRF, 255 counted as background) | train | "
+        f"{pct(report['pseudo_train'])} | | |",
     ]
-    names = {"pseudo": "DeepLab on pseudo-labels", "raw": "DeepLab on pseudo-labels + RAW",
-             "gt": "DeepLab on ground truth (upper bound)"}
     for run in ("pseudo", "raw", "gt"):
-        entry = runs[run]
         lines += [
-            f"| {names[run]}: train-seg validation (1 scale) | val | {pct(entry['train_seg_val'])} | "
-            f"{ratio(entry['weak_full_ratio']) if run != 'gt' else '1'} |",
-            f"| {names[run]}: predict, scales 0.75/1/1.25 + flip | val | {pct(entry['predict_val'])} | "
-            f"{ratio(entry.get('weak_full_predict')) if run != 'gt' else '1'} |",
-            f"| {names[run]}: predict + dense CRF | val | {pct(entry['predict_crf_val'])} | "
-            f"{ratio(entry.get('weak_full_predict_crf')) if run != 'gt' else '1'} |",
+            f"| {NAMES[run]}: train-seg validation (1 scale) | val | {cell(run, 'train_seg_val')} | "
+            f"{ratio(run, 'train_seg_val')} |",
+            f"| {NAMES[run]}: predict, scales 0.75/1/1.25 + flip | val | {cell(run, 'predict_val')} | "
+            f"{ratio(run, 'predict_val')} |",
+            f"| {NAMES[run]}: predict + dense CRF | val | {cell(run, 'predict_crf_val')} | "
+            f"{ratio(run, 'predict_crf_val')} |",
         ]
-    lines += ["", "weak/full = mIoU(DeepLab trained on pseudo-labels) / mIoU(DeepLab trained on ground truth), "
-              "same model, schedule and evaluation; the train-seg column is what `metrics.json` records via "
-              "`--upper-bound`.", "", "Commands (run in the work folder, `OMP_NUM_THREADS=" + str(threads) + "`):", "",
-              "```sh"]
-    for name, arguments in steps(device):
-        took = f"  # {seconds[name]} s" if name in seconds else ""
-        lines.append(f"wsss {shlex.join(arguments)}{took}")
-    lines += ["```", ""]
+    raw_gain = [raw["predict_val"] - plain["predict_val"] for raw, plain in zip(runs["raw"], runs["pseudo"])]
+    mean, sd = _mean_sd(raw_gain)
+    lines += [
+        "",
+        f"RAW − plain, predict mIoU, paired by seed: {pct(mean)} ± {pct(sd)} points "
+        f"({' / '.join(pct(value) for value in raw_gain)}).",
+        "",
+        "weak/full = mean mIoU of DeepLab trained on pseudo-labels / mean mIoU of DeepLab trained on ground "
+        "truth (same model, schedule and evaluation); train-seg's own `metrics.json` records the per-seed "
+        "ratio through `--upper-bound`.",
+        "",
+        "Commands (in the work folder, `OMP_NUM_THREADS=1`; the pipeline run first):",
+        "",
+        "```sh",
+        *commands,
+        "```",
+        "",
+    ]
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--work", type=Path, required=True, help="Work folder for data and outputs.")
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
-    parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS for every step.")
-    parser.add_argument("--fresh", action="store_true", help="Delete the work folder first.")
-    parser.add_argument("--out", type=Path, default=REPO / "bench" / "seg_quality.md", help="Markdown report.")
+    parser.add_argument("--out", type=Path, default=REPO / "work" / "demo",
+                        help="run_pipeline.sh output folder (data/ and run/), run first when missing.")
+    parser.add_argument("--work", type=Path, required=True, help="Folder for the DeepLab runs of this benchmark.")
+    parser.add_argument("--seeds", default="0,1,2", help="Comma-separated seeds for every training.")
+    parser.add_argument("--jobs", type=int, default=2, help="Trainings run at once (one thread each).")
+    parser.add_argument("--report", type=Path, default=REPO / "bench" / "seg_quality.md", help="Markdown report.")
     args = parser.parse_args()
-    if args.fresh and args.work.exists():
-        shutil.rmtree(args.work)
-    args.work.mkdir(parents=True, exist_ok=True)
-    seconds = run_steps(args.work, args.device, args.threads)
-    report = collect(args.work)
-    report["seconds"] = seconds
-    text = markdown(report, seconds, args.device, args.threads)
-    args.out.write_text(text)
-    args.out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    seeds = [int(seed) for seed in args.seeds.split(",")]
+    out, work = args.out.resolve(), args.work.resolve()
+    run_dir, root = out / "run", out / "data" / "VOC2012"
+    pipeline = [str(REPO / "run_pipeline.sh"), "--out", str(out)]
+    if not (run_dir / "pseudo" / "metrics_eval_train.json").is_file():
+        print(f"[seg_quality] {shlex.join(pipeline)}", flush=True)
+        subprocess.run(pipeline, check=True)
+    (work / "logs").mkdir(parents=True, exist_ok=True)
+    pseudo = str(run_dir / "pseudo")
+    # Upper bounds first: the pseudo-label runs read their val mIoU for weak/full.
+    with ThreadPoolExecutor(args.jobs) as pool:
+        list(pool.map(lambda seed: job("gt", seed, work, str(root), pseudo), seeds))
+    with ThreadPoolExecutor(args.jobs) as pool:
+        list(pool.map(lambda item: job(item[0], item[1], work, str(root), pseudo),
+                      [(run, seed) for seed in seeds for run in ("pseudo", "raw")]))
+    report = collect(work, run_dir, seeds)
+    data_config = json.loads((run_dir / "cls" / "config.json").read_text())
+    images = sum(1 for _ in open(root / "ImageSets" / "Segmentation" / "train.txt"))
+    val_images = sum(1 for _ in open(root / "ImageSets" / "Segmentation" / "val.txt"))
+    data = (f"Demo dataset ({images} train / {val_images} val synthetic images; CAMs and pseudo-labels from "
+            f"`./run_pipeline.sh`, classifier {data_config['config'].get('backbone')})")
+    placeholder = lambda text: text.replace(str(root), "DATA").replace(pseudo, "RUN/pseudo")
+    commands = [f"./run_pipeline.sh --out OUT   # DATA = OUT/data/VOC2012, RUN = OUT/run"]
+    for run in RUNS:
+        for seed in seeds[:1]:
+            commands.append(placeholder(f"wsss {shlex.join(training(run, seed, str(root), pseudo))}"))
+            commands += [placeholder(f"wsss {shlex.join(step)}") for step in scoring(run, seed, str(root))]
+    commands.append(f"# ... and the same with --seed {', '.join(str(seed) for seed in seeds[1:])} (folders _s<seed>)")
+    text = markdown(report, commands, data)
+    args.report.write_text(text)
+    args.report.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
     print(text)
 
 
