@@ -34,7 +34,7 @@ from wsss import artifacts, evaluation
 from wsss.cam import DEFAULT_SCALES, erasing_cam, max_normalize, multiscale_cam
 from wsss.datasets.prepared import PreparedDataset
 from wsss.datasets.torch_data import InferenceDataset, collate_single
-from wsss.device import default_workers, init_distributed, resolve_device, shard
+from wsss.device import default_workers, dist_info, init_distributed, resolve_device, shard, sum_over_ranks
 from wsss.errors import WsssError
 from wsss.models.classifier import load_classifier, prepare_for_inference
 from wsss.progress import bar as progress_bar
@@ -169,11 +169,12 @@ def run(cfg: MakeCamConfig) -> dict:
                     "no image-level label" if cfg.classes == "gt" else f"no score >= {cfg.score_thresh}")
     if images_per_second is not None:
         log.info("make-cam: %d images in %.1f s (%.3f images/s)", done, seconds, images_per_second)
-    if info.distributed:
-        torch.distributed.barrier()
-    metrics = {"split": cfg.split, "num_images": len(ids), "processed": done, "skipped": len(mine) - len(todo),
-               "no_class": no_class, "seconds": round(seconds, 3),
-               "images_per_second": None if images_per_second is None else round(images_per_second, 4),
+    # totals over ranks; a collective, so every CAM file exists before rank 0 evaluates
+    done, skipped, no_class, images_per_second = sum_over_ranks(
+        [done, len(mine) - len(todo), no_class, images_per_second or 0.0], info, device)
+    metrics = {"split": cfg.split, "num_images": len(ids), "processed": int(done), "skipped": int(skipped),
+               "no_class": int(no_class), "seconds": round(seconds, 3),
+               "images_per_second": round(images_per_second, 4) if images_per_second else None,
                "scales": list(cfg.scales), "flip": cfg.flip, "classes": cfg.classes, "erase_steps": cfg.erase_steps}
     if cfg.evaluate and info.is_main:
         metrics["eval"] = _evaluate(cfg, dataset, ids)
@@ -234,6 +235,8 @@ def command(root, dataset, split, checkpoint, out_dir, scales, flip, classes, sc
                                 erase_steps=erase_steps, erase_thresh=erase_thresh, batch_size=batch_size,
                                 limit=limit, evaluate=evaluate, sweep=sweep, device=device, workers=workers,
                                 overwrite=overwrite))
+    if not dist_info().is_main:
+        return
     line = f"CAMs of {metrics['processed']} images ({metrics['skipped']} already done)"
     if metrics["images_per_second"] is not None:
         line += f", {metrics['images_per_second']:.2f} images/s"

@@ -30,7 +30,7 @@ from stages import options
 from wsss import artifacts
 from wsss.datasets.prepared import PreparedDataset
 from wsss.datasets.torch_data import InferenceDataset, collate_single
-from wsss.device import default_workers, dist_info, init_distributed, resolve_device, shard
+from wsss.device import default_workers, dist_info, init_distributed, resolve_device, shard, sum_over_ranks
 from wsss.errors import WsssError
 from wsss.models.deeplab import model_from_checkpoint
 from wsss.progress import bar as progress_bar
@@ -146,15 +146,8 @@ def run(cfg: PredictConfig) -> dict:
             artifacts.write_image(artifacts.overlay_path(Path(cfg.out_dir) / OVERLAY_DIR, item["id"]),
                                   overlay_label(item["image"], label, cfg.overlay_alpha))
     seconds = time.perf_counter() - started
-    predicted, skipped = len(todo), len(mine) - len(todo)
-    if info.distributed:
-        import torch
-        import torch.distributed as dist
-
-        # all_reduce also waits for every rank, so all PNGs exist before rank 0 evaluates
-        counts = torch.tensor([predicted, skipped], device=device)
-        dist.all_reduce(counts)
-        predicted, skipped = (int(value) for value in counts.tolist())
+    # a collective: it also waits for every rank, so all PNGs exist before rank 0 evaluates
+    predicted, skipped = (int(value) for value in sum_over_ranks([len(todo), len(mine) - len(todo)], info, device))
     metrics = {"split": cfg.split, "checkpoint": str(checkpoint_file), "num_images": len(ids),
                "predicted": predicted, "skipped": skipped, "seconds": round(seconds, 2),
                "scales": list(cfg.scales), "flip": cfg.flip, "crf": cfg.crf}

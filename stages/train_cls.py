@@ -45,8 +45,8 @@ from wsss import artifacts
 from wsss.cam import max_normalize, multiscale_cam
 from wsss.datasets.prepared import PreparedDataset
 from wsss.datasets.torch_data import ClassificationDataset, SeededItems
-from wsss.device import (default_workers, derive_seed, init_distributed, mean_over_ranks, resolve_device,
-                         seed_everything)
+from wsss.device import (default_workers, derive_seed, dist_info, init_distributed, mean_over_ranks,
+                         resolve_device, seed_everything)
 from wsss.errors import WsssError
 from wsss.losses import CamObjective
 from wsss.metrics import ConfusionMatrix, average_precision, mean_average_precision
@@ -390,6 +390,8 @@ def command(root, dataset, split, val_split, out_dir, backbone, weights, freeze_
         er_min_crop=er_min_crop, erase_weight=erase_weight, erase_thresh=erase_thresh, val_cam_images=val_cam_images,
         val_cam_threshold=val_cam_threshold, device=device, seed=seed, workers=workers, overwrite=overwrite)
     metrics = run(cfg)
+    if not dist_info().is_main:
+        return
     best = metrics.get("best") or {}
     line = f"trained {metrics['epoch']}/{cfg.epochs} epochs"
     if best.get("value") is not None:

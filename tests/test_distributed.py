@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from wsss.device import DistInfo, mean_over_ranks
+from wsss.device import DistInfo, mean_over_ranks, sum_over_ranks
 
 
 def _free_port() -> int:
@@ -23,18 +23,22 @@ def _rank_main(rank: int, world_size: int, port: int, results) -> None:
     try:
         info = DistInfo(rank=rank, local_rank=rank, world_size=world_size)
         # rank 0 saw losses 1 and 10, rank 1 saw 3 and 30: the means are 2 and 20 on every rank
-        results[rank] = mean_over_ranks([1.0 + 2 * rank, 10.0 + 20 * rank], info, torch.device("cpu"))
+        values = [1.0 + 2 * rank, 10.0 + 20 * rank]
+        results[rank] = (mean_over_ranks(values, info, torch.device("cpu")),
+                         sum_over_ranks(values, info, torch.device("cpu")))
     finally:
         dist.destroy_process_group()
 
 
-def test_mean_over_ranks_single_process_is_identity():
+def test_reductions_in_a_single_process_are_identities():
     assert mean_over_ranks([0.25, 3.0], DistInfo(), torch.device("cpu")) == [0.25, 3.0]
+    assert sum_over_ranks([2, 5], DistInfo(), torch.device("cpu")) == [2.0, 5.0]
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built in")
-def test_mean_over_ranks_two_gloo_processes():
+def test_mean_and_sum_over_two_gloo_processes():
     results = mp.get_context("spawn").Manager().dict()
     mp.spawn(_rank_main, args=(2, _free_port(), results), nprocs=2, join=True)
-    assert results[0] == pytest.approx([2.0, 20.0])
-    assert results[1] == pytest.approx([2.0, 20.0])
+    for rank in (0, 1):
+        means, sums = results[rank]
+        assert means == pytest.approx([2.0, 20.0]) and sums == pytest.approx([4.0, 40.0])

@@ -57,19 +57,25 @@ def init_distributed(device) -> DistInfo:
     return info
 
 
-def mean_over_ranks(values: list[float], info: DistInfo, device) -> list[float]:
-    """The mean of each value over all torchrun ranks (the values themselves in a single process).
+def sum_over_ranks(values: list[float], info: DistInfo, device) -> list[float]:
+    """The sum of each value over all torchrun ranks (the values themselves in a single process).
 
-    A collective call: every rank must reach it with the same number of values.
+    A collective call: every rank must reach it with the same number of values, so it also waits
+    until every rank has got there.
     """
     if not info.distributed:
-        return list(values)
+        return [float(value) for value in values]
     import torch
     import torch.distributed as dist
 
     tensor = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(tensor)
-    return (tensor / info.world_size).tolist()
+    return tensor.tolist()
+
+
+def mean_over_ranks(values: list[float], info: DistInfo, device) -> list[float]:
+    """The mean of each value over all torchrun ranks (a collective call, see :func:`sum_over_ranks`)."""
+    return [value / info.world_size for value in sum_over_ranks(values, info, device)]
 
 
 def seed_everything(seed: int) -> None:
