@@ -206,17 +206,18 @@ def main() -> None:
                       [(run, seed) for seed in seeds for run in ("pseudo", "raw")]))
     report = collect(work, run_dir, seeds)
     data_config = json.loads((run_dir / "cls" / "config.json").read_text())
-    images = sum(1 for _ in open(root / "ImageSets" / "Segmentation" / "train.txt"))
-    val_images = sum(1 for _ in open(root / "ImageSets" / "Segmentation" / "val.txt"))
+    images, val_images = (len((root / "ImageSets" / "Segmentation" / f"{split}.txt").read_text().split())
+                          for split in ("train", "val"))
     data = (f"Demo dataset ({images} train / {val_images} val synthetic images; CAMs and pseudo-labels from "
             f"`./run_pipeline.sh`, classifier {data_config['config'].get('backbone')})")
     placeholder = lambda text: text.replace(str(root), "DATA").replace(pseudo, "RUN/pseudo")
-    commands = [f"./run_pipeline.sh --out OUT   # DATA = OUT/data/VOC2012, RUN = OUT/run"]
+    commands = ["./run_pipeline.sh --out OUT   # DATA = OUT/data/VOC2012, RUN = OUT/run"]
     for run in RUNS:
-        for seed in seeds[:1]:
-            commands.append(placeholder(f"wsss {shlex.join(training(run, seed, str(root), pseudo))}"))
-            commands += [placeholder(f"wsss {shlex.join(step)}") for step in scoring(run, seed, str(root))]
-    commands.append(f"# ... and the same with --seed {', '.join(str(seed) for seed in seeds[1:])} (folders _s<seed>)")
+        steps = [training(run, seeds[0], str(root), pseudo), *scoring(run, seeds[0], str(root))]
+        commands += [placeholder(f"wsss {shlex.join(step)}") for step in steps]
+    if len(seeds) > 1:
+        commands.append(f"# ... and the same with --seed {', '.join(str(seed) for seed in seeds[1:])} "
+                        "(folders _s<seed>)")
     text = markdown(report, commands, data)
     args.report.write_text(text)
     args.report.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")

@@ -37,6 +37,7 @@ from wsss.datasets.prepared import PreparedDataset
 from wsss.errors import WsssError
 from wsss.gmm import FALLBACK_REASONS, GmmParams
 from wsss.parallel import pool_context
+from wsss.progress import bar as progress_bar
 from wsss.refine import RefineParams, image_thresholds, refine_image
 from wsss.reliability import LAMBDA_ALPHA, LAMBDA_BETA
 
@@ -154,8 +155,6 @@ def _worker_process(image_id: str) -> dict:
 
 
 def _run_all(cfg: RefineConfig, dataset: PreparedDataset, ids: list[str], workers: int) -> list[dict]:
-    from wsss.progress import bar as progress_bar
-
     results = []
     if workers <= 1 or len(ids) <= 1:
         for image_id in progress_bar(ids, desc=f"refine {cfg.split}", show=cfg.progress):

@@ -105,8 +105,6 @@ def _plain(config: TrainClsConfig) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(config), default=str))
 
 
-# --------------------------------------------------------------------------- multi-label mAP
-
 # --------------------------------------------------------------------------- data
 
 

@@ -26,9 +26,11 @@ import numpy as np
 
 from wsss import artifacts
 from wsss.datasets.prepared import PreparedDataset
+from wsss.device import default_workers
 from wsss.errors import WsssError
 from wsss.metrics import ConfusionMatrix
 from wsss.parallel import pool_context
+from wsss.progress import bar as progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -224,9 +226,6 @@ def _parallel_sum(function: Callable, common: tuple, items: list, zero: Any, wor
     ``workers=None`` uses all cores but at most one per ``_IMAGES_PER_WORKER`` images (starting
     processes costs more than scoring a handful of images); an explicit count is used as given.
     """
-    from wsss.device import default_workers
-    from wsss.progress import bar as progress_bar
-
     if workers is None:
         workers = min(default_workers(), math.ceil(len(items) / _IMAGES_PER_WORKER))
     total = zero

@@ -9,6 +9,7 @@ from typing import Callable, Iterator, Sequence, TypeVar
 from wsss.device import default_workers
 from wsss.progress import bar as progress_bar
 
+
 def pool_context() -> multiprocessing.context.BaseContext:
     """The start method of every process pool in wsss: fork on Linux, spawn elsewhere.
 
