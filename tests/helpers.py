@@ -1,4 +1,4 @@
-"""Assertions shared by several test modules (importable because pytest puts tests/ on sys.path)."""
+"""Assertions shared by several test modules (importable: setup.cfg puts tests/ on pytest's pythonpath)."""
 
 
 def assert_one_line_error(result, *needles: str) -> None:

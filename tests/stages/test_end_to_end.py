@@ -10,7 +10,7 @@ import pytest
 
 from wsss import artifacts
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def run_pipeline(out: Path) -> subprocess.CompletedProcess:
