@@ -40,68 +40,29 @@ class EvalConfig:
     workers: int | None = None
 
 
-def format_threshold(threshold: float) -> str:
-    """``0.15`` -> ``"0.15"``; finer thresholds keep their digits (``0.125``)."""
-    text = f"{threshold:.2f}"
-    return text if abs(float(text) - threshold) < 1e-9 else f"{threshold:g}"
-
-
 def run(cfg: EvalConfig) -> dict:
     """Evaluate, write the JSON report and return it (plus ``"report"``: the printable text, not written).
 
     Returns:
-        ``{"mode": "labels"|"cams", "miou", "summary": ConfusionMatrix.summary(...), ...}``; for
-        CAMs also ``"best_threshold"`` and ``"sweep"`` (``[{"threshold", "miou"}]``).
+        See :func:`wsss.evaluation.folder_report`; also ``"out_file"``.
     """
     if (cfg.pred_dir is None) == (cfg.cam_dir is None):
         raise WsssError("give exactly one of --pred (label PNGs) and --cams (CAM files)")
+    try:
+        thresholds = evaluation.threshold_range(*cfg.sweep)
+    except ValueError as err:
+        raise WsssError(f"--sweep: {err}") from None
     dataset = PreparedDataset.load(cfg.root, cfg.dataset)
-    ids = dataset.ids(cfg.split)
     folder = Path(cfg.pred_dir if cfg.pred_dir is not None else cfg.cam_dir)
-    missing = evaluation.missing_inputs(folder, ids, cams=cfg.cam_dir is not None) if folder.is_dir() else ids
-    result: dict = {"mode": "labels" if cfg.pred_dir is not None else "cams", "dataset": dataset.kind,
-                    "root": str(dataset.root), "split": cfg.split, "input": str(folder),
-                    "num_images": len(ids) - len(missing), "num_missing": len(missing)}
-    if cfg.pred_dir is not None:
-        matrix = evaluation.evaluate_labels(dataset, cfg.split, cfg.pred_dir, ids=ids, ignore_pred=cfg.ignore_pred_255,
-                                            workers=cfg.workers, allow_missing=cfg.allow_missing)
-        result["ignore_pred_255"] = cfg.ignore_pred_255
-        lines = [_table(matrix, dataset.classes), f"mIoU {matrix.miou():.4f}"]
-        if cfg.ignore_pred_255:
-            lines.append(f"coverage {matrix.coverage():.4f}")
-    else:
-        try:
-            thresholds = evaluation.threshold_range(*cfg.sweep)
-        except ValueError as err:
-            raise WsssError(f"--sweep: {err}") from None
-        thresholds, matrices = evaluation.evaluate_cams(dataset, cfg.split, cfg.cam_dir, thresholds, ids=ids,
-                                                        allow_pickle=cfg.allow_pickle, workers=cfg.workers,
-                                                        allow_missing=cfg.allow_missing)
-        index, threshold, best = evaluation.best_threshold(thresholds, matrices)
-        matrix = matrices[index]
-        result["best_threshold"] = threshold
-        result["sweep"] = [{"threshold": float(t), "miou": _round(m.miou())} for t, m in zip(thresholds, matrices)]
-        for entry in result["sweep"]:
-            log.debug("threshold %s mIoU %s", format_threshold(entry["threshold"]), entry["miou"])
-        lines = [_table(matrix, dataset.classes), f"mIoU {best:.4f}",
-                 f"best threshold {format_threshold(threshold)} mIoU {best:.4f}"]
-    result["miou"] = _round(matrix.miou())
-    result["summary"] = matrix.summary(dataset.classes)
+    result = evaluation.folder_report(dataset, cfg.split, folder, cams=cfg.cam_dir is not None, thresholds=thresholds,
+                                      ignore_pred=cfg.ignore_pred_255, allow_pickle=cfg.allow_pickle,
+                                      allow_missing=cfg.allow_missing, workers=cfg.workers)
+    report = result.pop("report")
     out_file = cfg.out_file or artifacts.eval_metrics_path(folder, cfg.split)
     result["provenance"] = artifacts.provenance(cfg)
     artifacts.write_json(out_file, result)
     log.info("wrote %s", out_file)
-    return {**result, "out_file": str(out_file), "report": "\n".join(lines)}
-
-
-def _table(matrix, class_names: list[str]) -> str:
-    # The table ends with its own padded mIoU line; the report prints one plain `mIoU x.xxxx` line instead.
-    lines = matrix.table(class_names).splitlines()
-    return "\n".join(lines[:-1] if lines and lines[-1].startswith("mIoU") else lines)
-
-
-def _round(value: float) -> float | None:
-    return None if value != value else round(float(value), 6)
+    return {**result, "out_file": str(out_file), "report": report}
 
 
 @click.command()

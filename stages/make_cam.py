@@ -11,10 +11,15 @@ per class.  CAMs are kept for the classes in the image-level labels
 (:func:`wsss.cam.erasing_cam`): N times, the pixels whose accumulated CAM
 reaches ``--erase-thresh`` are erased and the CAM of what remains is added.
 
+Speed: up to ``--batch-size`` images of one size share every forward pass
+(:mod:`wsss.inference`), DataLoader workers decode, normalisation and max-normalisation
+run on the device, and only float16 CAMs come back to be written by a background thread.
+
 Output: ``<out>/<id>.npz`` per image (keys int16 [K], cams float16 [K, H, W]),
 ``config.json`` and ``metrics.json`` (images/s; with ``--eval`` the threshold
 sweep of ``wsss eval --cams``).  Finished images are skipped unless
-``--overwrite``; under torchrun every rank takes its share of the ids.
+``--overwrite``; under torchrun every rank, and with ``--shard I/N`` every shard,
+takes its share of the ids.
 """
 
 from __future__ import annotations
@@ -27,18 +32,18 @@ from pathlib import Path
 import click
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
 from stages import options
 from wsss import artifacts, evaluation
 from wsss.cam import DEFAULT_SCALES, erasing_cam, max_normalize, multiscale_cam
 from wsss.datasets.prepared import PreparedDataset
-from wsss.datasets.torch_data import InferenceDataset, collate_single
-from wsss.device import default_workers, dist_info, init_distributed, resolve_device, shard, sum_over_ranks
+from wsss.device import (DistInfo, configure_threads, default_workers, dist_info, init_distributed, resolve_device,
+                         shard, sum_over_ranks)
 from wsss.errors import WsssError
+from wsss.inference import BackgroundWriter, split_batches, to_model_input
 from wsss.models.classifier import load_classifier, prepare_for_inference
 from wsss.progress import bar as progress_bar
-from wsss.transforms import normalize_image
+from wsss.training import Precision, maybe_compile, resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -60,37 +65,20 @@ class MakeCamConfig:
     score_thresh: float = 0.5
     erase_steps: int = 0
     erase_thresh: float = 0.5
-    batch_size: int = 1
+    batch_size: int = 8
     limit: int | None = None
     evaluate: bool = False
     sweep: tuple[float, float, float] = evaluation.DEFAULT_SWEEP
+    amp: str = "auto"
+    compile_model: bool = False
     device: str = "auto"
     workers: int | None = None
+    threads: int | None = None
+    shard: tuple[int, int] = (0, 1)
     overwrite: bool = False
 
 
-def resolve_checkpoint(path: Path) -> Path:
-    """A checkpoint file, or a train-cls output folder (its ``best.pth``)."""
-    path = Path(path)
-    if path.is_dir():
-        return artifacts.checkpoint_path(path, "best")
-    return path
-
-
-def _batches(loader, batch_size: int):
-    """Group consecutive images of equal size into lists of at most ``batch_size`` items."""
-    pending: list[dict] = []
-    for item in loader:
-        if pending and (len(pending) >= batch_size or tuple(item["size"]) != tuple(pending[0]["size"])):
-            yield pending
-            pending = []
-        pending.append(item)
-    if pending:
-        yield pending
-
-
-def run(cfg: MakeCamConfig) -> dict:
-    """Write the CAMs of a split; return the metrics written to ``<out>/metrics.json``."""
+def _check(cfg: MakeCamConfig) -> None:
     if cfg.classes not in CLASS_SOURCES:
         raise WsssError(f"--classes {cfg.classes!r}: choose gt or pred")
     if not cfg.scales or min(cfg.scales) <= 0:
@@ -98,21 +86,43 @@ def run(cfg: MakeCamConfig) -> dict:
     if cfg.erase_steps < 0 or not 0 < cfg.erase_thresh <= 1:
         raise WsssError(f"--erase-steps must be >= 0 and --erase-thresh in (0, 1], got {cfg.erase_steps}, "
                         f"{cfg.erase_thresh}")
-    device = resolve_device(cfg.device)
-    info = init_distributed(device)
-    dataset = PreparedDataset.load(cfg.root, cfg.dataset)
-    checkpoint_file = resolve_checkpoint(cfg.checkpoint)
+    if cfg.evaluate and cfg.shard[1] > 1:
+        raise WsssError("--eval scores the whole split: run `wsss eval --cams` once every --shard has finished")
+
+
+def load_cam_network(checkpoint_file: Path, dataset: PreparedDataset, device: torch.device,
+                     compile_model: bool = False):
+    """The classifier of a train-cls checkpoint, ready for inference on ``device``.
+
+    Raises:
+        WsssError: the checkpoint was trained on other classes than ``dataset`` has.
+    """
     checkpoint = artifacts.load_checkpoint(checkpoint_file)
     if list(checkpoint.get("classes", [])) != list(dataset.classes):
         raise WsssError(f"{checkpoint_file}: the classifier was trained on classes {checkpoint.get('classes')}, "
                         f"but {dataset.root} has {dataset.classes}")
+    # folded BatchNorm and channels-last memory (the network converts its inputs itself)
     model = prepare_for_inference(load_classifier(checkpoint, str(checkpoint_file)).to(device))
+    if compile_model:
+        model.class_maps = maybe_compile(model.class_maps, True)  # what every view runs
+    return model, checkpoint
 
-    ids = dataset.ids(cfg.split)
-    if cfg.limit is not None:
-        ids = ids[:cfg.limit]
+
+def run(cfg: MakeCamConfig) -> dict:
+    """Write the CAMs of a split; return the metrics written to ``<out>/metrics.json``."""
+    _check(cfg)
+    device = resolve_device(cfg.device)
+    info = init_distributed(device)
+    configure_threads(cfg.threads)
+    precision = resolve_precision(cfg.amp, device)
+    dataset = PreparedDataset.load(cfg.root, cfg.dataset)
+    checkpoint_file = artifacts.resolve_checkpoint(cfg.checkpoint)
+    model, checkpoint = load_cam_network(checkpoint_file, dataset, device, cfg.compile_model)
+    ids = dataset.ids(cfg.split)[:cfg.limit]
+    if not ids:
+        raise WsssError(f"{cfg.root}: split {cfg.split!r} has no images")
     out_dir = Path(cfg.out_dir)
-    mine = shard(ids, info)
+    mine = shard(ids, info, cfg.shard)
     todo = [image_id for image_id in mine
             if cfg.overwrite or not artifacts.cam_is_complete(artifacts.cam_path(out_dir, image_id))]
     if cfg.classes == "gt":
@@ -121,80 +131,84 @@ def run(cfg: MakeCamConfig) -> dict:
     log.info("make-cam: %d of %d images to do (%d finished)", len(todo), len(mine), len(mine) - len(todo))
     if info.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        artifacts.write_config(out_dir, cfg, checkpoint_file=str(checkpoint_file), arch=checkpoint["arch"],
-                               classes=dataset.classes, world_size=info.world_size, device=str(device))
-
-    workers = min(default_workers(), 4) if cfg.workers is None else cfg.workers
-    loader = DataLoader(InferenceDataset(dataset, cfg.split, todo), batch_size=1, collate_fn=collate_single,
-                        num_workers=workers)
-
-    def choose(items: list[dict]):
-        if cfg.classes == "gt":
-            return [[label - 1 for label in dataset.image_labels(item["id"])] for item in items]
-        return lambda logits: [torch.nonzero(torch.sigmoid(row) >= cfg.score_thresh).flatten().tolist()
-                               for row in logits]
-
+        artifacts.write_config(out_dir, cfg, shard=cfg.shard, checkpoint_file=str(checkpoint_file),
+                               arch=checkpoint["arch"], classes=dataset.classes, world_size=info.world_size,
+                               device=str(device), precision=precision.name)
     started = time.perf_counter()
-    done = 0
-    no_class = 0
-    with progress_bar(total=len(todo), desc="make-cam", show=info.is_main) as bar:
-        for items in _batches(loader, cfg.batch_size):
-            images = torch.stack([normalize_image(item["image"]) for item in items]).to(device)
-            selection = choose(items)
-            chosen: list[list[int]] = []
-
-            def remember(logits, selection=selection):
-                picked = selection(logits) if callable(selection) else selection
-                chosen.extend(picked)
-                return picked
-
-            cams, _ = multiscale_cam(model, images, remember, scales=cfg.scales, flip=cfg.flip)
-            for index, item in enumerate(items):
-                channels = chosen[index]
-                if cfg.erase_steps > 0 and channels:
-                    normalised = erasing_cam(model, images[index], channels, erase_steps=cfg.erase_steps,
-                                             erase_thresh=cfg.erase_thresh, scales=cfg.scales, flip=cfg.flip,
-                                             first=cams[index])
-                else:
-                    normalised = max_normalize(cams[index])
-                no_class += not channels
-                keys = np.asarray(channels, dtype=np.int64) + 1
-                artifacts.write_cam(artifacts.cam_path(out_dir, item["id"]), keys, normalised.float().cpu().numpy())
-            done += len(items)
-            bar.update(len(items))
+    no_class = write_cams(model, dataset, cfg, todo, device, precision, info)
     seconds = time.perf_counter() - started
-    images_per_second = done / seconds if done and seconds > 0 else None
+    # totals over ranks; a collective, so every CAM file exists before rank 0 evaluates
+    done, skipped, no_class, rate = sum_over_ranks(
+        [len(todo), len(mine) - len(todo), no_class, len(todo) / seconds if todo and seconds > 0 else 0.0],
+        info, device)
     if no_class:
         log.warning("%d image(s) got no class (%s); their CAM files hold no planes", no_class,
                     "no image-level label" if cfg.classes == "gt" else f"no score >= {cfg.score_thresh}")
-    if images_per_second is not None:
-        log.info("make-cam: %d images in %.1f s (%.3f images/s)", done, seconds, images_per_second)
-    # totals over ranks; a collective, so every CAM file exists before rank 0 evaluates
-    done, skipped, no_class, images_per_second = sum_over_ranks(
-        [done, len(mine) - len(todo), no_class, images_per_second or 0.0], info, device)
     metrics = {"split": cfg.split, "num_images": len(ids), "processed": int(done), "skipped": int(skipped),
                "no_class": int(no_class), "seconds": round(seconds, 3),
-               "images_per_second": round(images_per_second, 4) if images_per_second else None,
-               "scales": list(cfg.scales), "flip": cfg.flip, "classes": cfg.classes, "erase_steps": cfg.erase_steps}
+               "images_per_second": round(rate, 4) if rate else None, "scales": list(cfg.scales), "flip": cfg.flip,
+               "classes": cfg.classes, "erase_steps": cfg.erase_steps, "precision": precision.name}
     if cfg.evaluate and info.is_main:
         metrics["eval"] = _evaluate(cfg, dataset, ids)
     if info.is_main:
-        artifacts.write_metrics(out_dir, metrics)
+        artifacts.write_metrics(out_dir, metrics, shard=cfg.shard)
     return metrics
 
 
-def _evaluate(cfg: MakeCamConfig, dataset: PreparedDataset, ids: list[str]) -> dict:
-    """The background-threshold sweep of ``wsss eval --cams`` on the written CAMs."""
-    from stages import evaluate
+def _channels_of(cfg: MakeCamConfig, dataset: PreparedDataset, batch_ids: list[str]):
+    """The foreground channels per image: its labels (gt), or a function of the scores (pred)."""
+    if cfg.classes == "gt":
+        return [[label - 1 for label in dataset.image_labels(image_id)] for image_id in batch_ids]
+    return lambda logits: [torch.nonzero(row).flatten().tolist() for row in torch.sigmoid(logits) >= cfg.score_thresh]
 
+
+def write_cams(model, dataset: PreparedDataset, cfg: MakeCamConfig, ids: list[str], device: torch.device,
+               precision: Precision, info: DistInfo) -> int:
+    """Compute and write the CAMs of ``ids``; return how many images got no class."""
+    workers = min(default_workers(), 4) if cfg.workers is None else cfg.workers
+    no_class = 0
+    with progress_bar(total=len(ids), desc="make-cam", show=info.is_main) as bar, BackgroundWriter() as writer:
+        for batch_ids, images, _ in split_batches(dataset, cfg.split, ids, batch_size=cfg.batch_size,
+                                                  workers=workers, device=device):
+            inputs = to_model_input(images)
+            chosen: list[list[int]] = []
+            selection = _channels_of(cfg, dataset, batch_ids)
+
+            def remember(logits, selection=selection):
+                picked = selection(logits) if callable(selection) else selection
+                chosen.extend(list(channels) for channels in picked)
+                return picked
+
+            with torch.inference_mode(), precision.autocast(device):
+                cams, _ = multiscale_cam(model, inputs, remember, scales=cfg.scales, flip=cfg.flip)
+                if cfg.erase_steps > 0:
+                    cams = [erasing_cam(model, inputs[index], channels, erase_steps=cfg.erase_steps,
+                                        erase_thresh=cfg.erase_thresh, scales=cfg.scales, flip=cfg.flip,
+                                        first=cams[index]) if channels else cams[index]
+                            for index, channels in enumerate(chosen)]
+                normalised = torch.cat([max_normalize(cam) for cam in cams]).half().cpu().numpy()
+            offsets = np.cumsum([0] + [len(channels) for channels in chosen])
+            for index, image_id in enumerate(batch_ids):
+                keys = np.asarray(chosen[index], dtype=np.int64) + 1
+                no_class += not len(keys)
+                writer.submit(artifacts.write_cam, artifacts.cam_path(cfg.out_dir, image_id), keys,
+                              normalised[offsets[index]:offsets[index + 1]])
+            bar.update(len(batch_ids))
+    return no_class
+
+
+def _evaluate(cfg: MakeCamConfig, dataset: PreparedDataset, ids: list[str]) -> dict:
+    """The background-threshold sweep of ``wsss eval --cams`` on the written CAMs, saved beside them."""
     if not dataset.has_masks(cfg.split):
         raise WsssError(f"--eval: split {cfg.split!r} of {dataset.root} has no ground-truth masks")
-    result = evaluate.run(evaluate.EvalConfig(root=cfg.root, split=cfg.split, cam_dir=cfg.out_dir,
-                                              dataset=cfg.dataset, sweep=cfg.sweep, workers=cfg.workers,
-                                              allow_missing=len(ids) < len(dataset.ids(cfg.split))))
+    result = evaluation.folder_report(dataset, cfg.split, cfg.out_dir, cams=True, ids=ids, workers=cfg.workers,
+                                      thresholds=evaluation.threshold_range(*cfg.sweep))
+    report = result.pop("report")
+    out_file = artifacts.eval_metrics_path(cfg.out_dir, cfg.split)
+    artifacts.write_json(out_file, {**result, "provenance": artifacts.provenance(cfg)})
     log.info("CAM mIoU on %s: %.4f at threshold %.2f", cfg.split, result["miou"], result["best_threshold"])
     return {"miou": result["miou"], "best_threshold": result["best_threshold"], "sweep": result["sweep"],
-            "report_file": result["out_file"], "report": result["report"]}
+            "report_file": str(out_file), "report": report}
 
 
 # --------------------------------------------------------------------------- command line
@@ -205,10 +219,10 @@ def _evaluate(cfg: MakeCamConfig, dataset: PreparedDataset, ids: list[str]) -> d
 @options.dataset_option()
 @options.split_option("train", "Split to compute CAMs for (the CAM protocol scores VOC train).")
 @click.option("--checkpoint", type=click.Path(path_type=Path), required=True,
-              help="train-cls checkpoint (.pth), or its output folder (uses best.pth).")
+              help="train-cls checkpoint (.pth), or its output folder (best.pth, else last.pth).")
 @options.out_option("Output folder for <id>.npz, config.json and metrics.json.")
-@click.option("--scales", default=",".join(str(s) for s in DEFAULT_SCALES), show_default=True, callback=options.positive_scales,
-              help="Comma-separated input scales.")
+@click.option("--scales", default=",".join(str(s) for s in DEFAULT_SCALES), show_default=True,
+              callback=options.positive_scales, help="Comma-separated input scales.")
 @click.option("--flip/--no-flip", default=True, show_default=True, help="Add the mirrored image at every scale.")
 @click.option("--classes", type=click.Choice(CLASS_SOURCES), default="gt", show_default=True,
               help="gt: the image-level labels; pred: the classes the classifier predicts (unlabelled images).")
@@ -218,23 +232,27 @@ def _evaluate(cfg: MakeCamConfig, dataset: PreparedDataset, ids: list[str]) -> d
               help="Inference-time adversarial erasing steps (0 = plain CAM).")
 @click.option("--erase-thresh", type=click.FloatRange(0, 1, min_open=True), default=0.5, show_default=True,
               help="Erase pixels whose accumulated normalised CAM is >= this.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True,
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
               help="Images of equal size per forward pass.")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Only the first N images of the split.")
 @click.option("--eval", "evaluate", is_flag=True, help="Afterwards run the threshold sweep of `wsss eval --cams`.")
 @click.option("--sweep", default="0.05:0.60:0.01", show_default=True, callback=options.threshold_range,
               help="With --eval: background thresholds start:stop:step (stop inclusive).")
+@options.amp_option
+@options.compile_option
 @options.device_option
 @options.workers_option
+@options.threads_option
+@options.shard_option
 @options.overwrite_option
 def command(root, dataset, split, checkpoint, out_dir, scales, flip, classes, score_thresh, erase_steps, erase_thresh,
-            batch_size, limit, evaluate, sweep, device, workers, overwrite):
+            batch_size, limit, evaluate, sweep, amp, compile_model, device, workers, threads, shard, overwrite):
     """Write max-normalised CAMs <OUT>/<id>.npz for every image of a split."""
     metrics = run(MakeCamConfig(root=root, checkpoint=checkpoint, out_dir=out_dir, dataset=dataset, split=split,
                                 scales=scales, flip=flip, classes=classes, score_thresh=score_thresh,
                                 erase_steps=erase_steps, erase_thresh=erase_thresh, batch_size=batch_size,
-                                limit=limit, evaluate=evaluate, sweep=sweep, device=device, workers=workers,
-                                overwrite=overwrite))
+                                limit=limit, evaluate=evaluate, sweep=sweep, amp=amp, compile_model=compile_model,
+                                device=device, workers=workers, threads=threads, shard=shard, overwrite=overwrite))
     if not dist_info().is_main:
         return
     line = f"CAMs of {metrics['processed']} images ({metrics['skipped']} already done)"

@@ -41,6 +41,26 @@ workers_option = click.option("--workers", type=click.IntRange(min=0), default=N
                               help="Worker processes (default: all cores).")
 overwrite_option = click.option("--overwrite/--resume", default=False, show_default=True,
                                 help="Redo finished outputs instead of skipping them.")
+amp_option = click.option("--amp", type=click.Choice(["auto", "bf16", "fp16", "off"]), default="auto", show_default=True,
+                          help="Mixed precision: auto = bf16 on CUDA GPUs that support it, off on CPU.")
+compile_option = click.option("--compile", "compile_model", is_flag=True,
+                              help="torch.compile the network (slow start, faster steps on GPU).")
+threads_option = click.option("--threads", type=click.IntRange(min=1), default=None,
+                              help="Threads for torch/OpenCV/BLAS in this process (default: the cores divided "
+                                   "among the worker processes).")
+def _parse_shard(ctx, param, text):
+    from wsss.device import parse_shard
+    from wsss.errors import WsssError
+
+    try:
+        return parse_shard(text)
+    except WsssError as err:
+        raise click.BadParameter(str(err).split(": ", 1)[-1]) from None
+
+
+shard_option = click.option("--shard", default=None, metavar="I/N", callback=_parse_shard,
+                            help="Process only shard I of N of the split (0 <= I < N), e.g. one task of a job "
+                                 "array; outputs merge by file name.")
 allow_pickle_option = click.option("--allow-pickle", is_flag=True,
                                    help="Allow IRN-style pickled .npy CAM dicts (unpickling runs code from the file).")
 

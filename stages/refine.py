@@ -32,18 +32,16 @@ import numpy as np
 
 from stages import options
 from wsss import artifacts
-from wsss.crf import CrfParams
+from wsss.crf import PSEUDO_LABEL_CRF, CrfParams
 from wsss.datasets.prepared import PreparedDataset
 from wsss.errors import WsssError
 from wsss.gmm import FALLBACK_REASONS, GmmParams
-from wsss.parallel import pool_context
-from wsss.progress import bar as progress_bar
+from wsss.parallel import imap_images
 from wsss.refine import RefineParams, image_thresholds, refine_image
 from wsss.reliability import LAMBDA_ALPHA, LAMBDA_BETA
 
 log = logging.getLogger(__name__)
 
-_DEFAULT_CRF = CrfParams()
 
 
 @dataclass(frozen=True)
@@ -69,6 +67,7 @@ class RefineConfig:
     evaluate: bool = False
     workers: int | None = None
     seed: int = 0
+    shard: tuple[int, int] = (0, 1)
     overwrite: bool = False
     progress: bool = True
 
@@ -76,14 +75,6 @@ class RefineConfig:
 def image_seed(seed: int, image_id: str) -> int:
     """Seed of one image: a function of the run seed and the id only (not of worker or order)."""
     return (seed * 1_000_003 + zlib.crc32(image_id.encode("utf-8"))) % 2**32
-
-
-def find_cam(cam_dir: Path, image_id: str) -> Path | None:
-    """The image's CAM file: ``<id>.npz``, else the IRN-style ``<id>.npy``, else None."""
-    for path in (artifacts.cam_path(cam_dir, image_id), artifacts.irn_cam_path(cam_dir, image_id)):
-        if path.is_file():
-            return path
-    return None
 
 
 def _is_done(out_dir: Path, image_id: str) -> bool:
@@ -99,7 +90,7 @@ def _is_done(out_dir: Path, image_id: str) -> bool:
 # --------------------------------------------------------------------------- per-image work (runs in workers)
 
 def _read_inputs(cfg: RefineConfig, dataset: PreparedDataset, image_id: str):
-    cam_file = find_cam(cfg.cam_dir, image_id)
+    cam_file = artifacts.find_cam(cfg.cam_dir, image_id)
     if cam_file is None:
         raise WsssError(f"{artifacts.cam_path(cfg.cam_dir, image_id)}: CAM file not found")
     keys, cams = artifacts.read_cam(cam_file, allow_pickle=cfg.allow_pickle)
@@ -155,17 +146,15 @@ def _worker_process(image_id: str) -> dict:
 
 
 def _run_all(cfg: RefineConfig, dataset: PreparedDataset, ids: list[str], workers: int) -> list[dict]:
-    results = []
-    if workers <= 1 or len(ids) <= 1:
-        for image_id in progress_bar(ids, desc=f"refine {cfg.split}", show=cfg.progress):
-            results.append(process_image(cfg, dataset, image_id))
-    else:
-        chunksize = max(1, min(8, math.ceil(len(ids) / (8 * workers))))
-        with pool_context().Pool(min(workers, len(ids)), initializer=_init_worker, initargs=(cfg, dataset)) as pool:
-            with progress_bar(total=len(ids), desc=f"refine {cfg.split}", show=cfg.progress) as bar:
-                for result in pool.imap_unordered(_worker_process, ids, chunksize=chunksize):
-                    results.append(result)
-                    bar.update(1)
+    """Refine ``ids`` over ``workers`` processes; results in the order of ``ids``.
+
+    The config and the dataset (COCO's label table is large) reach each worker once, through the
+    pool initializer, not with every image; small chunks keep the slow CRF images balanced.
+    """
+    chunksize = max(1, min(8, math.ceil(len(ids) / (8 * workers))))
+    results = list(imap_images(_worker_process, ids, workers, f"refine {cfg.split}", initializer=_init_worker,
+                               initargs=(cfg, dataset), ordered=False, chunksize=chunksize, show=cfg.progress,
+                               leave=True))
     order = {image_id: index for index, image_id in enumerate(ids)}
     return sorted(results, key=lambda result: order[result["id"]])
 
@@ -239,7 +228,7 @@ def _params_json(params: RefineParams) -> dict:
 
 def _check_previous_run(cfg: RefineConfig) -> None:
     """Refuse to resume into a folder made with other per-image settings (the files would mix)."""
-    path = artifacts.config_path(cfg.out_dir)
+    path = artifacts.config_path(cfg.out_dir, cfg.shard)
     if cfg.overwrite or not path.is_file():
         return
     try:
@@ -255,9 +244,11 @@ def _check_previous_run(cfg: RefineConfig) -> None:
 
 def run(cfg: RefineConfig) -> dict:
     """Refine every image of the split and return the metrics written to ``<out>/metrics.json``."""
-    from wsss.device import default_workers
+    from wsss.device import default_workers, shard
 
     cam_dir, out_dir = Path(cfg.cam_dir), Path(cfg.out_dir)
+    if cfg.evaluate and cfg.shard[1] > 1:
+        raise WsssError("--eval scores the whole split: run `wsss eval --pred` once every --shard has finished")
     if not cam_dir.is_dir():
         raise WsssError(f"{cam_dir}: CAM folder not found (run `wsss make-cam` first)")
     if out_dir.resolve() == cam_dir.resolve():
@@ -268,18 +259,19 @@ def run(cfg: RefineConfig) -> dict:
         ids = ids[:cfg.limit]
     if not ids:
         raise WsssError(f"{cfg.root}: split {cfg.split!r} has no images")
-    missing = [image_id for image_id in ids if find_cam(cam_dir, image_id) is None]
+    ids = shard(ids, part=cfg.shard)
+    missing = [image_id for image_id in ids if artifacts.find_cam(cam_dir, image_id) is None]
     if missing:
         raise WsssError(f"{artifacts.cam_path(cam_dir, missing[0])}: CAM file not found "
                         f"({len(missing)} of {len(ids)} images of split {cfg.split!r} have no CAM)")
-    pickled = [image_id for image_id in ids if find_cam(cam_dir, image_id).suffix == ".npy"]
+    pickled = [image_id for image_id in ids if artifacts.find_cam(cam_dir, image_id).suffix == ".npy"]
     if pickled and not cfg.allow_pickle:
         raise WsssError(f"{artifacts.irn_cam_path(cam_dir, pickled[0])}: IRN-style .npy CAM dicts are pickles "
                         "(loading runs code from the file); pass --allow-pickle if you trust them")
     _check_previous_run(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
     workers = default_workers() if cfg.workers is None else max(1, cfg.workers)
-    artifacts.write_config(out_dir, cfg, workers=workers)
+    artifacts.write_config(out_dir, cfg, shard=cfg.shard, workers=workers)
 
     started = time.perf_counter()
     results = _run_all(cfg, dataset, ids, workers)
@@ -299,7 +291,7 @@ def run(cfg: RefineConfig) -> dict:
         else:
             log.warning("--eval: split %r of %s has no ground-truth masks; nothing to evaluate", cfg.split, cfg.root)
             metrics["eval"] = None
-    artifacts.write_metrics(out_dir, metrics)
+    artifacts.write_metrics(out_dir, metrics, shard=cfg.shard)
     return metrics
 
 
@@ -326,7 +318,7 @@ def run(cfg: RefineConfig) -> dict:
 @click.option("--confidence", type=click.FloatRange(0, 1, max_open=True), default=0.9, show_default=True,
               help="GMM posterior below this -> 255 (0 = off).")
 @click.option("--crf/--no-crf", default=False, show_default=True, help="Refine the labels with a dense CRF.")
-@click.option("--crf-iterations", type=click.IntRange(min=1), default=_DEFAULT_CRF.iterations, show_default=True,
+@click.option("--crf-iterations", type=click.IntRange(min=1), default=PSEUDO_LABEL_CRF.iterations, show_default=True,
               help="Mean-field iterations.")
 @click.option("--crf-gaussian", default="3,3", show_default=True, callback=options.fixed_floats(2, "SXY,COMPAT"),
               help="Smoothness kernel SXY,COMPAT.")
@@ -345,10 +337,11 @@ def run(cfg: RefineConfig) -> dict:
 @options.allow_pickle_option
 @options.workers_option
 @options.seed_option
+@options.shard_option
 @options.overwrite_option
 def command(cam_dir, root, dataset, split, out_dir, threshold_mode, bg_thresh, fg_thresh, gmm_per_class, gmm_samples,
             confidence, crf, crf_iterations, crf_gaussian, crf_bilateral, crf_scale, crf_temperature, raw_alpha,
-            raw_beta, limit, evaluate, allow_pickle, workers, seed, overwrite):
+            raw_beta, limit, evaluate, allow_pickle, workers, seed, shard, overwrite):
     """Turn CAMs into pseudo-labels (<id>.png) and RAW reliability maps (<id>.npy)."""
     if fg_thresh is not None and threshold_mode != "fixed":
         raise click.UsageError("--fg-thresh needs --threshold fixed (confident regions use two fixed thresholds)")
@@ -368,7 +361,7 @@ def command(cam_dir, root, dataset, split, out_dir, threshold_mode, bg_thresh, f
         raise click.UsageError(str(err)) from None
     cfg = RefineConfig(cam_dir=cam_dir, root=root, out_dir=out_dir, dataset=dataset, split=split, params=params,
                        limit=limit, allow_pickle=allow_pickle, evaluate=evaluate, workers=workers, seed=seed,
-                       overwrite=overwrite)
+                       shard=shard, overwrite=overwrite)
     metrics = run(cfg)
     threshold = metrics["threshold"]
     click.echo(f"{metrics['refined']} refined, {metrics['skipped']} skipped -> {out_dir}")

@@ -7,14 +7,16 @@ Recipe: random rescale (0.5-1.5), horizontal flip and ``crop_size`` crops
 reliability map (RAW; the loss is defined in :mod:`wsss.segmentation`).
 
 Every ``eval_every`` iterations and at the end the model is evaluated on the
-validation split at full resolution (single scale, no flip; ``wsss predict``
-does the multi-scale evaluation), ``last.pth`` is written and ``best.pth``
-keeps the best validation mIoU.
+validation split at full resolution (single scale, no flip, each process its
+share of the images; ``wsss predict`` does the multi-scale evaluation),
+``last.pth`` is written, and ``best.pth`` follows ``--select``: the last
+checkpoint (default; choosing by validation mIoU uses the val masks, i.e.
+ground truth, so it is only done when asked with ``--select val-miou``).
 
-Resuming: the data order and augmentation of iteration ``i`` depend only on
-``(seed, rank, i)`` and the random state is re-seeded every iteration, so a
-run stopped (``--stop-at`` or killed after a checkpoint) and resumed from
-``last.pth`` follows the same schedule as an uninterrupted one.
+The loop, checkpoints, resume and mixed precision are the shared engine's
+(:mod:`wsss.training`): a run stopped (``--stop-at`` or killed after a
+checkpoint) and resumed from ``last.pth`` follows the same schedule as an
+uninterrupted one.
 
 weak/full: ``--upper-bound DIR`` names the output folder of a ``--labels gt``
 run of the same model; metrics.json then records
@@ -32,31 +34,28 @@ trained from scratch, uses lr 0.05 for the whole network (bench/README.md).
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import click
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from stages import options
 from wsss import artifacts
 from wsss.datasets.prepared import PreparedDataset
-from wsss.datasets.torch_data import SeededItems, SegmentationDataset
-from wsss.device import (DistInfo, default_workers, derive_seed, dist_info, init_distributed, mean_over_ranks,
-                         resolve_device, seed_everything, shard)
+from wsss.datasets.torch_data import SegmentationDataset
+from wsss.device import (DistInfo, configure_threads, default_workers, dist_info, init_distributed, resolve_device,
+                         seed_everything, shard, sum_array_over_ranks)
 from wsss.errors import WsssError
-from wsss.metrics import ConfusionMatrix
-from wsss.models.backbones import freeze_batchnorm
+from wsss.inference import split_batches, to_model_input
+from wsss.metrics import ConfusionMatrix, confusion_counts
 from wsss.models.deeplab import SEG_MODELS, build_seg_model
 from wsss.optim import poly_scheduler, sgd_with_head
-from wsss.progress import bar as progress_bar
-from wsss.segmentation import predict_probs, segmentation_loss
+from wsss.segmentation import segment_batch, segmentation_loss
+from wsss.training import (Loop, Precision, RunSpec, Trainee, TrainState, find_resumable, finished_metrics, fit,
+                           grad_scaler, maybe_compile, resolve_precision, step_loader, wrap_distributed)
 from wsss.transforms import train_preset
 
 log = logging.getLogger(__name__)
@@ -64,7 +63,8 @@ log = logging.getLogger(__name__)
 GT_LABELS = "gt"
 # Options that define the optimisation; a checkpoint can only be resumed when they agree.
 SCHEDULE_FIELDS = ("labels", "reliability_dir", "split", "model", "crop_size", "scale_range", "jitter", "batch_size",
-                   "lr", "head_lr_mult", "weight_decay", "momentum", "poly_power", "freeze_bn", "seed")
+                   "lr", "head_lr_mult", "weight_decay", "momentum", "poly_power", "freeze_bn", "seed", "amp")
+SELECT_METRICS = {"last": None, "val-miou": "val_miou"}
 
 
 @dataclass(frozen=True)
@@ -95,57 +95,15 @@ class TrainSegConfig:
     freeze_bn: bool = False
     eval_every: int = 2000
     log_every: int = 50
+    select: str = "last"
     upper_bound: Path | None = None
+    amp: str = "auto"
+    compile_model: bool = False
     device: str = "auto"
     seed: int = 0
     workers: int | None = None
+    threads: int | None = None
     overwrite: bool = False
-
-
-def _plain(config: TrainSegConfig) -> dict:
-    """The config as JSON types only (for checkpoints loaded with ``weights_only=True``)."""
-    return json.loads(json.dumps(dataclasses.asdict(config), default=str))
-
-
-# --------------------------------------------------------------------------- data
-
-
-class IterationBatchSampler:
-    """Batches for iterations ``start .. total - 1`` drawn from a stream of shuffled epochs.
-
-    Position ``p`` of this rank's stream is item ``p % n`` of epoch ``p // n``,
-    where an epoch is this rank's share of a :class:`DistributedSampler`
-    permutation (``n`` items; the sampler pads so every rank gets the same
-    count).  Iteration ``i`` takes positions ``i*B .. i*B + B - 1``, so batches
-    are always full (BatchNorm needs more than one sample) and depend only on
-    ``(seed, rank, i)``.  Each entry is ``(dataset index, augmentation seed)``.
-    """
-
-    def __init__(self, dataset: Dataset, batch_size: int, seed: int, info: DistInfo, start: int, total: int):
-        self.sampler = DistributedSampler(dataset, num_replicas=info.world_size, rank=info.rank, shuffle=True,
-                                          seed=seed, drop_last=False)
-        self.batch_size, self.seed, self.rank = batch_size, seed, info.rank
-        self.start, self.total = start, total
-        self._epoch, self._order = None, []
-
-    def _indices(self, epoch: int) -> list[int]:
-        if epoch != self._epoch:
-            self.sampler.set_epoch(epoch)
-            self._epoch, self._order = epoch, list(self.sampler)
-        return self._order
-
-    def __len__(self) -> int:
-        return self.total - self.start
-
-    def __iter__(self):
-        per_epoch = len(self.sampler)
-        for iteration in range(self.start, self.total):
-            batch = []
-            for position in range(iteration * self.batch_size, (iteration + 1) * self.batch_size):
-                epoch, offset = divmod(position, per_epoch)
-                item_seed = derive_seed(self.seed, self.rank, position)
-                batch.append((self._indices(epoch)[offset], item_seed))
-            yield batch
 
 
 def total_iterations(cfg: TrainSegConfig, num_images: int, world_size: int) -> int:
@@ -168,23 +126,23 @@ def _check_label_folder(folder: Path, ids: list[str], what: str, path_of, hint: 
 # --------------------------------------------------------------------------- evaluation
 
 
+@torch.no_grad()
 def evaluate_model(model: torch.nn.Module, dataset: PreparedDataset, split: str, device: torch.device,
-                   info: DistInfo, show_progress: bool = True) -> ConfusionMatrix:
-    """Confusion matrix of single-scale full-resolution predictions on ``split``, summed over ranks."""
-    matrix = ConfusionMatrix(dataset.num_classes)
-    for image_id in progress_bar(shard(dataset.ids(split), info), desc=f"eval {split}", leave=False,
-                                 show=show_progress and info.is_main):
-        image = dataset.read_image(split, image_id)
-        mask = dataset.read_mask(split, image_id, image.shape[:2])
-        probs = predict_probs(model, image, scales=(1.0,), flip=False, device=device)
-        matrix.update(mask, probs.argmax(0))
-    if info.distributed:
-        import torch.distributed as dist
+                   info: DistInfo, precision: Precision = Precision(), workers: int = 0,
+                   batch_size: int = 4) -> ConfusionMatrix:
+    """Confusion matrix of single-scale full-resolution predictions on ``split``, summed over ranks.
 
-        counts = torch.from_numpy(matrix.matrix).to(device)
-        dist.all_reduce(counts)
-        matrix.matrix = counts.cpu().numpy()
-    return matrix
+    Each process predicts its share of the images; counts stay on the device until the one sum.
+    """
+    was_training = model.training
+    model.eval()
+    counts = torch.zeros(dataset.num_classes, dataset.num_classes, dtype=torch.int64, device=device)
+    for _, images, masks in split_batches(dataset, split, shard(dataset.ids(split), info), batch_size=batch_size,
+                                          workers=workers, device=device, masks=True):
+        probs = segment_batch(model, to_model_input(images), scales=(1.0,), flip=False, precision=precision)
+        counts += confusion_counts(masks, probs.argmax(1), dataset.num_classes)
+    model.train(was_training)
+    return ConfusionMatrix(dataset.num_classes).add_counts(sum_array_over_ranks(counts.cpu().numpy(), info, device))
 
 
 # --------------------------------------------------------------------------- weak / full
@@ -226,28 +184,16 @@ def _add_ratio(metrics: dict, cfg: TrainSegConfig) -> dict:
 # --------------------------------------------------------------------------- training
 
 
-def _check_resumable(checkpoint: dict, cfg: TrainSegConfig, total: int, path: Path) -> None:
-    saved = checkpoint.get("config", {})
-    current = _plain(cfg)
-    changed = [name for name in SCHEDULE_FIELDS if saved.get(name) != current.get(name)]
-    if checkpoint.get("total_iterations") != total:
-        changed.append(f"total iterations ({checkpoint.get('total_iterations')} -> {total})")
-    if changed:
-        raise WsssError(f"{path}: cannot resume, the run used different {', '.join(changed)}; "
-                        "pass --overwrite to start again")
-
-
-def run(cfg: TrainSegConfig) -> dict:
-    """Train (or resume) a segmentation network and return the metrics written to metrics.json."""
+def _check(cfg: TrainSegConfig, dataset: PreparedDataset) -> Path | None:
+    """Validate the options against the dataset; return the pseudo-label folder (None for gt)."""
     if cfg.model not in SEG_MODELS:
         raise WsssError(f"--model {cfg.model!r}: choose from {sorted(SEG_MODELS)}")
     if cfg.batch_size < 2:
         raise WsssError("--batch-size must be at least 2 (BatchNorm statistics need more than one sample)")
     if (cfg.iterations is None) == (cfg.epochs is None):
         raise WsssError("give exactly one of --iterations and --epochs")
-    device = resolve_device(cfg.device)
-    info = init_distributed(device)
-    dataset = PreparedDataset.load(cfg.root, cfg.dataset)
+    if cfg.select not in SELECT_METRICS or (SELECT_METRICS[cfg.select] and cfg.val_split is None):
+        raise WsssError(f"--select {cfg.select!r}: choose last, or val-miou with a --val-split")
     train_ids = dataset.ids(cfg.split)
     if not train_ids:
         raise WsssError(f"split {cfg.split!r} of {cfg.root} is empty")
@@ -266,143 +212,78 @@ def run(cfg: TrainSegConfig) -> dict:
         upper_bound_miou(cfg.upper_bound)  # fail now, not after training, if it is not a gt run
     if cfg.val_split is not None and not dataset.has_masks(cfg.val_split):
         raise WsssError(f"--val-split {cfg.val_split}: split has no ground-truth masks (use --val-split none)")
+    return label_dir
+
+
+def _summary(cfg: TrainSegConfig, state: TrainState, total: int, finished: bool) -> dict:
+    validations = [record for record in state.history if record.get("val_miou") is not None]
+    best = max(validations, key=lambda record: record["val_miou"], default=None)
+    metrics = {
+        "labels": cfg.labels if cfg.labels == GT_LABELS else str(cfg.labels),
+        "raw": cfg.reliability_dir is not None, "model": cfg.model, "finished": finished,
+        "iteration": state.step, "total_iterations": total, "val_split": cfg.val_split,
+        "val_miou": validations[-1]["val_miou"] if finished and validations and
+        validations[-1]["step"] == state.step else None,
+        "best_val_miou": best["val_miou"] if best else None, "best_iteration": best["step"] if best else None,
+        "selected": state.best, "seconds": round(state.seconds, 2), "history": state.history,
+    }
+    if finished and state.extra.get("val_summary") is not None:
+        metrics["val"] = state.extra["val_summary"]
+    return _add_ratio(metrics, cfg) if finished else metrics
+
+
+def run(cfg: TrainSegConfig) -> dict:
+    """Train (or resume) a segmentation network and return the metrics written to metrics.json."""
+    device = resolve_device(cfg.device)
+    info = init_distributed(device)
+    configure_threads(cfg.threads)
+    precision = resolve_precision(cfg.amp, device)
+    dataset = PreparedDataset.load(cfg.root, cfg.dataset)
+    label_dir = _check(cfg, dataset)
     train_set = SegmentationDataset(dataset, cfg.split, train_preset(crop_size=cfg.crop_size, scale_range=cfg.scale_range,
                                                                      jitter=cfg.jitter),
                                     label_dir=label_dir, reliability_dir=cfg.reliability_dir)
-    total = total_iterations(cfg, len(train_ids), info.world_size)
-    stop = total if cfg.stop_at is None else min(cfg.stop_at, total)
-    out_dir = Path(cfg.out_dir)
-    last_file = artifacts.checkpoint_path(out_dir, "last")
-
-    checkpoint = None
-    if last_file.is_file() and not cfg.overwrite:
-        checkpoint = artifacts.load_checkpoint(last_file)
-        _check_resumable(checkpoint, cfg, total, last_file)
-        if checkpoint.get("iteration", 0) >= total and artifacts.metrics_path(out_dir).is_file():
-            log.info("%s: training already finished (%d iterations); pass --overwrite to train again", last_file, total)
-            metrics = _add_ratio(artifacts.read_json(artifacts.metrics_path(out_dir)), cfg)
-            if info.is_main:
-                artifacts.write_metrics(out_dir, metrics)
-            return metrics
-
-    seed_everything(cfg.seed)
-    # A resumed model gets its weights from the checkpoint: no need to fetch ImageNet weights again.
-    model = build_seg_model(cfg.model, dataset.num_classes, "none" if checkpoint else cfg.weights_backbone).to(device)
-    backbone_params, head_params = model.parameter_groups()
-    if cfg.freeze_bn:
-        freeze_batchnorm(model.backbone)
-    optimizer = sgd_with_head(backbone_params, head_params, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                              momentum=cfg.momentum, head_lr_mult=cfg.head_lr_mult)
-    scheduler = poly_scheduler(optimizer, total, power=cfg.poly_power)
-    state = {"iteration": 0, "best_val_miou": None, "best_iteration": None, "history": [], "val_miou": None,
-             "val_summary": None, "seconds": 0.0}
-    if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        state.update({key: checkpoint[key] for key in state if key in checkpoint})
-        if info.is_main:
-            log.info("resuming %s at iteration %d of %d", last_file, state["iteration"], total)
-
-    if info.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        artifacts.write_config(out_dir, cfg, total_iterations=total, num_train_images=len(train_ids),
-                               classes=dataset.classes, world_size=info.world_size, device=str(device))
-
-    train_model = model
-    if info.distributed:
-        if device.type == "cuda":
-            train_model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        train_model = torch.nn.parallel.DistributedDataParallel(
-            train_model, device_ids=[device.index] if device.type == "cuda" else None)
-    workers = min(default_workers(), 4) if cfg.workers is None else cfg.workers
-    sampler = IterationBatchSampler(train_set, cfg.batch_size, cfg.seed, info, state["iteration"], stop)
-    loader = DataLoader(SeededItems(train_set), batch_sampler=sampler, num_workers=workers,
-                        pin_memory=device.type == "cuda")
-
-    def save(which: str) -> None:
-        if not info.is_main:
-            return
-        artifacts.save_checkpoint(artifacts.checkpoint_path(out_dir, which), {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "iteration": state["iteration"], "epoch": state["iteration"] * cfg.batch_size / len(sampler.sampler),
-            "total_iterations": total, "config": _plain(cfg), "classes": list(dataset.classes),
-            "arch": {"model": cfg.model, "num_classes": dataset.num_classes},
-            **{key: state[key] for key in state if key != "iteration"},
-        })
-
-    started = time.perf_counter() - state["seconds"]
-    running_loss, running_count = 0.0, 0
-    train_model.train()
-    if cfg.freeze_bn:
-        freeze_batchnorm(model.backbone)
-    progress = progress_bar(total=stop, initial=state["iteration"], desc="train-seg", unit="it", show=info.is_main)
-    for batch in loader:
-        iteration = state["iteration"] + 1
-        # Dropout in the ASPP head draws from torch's generator: seed it per iteration so a resumed
-        # run draws the same masks as an uninterrupted one.
-        torch.manual_seed(derive_seed(cfg.seed, info.rank, iteration))
-        images, target = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
-        weight = batch[2].to(device, non_blocking=True) if len(batch) > 2 else None
-        loss = segmentation_loss(train_model(images), target, weight)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        state["iteration"] = iteration
-        running_loss, running_count = running_loss + loss.item(), running_count + 1
-        progress.update(1)
-        progress.set_postfix(loss=f"{loss.item():.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
-        if iteration % cfg.log_every == 0 or iteration == total:
-            loss_mean, = mean_over_ranks([running_loss / running_count], info, device)
-            state["history"].append({"iteration": iteration, "loss": loss_mean, "lr": optimizer.param_groups[0]["lr"]})
-            running_loss, running_count = 0.0, 0
-        if cfg.val_split is not None and (iteration == total or (cfg.eval_every and iteration % cfg.eval_every == 0)):
-            matrix = evaluate_model(model, dataset, cfg.val_split, device, info)
-            miou = matrix.miou()
-            state["val_miou"], state["val_summary"] = miou, matrix.summary(dataset.classes)
-            state["history"].append({"iteration": iteration, "val_miou": miou})
-            if info.is_main:
-                log.info("iteration %d: %s mIoU %.4f", iteration, cfg.val_split, miou)
-            train_model.train()
-            if cfg.freeze_bn:
-                freeze_batchnorm(model.backbone)
-            state["seconds"] = time.perf_counter() - started
-            if state["best_val_miou"] is None or miou > state["best_val_miou"]:
-                state["best_val_miou"], state["best_iteration"] = miou, iteration
-                save("best")
-            save("last")
-    progress.close()
-    state["seconds"] = time.perf_counter() - started
-    save("last")
-
-    finished = state["iteration"] >= total
-    metrics = {
-        "labels": GT_LABELS if label_dir is None else str(label_dir),
-        "raw": cfg.reliability_dir is not None,
-        "model": cfg.model,
-        "finished": finished,
-        "iteration": state["iteration"],
-        "total_iterations": total,
-        "val_split": cfg.val_split,
-        "val_miou": state["val_miou"] if finished else None,
-        "best_val_miou": state["best_val_miou"],
-        "best_iteration": state["best_iteration"],
-        "seconds": round(state["seconds"], 2),
-        "history": state["history"],
-    }
-    if finished and state["val_summary"] is not None:
-        metrics["val"] = state["val_summary"]
-    if finished:
+    total = total_iterations(cfg, len(train_set), info.world_size)
+    spec = RunSpec(Path(cfg.out_dir), cfg, SCHEDULE_FIELDS, total, dataset.classes,
+                   {"model": cfg.model, "num_classes": dataset.num_classes}, cfg.overwrite)
+    checkpoint = find_resumable(spec)
+    if (metrics := finished_metrics(spec, checkpoint)) is not None:
         metrics = _add_ratio(metrics, cfg)
+        if info.is_main:
+            artifacts.write_metrics(spec.out_dir, metrics)
+        return metrics
+    seed_everything(cfg.seed)
+    # a resumed model gets its weights from the checkpoint: no need to fetch ImageNet weights again
+    model = build_seg_model(cfg.model, dataset.num_classes, "none" if checkpoint else cfg.weights_backbone)
+    model = (model.freeze_backbone_batchnorm() if cfg.freeze_bn else model).to(device)
+    optimizer = sgd_with_head(*model.parameter_groups(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                              momentum=cfg.momentum, head_lr_mult=cfg.head_lr_mult)
+    trainee = Trainee(model, optimizer, poly_scheduler(optimizer, total, power=cfg.poly_power),
+                      grad_scaler(precision, device))
+    state = trainee.restore(checkpoint) if checkpoint else TrainState()
     if info.is_main:
-        artifacts.write_metrics(out_dir, metrics)
-        if finished:
-            summary = f"{cfg.val_split} mIoU {metrics['val_miou']:.4f}" if cfg.val_split else "no validation"
-            if metrics.get("weak_full_ratio") is not None:
-                summary += f", weak/full {metrics['weak_full_ratio']:.3f}"
-            log.info("train-seg finished after %d iterations: %s", total, summary)
-    return metrics
+        artifacts.write_config(spec.out_dir, cfg, total_iterations=total, num_train_images=len(train_set),
+                               classes=dataset.classes, world_size=info.world_size, device=str(device),
+                               precision=precision.name)
+    network = maybe_compile(wrap_distributed(model, device, info, sync_batchnorm=True), cfg.compile_model)
+    workers = min(default_workers(), 4) if cfg.workers is None else cfg.workers
+
+    def step_loss(batch):
+        images, target, *weight = (tensor.to(device, non_blocking=True) for tensor in batch)
+        return {"total": segmentation_loss(network(precision.images(images)).float(), target, *weight)}
+
+    def validation() -> dict:
+        matrix = evaluate_model(model, dataset, cfg.val_split, device, info, precision, workers)
+        state.extra["val_summary"] = matrix.summary(dataset.classes)
+        return {"val_miou": matrix.miou()}
+
+    stop = total if cfg.stop_at is None else min(cfg.stop_at, total)
+    loop = Loop(step_loss, round_steps=cfg.eval_every or total, log_every=cfg.log_every,
+                summarize=lambda s, done: _summary(cfg, s, total, done), stop_at=stop, desc="train-seg", seed=cfg.seed,
+                validate=validation if cfg.val_split else None, select=SELECT_METRICS[cfg.select])
+    loader = step_loader(train_set, cfg.batch_size, cfg.seed, info, state.step, stop, workers, device)
+    state = fit(trainee, loader, loop, spec, state, precision=precision, device=device, info=info)
+    return _summary(cfg, state, total, state.step >= total)
 
 
 # --------------------------------------------------------------------------- command line
@@ -423,7 +304,7 @@ def run(cfg: TrainSegConfig) -> dict:
 @options.out_option("Output folder for last.pth, best.pth, config.json and metrics.json.")
 @click.option("--model", type=click.Choice(sorted(SEG_MODELS)), default="deeplabv3_resnet50", show_default=True)
 @click.option("--weights-backbone", "--weights", "weights_backbone", default="imagenet", show_default=True,
-              help="Backbone initialisation: imagenet, none or a state_dict file.")
+              help="Backbone initialisation: imagenet, none or a state_dict file (e.g. `wsss pretrain`'s backbone.pth).")
 @click.option("--crop-size", type=click.IntRange(min=8), default=321, show_default=True)
 @click.option("--scale-range", default="0.5,1.5", show_default=True, callback=options.positive_pair,
               help="MIN,MAX random rescale factors.")
@@ -437,18 +318,24 @@ def run(cfg: TrainSegConfig) -> dict:
 @options.sgd_options(lr=0.001, head="ASPP head")
 @click.option("--freeze-bn", is_flag=True, help="Freeze the backbone's BatchNorm (small batches).")
 @click.option("--eval-every", type=click.IntRange(min=0), default=2000, show_default=True,
-              help="Validate (and checkpoint) every K iterations; 0 = only at the end.")
+              help="Validate and checkpoint every K iterations (also without a --val-split); 0 = only at the end.")
 @click.option("--log-every", type=click.IntRange(min=1), default=50, show_default=True,
               help="Record the mean loss every K iterations in metrics.json.")
+@click.option("--select", type=click.Choice(sorted(SELECT_METRICS)), default="last", show_default=True,
+              help="What best.pth is: the last checkpoint, or the best val mIoU (uses the val masks: ground truth).")
 @click.option("--upper-bound", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Output folder of a finished --labels gt run; metrics.json then records weak/full.")
+@options.amp_option
+@options.compile_option
 @options.device_option
 @options.seed_option
 @options.workers_option
+@options.threads_option
 @options.overwrite_option
 def command(root, dataset, split, val_split, labels, reliability_dir, raw, out_dir, model, weights_backbone, crop_size,
             scale_range, jitter, batch_size, iterations, epochs, stop_at, lr, head_lr_mult, weight_decay, momentum,
-            poly_power, freeze_bn, eval_every, log_every, upper_bound, device, seed, workers, overwrite):
+            poly_power, freeze_bn, eval_every, log_every, select, upper_bound, amp, compile_model, device, seed,
+            workers, threads, overwrite):
     """Train a DeepLabV3 segmentation network on pseudo-labels (--labels DIR) or ground truth (--labels gt)."""
     if raw:
         if reliability_dir is not None:
@@ -465,8 +352,9 @@ def command(root, dataset, split, val_split, labels, reliability_dir, raw, out_d
         val_split=None if val_split.lower() == "none" else val_split, model=model, weights_backbone=weights_backbone,
         crop_size=crop_size, scale_range=scale_range, jitter=jitter, batch_size=batch_size, iterations=iterations,
         epochs=epochs, stop_at=stop_at, lr=lr, head_lr_mult=head_lr_mult, weight_decay=weight_decay, momentum=momentum,
-        poly_power=poly_power, freeze_bn=freeze_bn, eval_every=eval_every, log_every=log_every,
-        upper_bound=upper_bound, device=device, seed=seed, workers=workers, overwrite=overwrite)
+        poly_power=poly_power, freeze_bn=freeze_bn, eval_every=eval_every, log_every=log_every, select=select,
+        upper_bound=upper_bound, amp=amp, compile_model=compile_model, device=device, seed=seed, workers=workers,
+        threads=threads, overwrite=overwrite)
     metrics = run(cfg)
     if metrics.get("val_miou") is not None and dist_info().is_main:
         line = f"{cfg.val_split} mIoU {metrics['val_miou']:.4f}"

@@ -54,6 +54,14 @@ def irn_cam_path(folder: str | Path, image_id: str) -> Path:
     return Path(folder) / f"{image_id}.npy"
 
 
+def find_cam(folder: str | Path, image_id: str) -> Path | None:
+    """The image's CAM file in ``folder``: ``<id>.npz``, else the IRN-style ``<id>.npy``, else None."""
+    for path in (cam_path(folder, image_id), irn_cam_path(folder, image_id)):
+        if path.is_file():
+            return path
+    return None
+
+
 def label_path(folder: str | Path, image_id: str) -> Path:
     """Return the label-map PNG of an image (pseudo-label, prediction or mask)."""
     return Path(folder) / f"{image_id}.png"
@@ -77,12 +85,32 @@ def checkpoint_path(folder: str | Path, which: str = "last") -> Path:
     return Path(folder) / names[which]
 
 
-def config_path(folder: str | Path) -> Path:
-    return Path(folder) / CONFIG_FILE
+def resolve_checkpoint(path: str | Path) -> Path:
+    """The checkpoint a ``--checkpoint`` option names: a file as given, or a training output
+    folder's ``best.pth`` (``last.pth`` when the run wrote no ``best.pth``).
+
+    Every stage that reads a trained network resolves its option here, so all of them pick the
+    same file from the same folder.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        return path
+    best = checkpoint_path(path, "best")
+    return best if best.is_file() else checkpoint_path(path, "last")
 
 
-def metrics_path(folder: str | Path) -> Path:
-    return Path(folder) / METRICS_FILE
+def _shard_suffix(shard: tuple[int, int] | None) -> str:
+    return "" if shard is None or shard[1] == 1 else f".shard-{shard[0]}-of-{shard[1]}"
+
+
+def config_path(folder: str | Path, shard: tuple[int, int] | None = None) -> Path:
+    """``<folder>/config.json`` (``config.shard-I-of-N.json`` for one shard of a ``--shard I/N`` run)."""
+    return Path(folder) / CONFIG_FILE.replace(".json", _shard_suffix(shard) + ".json")
+
+
+def metrics_path(folder: str | Path, shard: tuple[int, int] | None = None) -> Path:
+    """``<folder>/metrics.json`` (``metrics.shard-I-of-N.json`` for one shard of a ``--shard I/N`` run)."""
+    return Path(folder) / METRICS_FILE.replace(".json", _shard_suffix(shard) + ".json")
 
 
 def eval_metrics_path(folder: str | Path, split: str) -> Path:
@@ -166,14 +194,14 @@ def provenance(config: Any, **extra: Any) -> dict:
     }
 
 
-def write_config(folder: str | Path, config: Any, **extra: Any) -> None:
+def write_config(folder: str | Path, config: Any, shard: tuple[int, int] | None = None, **extra: Any) -> None:
     """Write ``<folder>/config.json`` from a stage config (see :func:`provenance`)."""
-    write_json(config_path(folder), provenance(config, **extra))
+    write_json(config_path(folder, shard), provenance(config, **extra))
 
 
-def write_metrics(folder: str | Path, metrics: dict) -> None:
+def write_metrics(folder: str | Path, metrics: dict, shard: tuple[int, int] | None = None) -> None:
     """Write ``<folder>/metrics.json``."""
-    write_json(metrics_path(folder), metrics)
+    write_json(metrics_path(folder, shard), metrics)
 
 
 # --------------------------------------------------------------------------- images and label maps

@@ -113,7 +113,8 @@ def multiscale_cam(model, images: torch.Tensor, channels: ChannelChoice = None, 
     Every scale is one forward pass over the whole batch with its horizontal flips
     appended (scales differ in size and are not padded together: padding a 0.5x
     view to the 2x size would cost 16 times its compute).  Only the requested
-    channels are resampled to full resolution.
+    channels are resampled to full resolution, all images' maps of a view in one call.
+    The maps are summed in float32 also when the network runs under autocast.
 
     Args:
         model: a :class:`~wsss.models.classifier.CamNet` (``class_maps`` and ``output_stride``), eval mode.
@@ -126,8 +127,8 @@ def multiscale_cam(model, images: torch.Tensor, channels: ChannelChoice = None, 
         stride: output stride (default: ``model.output_stride``).
 
     Returns:
-        ``(cams, logits)``: ``cams[b]`` float [K_b, H, W] (sums of ReLU'd views, not normalised),
-        ``logits`` float [B, C - 1] averaged over all views.
+        ``(cams, logits)``: ``cams[b]`` float32 [K_b, H, W] (sums of ReLU'd views, not normalised),
+        ``logits`` float32 [B, C - 1] averaged over all views.
     """
     if images.ndim != 4:
         raise ValueError(f"expected images [B, 3, H, W], got {tuple(images.shape)}")
@@ -138,9 +139,8 @@ def multiscale_cam(model, images: torch.Tensor, channels: ChannelChoice = None, 
     for scale in scales:
         scaled = resize_images(images, scale)
         inputs = torch.cat([scaled, scaled.flip(-1)]) if flip else scaled
-        maps = model.class_maps(inputs)
-        logits = maps.mean(dim=(2, 3))
-        logits = logits.view(-1, batch, logits.shape[1]).sum(0)
+        maps = model.class_maps(inputs).float()
+        logits = maps.mean(dim=(2, 3)).view(-1, batch, maps.shape[1]).sum(0)
         logits_sum = logits if logits_sum is None else logits_sum + logits
         maps = torch.relu(maps)
         views.append((maps[:batch], tuple(scaled.shape[-2:]), False))
@@ -149,20 +149,20 @@ def multiscale_cam(model, images: torch.Tensor, channels: ChannelChoice = None, 
     logits = logits_sum / (len(scales) * (2 if flip else 1))
     if callable(channels):
         channels = channels(logits)
-    cams = []
-    for index in range(batch):
-        selected = (slice(None) if channels is None
-                    else torch.as_tensor(list(channels[index]), dtype=torch.long, device=images.device))
-        total = None
-        for maps, input_size, flipped in views:
-            part = maps[index:index + 1, selected]
-            if part.shape[1] == 0:
-                total = images.new_zeros((0, *image_size))
-                break
-            full = feature_to_image(part, image_size, input_size, stride, flipped)[0]
-            total = full if total is None else total + full
-        cams.append(total)
-    return cams, logits
+    if channels is None:
+        channels = [range(logits.shape[1])] * batch
+    counts = [len(list(chosen)) for chosen in channels]
+    image_index = torch.tensor([b for b, chosen in enumerate(channels) for _ in chosen], dtype=torch.long,
+                               device=images.device)
+    channel_index = torch.tensor([c for chosen in channels for c in chosen], dtype=torch.long, device=images.device)
+    if image_index.numel() == 0:
+        return [images.new_zeros((0, *image_size), dtype=torch.float32) for _ in range(batch)], logits
+    total = None
+    for maps, input_size, flipped in views:
+        picked = maps[image_index, channel_index][None]  # [1, sum K_b, h, w]
+        full = feature_to_image(picked, image_size, input_size, stride, flipped)[0]
+        total = full if total is None else total + full
+    return list(torch.split(total, counts)), logits
 
 
 @torch.inference_mode()

@@ -13,7 +13,7 @@ Defaults are those IRN (Ahn et al., CVPR 2019) uses to refine CAM pseudo-labels:
 Gaussian sxy 3 / compat 3, bilateral sxy 50 / srgb 5 / compat 10, 10 mean-field
 iterations; AffinityNet/SEAM use bilateral sxy 80 and srgb 13 instead.  For the
 final post-processing of a segmentation network's output the DeepLab values
-(Gaussian 3/3, bilateral sxy 121 srgb 5 compat 4; ``CrfParams.deeplab()``) are
+(Gaussian 1/3, bilateral sxy 67 srgb 3 compat 4: the defaults of ``wsss predict --crf``) are
 the usual choice.
 
 ``scale < 1`` runs the CRF on an image and probabilities resized by ``scale``
@@ -51,14 +51,15 @@ class CrfParams:
         if not 0.0 < self.scale <= 1.0:
             raise ValueError(f"CRF scale must lie in (0, 1], got {self.scale}")
 
-    @classmethod
-    def deeplab(cls) -> "CrfParams":
-        """Post-processing settings for segmentation outputs (DeepLab; Chen et al. 2018)."""
-        return cls(iterations=10, gaussian_sxy=3.0, gaussian_compat=3.0, bilateral_sxy=121.0,
-                   bilateral_srgb=5.0, bilateral_compat=4.0)
-
     def kwargs(self) -> dict:
         return asdict(self)
+
+
+#: Pseudo-label refinement (``wsss refine --crf``): IRN's and SEAM's values.
+PSEUDO_LABEL_CRF = CrfParams()
+#: Post-processing of a segmentation network's output (``wsss predict --crf``): DeepLab-v2's values.
+POSTPROCESS_CRF = CrfParams(iterations=10, gaussian_sxy=1.0, gaussian_compat=3.0, bilateral_sxy=67.0,
+                            bilateral_srgb=3.0, bilateral_compat=4.0)
 
 
 def _resize(array: np.ndarray, size: tuple[int, int], interpolation: int) -> np.ndarray:

@@ -57,25 +57,46 @@ def init_distributed(device) -> DistInfo:
     return info
 
 
-def sum_over_ranks(values: list[float], info: DistInfo, device) -> list[float]:
+def sum_over_ranks(values, info: DistInfo, device) -> list[float]:
     """The sum of each value over all torchrun ranks (the values themselves in a single process).
+
+    Args:
+        values: a list of numbers or a 1-D tensor (kept on its device until the one read back).
 
     A collective call: every rank must reach it with the same number of values, so it also waits
     until every rank has got there.
     """
+    import torch
+
+    tensor = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=torch.float64)
+    if info.distributed:
+        import torch.distributed as dist
+
+        tensor = tensor.to(device=device, dtype=torch.float64)
+        dist.all_reduce(tensor)
+    return [float(value) for value in tensor.tolist()]
+
+
+def mean_over_ranks(values, info: DistInfo, device) -> list[float]:
+    """The mean of each value over all torchrun ranks (a collective call, see :func:`sum_over_ranks`)."""
+    return [value / info.world_size for value in sum_over_ranks(values, info, device)]
+
+
+def sum_array_over_ranks(array: np.ndarray, info: DistInfo, device) -> np.ndarray:
+    """Element-wise sum of a numpy array over all torchrun ranks (confusion matrices, score tables).
+
+    Integer arrays are reduced as int64 and float arrays as float64, so sums are exact for counts.
+    A collective call (see :func:`sum_over_ranks`).
+    """
     if not info.distributed:
-        return [float(value) for value in values]
+        return array
     import torch
     import torch.distributed as dist
 
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dtype = torch.int64 if np.issubdtype(array.dtype, np.integer) else torch.float64
+    tensor = torch.as_tensor(np.ascontiguousarray(array)).to(device=device, dtype=dtype)
     dist.all_reduce(tensor)
-    return tensor.tolist()
-
-
-def mean_over_ranks(values: list[float], info: DistInfo, device) -> list[float]:
-    """The mean of each value over all torchrun ranks (a collective call, see :func:`sum_over_ranks`)."""
-    return [value / info.world_size for value in sum_over_ranks(values, info, device)]
+    return tensor.cpu().numpy().astype(array.dtype)
 
 
 def seed_everything(seed: int) -> None:
@@ -92,10 +113,15 @@ def derive_seed(*parts: int) -> int:
     return int(np.random.SeedSequence([int(part) for part in parts]).generate_state(1)[0])
 
 
-def shard(items: list, info: DistInfo | None = None) -> list:
-    """Return this rank's share of a list (round-robin), for per-image stages under torchrun."""
+def shard(items: list, info: DistInfo | None = None, part: tuple[int, int] = (0, 1)) -> list:
+    """This process's share of a list for per-image stages.
+
+    First every ``n``-th item from ``i`` (``part = (i, n)``, the ``--shard i/n`` of a job array or
+    of several machines), then, round-robin, this torchrun rank's share of that.
+    """
     info = info or dist_info()
-    return items[info.rank::info.world_size]
+    index, count = part
+    return items[index::count][info.rank::info.world_size]
 
 
 def default_workers() -> int:
@@ -104,3 +130,53 @@ def default_workers() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:
         return max(1, os.cpu_count() or 1)
+
+
+def parse_shard(text: str | None) -> tuple[int, int]:
+    """Parse ``--shard i/n`` (0 <= i < n) into ``(i, n)``; None means ``(0, 1)``, the whole split."""
+    if text is None:
+        return 0, 1
+    try:
+        index, count = (int(part) for part in str(text).split("/"))
+    except ValueError:
+        raise WsssError(f"--shard {text!r}: expected I/N, e.g. 0/4") from None
+    if not 0 <= index < count:
+        raise WsssError(f"--shard {text!r}: need 0 <= I < N")
+    return index, count
+
+
+def configure_threads(threads: int | None, processes: int = 1) -> int:
+    """Set the threads of torch, OpenCV and BLAS for this process; return the count used.
+
+    The policy of every stage: worker processes x threads stay within the cores this process
+    may use.  ``--threads N`` is used as given.  Without it, a single process keeps torch's own
+    count (all cores, or ``OMP_NUM_THREADS`` when set) and ``processes`` workers get an equal
+    share each (at least 1).  DataLoader workers run one thread each (:func:`loader_worker_init`).
+    """
+    import cv2
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    if threads is not None and threads < 1:
+        raise WsssError(f"--threads {threads}: must be at least 1")
+    if threads is not None:
+        count = threads
+    elif processes > 1:
+        count = max(1, default_workers() // processes)
+    else:
+        count = torch.get_num_threads()
+    torch.set_num_threads(count)
+    cv2.setNumThreads(count)
+    threadpool_limits(limits=count)
+    return count
+
+
+def loader_worker_init(worker_id: int) -> None:
+    """DataLoader worker set-up: one thread each (decoding and augmentation are per image; the
+    workers give the parallelism), and NumPy seeded from the worker's torch seed."""
+    import cv2
+    import torch
+
+    torch.set_num_threads(1)
+    cv2.setNumThreads(1)
+    np.random.seed(torch.initial_seed() % 2**32)

@@ -29,8 +29,7 @@ from wsss.datasets.prepared import PreparedDataset
 from wsss.device import default_workers
 from wsss.errors import WsssError
 from wsss.metrics import ConfusionMatrix
-from wsss.parallel import pool_context
-from wsss.progress import bar as progress_bar
+from wsss.parallel import imap_images
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +88,25 @@ def cam_to_label(keys: np.ndarray, cams: np.ndarray, threshold: float) -> np.nda
     return np.where(peak > threshold, key_label, 0).astype(np.uint8)
 
 
+def cam_to_label_tensor(keys, cams, threshold: float):
+    """:func:`cam_to_label` on torch tensors, on their device.
+
+    Args:
+        keys: int tensor [K] class indices (>= 1).
+        cams: float tensor [K, H, W].
+        threshold: background score.
+
+    Returns:
+        int64 tensor [H, W]: the key of the strongest CAM where it exceeds ``threshold``, else 0.
+    """
+    import torch
+
+    if keys.numel() == 0:
+        return torch.zeros(cams.shape[1:], dtype=torch.int64, device=cams.device)
+    peak, index = cams.max(0)
+    return torch.where(peak > threshold, keys.long()[index], 0)
+
+
 def sweep_matrices(keys: np.ndarray, cams: np.ndarray, target: np.ndarray, thresholds: Sequence[float],
                    num_classes: int, ignore_index: int = IGNORE_INDEX) -> np.ndarray:
     """Confusion matrices of one image's CAMs for every background threshold at once.
@@ -140,13 +158,6 @@ def sweep_matrices(keys: np.ndarray, cams: np.ndarray, target: np.ndarray, thres
 
 # --------------------------------------------------------------------------- files
 
-def _cam_file(cam_dir: Path, image_id: str) -> Path | None:
-    for path in (artifacts.cam_path(cam_dir, image_id), artifacts.irn_cam_path(cam_dir, image_id)):
-        if path.is_file():
-            return path
-    return None
-
-
 def _label_file(pred_dir: Path, image_id: str) -> Path | None:
     path = artifacts.label_path(pred_dir, image_id)
     return path if path.is_file() else None
@@ -175,7 +186,7 @@ def _find_inputs(folder: Path, ids: Sequence[str], find: Callable[[Path, str], P
 
 def missing_inputs(folder: str | Path, ids: Sequence[str], *, cams: bool = False) -> list[str]:
     """Return the ids without a label PNG (or, with ``cams``, without a CAM ``.npz``/``.npy``) in ``folder``."""
-    find = _cam_file if cams else _label_file
+    find = artifacts.find_cam if cams else _label_file
     return [image_id for image_id in ids if find(Path(folder), image_id) is None]
 
 
@@ -215,32 +226,23 @@ def _cams_chunk(common: tuple, items: list[tuple[str, Path]]) -> np.ndarray:
     return total
 
 
-def _sized_call(function: Callable, common: tuple, items: list) -> tuple[int, Any]:
-    return len(items), function(common, items)
-
-
 def _parallel_sum(function: Callable, common: tuple, items: list, zero: Any, workers: int | None, desc: str,
                   progress: bool) -> Any:
     """Return ``zero`` plus the sum over chunks of ``function(common, chunk)``, with a progress bar over items.
 
     ``workers=None`` uses all cores but at most one per ``_IMAGES_PER_WORKER`` images (starting
     processes costs more than scoring a handful of images); an explicit count is used as given.
+    Chunks keep what travels back from the workers small (one sum per chunk, not per image).
     """
     if workers is None:
         workers = min(default_workers(), math.ceil(len(items) / _IMAGES_PER_WORKER))
-    total = zero
-    if workers <= 1 or len(items) <= 1:
-        for item in progress_bar(items, desc=desc, show=progress):
-            total += function(common, [item])
-        return total
-    size = max(1, min(_MAX_CHUNK, math.ceil(len(items) / (4 * workers))))
+    workers = max(1, workers)
+    size = 1 if workers <= 1 else max(1, min(_MAX_CHUNK, math.ceil(len(items) / (4 * workers))))
     chunks = [items[start:start + size] for start in range(0, len(items), size)]
-    # the pool is started before the progress bar, whose monitor thread should not be forked
-    with pool_context().Pool(min(workers, len(chunks))) as pool:
-        with progress_bar(total=len(items), desc=desc, show=progress) as bar:
-            for done, partial in pool.imap_unordered(functools.partial(_sized_call, function, common), chunks):
-                total += partial
-                bar.update(done)
+    total = zero
+    for partial in imap_images(functools.partial(function, common), chunks, workers, desc, ordered=False,
+                               weights=[len(chunk) for chunk in chunks], chunksize=1, show=progress, leave=True):
+        total += partial
     return total
 
 
@@ -289,7 +291,7 @@ def evaluate_cams(dataset: PreparedDataset, split: str, cam_dir: str | Path, thr
     thresholds = np.asarray(thresholds, dtype=np.float64).reshape(-1)
     if thresholds.size == 0:
         raise ValueError("no thresholds to evaluate")
-    items = _find_inputs(Path(cam_dir), _split_ids(dataset, split, ids), _cam_file, "CAM", allow_missing)
+    items = _find_inputs(Path(cam_dir), _split_ids(dataset, split, ids), artifacts.find_cam, "CAM", allow_missing)
     num_classes = dataset.num_classes
     zero = np.zeros((thresholds.size, num_classes, num_classes), dtype=np.int64)
     total = _parallel_sum(_cams_chunk, (dataset, split, thresholds, allow_pickle), items, zero, workers,
@@ -309,3 +311,63 @@ def best_threshold(thresholds: Sequence[float], matrices: Sequence[ConfusionMatr
         return 0, float(thresholds[0]), float("nan")
     index = int(np.nanargmax(scores))
     return index, float(thresholds[index]), float(scores[index])
+
+
+# --------------------------------------------------------------------------- folder reports
+
+
+def format_threshold(threshold: float) -> str:
+    """``0.15`` -> ``"0.15"``; finer thresholds keep their digits (``0.125``)."""
+    text = f"{threshold:.2f}"
+    return text if abs(float(text) - threshold) < 1e-9 else f"{threshold:g}"
+
+
+def _rounded(value: float) -> float | None:
+    return None if value != value else round(float(value), 6)
+
+
+def _table_without_miou(matrix: ConfusionMatrix, class_names: list[str]) -> str:
+    # the table ends with its own padded mIoU line; reports print one plain `mIoU x.xxxx` line instead
+    lines = matrix.table(class_names).splitlines()
+    return "\n".join(lines[:-1] if lines and lines[-1].startswith("mIoU") else lines)
+
+
+def folder_report(dataset: PreparedDataset, split: str, folder: str | Path, *, cams: bool,
+                  thresholds: Sequence[float] | None = None, ids: Sequence[str] | None = None,
+                  ignore_pred: bool = False, allow_pickle: bool = False, allow_missing: bool = False,
+                  workers: int | None = None, progress: bool = True) -> dict:
+    """Score a folder of label PNGs (``cams=False``) or CAM files (``cams=True``, every threshold).
+
+    Returns:
+        JSON-ready ``{"mode", "dataset", "root", "split", "input", "num_images", "num_missing",
+        "miou", "summary", ...}`` (CAMs add ``"best_threshold"`` and ``"sweep"``, labels
+        ``"ignore_pred_255"``) plus ``"report"``, the printable table (not meant for the JSON file).
+    """
+    folder = Path(folder)
+    ids = list(dataset.ids(split) if ids is None else ids)
+    missing = missing_inputs(folder, ids, cams=cams) if folder.is_dir() else ids
+    result: dict = {"mode": "cams" if cams else "labels", "dataset": dataset.kind, "root": str(dataset.root),
+                    "split": split, "input": str(folder), "num_images": len(ids) - len(missing),
+                    "num_missing": len(missing)}
+    if not cams:
+        matrix = evaluate_labels(dataset, split, folder, ids=ids, ignore_pred=ignore_pred, workers=workers,
+                                 allow_missing=allow_missing, progress=progress)
+        result["ignore_pred_255"] = ignore_pred
+        lines = [_table_without_miou(matrix, dataset.classes), f"mIoU {matrix.miou():.4f}"]
+        if ignore_pred:
+            lines.append(f"coverage {matrix.coverage():.4f}")
+    else:
+        thresholds, matrices = evaluate_cams(dataset, split, folder, thresholds, ids=ids, allow_pickle=allow_pickle,
+                                             workers=workers, allow_missing=allow_missing, progress=progress)
+        index, threshold, best = best_threshold(thresholds, matrices)
+        matrix = matrices[index]
+        result["best_threshold"] = threshold
+        result["sweep"] = [{"threshold": float(t), "miou": _rounded(m.miou())} for t, m in zip(thresholds, matrices)]
+        for entry in result["sweep"]:
+            log.debug("threshold %s mIoU %s", format_threshold(entry["threshold"]), entry["miou"])
+        lines = [_table_without_miou(matrix, dataset.classes), f"mIoU {best:.4f}",
+                 f"best threshold {format_threshold(threshold)} mIoU {best:.4f}"]
+    result["miou"] = _rounded(matrix.miou())
+    result["summary"] = matrix.summary(dataset.classes)
+    result["report"] = "\n".join(lines)
+    return result

@@ -8,7 +8,6 @@ per backward even though the network runs up to three times.
 
 from __future__ import annotations
 
-import random
 from typing import Callable
 
 import torch
@@ -43,27 +42,30 @@ Box = tuple[int, int, int, int]  # (top, left, height, width) in pixels of the o
 
 
 def sample_view(image_size: tuple[int, int], scale_range: tuple[float, float], min_crop: float = 1.0,
-                generator: random.Random | None = None) -> tuple[Box, tuple[int, int], bool]:
+                generator: torch.Generator | None = None) -> tuple[Box, tuple[int, int], bool]:
     """Draw the random transform A of the equivariance loss.
 
     A crops a window whose sides are a fraction ``c ~ U[min_crop, 1]`` of the image's
     (``min_crop = 1``: the whole image, SEAM's rescale-only view) at a uniformly random
     place, rescales it by ``s ~ U[scale_range]`` and mirrors it with probability 1/2.
+    The draws come from ``generator`` (default: torch's global generator, which the
+    training engine seeds every step).
 
     Returns:
         ``(box, size, flip)``: the window (top, left, height, width), the view size
         (H_view, W_view) and the mirror flag.
     """
-    rng = generator or random
+    def uniform(low: float, high: float) -> float:
+        return low + (high - low) * float(torch.rand((), generator=generator))
+
     height, width = image_size
-    crop = rng.uniform(min_crop, 1.0) if min_crop < 1.0 else 1.0
+    crop = uniform(min_crop, 1.0) if min_crop < 1.0 else 1.0
     box_h, box_w = max(1, round(height * crop)), max(1, round(width * crop))
-    # the whole image draws no position, so min_crop = 1 uses the random stream as a plain rescale + flip
-    top = rng.randint(0, height - box_h) if box_h < height else 0
-    left = rng.randint(0, width - box_w) if box_w < width else 0
-    scale = rng.uniform(*scale_range)
+    top = int(torch.randint(0, height - box_h + 1, (), generator=generator)) if box_h < height else 0
+    left = int(torch.randint(0, width - box_w + 1, (), generator=generator)) if box_w < width else 0
+    scale = uniform(*scale_range)
     size = (max(1, round(box_h * scale)), max(1, round(box_w * scale)))
-    return (top, left, box_h, box_w), size, rng.random() < 0.5
+    return (top, left, box_h, box_w), size, uniform(0.0, 1.0) < 0.5
 
 
 def rescale_flip_images(images: torch.Tensor, size: tuple[int, int], flip: bool,
@@ -184,8 +186,6 @@ class CamObjective(nn.Module):
         self.model = model
         self.er_weight, self.er_scale_range, self.er_min_crop = er_weight, tuple(er_scale_range), er_min_crop
         self.erase_weight, self.erase_thresh = erase_weight, erase_thresh
-        # Draws the random view of the equivariance loss; the training loop re-seeds it every step.
-        self.rng = random.Random(0)
 
     def forward(self, images: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
         """Return ``{"total", "cls", "er", "erase"}`` scalar tensors (unused terms are 0)."""
@@ -196,7 +196,7 @@ class CamObjective(nn.Module):
         image_size = tuple(images.shape[-2:])
         stride = getattr(self.model, "output_stride", 16)
         if self.er_weight > 0:
-            box, size, flip = sample_view(image_size, self.er_scale_range, self.er_min_crop, self.rng)
+            box, size, flip = sample_view(image_size, self.er_scale_range, self.er_min_crop)
             _, view_maps = self.model(rescale_flip_images(images, size, flip, box), return_maps=True)
             view_grid = tuple(view_maps.shape[-2:])
 

@@ -57,9 +57,13 @@ class ConfusionMatrix:
         self.pred_ignored += other.pred_ignored
         return self
 
-    def reset(self) -> None:
-        self.matrix[:] = 0
-        self.pred_ignored = 0
+    def add_counts(self, counts) -> "ConfusionMatrix":
+        """Add a [C, C] count matrix (numpy or torch, e.g. from :func:`confusion_counts`); returns ``self``."""
+        counts = counts.detach().cpu().numpy() if hasattr(counts, "detach") else np.asarray(counts)
+        if counts.shape != self.matrix.shape:
+            raise ValueError(f"expected counts of shape {self.matrix.shape}, got {counts.shape}")
+        self.matrix += counts.astype(np.int64)
+        return self
 
     # ------------------------------------------------------------------ scores
 
@@ -129,6 +133,24 @@ class ConfusionMatrix:
             lines.append(f"{names[index]:<{width}}  {iou[index]:7.4f}  {precision[index]:7.4f}  {recall[index]:7.4f}")
         lines.append(f"{'mIoU':<{width}}  {self.miou():7.4f}")
         return "\n".join(lines)
+
+
+def confusion_counts(target, prediction, num_classes: int, ignore_index: int = IGNORE_INDEX):
+    """Confusion counts of torch label maps on their device (no host round trip per image).
+
+    Args:
+        target: int tensor [...] ground truth; ``ignore_index`` pixels are skipped.
+        prediction: int tensor of the same shape, values in 0..num_classes - 1.
+
+    Returns:
+        int64 tensor [C, C] (rows = ground truth, columns = prediction), on the inputs' device.
+    """
+    import torch
+
+    target, prediction = target.reshape(-1).long(), prediction.reshape(-1).long()
+    valid = target != ignore_index
+    index = target[valid] * num_classes + prediction[valid]
+    return torch.bincount(index, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
 
 
 def average_precision(scores: np.ndarray, targets: np.ndarray) -> np.ndarray:

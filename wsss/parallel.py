@@ -1,13 +1,32 @@
-"""Per-image work over a process pool, with a progress bar."""
+"""Per-image work over a process pool, with a progress bar: the one pool driver of wsss.
+
+``prepare`` (mask conversion, image checks), ``eval`` (confusion matrices) and ``refine``
+(GMM + CRF per image) all go through :func:`imap_images`.  Workers
+
+* start with ``fork`` on Linux (no re-import of the command line) and ``spawn`` elsewhere;
+* run one BLAS/OpenMP/OpenCV thread each, so workers x threads stay within the cores;
+* end when their parent process dies (Linux ``PR_SET_PDEATHSIG``): a killed command leaves no
+  worker behind that goes on writing files.
+
+An exception raised in a worker (e.g. a :class:`~wsss.errors.WsssError` naming a bad file) is
+raised again in the parent by :mod:`multiprocessing`, with its type and message.
+"""
 
 from __future__ import annotations
 
+import functools
+import math
 import multiprocessing
+import os
+import signal
 import sys
 from typing import Callable, Iterator, Sequence, TypeVar
 
 from wsss.device import default_workers
 from wsss.progress import bar as progress_bar
+
+Task = TypeVar("Task")
+Result = TypeVar("Result")
 
 
 def pool_context() -> multiprocessing.context.BaseContext:
@@ -23,34 +42,78 @@ def pool_context() -> multiprocessing.context.BaseContext:
     return multiprocessing.get_context("spawn")
 
 
-Task = TypeVar("Task")
-Result = TypeVar("Result")
+def _die_with_parent() -> None:
+    """Ask Linux to send this process SIGTERM when its parent dies (no-op elsewhere)."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os._exit(1)
+
+
+def _worker_start(initializer: Callable | None, initargs: tuple) -> None:
+    from threadpoolctl import threadpool_limits
+
+    _die_with_parent()
+    # one thread per worker: the processes give the parallelism, and results do not depend on
+    # how many threads a machine has
+    threadpool_limits(limits=1)
+    if "cv2" in sys.modules:
+        sys.modules["cv2"].setNumThreads(1)
+    if initializer is not None:
+        initializer(*initargs)
+
+
+def _indexed(func: Callable, item: tuple[int, Task]) -> tuple[int, Result]:
+    index, task = item
+    return index, func(task)
 
 
 def imap_images(func: Callable[[Task], Result], tasks: Sequence[Task], workers: int | None = None,
-                desc: str = "images") -> Iterator[Result]:
-    """Apply ``func`` to every task in a process pool, in order, with a progress bar.
+                desc: str = "images", *, initializer: Callable | None = None, initargs: tuple = (),
+                ordered: bool = True, weights: Sequence[int] | None = None, chunksize: int | None = None,
+                show: bool = True, leave: bool = False) -> Iterator[Result]:
+    """Apply ``func`` to every task in a process pool, with a progress bar.
 
     Args:
         func: a picklable (module-level or ``functools.partial``) function of one task.
-        tasks: the per-image work items.
-        workers: processes to use; ``None`` = all cores, 0 or 1 = run in this process
-            (also used when there is a single task, where a pool only costs start-up time).
+        tasks: the work items (an image, or a chunk of images).
+        workers: processes; ``None`` = all cores, 0 or 1 = run in this process (also used for a
+            single task, where a pool only costs start-up time).
         desc: label of the progress bar.
+        initializer, initargs: run once in every worker (and once here when serial), e.g. to hand
+            each worker a large read-only object once instead of with every task.
+        ordered: yield results in the order of ``tasks``; False yields them as they finish.
+        weights: progress-bar units per task (e.g. images per chunk); default 1 each.
+        chunksize: tasks sent to a worker at a time (default: a few per worker).
 
     Yields:
-        ``func(task)`` for each task, in the order of ``tasks``.  An exception raised
-        in a worker (e.g. :class:`WsssError` naming a bad file) is re-raised here.
+        ``func(task)`` for each task.  An exception raised in a worker is raised here.
     """
     workers = default_workers() if workers is None else workers
     workers = min(workers, len(tasks))
+    weights = list(weights) if weights is not None else [1] * len(tasks)
+    with_bar = functools.partial(progress_bar, total=sum(weights), desc=desc, leave=leave, show=show)
     if workers <= 1:
-        for task in progress_bar(tasks, desc=desc, leave=False):
-            yield func(task)
+        if initializer is not None:
+            initializer(*initargs)
+        with with_bar() as progress:
+            for task, weight in zip(tasks, weights):
+                yield func(task)
+                progress.update(weight)
         return
-    chunksize = max(1, min(64, len(tasks) // (workers * 8)))
-    with pool_context().Pool(workers) as pool:
-        with progress_bar(total=len(tasks), desc=desc, leave=False) as progress:
-            for result in pool.imap(func, tasks, chunksize=chunksize):
+    chunksize = chunksize or max(1, min(64, math.ceil(len(tasks) / (workers * 8))))
+    with pool_context().Pool(workers, initializer=_worker_start, initargs=(initializer, initargs)) as pool:
+        mapper = pool.imap if ordered else pool.imap_unordered
+        with with_bar() as progress:
+            for index, result in mapper(functools.partial(_indexed, func), list(enumerate(tasks)),
+                                        chunksize=chunksize):
                 yield result
-                progress.update()
+                progress.update(weights[index])

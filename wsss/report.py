@@ -110,17 +110,19 @@ def plot_curves(cls_history: list[dict], seg_history: list[dict], path: Path) ->
     if not cls_history and not seg_history:
         return False
     figure, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    epochs = [record["epoch"] for record in cls_history]
-    for key in sorted({key for record in cls_history for key in record if key.startswith("loss_")}):
-        axes[0].plot(epochs, [record.get(key) for record in cls_history], marker="o", label=key[5:])
+    cls_history = [record for record in cls_history if "round" in record]  # one record per epoch
+    epochs = [record["round"] for record in cls_history]
+    for key in sorted({key for record in cls_history for key in record if key.startswith("loss")}):
+        axes[0].plot(epochs, [record.get(key) for record in cls_history], marker="o",
+                     label="total" if key == "loss" else key[5:])
     axes[0].set(title="train-cls loss", xlabel="epoch")
     for key, label in (("val_map", "val mAP"), ("val_cam_miou", "val CAM mIoU")):
         values = [record.get(key) for record in cls_history]
         if any(value is not None for value in values):
             axes[1].plot(epochs, values, marker="o", label=label)
     axes[1].set(title="train-cls validation", xlabel="epoch", ylim=(0, 1))
-    losses = [(record["iteration"], record["loss"]) for record in seg_history if "loss" in record]
-    mious = [(record["iteration"], record["val_miou"]) for record in seg_history if "val_miou" in record]
+    losses = [(record["step"], record["loss"]) for record in seg_history if "loss" in record]
+    mious = [(record["step"], record["val_miou"]) for record in seg_history if record.get("val_miou") is not None]
     if losses:
         axes[2].plot(*zip(*losses), label="loss")
     if mious:

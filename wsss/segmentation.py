@@ -23,7 +23,6 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -60,47 +59,60 @@ def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, weight: torch.
     return per_pixel.sum() / labelled.clamp(min=1)
 
 
-def predict_probs(model: nn.Module, image: np.ndarray, scales: Sequence[float] = (1.0,), flip: bool = True,
-                  device: torch.device | str = "cpu") -> np.ndarray:
-    """Class probabilities of one image, averaged over scales and horizontal flips.
+def segment_batch(model: nn.Module, images: torch.Tensor, scales: Sequence[float] = (1.0,), flip: bool = True,
+                  precision=None) -> torch.Tensor:
+    """Class probabilities of a batch, averaged over scales and horizontal flips, on the batch's device.
 
-    Each scale resizes the image (bilinear), runs the image and its mirror as
-    one batch of two, upsamples the logits to the original size, and averages
-    the softmax probabilities of all views.
+    Each scale resizes the batch (bilinear), runs it with its mirror images appended as one
+    forward pass, upsamples the logits to the input size and averages the softmax of all views.
 
     Args:
-        model: maps float [B, 3, h, w] to logits [B, C, h, w]; put into eval mode for the call.
-        image: RGB uint8 [H, W, 3].
+        model: maps float [B, 3, h, w] to logits [B, C, h, w], in eval mode.
+        images: float [B, 3, H, W], ImageNet-normalised, one size.
         scales: resize factors (1.0 = original size).
-        flip: also use the horizontally flipped image.
-        device: where the model lives.
+        flip: also use the horizontally flipped images.
+        precision: a :class:`wsss.training.Precision` for autocast and memory layout (default: float32).
+
+    Returns:
+        float32 [B, C, H, W] probabilities summing to 1 over C.
+    """
+    from wsss.cam import resize_images
+
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"expected images [B, 3, H, W], got {tuple(images.shape)}")
+    if not scales:
+        raise ValueError("need at least one scale")
+    batch, size = images.shape[0], tuple(images.shape[-2:])
+    total = None
+    with torch.inference_mode():
+        for scale in scales:
+            inputs = resize_images(images, scale)
+            if flip:
+                inputs = torch.cat([inputs, inputs.flip(-1)])
+            if precision is not None:
+                with precision.autocast(images.device):
+                    logits = model(precision.images(inputs))
+            else:
+                logits = model(inputs)
+            probs = F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=False).softmax(1)
+            view_sum = probs[:batch] + probs[batch:].flip(-1) if flip else probs
+            total = view_sum if total is None else total + view_sum
+    return total / (len(scales) * (2 if flip else 1))
+
+
+def predict_probs(model: nn.Module, image: np.ndarray, scales: Sequence[float] = (1.0,), flip: bool = True,
+                  device: torch.device | str = "cpu") -> np.ndarray:
+    """Class probabilities of one RGB uint8 [H, W, 3] image (:func:`segment_batch` of a batch of one).
 
     Returns:
         float32 [C, H, W] probabilities summing to 1 over C.
     """
     if image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"expected an RGB image [H, W, 3], got {image.shape}")
-    if not scales:
-        raise ValueError("need at least one scale")
-    height, width = image.shape[:2]
     was_training = model.training
     model.eval()
-    total = None
     try:
-        with torch.inference_mode():
-            for scale in scales:
-                size = (max(1, round(height * scale)), max(1, round(width * scale)))
-                resized = image if size == (height, width) else cv2.resize(image, size[::-1], interpolation=cv2.INTER_LINEAR)
-                batch = normalize_image(resized).unsqueeze(0)
-                if flip:
-                    batch = torch.cat([batch, batch.flip(-1)])
-                logits = model(batch.to(device))
-                logits = F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False)
-                probs = logits.float().softmax(1)
-                view_sum = probs[0] + probs[1].flip(-1) if flip else probs[0]
-                total = view_sum if total is None else total + view_sum
+        probs = segment_batch(model, normalize_image(image)[None].to(device), scales, flip)
     finally:
         model.train(was_training)
-    views = len(scales) * (2 if flip else 1)
-    return (total / views).cpu().numpy().astype(np.float32)
-
+    return probs[0].cpu().numpy().astype(np.float32)

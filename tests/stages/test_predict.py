@@ -101,3 +101,15 @@ def test_checkpoint_for_other_classes_is_an_error(setup, tmp_path):
     assert result.exit_code == 1 and result.output.startswith("Error: ") and "classes" in result.output
     result = predict(root, tmp_path / "missing.pth", tmp_path / "pred")
     assert result.exit_code == 1 and "checkpoint not found" in result.output
+
+
+def test_two_shards_write_the_files_of_one_unsharded_run(setup, tmp_path):
+    root, checkpoint, _ = setup
+    assert predict(root, checkpoint, tmp_path / "whole").exit_code == 0
+    for index in (0, 1):
+        assert predict(root, checkpoint, tmp_path / "sharded", "--shard", f"{index}/2").exit_code == 0
+    for image_id in SIZES:
+        assert (artifacts.label_path(tmp_path / "sharded", image_id).read_bytes()
+                == artifacts.label_path(tmp_path / "whole", image_id).read_bytes()), image_id
+    result = predict(root, checkpoint, tmp_path / "x", "--shard", "1/2", "--eval")
+    assert result.exit_code == 1 and "every --shard" in result.output

@@ -170,6 +170,17 @@ def test_one_and_two_workers_give_identical_outputs(tiny):
     assert one["workers"] == 1 and two["workers"] == 2
 
 
+def test_two_shards_write_the_files_of_one_unsharded_run(tiny):
+    root, cam_dir, tmp = tiny
+    params = RefineParams(crf=CrfParams(iterations=3))
+    run(RefineConfig(cam_dir=cam_dir, root=root, out_dir=tmp / "whole", params=params, workers=1, progress=False))
+    done = [run(RefineConfig(cam_dir=cam_dir, root=root, out_dir=tmp / "sharded", params=params, workers=1,
+                             shard=(index, 2), progress=False))["refined"] for index in (0, 1)]
+    assert done == [3, 2]
+    assert _outputs(tmp / "sharded") == _outputs(tmp / "whole")
+    assert artifacts.metrics_path(tmp / "sharded", (1, 2)).is_file()
+
+
 def test_stage_outputs_metrics_resume_and_eval(tiny):
     root, cam_dir, tmp = tiny
     out = tmp / "pseudo"

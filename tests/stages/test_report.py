@@ -31,10 +31,10 @@ def make_run(tmp_path):
     artifacts.write_json(artifacts.eval_metrics_path(run / "pseudo", "train"),
                          {"split": "train", "miou": 0.625, "summary": {"per_class": per_class}})
     artifacts.write_json(artifacts.metrics_path(run / "cls"), {"history": [
-        {"epoch": 1, "loss_cls": 0.7, "loss_er": 0.1, "val_map": 0.5},
-        {"epoch": 2, "loss_cls": 0.5, "loss_er": 0.08, "val_map": 0.7}]})
+        {"round": 1, "step": 4, "loss": 0.8, "loss_cls": 0.7, "loss_er": 0.1, "val_map": 0.5},
+        {"round": 2, "step": 8, "loss": 0.58, "loss_cls": 0.5, "loss_er": 0.08, "val_map": 0.7}]})
     artifacts.write_json(artifacts.metrics_path(run / "seg"), {"weak_full_ratio": 0.8, "history": [
-        {"iteration": 10, "loss": 1.0}, {"iteration": 10, "val_miou": 0.4}, {"iteration": 20, "loss": 0.5}]})
+        {"step": 10, "loss": 1.0}, {"round": 1, "step": 20, "loss": 0.5, "val_miou": 0.4}]})
     return run
 
 

@@ -73,7 +73,7 @@ def test_one_epoch_writes_checkpoints_config_and_metrics(root, tmp_path):
         checkpoint = artifacts.load_checkpoint(artifacts.checkpoint_path(out, which))  # weights_only=True
         assert checkpoint["arch"] == {"backbone": "resnet18", "num_classes": 3, "output_stride": 16}
         assert checkpoint["classes"] == CLASSES
-        assert checkpoint["epoch"] == 1 and checkpoint["step"] == 2  # 4 images, batch 2
+        assert checkpoint["round"] == 1 and checkpoint["step"] == 2  # 4 images, batch 2
         assert checkpoint["config"]["er_weight"] == 1.0 and checkpoint["config"]["erase_weight"] == 0.5
         assert {"optimizer", "scheduler"} <= set(checkpoint)
         assert checkpoint["model"]["classifier.weight"].shape == (2, 512, 1, 1)
@@ -83,11 +83,12 @@ def test_one_epoch_writes_checkpoints_config_and_metrics(root, tmp_path):
     assert metrics["finished"] and metrics["epoch"] == 1 and len(metrics["history"]) == 1
     record = metrics["history"][0]
     assert record["loss_er"] > 0 and record["loss_erase"] > 0 and record["loss_cls"] > 0
-    assert record["loss_total"] == pytest.approx(record["loss_cls"] + record["loss_er"] + 0.5 * record["loss_erase"],
-                                                 rel=1e-4)
+    assert record["loss"] == pytest.approx(record["loss_cls"] + record["loss_er"] + 0.5 * record["loss_erase"],
+                                           rel=1e-4)
     assert 0 <= record["val_map"] <= 1 and 0 <= record["val_cam_miou"] <= 1
     assert set(record["val_ap"]) == {"square", "disc"}
-    assert metrics["best"] == {"epoch": 1, "metric": "val_cam_miou", "value": record["val_cam_miou"]}
+    # best.pth is picked by val mAP (image-level labels), never by the val masks unless asked
+    assert metrics["best"] == {"round": 1, "step": 2, "metric": "val_map", "value": record["val_map"]}
 
 
 def test_same_seed_same_weights(root, tmp_path):
@@ -108,18 +109,18 @@ def test_resume_continues_the_schedule(root, tmp_path):
     result = train(root, resumed, *extra, "--stop-after", "1")
     assert result.exit_code == 0, result.output
     halfway = artifacts.load_checkpoint(artifacts.checkpoint_path(resumed, "last"))
-    assert halfway["epoch"] == 1 and halfway["step"] == 2
+    assert halfway["round"] == 1 and halfway["step"] == 2
     assert halfway["scheduler"]["last_epoch"] == 2
     assert not json.loads(artifacts.metrics_path(resumed).read_text())["finished"]
     result = train(root, resumed, *extra, "--resume")
     assert result.exit_code == 0, result.output
     final = artifacts.load_checkpoint(artifacts.checkpoint_path(resumed, "last"))
-    assert final["epoch"] == 2 and final["step"] == 4 and final["scheduler"]["last_epoch"] == 4
+    assert final["round"] == 2 and final["step"] == 4 and final["scheduler"]["last_epoch"] == 4
     # poly schedule over 4 steps: the learning rate after the last step is 0
     assert final["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.0)
     assert_same_weights(final["model"], weights(straight))
     metrics = json.loads(artifacts.metrics_path(resumed).read_text())
-    assert metrics["finished"] and [r["epoch"] for r in metrics["history"]] == [1, 2]
+    assert metrics["finished"] and [r["round"] for r in metrics["history"]] == [1, 2]
 
 
 def test_finished_run_is_not_trained_again_and_changed_schedule_refuses(root, tmp_path):

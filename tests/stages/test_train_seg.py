@@ -6,7 +6,7 @@ import torch
 from click.testing import CliRunner
 
 from stages.cli import cli
-from stages.train_seg import IterationBatchSampler, TrainSegConfig, total_iterations
+from stages.train_seg import TrainSegConfig, total_iterations
 from wsss import artifacts
 from wsss.datasets.prepared import SplitSpec, write_prepared
 from wsss.device import DistInfo
@@ -79,17 +79,18 @@ def test_gt_run_writes_checkpoints_and_val_miou(data, tmp_path):
     metrics = json.loads(artifacts.metrics_path(out).read_text())
     assert metrics["labels"] == "gt" and metrics["finished"] and metrics["iteration"] == 3
     assert 0.0 <= metrics["val_miou"] <= 1.0
-    assert [h["iteration"] for h in metrics["history"] if "val_miou" in h] == [2, 3]
+    assert [h["step"] for h in metrics["history"] if "val_miou" in h] == [2, 3]
     assert len([h for h in metrics["history"] if "loss" in h]) == 3
     assert f"val mIoU {metrics['val_miou']:.4f}" in result.output
     checkpoint = artifacts.load_checkpoint(artifacts.checkpoint_path(out, "last"))
     assert checkpoint["arch"] == {"model": "deeplabv3_resnet18", "num_classes": 3}
-    assert checkpoint["classes"] == CLASSES and checkpoint["iteration"] == 3
+    assert checkpoint["classes"] == CLASSES and checkpoint["step"] == 3
     assert checkpoint["config"]["labels"] == "gt" and isinstance(checkpoint["config"], dict)
     assert {"optimizer", "scheduler"} <= set(checkpoint)
+    assert metrics["best_val_miou"] == max(h["val_miou"] for h in metrics["history"] if "val_miou" in h)
+    # best.pth is the last checkpoint unless --select val-miou asks for the val masks to choose it
     best = artifacts.load_checkpoint(artifacts.checkpoint_path(out, "best"))
-    assert best["best_val_miou"] == metrics["best_val_miou"] == max(
-        h["val_miou"] for h in metrics["history"] if "val_miou" in h)
+    assert best["step"] == 3 and metrics["selected"]["metric"] is None
     config = json.loads(artifacts.config_path(out).read_text())
     assert config["config"]["model"] == "deeplabv3_resnet18" and config["total_iterations"] == 3
 
@@ -137,14 +138,14 @@ def test_resume_continues_the_schedule(data, tmp_path):
     interrupted, straight = tmp_path / "interrupted", tmp_path / "straight"
     assert train(root, interrupted, *common, "--stop-at", "2").exit_code == 0
     half = artifacts.load_checkpoint(artifacts.checkpoint_path(interrupted, "last"))
-    assert half["iteration"] == 2
+    assert half["step"] == 2
     assert json.loads(artifacts.metrics_path(interrupted).read_text())["finished"] is False
     result = train(root, interrupted, *common)  # --resume is the default
     assert result.exit_code == 0, result.output
     assert train(root, straight, *common).exit_code == 0
     resumed = artifacts.load_checkpoint(artifacts.checkpoint_path(interrupted, "last"))
     direct = artifacts.load_checkpoint(artifacts.checkpoint_path(straight, "last"))
-    assert resumed["iteration"] == direct["iteration"] == 4
+    assert resumed["step"] == direct["step"] == 4
     assert resumed["scheduler"]["last_epoch"] == direct["scheduler"]["last_epoch"] == 4
     for name, tensor in direct["model"].items():
         assert torch.equal(resumed["model"][name], tensor), name
@@ -182,7 +183,7 @@ def test_resume_refuses_a_changed_schedule(data, tmp_path):
     assert train(root, out, *common, "--lr", "0.5").exit_code == 1
     result = train(root, out, "--labels", "gt", "--iterations", "6", "--val-split", "none", "--overwrite")
     assert result.exit_code == 0
-    assert artifacts.load_checkpoint(artifacts.checkpoint_path(out, "last"))["iteration"] == 6
+    assert artifacts.load_checkpoint(artifacts.checkpoint_path(out, "last"))["step"] == 6
 
 
 def test_missing_pseudo_label_is_a_one_line_error(data, tmp_path):
@@ -202,19 +203,3 @@ def test_total_iterations_from_epochs():
     cfg = TrainSegConfig(root=".", out_dir=".", iterations=None, epochs=2.0, batch_size=4)
     assert total_iterations(cfg, num_images=10, world_size=1) == 5  # ceil(2 * 10 / 4)
     assert total_iterations(cfg, num_images=10, world_size=2) == 3  # ceil(2 * 5 / 4)
-
-
-def test_batch_sampler_is_full_deterministic_and_resumable():
-    items = list(range(5))
-    full = list(IterationBatchSampler(items, 2, seed=7, info=DistInfo(), start=0, total=6))
-    assert all(len(batch) == 2 for batch in full)
-    indices = [index for batch in full for index, _ in batch]
-    assert sorted(indices[:5]) == items and sorted(indices[5:10]) == items  # epochs without repeats
-    tail = list(IterationBatchSampler(items, 2, seed=7, info=DistInfo(), start=3, total=6))
-    assert tail == full[3:]
-    other = list(IterationBatchSampler(items, 2, seed=8, info=DistInfo(), start=0, total=6))
-    assert other != full
-    rank0 = IterationBatchSampler(items, 2, seed=7, info=DistInfo(0, 0, 2), start=0, total=1)
-    rank1 = IterationBatchSampler(items, 2, seed=7, info=DistInfo(1, 1, 2), start=0, total=1)
-    first = [i for i, _ in next(iter(rank0))] + [i for i, _ in next(iter(rank1))]
-    assert len(set(first)) == 4  # the ranks see different images

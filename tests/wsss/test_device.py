@@ -42,3 +42,71 @@ def test_mean_and_sum_over_two_gloo_processes():
     for rank in (0, 1):
         means, sums = results[rank]
         assert means == pytest.approx([2.0, 20.0]) and sums == pytest.approx([4.0, 40.0])
+
+
+# --------------------------------------------------------------------------- sharded evaluation
+
+
+def _evaluation_dataset(root):
+    """4 images of two sizes with a red square (class 1) or a blue disc (class 2)."""
+    import numpy as np
+
+    from wsss import artifacts
+    from wsss.datasets.prepared import SplitSpec, write_prepared
+
+    rng = np.random.default_rng(0)
+    labels = {}
+    for index, (height, width) in enumerate([(40, 36), (40, 36), (33, 45), (40, 36)]):
+        image = rng.integers(90, 140, (height, width, 3), dtype=np.uint8)
+        mask = np.zeros((height, width), np.uint8)
+        cls = 1 + index % 2
+        mask[5:20, 5 + index:22 + index] = cls
+        image[mask == cls] = (220, 40, 40) if cls == 1 else (40, 40, 220)
+        artifacts.write_image(root / "images" / f"i{index}.png", image)
+        artifacts.write_label_png(root / "masks" / f"i{index}.png", mask)
+        labels[f"i{index}"] = [cls]
+    spec = SplitSpec(image_dir="images", image_ext=".png", mask_dir="masks")
+    write_prepared(root, "folder", ["background", "square", "disc"], {"val": (spec, sorted(labels))}, labels)
+
+
+def _evaluate_both(root, info):
+    """train-cls validation and train-seg evaluation of fixed random networks on ``root``'s val split."""
+    from stages.train_cls import validate
+    from stages.train_seg import evaluate_model
+    from wsss.datasets.prepared import PreparedDataset
+    from wsss.models.classifier import CamNet
+    from wsss.models.deeplab import build_seg_model
+
+    torch.manual_seed(0)
+    cam_net = CamNet("resnet18", num_classes=3).eval()
+    seg_net = build_seg_model("deeplabv3_resnet18", 3).eval()
+    dataset = PreparedDataset.load(root)
+    cpu = torch.device("cpu")
+    record = validate(cam_net, dataset, "val", cpu, info, cam_images=3, cam_threshold=0.3)
+    matrix = evaluate_model(seg_net, dataset, "val", cpu, info)
+    return record, matrix.matrix.tolist()
+
+
+def _evaluation_rank(rank: int, world_size: int, port: int, root, results) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        results[rank] = _evaluate_both(root, DistInfo(rank=rank, local_rank=rank, world_size=world_size))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built in")
+def test_two_process_evaluation_equals_one_process(tmp_path):
+    _evaluation_dataset(tmp_path / "data")
+    single_record, single_matrix = _evaluate_both(tmp_path / "data", DistInfo())
+    results = mp.get_context("spawn").Manager().dict()
+    mp.spawn(_evaluation_rank, args=(2, _free_port(), tmp_path / "data", results), nprocs=2, join=True)
+    for rank in (0, 1):
+        record, matrix = results[rank]
+        assert matrix == single_matrix  # integer counts: exactly equal
+        assert record["val_map"] == pytest.approx(single_record["val_map"], abs=1e-6)
+        assert record["val_cam_miou"] == pytest.approx(single_record["val_cam_miou"], abs=1e-9)
+        assert record["val_ap"] == pytest.approx(single_record["val_ap"], abs=1e-6)
+    assert sum(map(sum, single_matrix)) > 0

@@ -71,9 +71,7 @@ def test_rescale_flip_maps_commutes_with_an_identity_network():
 
 
 def test_sample_view_draws_windows_inside_the_image():
-    import random
-
-    rng = random.Random(0)
+    rng = torch.Generator().manual_seed(0)
     for _ in range(50):
         (top, left, box_h, box_w), size, flip = sample_view((40, 30), (0.5, 0.75), 0.6, rng)
         assert 0 <= top and top + box_h <= 40 and 0 <= left and left + box_w <= 30
@@ -110,7 +108,7 @@ def test_cam_objective_terms():
     assert plain["total"].item() == pytest.approx(plain["cls"].item())
     objective = CamObjective(net, er_weight=0.5, er_scale_range=(0.5, 0.5), er_min_crop=0.7, erase_weight=2.0,
                              erase_thresh=0.7)
-    objective.rng.seed(3)
+    torch.manual_seed(3)  # the view is drawn from torch's generator
     terms = objective(images, targets)
     assert terms["er"].item() > 0 and terms["erase"].item() > 0
     assert terms["total"].item() == pytest.approx(terms["cls"].item() + 0.5 * terms["er"].item()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 from typing import Callable
 
@@ -100,25 +99,6 @@ class InferenceDataset(Dataset):
         image_id = self.ids[index]
         image = self.dataset.read_image(self.split, image_id)
         return {"id": image_id, "image": image, "size": image.shape[:2]}
-
-
-class SeededItems(Dataset):
-    """Item ``(index, seed)``: the base dataset's item ``index``, augmented with Python's ``random`` seeded to ``seed``.
-
-    The joint transforms draw from ``random``; seeding per item makes an item's augmentation
-    independent of the DataLoader worker count and of whether training was resumed.
-    """
-
-    def __init__(self, base: Dataset):
-        self.base = base
-
-    def __len__(self) -> int:
-        return len(self.base)
-
-    def __getitem__(self, key: tuple[int, int]):
-        index, seed = key
-        random.seed(seed)
-        return self.base[index]
 
 
 def collate_single(items: list[dict]) -> dict:

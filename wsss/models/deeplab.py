@@ -32,7 +32,7 @@ from torchvision.models import segmentation as tv_segmentation
 from torchvision.models.segmentation.deeplabv3 import DeepLabHead
 
 from wsss.errors import WsssError
-from wsss.models.backbones import BACKBONES, build_resnet, load_imagenet_state, load_state_file
+from wsss.models.backbones import BACKBONES, build_resnet, freeze_batchnorm, load_imagenet_state, load_state_file
 
 
 class SegmentationNet(nn.Module):
@@ -48,6 +48,19 @@ class SegmentationNet(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.head = head
+        self.frozen_batchnorm = False
+
+    def freeze_backbone_batchnorm(self) -> "SegmentationNet":
+        """Keep the backbone's BatchNorm in eval mode with frozen parameters, also after ``train()``."""
+        self.frozen_batchnorm = True
+        freeze_batchnorm(self.backbone)
+        return self
+
+    def train(self, mode: bool = True) -> "SegmentationNet":
+        super().train(mode)
+        if mode and self.frozen_batchnorm:
+            freeze_batchnorm(self.backbone)  # train() would switch BatchNorm back to batch statistics
+        return self
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if images.ndim != 4 or images.shape[1] != 3:

@@ -1,0 +1,124 @@
+"""The shared training engine: step sampler, loss meter, precision, checkpoints and resume checks."""
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from wsss import artifacts
+from wsss.device import DistInfo
+from wsss.errors import WsssError
+from wsss.training import (LossMeter, Loop, RunSpec, StepBatchSampler, Trainee, TrainState, find_resumable, fit,
+                           grad_scaler, resolve_precision, steps_per_epoch)
+
+
+def test_step_sampler_is_full_deterministic_and_resumable():
+    full = list(StepBatchSampler(5, 2, seed=7, info=DistInfo(), start=0, stop=6))
+    assert all(len(batch) == 2 for batch in full)
+    indices = [index for batch in full for index, _ in batch]
+    assert sorted(indices[:5]) == list(range(5)) and sorted(indices[5:10]) == list(range(5))  # epochs without repeats
+    assert list(StepBatchSampler(5, 2, seed=7, info=DistInfo(), start=3, stop=6)) == full[3:]
+    assert list(StepBatchSampler(5, 2, seed=8, info=DistInfo(), start=0, stop=6)) != full
+    rank0 = StepBatchSampler(5, 2, seed=7, info=DistInfo(0, 0, 2), start=0, stop=1)
+    rank1 = StepBatchSampler(5, 2, seed=7, info=DistInfo(1, 1, 2), start=0, stop=1)
+    first = [i for i, _ in next(iter(rank0))] + [i for i, _ in next(iter(rank1))]
+    assert len(set(first)) == 4  # the ranks see different images
+    # every position gets its own augmentation seed
+    seeds = [seed for batch in full for _, seed in batch]
+    assert len(set(seeds)) == len(seeds)
+
+
+def test_steps_per_epoch():
+    assert steps_per_epoch(10, 4, 1) == 2
+    assert steps_per_epoch(10, 4, 2) == 1  # 5 images per rank
+    assert steps_per_epoch(3, 4, 1) == 1
+
+
+def test_loss_meter_means_and_non_finite_stop():
+    meter = LossMeter(torch.device("cpu"))
+    meter.add({"total": torch.tensor(1.0), "cls": torch.tensor(0.5)}, step=0)
+    meter.add({"total": torch.tensor(3.0), "cls": torch.tensor(1.5)}, step=1)
+    assert meter.read(DistInfo()) == {"cls": 1.0, "total": 2.0}
+    assert meter.read(DistInfo()) == {}  # reset after a read
+    meter.add({"total": torch.tensor(1.0)}, step=4)
+    meter.add({"total": torch.tensor(float("nan"))}, step=5)
+    meter.add({"total": torch.tensor(float("inf"))}, step=6)
+    with pytest.raises(WsssError, match="NaN or infinite at step 5"):
+        meter.read(DistInfo())
+
+
+def test_precision_choices_on_cpu():
+    cpu = torch.device("cpu")
+    assert resolve_precision("auto", cpu).dtype is None  # full precision on the CPU
+    assert resolve_precision("bf16", cpu).dtype is torch.bfloat16 and not resolve_precision("bf16", cpu).scaler
+    fp16 = resolve_precision("fp16", cpu)
+    assert fp16.dtype is torch.float16 and fp16.scaler and not fp16.channels_last
+    with pytest.raises(WsssError, match="--amp"):
+        resolve_precision("fp8", cpu)
+    with resolve_precision("bf16", cpu).autocast(cpu):
+        assert torch.nn.Linear(2, 2)(torch.ones(1, 2)).dtype is torch.bfloat16
+
+
+# --------------------------------------------------------------------------- fit and resume on a toy problem
+
+
+@dataclass(frozen=True)
+class ToyConfig:
+    lr: float = 0.1
+    seed: int = 0
+
+
+def _toy(out: Path, total: int = 6, lr: float = 0.1):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / total)
+    trainee = Trainee(model, optimizer, scheduler, grad_scaler(resolve_precision("off", torch.device("cpu")),
+                                                               torch.device("cpu")))
+    spec = RunSpec(out, ToyConfig(lr=lr), ("lr", "seed"), total, ["background", "x"], {"kind": "toy"})
+    data = torch.randn(total, 4, 3)
+
+    def step_loss(batch):
+        noise = torch.randn(4, 1)  # randomness inside the step comes from the per-step seed
+        return {"total": ((model(batch) - noise) ** 2).mean()}
+
+    return trainee, spec, data, step_loss
+
+
+def _fit(out: Path, stop_at=None, total: int = 6):
+    trainee, spec, data, step_loss = _toy(out, total)
+    checkpoint = find_resumable(spec)
+    state = trainee.restore(checkpoint) if checkpoint else TrainState()
+    loop = Loop(step_loss, round_steps=2, summarize=lambda s, done: {"finished": done, "step": s.step},
+                stop_at=stop_at, seed=3)
+    cpu = torch.device("cpu")
+    fit(trainee, list(data[state.step:stop_at or total]), loop, spec, state,
+        precision=resolve_precision("off", cpu), device=cpu, info=DistInfo())
+    return trainee.model
+
+
+def test_fit_resumes_to_the_weights_of_an_uninterrupted_run(tmp_path):
+    straight = _fit(tmp_path / "straight")
+    _fit(tmp_path / "resumed", stop_at=2)
+    halfway = artifacts.load_checkpoint(artifacts.checkpoint_path(tmp_path / "resumed", "last"))
+    assert halfway["step"] == 2 and halfway["round"] == 1
+    resumed = _fit(tmp_path / "resumed")
+    for name, tensor in straight.state_dict().items():
+        assert torch.equal(resumed.state_dict()[name], tensor), name
+    final = artifacts.load_checkpoint(artifacts.checkpoint_path(tmp_path / "resumed", "last"))
+    assert final["step"] == 6 and final["round"] == 3 and final["total_steps"] == 6
+    assert [record["step"] for record in final["history"]] == [2, 4, 6]
+    assert artifacts.read_json(artifacts.metrics_path(tmp_path / "resumed")) == {"finished": True, "step": 6}
+
+
+def test_resume_refuses_another_schedule(tmp_path):
+    _fit(tmp_path / "run", stop_at=2)
+    trainee, spec, _, _ = _toy(tmp_path / "run", lr=0.2)
+    with pytest.raises(WsssError, match="cannot resume, the run used different lr"):
+        find_resumable(spec)
+    _, spec, _, _ = _toy(tmp_path / "run", total=8)
+    with pytest.raises(WsssError, match=r"total steps \(6 -> 8\)"):
+        find_resumable(spec)
+    assert find_resumable(dataclasses.replace(spec, overwrite=True)) is None

@@ -1,0 +1,151 @@
+"""Batched inference over a split: images bucketed by size, decoded in workers, results written in the background.
+
+The per-image stages (make-cam, predict, and the validation of the training stages) run
+several images per forward pass.  Images of one batch must share a size (padding would change
+what the network sees near the border, and with it the CAMs and the global-average-pooled
+scores), so :func:`size_batches` reads every image's size from its file header and groups equal
+sizes into batches of at most ``batch_size``; VOC's images come in a handful of sizes.
+
+DataLoader workers decode the images (uint8, 4x less to copy than float32; pinned memory on
+CUDA); :func:`to_model_input` normalises them on the device.  Results are brought to the host
+once per batch in their final small dtype (uint8 labels, float16 CAMs), and
+:class:`BackgroundWriter` writes the files on a thread while the device computes the next batch.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from wsss.datasets.prepared import PreparedDataset
+from wsss.device import loader_worker_init
+from wsss.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+# EXIF orientations that swap width and height (OpenCV applies the orientation when decoding)
+_TRANSPOSING_ORIENTATIONS = {5, 6, 7, 8}
+
+
+def header_size(path: str | Path) -> tuple[int, int] | None:
+    """(H, W) of an image as decoded, from its header only; None when the header is unreadable."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+            orientation = image.getexif().get(0x0112) if hasattr(image, "getexif") else None
+    except (OSError, ValueError, SyntaxError):
+        return None
+    return (width, height) if orientation in _TRANSPOSING_ORIENTATIONS else (height, width)
+
+
+def size_batches(sizes: Sequence[tuple[int, int] | None], batch_size: int) -> list[list[int]]:
+    """Group positions of equal size into batches of at most ``batch_size``.
+
+    Batches come in the order of their first image; unknown sizes (None) get a batch each.
+
+    Returns:
+        list of lists of positions into ``sizes``.
+    """
+    groups: dict = {}
+    for position, size in enumerate(sizes):
+        groups.setdefault(size if size is not None else ("unknown", position), []).append(position)
+    batches = []
+    for members in groups.values():
+        batches += [members[start:start + batch_size] for start in range(0, len(members), batch_size)]
+    return sorted(batches, key=lambda batch: batch[0])
+
+
+class _SplitImages(Dataset):
+    """Item ``(position, image uint8 [H, W, 3], mask uint8 [H, W] or None)``."""
+
+    def __init__(self, dataset: PreparedDataset, split: str, ids: Sequence[str], masks: bool):
+        self.dataset, self.split, self.ids, self.masks = dataset, split, list(ids), masks
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, position: int):
+        image = self.dataset.read_image(self.split, self.ids[position])
+        mask = self.dataset.read_mask(self.split, self.ids[position], image.shape[:2]) if self.masks else None
+        return position, image, mask
+
+
+def _collate(items: list) -> list[tuple[list[int], torch.Tensor, torch.Tensor | None]]:
+    """Stack the items of a batch, split by decoded size (a header can disagree with the pixels)."""
+    groups: dict = {}
+    for position, image, mask in items:
+        groups.setdefault(image.shape, []).append((position, image, mask))
+    out = []
+    for members in groups.values():
+        positions = [member[0] for member in members]
+        images = torch.from_numpy(np.stack([member[1] for member in members]))
+        masks = None if members[0][2] is None else torch.from_numpy(np.stack([member[2] for member in members]))
+        out.append((positions, images, masks))
+    return out
+
+
+def split_batches(dataset: PreparedDataset, split: str, ids: Sequence[str], *, batch_size: int, workers: int,
+                  device: torch.device, masks: bool = False
+                  ) -> Iterator[tuple[list[str], torch.Tensor, torch.Tensor | None]]:
+    """Yield ``(ids, images uint8 [B, H, W, 3], masks uint8 [B, H, W] or None)`` on ``device``.
+
+    Every batch holds images of one size, at most ``batch_size`` of them (see :func:`size_batches`).
+    """
+    ids = list(ids)
+    sizes = [header_size(dataset.image_path(split, image_id)) for image_id in ids]
+    loader = DataLoader(_SplitImages(dataset, split, ids, masks), batch_sampler=size_batches(sizes, batch_size),
+                        collate_fn=_collate, num_workers=workers, pin_memory=device.type == "cuda",
+                        worker_init_fn=loader_worker_init)
+    for groups in loader:
+        for positions, images, mask_batch in groups:
+            images = images.to(device, non_blocking=True)
+            mask_batch = None if mask_batch is None else mask_batch.to(device, non_blocking=True)
+            yield [ids[position] for position in positions], images, mask_batch
+
+
+def to_model_input(images: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
+    """uint8 [B, H, W, 3] RGB -> float32 [B, 3, H, W] standardised with the ImageNet mean and std (on their device)."""
+    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
+    batch = (images.permute(0, 3, 1, 2).float().div_(255.0) - mean) / std
+    return batch.contiguous(memory_format=torch.channels_last) if channels_last else batch.contiguous()
+
+
+class BackgroundWriter:
+    """Runs file writes on one background thread; a failed write is raised at the next submit or at exit.
+
+    Use as a context manager: leaving it waits for every pending write.
+    """
+
+    def __init__(self, pending_limit: int = 16):
+        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="wsss-writer")
+        self._pending: list[concurrent.futures.Future] = []
+        self._limit = pending_limit
+
+    def submit(self, function: Callable, *args) -> None:
+        """Queue ``function(*args)``; blocks while more than ``pending_limit`` writes wait (bounded memory)."""
+        self._pending.append(self._executor.submit(function, *args))
+        while len(self._pending) > self._limit:
+            self._pending.pop(0).result()
+        done = [future for future in self._pending if future.done()]
+        for future in done:
+            self._pending.remove(future)
+            future.result()
+
+    def __enter__(self) -> "BackgroundWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            for future in self._pending:
+                if exc[0] is None:
+                    future.result()
+                else:
+                    future.cancel()
+        finally:
+            self._executor.shutdown(wait=True)
