@@ -37,7 +37,7 @@ from wsss.datasets.prepared import PreparedDataset
 from wsss.errors import WsssError
 from wsss.gmm import FALLBACK_REASONS, GmmParams
 from wsss.parallel import imap_images
-from wsss.refine import RefineParams, image_thresholds, refine_image
+from wsss.refine import RefineParams, SplitFits, fit_split, image_thresholds, refine_image, split_samples
 from wsss.reliability import LAMBDA_ALPHA, LAMBDA_BETA
 
 log = logging.getLogger(__name__)
@@ -100,7 +100,8 @@ def _read_inputs(cfg: RefineConfig, dataset: PreparedDataset, image_id: str):
     return cam_file, keys, cams
 
 
-def process_image(cfg: RefineConfig, dataset: PreparedDataset, image_id: str) -> dict:
+def process_image(cfg: RefineConfig, dataset: PreparedDataset, image_id: str,
+                  split_fits: SplitFits | None = None) -> dict:
     """Refine one image (or, if finished and not ``overwrite``, recompute its statistics).
 
     Returns:
@@ -119,14 +120,14 @@ def process_image(cfg: RefineConfig, dataset: PreparedDataset, image_id: str) ->
                 raise WsssError(f"{artifacts.label_path(cfg.out_dir, image_id)}: finished pseudo-label is "
                                 f"{label.shape[1]}x{label.shape[0]} but {cam_file} is {cams.shape[2]}x{cams.shape[1]}; "
                                 "pass --overwrite")
-            info = image_thresholds(keys, cams, cfg.params, seed=seed).summary(label)
+            info = image_thresholds(keys, cams, cfg.params, seed=seed, split_fits=split_fits).summary(label)
             return {"id": image_id, "skipped": True, **info}
         image = dataset.read_image(cfg.split, image_id)
         if image.shape[:2] != cams.shape[1:]:
             raise WsssError(f"{cam_file}: CAM is {cams.shape[2]}x{cams.shape[1]} but the image "
                             f"{dataset.image_path(cfg.split, image_id)} is {image.shape[1]}x{image.shape[0]}")
         try:
-            label, reliability, info = refine_image(image, keys, cams, cfg.params, seed=seed)
+            label, reliability, info = refine_image(image, keys, cams, cfg.params, seed=seed, split_fits=split_fits)
         except ValueError as err:
             raise WsssError(f"{cam_file}: {err}") from None
     artifacts.write_reliability(artifacts.reliability_path(cfg.out_dir, image_id), reliability)
@@ -137,15 +138,38 @@ def process_image(cfg: RefineConfig, dataset: PreparedDataset, image_id: str) ->
 _WORKER_STATE: dict = {}
 
 
-def _init_worker(cfg: RefineConfig, dataset: PreparedDataset) -> None:
-    _WORKER_STATE["cfg"], _WORKER_STATE["dataset"] = cfg, dataset
+def _init_worker(cfg: RefineConfig, dataset: PreparedDataset, split_fits: SplitFits | None) -> None:
+    _WORKER_STATE.update(cfg=cfg, dataset=dataset, split_fits=split_fits)
 
 
 def _worker_process(image_id: str) -> dict:
-    return process_image(_WORKER_STATE["cfg"], _WORKER_STATE["dataset"], image_id)
+    return process_image(_WORKER_STATE["cfg"], _WORKER_STATE["dataset"], image_id, _WORKER_STATE["split_fits"])
 
 
-def _run_all(cfg: RefineConfig, dataset: PreparedDataset, ids: list[str], workers: int) -> list[dict]:
+def _worker_sample(task: tuple[str, int]) -> dict:
+    image_id, count = task
+    cfg = _WORKER_STATE["cfg"]
+    _, keys, cams = _read_inputs(cfg, _WORKER_STATE["dataset"], image_id)
+    return split_samples(keys, cams, cfg.params, count, seed=image_seed(cfg.seed, image_id))
+
+
+def fit_split_thresholds(cfg: RefineConfig, dataset: PreparedDataset, ids: list[str], workers: int
+                         ) -> SplitFits | None:
+    """The pooled mixtures of ``threshold="gmm"`` (None for other modes).
+
+    Every image gives an equal share of at most ``--gmm-samples`` scores (seeded by its id), so
+    the fit depends on neither the worker count nor ``--shard``: every shard fits the same sample.
+    """
+    if cfg.params.threshold != "gmm":
+        return None
+    count = max(1, math.ceil(cfg.params.gmm.max_samples / len(ids)))
+    samples = imap_images(_worker_sample, [(image_id, count) for image_id in ids], workers, "gmm sample",
+                          initializer=_init_worker, initargs=(cfg, dataset, None), show=cfg.progress)
+    return fit_split(list(samples), cfg.params, seed=cfg.seed)
+
+
+def _run_all(cfg: RefineConfig, dataset: PreparedDataset, ids: list[str], workers: int,
+             split_fits: SplitFits | None = None) -> list[dict]:
     """Refine ``ids`` over ``workers`` processes; results in the order of ``ids``.
 
     The config and the dataset (COCO's label table is large) reach each worker once, through the
@@ -153,7 +177,8 @@ def _run_all(cfg: RefineConfig, dataset: PreparedDataset, ids: list[str], worker
     """
     chunksize = max(1, min(8, math.ceil(len(ids) / (8 * workers))))
     results = list(imap_images(_worker_process, ids, workers, f"refine {cfg.split}", initializer=_init_worker,
-                               initargs=(cfg, dataset), ordered=False, chunksize=chunksize, show=cfg.progress,
+                               initargs=(cfg, dataset, split_fits), ordered=False, chunksize=chunksize,
+                               show=cfg.progress,
                                leave=True))
     order = {image_id: index for index, image_id in enumerate(ids)}
     return sorted(results, key=lambda result: order[result["id"]])
@@ -171,14 +196,21 @@ def _quantiles(values: list[float]) -> dict:
             "mean": round(float(array.mean()), 6)}
 
 
-def summarise(results: list[dict], params: RefineParams) -> dict:
-    """Aggregate per-image info into the ``metrics.json`` sections (thresholds, fallbacks, ignore)."""
+def summarise(results: list[dict], params: RefineParams, split_fits: SplitFits | None = None) -> dict:
+    """Aggregate per-image info into the ``metrics.json`` sections (thresholds, fallbacks, ignore).
+
+    With pooled fits (``--threshold gmm``) the fits and their fallbacks are the split's, counted once.
+    """
     thresholds = [t for result in results for t in result["thresholds"]]
     fits = sum(result["fits"] for result in results)
     by_reason = dict.fromkeys(FALLBACK_REASONS, 0)
-    for result in results:
-        for reason in result["fallbacks"]:
-            by_reason[reason] = by_reason.get(reason, 0) + 1
+    reasons = [reason for result in results for reason in result["fallbacks"]]
+    if split_fits is not None:
+        pooled = [split_fits.overall, *split_fits.per_class.values()]
+        fits += len(pooled)
+        reasons += [fit.fallback for fit in pooled if fit.fallback is not None]
+    for reason in reasons:
+        by_reason[reason] = by_reason.get(reason, 0) + 1
     total_fallbacks = sum(by_reason.values())
     pixels = sum(result["pixels"] for result in results)
     ignored = sum(result["ignore_ratio"] * result["pixels"] for result in results)
@@ -242,6 +274,22 @@ def _check_previous_run(cfg: RefineConfig) -> None:
                         "pass --overwrite or choose another --out")
 
 
+def _split_ids(cfg: RefineConfig, dataset: PreparedDataset) -> list[str]:
+    """The ids to refine (``--limit``), all with a CAM file that may be opened; checked before any work."""
+    ids = list(dataset.ids(cfg.split))[:cfg.limit]
+    if not ids:
+        raise WsssError(f"{cfg.root}: split {cfg.split!r} has no images")
+    missing = [image_id for image_id in ids if artifacts.find_cam(cfg.cam_dir, image_id) is None]
+    if missing:
+        raise WsssError(f"{artifacts.cam_path(cfg.cam_dir, missing[0])}: CAM file not found "
+                        f"({len(missing)} of {len(ids)} images of split {cfg.split!r} have no CAM)")
+    pickled = [image_id for image_id in ids if artifacts.find_cam(cfg.cam_dir, image_id).suffix == ".npy"]
+    if pickled and not cfg.allow_pickle:
+        raise WsssError(f"{artifacts.irn_cam_path(cfg.cam_dir, pickled[0])}: IRN-style .npy CAM dicts are pickles "
+                        "(loading runs code from the file); pass --allow-pickle if you trust them")
+    return ids
+
+
 def run(cfg: RefineConfig) -> dict:
     """Refine every image of the split and return the metrics written to ``<out>/metrics.json``."""
     from wsss.device import default_workers, shard
@@ -254,27 +302,16 @@ def run(cfg: RefineConfig) -> dict:
     if out_dir.resolve() == cam_dir.resolve():
         raise WsssError(f"{out_dir}: --out must differ from --cams (reliability maps <id>.npy would mix with CAMs)")
     dataset = PreparedDataset.load(cfg.root, cfg.dataset)
-    ids = list(dataset.ids(cfg.split))
-    if cfg.limit is not None:
-        ids = ids[:cfg.limit]
-    if not ids:
-        raise WsssError(f"{cfg.root}: split {cfg.split!r} has no images")
-    ids = shard(ids, part=cfg.shard)
-    missing = [image_id for image_id in ids if artifacts.find_cam(cam_dir, image_id) is None]
-    if missing:
-        raise WsssError(f"{artifacts.cam_path(cam_dir, missing[0])}: CAM file not found "
-                        f"({len(missing)} of {len(ids)} images of split {cfg.split!r} have no CAM)")
-    pickled = [image_id for image_id in ids if artifacts.find_cam(cam_dir, image_id).suffix == ".npy"]
-    if pickled and not cfg.allow_pickle:
-        raise WsssError(f"{artifacts.irn_cam_path(cam_dir, pickled[0])}: IRN-style .npy CAM dicts are pickles "
-                        "(loading runs code from the file); pass --allow-pickle if you trust them")
+    split_ids = _split_ids(cfg, dataset)
+    ids = shard(split_ids, part=cfg.shard)
     _check_previous_run(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
     workers = default_workers() if cfg.workers is None else max(1, cfg.workers)
     artifacts.write_config(out_dir, cfg, shard=cfg.shard, workers=workers)
 
     started = time.perf_counter()
-    results = _run_all(cfg, dataset, ids, workers)
+    split_fits = fit_split_thresholds(cfg, dataset, split_ids, workers)
+    results = _run_all(cfg, dataset, ids, workers, split_fits)
     seconds = time.perf_counter() - started
     refined = sum(not result["skipped"] for result in results)
     if refined < len(results):
@@ -282,7 +319,9 @@ def run(cfg: RefineConfig) -> dict:
     metrics = {"split": cfg.split, "num_images": len(ids), "refined": refined, "skipped": len(results) - refined,
                "workers": workers, "crf": cfg.params.crf is not None, "seconds": round(seconds, 3),
                "images_per_second": round(refined / seconds, 3) if refined and seconds > 0 else None,
-               **summarise(results, cfg.params)}
+               **summarise(results, cfg.params, split_fits)}
+    if split_fits is not None:
+        metrics["split_fit"] = split_fits.as_json(dataset.classes)
     if cfg.evaluate:
         if dataset.has_masks(cfg.split):
             report = evaluate_pseudo_labels(dataset, cfg.split, out_dir, ids, workers, cfg.progress)
@@ -305,16 +344,21 @@ def run(cfg: RefineConfig) -> dict:
 @options.dataset_option()
 @options.split_option("train", "Split to refine (pseudo-label quality is conventionally measured on VOC train).")
 @options.out_option("Output folder for <id>.png pseudo-labels, <id>.npy reliability maps, config.json, metrics.json.")
-@click.option("--threshold", "threshold_mode", type=click.Choice(["gmm", "fixed"]), default="gmm", show_default=True,
-              help="Background threshold: per-image GMM crossing, or the fixed --bg-thresh.")
+@click.option("--threshold", "threshold_mode", type=click.Choice(["gmm", "gmm-image", "fixed"]), default="gmm",
+              show_default=True, help="Background threshold: a Gaussian mixture of the scores pooled over the split "
+                                      "(gmm), fitted per image (gmm-image), or the fixed --bg-thresh.")
 @click.option("--bg-thresh", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.20,
               show_default=True, help="Fixed background threshold; also the GMM's fallback on degenerate images.")
 @click.option("--fg-thresh", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
               help="With --threshold fixed: confident foreground threshold; pixels between --bg-thresh and "
                    "--fg-thresh become 255 (IRN uses 0.30/0.05).")
-@click.option("--gmm-per-class", is_flag=True, help="Fit one GMM per class CAM instead of one on the max over classes.")
+@click.option("--gmm-per-class/--gmm-overall", default=True, show_default=True,
+              help="One mixture per class (on that class's CAMs; a class in fewer than 10 images uses the overall "
+                   "one) or one on the max over classes.")
 @click.option("--gmm-samples", type=click.IntRange(min=100), default=GmmParams().max_samples, show_default=True,
-              help="Pixels (seeded subsample) per GMM fit.")
+              help="Scores (seeded subsample) per GMM fit; pooled over the split with --threshold gmm.")
+@click.option("--gmm-components", type=click.IntRange(min=2, max=8), default=GmmParams().components,
+              show_default=True, help="Gaussian components; the threshold lies between the two upper ones.")
 @click.option("--confidence", type=click.FloatRange(0, 1, max_open=True), default=0.9, show_default=True,
               help="GMM posterior below this -> 255 (0 = off).")
 @click.option("--crf/--no-crf", default=False, show_default=True, help="Refine the labels with a dense CRF.")
@@ -340,22 +384,21 @@ def run(cfg: RefineConfig) -> dict:
 @options.shard_option
 @options.overwrite_option
 def command(cam_dir, root, dataset, split, out_dir, threshold_mode, bg_thresh, fg_thresh, gmm_per_class, gmm_samples,
-            confidence, crf, crf_iterations, crf_gaussian, crf_bilateral, crf_scale, crf_temperature, raw_alpha,
+            gmm_components, confidence, crf, crf_iterations, crf_gaussian, crf_bilateral, crf_scale, crf_temperature, raw_alpha,
             raw_beta, limit, evaluate, allow_pickle, workers, seed, shard, overwrite):
     """Turn CAMs into pseudo-labels (<id>.png) and RAW reliability maps (<id>.npy)."""
     if fg_thresh is not None and threshold_mode != "fixed":
         raise click.UsageError("--fg-thresh needs --threshold fixed (confident regions use two fixed thresholds)")
     if fg_thresh is not None and fg_thresh < bg_thresh:
         raise click.UsageError(f"--fg-thresh {fg_thresh} must not be below --bg-thresh {bg_thresh}")
-    if gmm_per_class and threshold_mode != "gmm":
-        raise click.UsageError("--gmm-per-class needs --threshold gmm")
     try:
         crf_params = CrfParams(iterations=crf_iterations, gaussian_sxy=crf_gaussian[0], gaussian_compat=crf_gaussian[1],
                                bilateral_sxy=crf_bilateral[0], bilateral_srgb=crf_bilateral[1],
                                bilateral_compat=crf_bilateral[2], scale=crf_scale) if crf else None
         params = RefineParams(threshold=threshold_mode, bg_thresh=bg_thresh, fg_thresh=fg_thresh,
                               gmm_per_class=gmm_per_class, confidence=confidence,
-                              gmm=GmmParams(fallback_threshold=bg_thresh, max_samples=gmm_samples), crf=crf_params,
+                              gmm=GmmParams(components=gmm_components, fallback_threshold=bg_thresh,
+                                            max_samples=gmm_samples), crf=crf_params,
                               unary_temperature=crf_temperature, lambda_alpha=raw_alpha, lambda_beta=raw_beta)
     except ValueError as err:
         raise click.UsageError(str(err)) from None

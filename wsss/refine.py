@@ -4,13 +4,14 @@
 seed), so the stage can run it in any process in any order and get the same
 files.  Steps:
 
-1. **Threshold.**  Per image, ξ comes from the GMM (:mod:`wsss.gmm`) fitted to the
-   foreground score m = max over present classes of the CAMs (``--gmm-per-class``:
-   one fit and one ξ_k per class on that class's CAM), or is the fixed
-   ``bg_thresh``.  With ``fg_thresh`` (fixed mode), two labelings are made, one at
-   ``fg_thresh`` and one at ``bg_thresh``; a pixel is foreground where the first
-   says so, background where both say background, and 255 in between (IRN's
-   confident regions).
+1. **Threshold.**  ``gmm`` (default): ξ comes from a Gaussian mixture (:mod:`wsss.gmm`)
+   fitted once to the foreground scores m = max over present classes of the CAMs,
+   *pooled over the whole split* (:func:`split_samples` per image, :func:`fit_split`
+   once; ``--gmm-per-class``: one pooled fit and one ξ_k per class, on that class's
+   CAMs).  ``gmm-image``: the same fit on each image alone.  ``fixed``: ``bg_thresh``.
+   With ``fg_thresh`` (fixed mode), two labelings are made, one at ``fg_thresh`` and
+   one at ``bg_thresh``; a pixel is foreground where the first says so, background
+   where both say background, and 255 in between (IRN's confident regions).
 2. **Label.**  Class scores are the margins ``cam_k − ξ_k``, the background score
    is 0, so the hard label is background where every CAM is below its threshold
    and otherwise the class with the largest margin (with one global ξ this is the
@@ -29,16 +30,18 @@ files.  Steps:
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from wsss.crf import CrfParams, dense_crf
-from wsss.gmm import GmmParams, GmmThreshold, gmm_threshold, no_class_threshold
+from wsss.gmm import GmmParams, GmmThreshold, gmm_threshold, no_class_threshold, sample_scores
 from wsss.reliability import LAMBDA_ALPHA, LAMBDA_BETA, reliability_map
 
 IGNORE_INDEX = 255
-THRESHOLD_MODES = ("gmm", "fixed")
+THRESHOLD_MODES = ("gmm", "gmm-image", "fixed")
+IMAGE_SAMPLES = 10_000  # scores per fit with threshold="gmm-image"
 
 
 @dataclass(frozen=True)
@@ -46,11 +49,15 @@ class RefineParams:
     """Everything that decides one image's pseudo-label (see the module docstring).
 
     Attributes:
-        threshold: ``"gmm"`` (dynamic, per image) or ``"fixed"``.
+        threshold: ``"gmm"`` (one mixture pooled over the split), ``"gmm-image"`` (one per image)
+            or ``"fixed"``.
         bg_thresh: the fixed background threshold, and the GMM's fallback value.
         fg_thresh: with ``threshold="fixed"``, IRN-style confident foreground threshold
             (pixels between ``bg_thresh`` and ``fg_thresh`` become 255); None = off.
-        gmm_per_class: one GMM per class instead of one on the max over classes.
+        gmm_per_class: one GMM per class (on that class's CAMs) instead of one on the max over
+            classes (ignored with ``threshold="fixed"``).
+        gmm_min_images: with ``threshold="gmm"``, a class seen in fewer images of the split uses
+            the overall fit (too few images to trust a mixture of its own).
         confidence: GMM posterior below this -> 255 (0 disables).
         gmm: GMM rules; its ``fallback_threshold`` is replaced by ``bg_thresh``.
         crf: dense-CRF settings, or None to skip the CRF.
@@ -61,7 +68,8 @@ class RefineParams:
     threshold: str = "gmm"
     bg_thresh: float = 0.20
     fg_thresh: float | None = None
-    gmm_per_class: bool = False
+    gmm_per_class: bool = True
+    gmm_min_images: int = 10
     confidence: float = 0.9
     gmm: GmmParams = field(default_factory=GmmParams)
     crf: CrfParams | None = None
@@ -79,8 +87,10 @@ class RefineParams:
                 raise ValueError("fg_thresh (confident foreground/background) needs threshold='fixed'")
             if not self.bg_thresh <= self.fg_thresh < 1.0:
                 raise ValueError(f"fg_thresh must lie in [bg_thresh, 1), got {self.fg_thresh}")
-        if self.gmm_per_class and self.threshold != "gmm":
-            raise ValueError("gmm_per_class needs threshold='gmm'")
+        numbers = (self.bg_thresh, self.confidence, self.unary_temperature, self.lambda_alpha, self.lambda_beta,
+                   *(() if self.fg_thresh is None else (self.fg_thresh,)))
+        if not all(math.isfinite(value) for value in numbers):
+            raise ValueError("refine settings must be finite numbers")
         if not 0.0 <= self.confidence < 1.0:
             raise ValueError(f"confidence must lie in [0, 1), got {self.confidence}")
         if self.unary_temperature <= 0:
@@ -146,12 +156,14 @@ class ImageThresholds:
             low labeling of confident regions).
         reported: the values that go into the threshold statistics (one per GMM fit;
             the fixed value(s) otherwise).
-        fits: the GMM results (empty in fixed mode).
+        fits: the GMM results (empty in fixed mode), per class with ``gmm_per_class``.
+        pooled: the fits are the split's (``threshold="gmm"``), shared by every image.
     """
 
     thresholds: np.ndarray
     reported: list[float]
     fits: list[GmmThreshold]
+    pooled: bool = False
 
     def summary(self, label: np.ndarray) -> dict:
         """The small JSON-ready ``info`` dict of an image with this pseudo-label."""
@@ -160,16 +172,92 @@ class ImageThresholds:
         foreground = int(np.count_nonzero((label != 0) & (label != IGNORE_INDEX)))
         return {
             "thresholds": [round(float(t), 6) for t in self.reported],
-            "fallbacks": [fit.fallback for fit in self.fits if fit.fallback is not None],
-            "fits": len(self.fits),
+            # a pooled fit is counted once for the split, not once per image
+            "fallbacks": [] if self.pooled else [fit.fallback for fit in self.fits if fit.fallback is not None],
+            "fits": 0 if self.pooled else len(self.fits),
             "pixels": pixels,
             "ignore_ratio": ignored / pixels if pixels else 0.0,
             "foreground_ratio": foreground / pixels if pixels else 0.0,
         }
 
 
+@dataclass(frozen=True)
+class SplitFits:
+    """The pooled mixtures of a split (``threshold="gmm"``): one over all classes, and one per class.
+
+    Attributes:
+        overall: the fit of the pooled max-over-classes scores.
+        per_class: class index -> the fit of that class's pooled CAM scores (``gmm_per_class``).
+    """
+
+    overall: GmmThreshold
+    per_class: dict[int, GmmThreshold] = field(default_factory=dict)
+
+    def for_class(self, key: int) -> GmmThreshold:
+        """The class's own fit when it has a usable one, else the overall fit."""
+        fit = self.per_class.get(int(key))
+        return fit if fit is not None and fit.fallback is None else self.overall
+
+    def as_json(self, classes: list[str] | None = None) -> dict:
+        name = (lambda key: classes[key]) if classes else str
+        return {"overall": self.overall.as_json(),
+                "per_class": {name(key): fit.as_json() for key, fit in sorted(self.per_class.items())}}
+
+
+def split_samples(keys: np.ndarray, cams: np.ndarray, params: RefineParams, count: int, *,
+                  seed: int = 0) -> dict:
+    """One image's share of the pooled GMM sample: at most ``count`` scores above ``min_score``.
+
+    Returns:
+        ``{"all": float32 [<= count]}`` (max over classes) and, with ``gmm_per_class``,
+        ``{key: float32 [<= count]}`` of each class's own CAM.
+    """
+    keys = np.asarray(keys).reshape(-1)
+    cams = np.clip(np.asarray(cams, dtype=np.float32), 0.0, 1.0)
+    rng = np.random.default_rng(seed)
+    floor = params.gmm.min_score
+
+    def draw(values: np.ndarray) -> np.ndarray:
+        values = values.reshape(-1)
+        return sample_scores(values[values > floor], count, rng).astype(np.float32)
+
+    if len(keys) == 0:
+        return {"all": np.zeros(0, np.float32)}
+    out: dict = {"all": draw(cams.max(0))}
+    if params.gmm_per_class:
+        out.update({int(key): draw(cams[k]) for k, key in enumerate(keys)})
+    return out
+
+
+def _pool(samples: list[dict]) -> tuple[dict, dict]:
+    """Concatenate the samples per key; also count the images that contributed to each key."""
+    pooled: dict = {}
+    for sample in samples:
+        for key, values in sample.items():
+            pooled.setdefault(key, []).append(values)
+    return ({key: np.concatenate(parts) for key, parts in pooled.items()},
+            {key: len(parts) for key, parts in pooled.items()})
+
+
+def fit_split(samples: list[dict], params: RefineParams, *, seed: int = 0) -> SplitFits:
+    """Fit the pooled mixtures from every image's :func:`split_samples`.
+
+    Returns:
+        A :class:`SplitFits`; a class with too few scores falls back to the overall fit.
+    """
+    pooled, images = _pool(samples)
+    gmm = params.gmm_params
+
+    def fit(key) -> GmmThreshold:
+        values = pooled.get(key, np.zeros(0, np.float32))
+        return gmm_threshold(values, gmm, seed=class_seed(seed, 0 if key == "all" else key))
+
+    return SplitFits(overall=fit("all"), per_class={key: fit(key) for key in pooled
+                                                    if key != "all" and images[key] >= params.gmm_min_images})
+
+
 def image_thresholds(keys: np.ndarray, cams: np.ndarray, params: RefineParams = RefineParams(), *,
-                     seed: int = 0) -> ImageThresholds:
+                     seed: int = 0, split_fits: SplitFits | None = None) -> ImageThresholds:
     """Find the thresholds of one image (the GMM fits, or the fixed values); no labelling, no CRF.
 
     Args:
@@ -177,6 +265,7 @@ def image_thresholds(keys: np.ndarray, cams: np.ndarray, params: RefineParams = 
         cams: float [K, H, W] CAMs in [0, 1].
         params: the settings.
         seed: this image's seed.
+        split_fits: the pooled fits, required for ``threshold="gmm"``.
 
     Returns:
         An :class:`ImageThresholds`.
@@ -189,17 +278,26 @@ def image_thresholds(keys: np.ndarray, cams: np.ndarray, params: RefineParams = 
         return ImageThresholds(np.full(count, params.bg_thresh), reported, [])
     if count == 0:
         return ImageThresholds(np.zeros(0), [float(params.bg_thresh)], [no_class_threshold(params.gmm_params)])
+    if params.threshold == "gmm":
+        if split_fits is None:
+            raise ValueError("threshold='gmm' needs the split's pooled fits (fit_split)")
+        fits = ([split_fits.for_class(key) for key in keys] if params.gmm_per_class else [split_fits.overall])
+        thresholds = np.array([fit.threshold for fit in fits]) if params.gmm_per_class \
+            else np.full(count, fits[0].threshold)
+        return ImageThresholds(thresholds, [float(t) for t in thresholds[:len(fits)]], fits, pooled=True)
     cams = np.clip(cams, 0.0, 1.0)
+    # one image's fit needs no more than ~10k of its pixels (and EM on all of them would be slow)
+    gmm = dataclasses.replace(params.gmm_params, max_samples=min(params.gmm.max_samples, IMAGE_SAMPLES))
     if params.gmm_per_class:
-        fits = [gmm_threshold(cams[k], params.gmm_params, seed=class_seed(seed, key)) for k, key in enumerate(keys)]
+        fits = [gmm_threshold(cams[k], gmm, seed=class_seed(seed, key)) for k, key in enumerate(keys)]
         thresholds = np.array([fit.threshold for fit in fits])
         return ImageThresholds(thresholds, [float(t) for t in thresholds], fits)
-    fit = gmm_threshold(cams.max(0), params.gmm_params, seed=seed)
+    fit = gmm_threshold(cams.max(0), gmm, seed=seed)
     return ImageThresholds(np.full(count, fit.threshold), [float(fit.threshold)], [fit])
 
 
 def refine_image(image: np.ndarray | None, keys: np.ndarray, cams: np.ndarray, params: RefineParams = RefineParams(),
-                 *, seed: int = 0) -> tuple[np.ndarray, np.ndarray, dict]:
+                 *, seed: int = 0, split_fits: SplitFits | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
     """Turn one image's CAMs into a pseudo-label and a reliability map.
 
     Args:
@@ -208,6 +306,7 @@ def refine_image(image: np.ndarray | None, keys: np.ndarray, cams: np.ndarray, p
         cams: float [K, H, W] CAMs in [0, 1].
         params: the settings.
         seed: this image's seed (derive it from the image id).
+        split_fits: the pooled fits of the split (needed for ``threshold="gmm"``).
 
     Returns:
         ``(label, reliability, info)``: uint8 [H, W] (0 background, class index,
@@ -235,7 +334,7 @@ def refine_image(image: np.ndarray | None, keys: np.ndarray, cams: np.ndarray, p
         return _no_class_result(height, width, params)
 
     crf, temperature = params.crf, params.unary_temperature
-    found = image_thresholds(keys, cams, params, seed=seed)
+    found = image_thresholds(keys, cams, params, seed=seed, split_fits=split_fits)
     fits, thresholds = found.fits, found.thresholds
     if params.threshold == "fixed" and params.fg_thresh is not None:
         high = label_from_thresholds(cams, np.full(len(keys), params.fg_thresh), image=image, crf=crf,
@@ -256,7 +355,7 @@ def refine_image(image: np.ndarray | None, keys: np.ndarray, cams: np.ndarray, p
         pixel_threshold = thresholds.astype(np.float32)[plane]
 
     if fits and params.confidence > 0:
-        if params.gmm_per_class:
+        if params.gmm_per_class and len(fits) == len(keys):
             per_class = np.stack([fit.confidence(cams[k]) for k, fit in enumerate(fits)])
             confidence = np.take_along_axis(per_class, plane[None], 0)[0]
         else:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -13,7 +14,8 @@ from stages.refine import RefineConfig, image_seed, run
 from wsss import artifacts
 from wsss.crf import CrfParams
 from wsss.datasets.prepared import SplitSpec, write_prepared
-from wsss.refine import RefineParams, image_thresholds, refine_image
+from wsss.gmm import GmmParams
+from wsss.refine import RefineParams, fit_split, image_thresholds, refine_image, split_samples
 
 CLASSES = ["background", "cat", "dog"]
 HEIGHT, WIDTH = 40, 56
@@ -55,10 +57,14 @@ def _blob_cams(rng: np.random.Generator, centre=(20, 18), radius=11) -> tuple[np
     return np.clip(cam, 0, 1).astype(np.float32)[None], disc
 
 
+# one image's own two-mode mixture (--threshold gmm-image --gmm-components 2 --gmm-overall)
+IMAGE_GMM = RefineParams(threshold="gmm-image", gmm_per_class=False, gmm=GmmParams(components=2))
+
+
 def test_gmm_threshold_segments_a_blob_and_marks_uncertain_pixels():
     rng = np.random.default_rng(0)
     cams, disc = _blob_cams(rng)
-    label, reliability, info = refine_image(None, [1], cams, RefineParams(confidence=0.0), seed=3)
+    label, reliability, info = refine_image(None, [1], cams, dataclasses.replace(IMAGE_GMM, confidence=0.0), seed=3)
     assert info["fits"] == 1 and info["fallbacks"] == []
     xi = info["thresholds"][0]
     assert 0.15 < xi < 0.6
@@ -67,7 +73,7 @@ def test_gmm_threshold_segments_a_blob_and_marks_uncertain_pixels():
     assert (label[disc] == 1).mean() > 0.99
     assert info["ignore_ratio"] == 0.0
 
-    strict, _, strict_info = refine_image(None, [1], cams, RefineParams(confidence=0.99), seed=3)
+    strict, _, strict_info = refine_image(None, [1], cams, dataclasses.replace(IMAGE_GMM, confidence=0.99), seed=3)
     uncertain = strict == 255
     assert 0 < uncertain.sum() < uncertain.size * 0.5
     # the uncertain pixels are the scores of one interval around the threshold
@@ -85,10 +91,39 @@ def test_per_class_gmm_gives_one_threshold_per_class():
     first, disc1 = _blob_cams(rng, centre=(12, 12), radius=8)
     second, disc2 = _blob_cams(rng, centre=(28, 42), radius=9)
     cams = np.concatenate([first, second * 0.7])  # the dog CAM is weaker
-    label, _, info = refine_image(None, [1, 2], cams, RefineParams(gmm_per_class=True, confidence=0.0), seed=0)
+    params = dataclasses.replace(IMAGE_GMM, gmm_per_class=True, confidence=0.0)
+    label, _, info = refine_image(None, [1, 2], cams, params, seed=0)
     assert info["fits"] == 2 and len(info["thresholds"]) == 2
     assert info["thresholds"][1] < info["thresholds"][0]  # the weaker CAM gets a lower threshold
     assert (label[disc1] == 1).mean() > 0.97 and (label[disc2] == 2).mean() > 0.97
+
+
+def test_pooled_fits_give_every_image_the_split_threshold_and_per_class_needs_enough_images():
+    rng = np.random.default_rng(4)
+    images = []
+    for index in range(12):  # class 1 in every image, class 2 in the first three only
+        first, _ = _blob_cams(rng, centre=(12 + index, 14), radius=8)
+        keys = [1, 2] if index < 3 else [1]
+        cams = np.concatenate([first, _blob_cams(rng, centre=(28, 40), radius=9)[0] * 0.6]) if index < 3 else first
+        images.append((np.array(keys), cams))
+    params = RefineParams(gmm=GmmParams(components=2), confidence=0.0)  # per class, pooled: the defaults
+    samples = [split_samples(keys, cams, params, 500, seed=index) for index, (keys, cams) in enumerate(images)]
+    assert all(sample["all"].size <= 500 and (sample["all"] > 0.05).all() for sample in samples)
+    fits = fit_split(samples, params, seed=0)
+    # class 2 was seen in 3 images (< gmm_min_images = 10): it has no fit of its own and uses the overall one
+    assert set(fits.per_class) == {1} and fits.for_class(2) is fits.overall
+    assert fits.overall.fallback is None and 0.15 < fits.overall.threshold < 0.7
+    first_label, _, first_info = refine_image(None, *images[0], params, split_fits=fits)
+    _, _, other_info = refine_image(None, *images[5], params, split_fits=fits)
+    assert first_info["thresholds"] == pytest.approx([fits.per_class[1].threshold, fits.overall.threshold], abs=1e-6)
+    assert other_info["thresholds"] == pytest.approx([fits.per_class[1].threshold], abs=1e-6)
+    # the split's fits are counted once by the stage, not once per image
+    assert first_info["fits"] == 0 and first_info["fallbacks"] == []
+    # the labels follow the per-class thresholds exactly (no CRF, no uncertainty)
+    keys, cams = images[0]
+    margins = cams - np.array(first_info["thresholds"], np.float32)[:, None, None]
+    expected = np.where(margins.max(0) >= 0, np.array(keys)[margins.argmax(0)], 0)
+    np.testing.assert_array_equal(first_label, expected)
 
 
 def test_no_class_cam_is_background_and_counted():
@@ -118,8 +153,10 @@ def test_params_are_checked():
         RefineParams(threshold="gmm", fg_thresh=0.3)
     with pytest.raises(ValueError, match="fg_thresh"):
         RefineParams(threshold="fixed", bg_thresh=0.4, fg_thresh=0.3)
-    with pytest.raises(ValueError, match="gmm_per_class"):
-        RefineParams(threshold="fixed", gmm_per_class=True)
+    with pytest.raises(ValueError, match="finite"):
+        RefineParams(threshold="fixed", bg_thresh=0.3, unary_temperature=float("nan"))
+    with pytest.raises(ValueError, match="pooled fits"):
+        refine_image(None, [1], np.zeros((1, 4, 4), np.float32), RefineParams())  # gmm needs fit_split
     with pytest.raises(ValueError, match="image"):
         refine_image(None, [1], np.zeros((1, 4, 4), np.float32), RefineParams(crf=CrfParams()))
 
@@ -240,8 +277,8 @@ def test_image_seed_depends_on_id_and_seed_only():
 def test_thresholds_only_agree_with_refine(tiny):
     root, cam_dir, _ = tiny
     keys, cams = artifacts.read_cam(artifacts.cam_path(cam_dir, "b2"))
-    _, _, info = refine_image(None, keys, cams, RefineParams(), seed=9)
-    assert image_thresholds(keys, cams, RefineParams(), seed=9).reported == pytest.approx(info["thresholds"], abs=1e-6)
+    _, _, info = refine_image(None, keys, cams, IMAGE_GMM, seed=9)
+    assert image_thresholds(keys, cams, IMAGE_GMM, seed=9).reported == pytest.approx(info["thresholds"], abs=1e-6)
 
 
 # --------------------------------------------------------------------------- command line
