@@ -184,7 +184,7 @@ def provenance(config: Any, **extra: Any) -> dict:
     versions = {"wsss": __version__, "python": platform.python_version(), "numpy": np.__version__}
     for module in ("torch", "torchvision", "sklearn", "cv2"):
         if module in sys.modules:
-            versions[module] = getattr(sys.modules[module], "__version__", "unknown")
+            versions[module] = str(getattr(sys.modules[module], "__version__", "unknown"))  # torch's is no plain str
     return {
         "config": _jsonable(config),
         "versions": versions,

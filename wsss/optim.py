@@ -22,3 +22,20 @@ def poly_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, power: fl
     total_steps = max(1, total_steps)
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: max(0.0, 1.0 - min(step, total_steps) / total_steps) ** power)
+
+
+def cosine_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int = 0):
+    """LambdaLR: linear warm-up over ``warmup_steps``, then ``0.5 (1 + cos(pi * progress))`` to 0.
+
+    The schedule of SimCLR and MoCo v2 (stepped once per iteration).
+    """
+    import math
+
+    total_steps, warmup_steps = max(1, total_steps), max(0, min(warmup_steps, total_steps - 1))
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

@@ -48,8 +48,50 @@ def load_imagenet_state(name: str, weight_enum) -> dict:
         ) from None
 
 
+# The key of the metadata block in a `wsss pretrain` backbone file (not a tensor: strip it before
+# handing the dict to torchvision's load_state_dict).
+META_KEY = "wsss_meta"
+# torchvision's names of the trunk modules, in the order of build_resnet's nn.Sequential
+TRUNK_NAMES = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
+
+
+def trunk_state_dict(trunk: nn.Module) -> dict:
+    """The state dict of a :func:`build_resnet` trunk under torchvision's ResNet names.
+
+    ``0.weight`` becomes ``conv1.weight``, ``4.0.conv1.weight`` becomes ``layer1.0.conv1.weight``:
+    the file loads into ``torchvision.models.resnetXX()`` with ``strict=False`` (only ``fc`` is
+    missing) and into ``--weights PATH`` of every wsss network.
+    """
+    out = {}
+    for key, value in trunk.state_dict().items():
+        index, _, rest = key.partition(".")
+        out[f"{TRUNK_NAMES[int(index)]}.{rest}"] = value.detach().cpu().clone()
+    return out
+
+
+def torchvision_names(state: dict) -> dict:
+    """Bring a trunk's state dict to torchvision's ResNet names.
+
+    Accepts torchvision's own names, a wsss network's (``backbone.`` prefix; the trunk of
+    :func:`build_resnet` numbers its modules ``0`` .. ``7``) and heads' keys, which are kept as they
+    are (and ignored by the trunk).
+    """
+    out = {}
+    for key, value in state.items():
+        key = key.removeprefix("module.").removeprefix("backbone.")
+        index, _, rest = key.partition(".")
+        if index.isdigit() and int(index) < len(TRUNK_NAMES) and rest:
+            key = f"{TRUNK_NAMES[int(index)]}.{rest}"
+        out[key] = value
+    return out
+
+
 def load_state_file(path: str | Path) -> dict:
-    """Read a ``state_dict`` (or a wsss checkpoint's ``model``) from a file, weights only."""
+    """Read a ``state_dict`` (or a wsss checkpoint's ``model``) from a file, weights only.
+
+    A `wsss pretrain` file's metadata block (``wsss_meta``) is left out of the returned dict;
+    see :func:`state_file_meta`.
+    """
     path = Path(path)
     if not path.is_file():
         raise WsssError(f"--weights {path}: file not found (use imagenet, none or a state_dict file)")
@@ -61,7 +103,35 @@ def load_state_file(path: str | Path) -> dict:
         state = state["model"]
     if not isinstance(state, dict):
         raise WsssError(f"--weights {path}: expected a state_dict")
-    return state
+    return {key: value for key, value in state.items() if key != META_KEY}
+
+
+def state_file_meta(path: str | Path) -> dict:
+    """The ``wsss_meta`` block of a `wsss pretrain` backbone file ({} for any other state dict)."""
+    try:
+        state = torch.load(Path(path), map_location="cpu", weights_only=True)
+    except Exception:
+        return {}
+    meta = state.get(META_KEY) if isinstance(state, dict) else None
+    return meta if isinstance(meta, dict) else {}
+
+
+def check_backbone_file(path: str | Path, name: str, state: dict, own: dict) -> None:
+    """Refuse a state dict made for another network, naming the file, the backbone and a tensor.
+
+    Args:
+        state: the file's tensors, under the names of ``own``.
+        own: the state dict of the network being initialised.
+    """
+    meta = state_file_meta(path)
+    if meta.get("backbone") not in (None, name):
+        raise WsssError(f"--weights {path}: holds a {meta['backbone']} trunk (wsss pretrain), not a {name}")
+    for key, value in state.items():
+        if key in own and hasattr(value, "shape") and tuple(value.shape) != tuple(own[key].shape):
+            raise WsssError(f"--weights {path}: tensor {key} has shape {list(value.shape)} but a {name} needs "
+                            f"{list(own[key].shape)} (a file for another backbone?)")
+    if not any(key in own for key in state):
+        raise WsssError(f"--weights {path}: no parameter of {name} found in the file")
 
 
 def build_resnet(name: str, weights: str = "none", output_stride: int = 16) -> nn.Module:
@@ -82,11 +152,9 @@ def build_resnet(name: str, weights: str = "none", output_stride: int = 16) -> n
     if weights == "imagenet":
         net.load_state_dict(load_imagenet_state(name, weight_enum))
     elif weights != "none":
-        state = load_state_file(weights)
-        state = {key.removeprefix("backbone."): value for key, value in state.items()}
-        missing, _unexpected = net.load_state_dict(state, strict=False)
-        if len(missing) == len(net.state_dict()):
-            raise WsssError(f"--weights {weights}: no parameter of {name} found in the file")
+        state = torchvision_names(load_state_file(weights))
+        check_backbone_file(weights, name, state, net.state_dict())
+        net.load_state_dict(state, strict=False)
     if output_stride == 16:
         _dilate_last_stage(net.layer4)
     return nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3, net.layer4)
