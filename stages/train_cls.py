@@ -44,7 +44,7 @@ from wsss.device import (DistInfo, configure_threads, default_workers, dist_info
                          seed_everything, shard, sum_array_over_ranks)
 from wsss.errors import WsssError
 from wsss.inference import split_batches, to_model_input
-from wsss.losses import CamObjective
+from wsss.losses import ER_TARGETS, ERASE_CLASSES, ERASE_FILLS, CamObjective, regulariser_ramp
 from wsss.metrics import ConfusionMatrix, average_precision, confusion_counts, mean_average_precision
 from wsss.models.classifier import ARCHS, CamNet
 from wsss.optim import poly_scheduler, sgd_with_head
@@ -58,7 +58,8 @@ log = logging.getLogger(__name__)
 # Options that define the optimisation; a checkpoint can only be resumed when they agree.
 SCHEDULE_FIELDS = ("split", "backbone", "output_stride", "freeze_bn", "crop_size", "scale_range", "jitter",
                    "batch_size", "epochs", "lr", "head_lr_mult", "weight_decay", "momentum", "poly_power",
-                   "er_weight", "er_scale_range", "er_min_crop", "erase_weight", "erase_thresh", "seed", "amp")
+                   "er_weight", "er_scale_range", "er_min_crop", "er_target", "er_view_cls", "erase_weight",
+                   "erase_thresh", "erase_fill", "erase_classes", "reg_start", "reg_ramp", "seed", "amp")
 SELECT_METRICS = {"map": "val_map", "cam-miou": "val_cam_miou", "last": None}
 
 
@@ -89,8 +90,14 @@ class TrainClsConfig:
     er_weight: float = 0.0
     er_scale_range: tuple[float, float] = (0.3, 0.7)
     er_min_crop: float = 1.0
+    er_target: str = "detached"
+    er_view_cls: bool = True
     erase_weight: float = 0.0
     erase_thresh: float = 0.7
+    erase_fill: str = "blur"
+    erase_classes: str = "all"
+    reg_start: float = 0.0
+    reg_ramp: float = 0.0
     val_cam_images: int = 100
     val_cam_threshold: float = 0.15
     select: str = "map"
@@ -222,12 +229,15 @@ def run(cfg: TrainClsConfig) -> dict:
                                precision=precision.name)
     objective = maybe_compile(wrap_distributed(CamObjective(
         model, er_weight=cfg.er_weight, er_scale_range=cfg.er_scale_range, er_min_crop=cfg.er_min_crop,
-        erase_weight=cfg.erase_weight, erase_thresh=cfg.erase_thresh), device, info), cfg.compile_model)
+        er_target=cfg.er_target, er_view_cls=cfg.er_view_cls, erase_weight=cfg.erase_weight,
+        erase_thresh=cfg.erase_thresh, erase_fill=cfg.erase_fill, erase_classes=cfg.erase_classes), device, info),
+        cfg.compile_model)
     workers = min(default_workers(), 4) if cfg.workers is None else cfg.workers
 
-    def step_loss(batch):
+    def step_loss(batch, step):
         images, targets = (tensor.to(device, non_blocking=True) for tensor in batch)
-        return objective(precision.images(images), targets)
+        ramp = regulariser_ramp(step, spec.total_steps, cfg.reg_start, cfg.reg_ramp)
+        return objective(precision.images(images), targets, ramp)
 
     def validation() -> dict:
         return validate(model, dataset, val_split, device, info, precision=precision, cam_images=cfg.val_cam_images,
@@ -273,10 +283,24 @@ def run(cfg: TrainClsConfig) -> dict:
 @click.option("--er-min-crop", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True,
               help="The equivariance view is a random window of this..1 of each image side (1 = whole image, as "
                    "SEAM); the translation penalises maps anchored to the image frame.")
+@click.option("--er-target", type=click.Choice(ER_TARGETS), default="detached", show_default=True,
+              help="detached: the image's CAMs are the target of the view's (no gradient into them); both: "
+                   "the gradient reaches both branches (SEAM).")
+@click.option("--er-view-cls/--no-er-view-cls", default=True, show_default=True,
+              help="Also classify the equivariance view (SEAM classifies both branches).")
 @click.option("--erase-weight", type=click.FloatRange(min=0), default=0.0, show_default=True,
               help="Weight of the adversarial-erasing classification loss; 0 disables it.")
 @click.option("--erase-thresh", type=click.FloatRange(0, 1, min_open=True), default=0.7, show_default=True,
               help="Erase pixels whose CAM is >= this fraction of the class maximum.")
+@click.option("--erase-fill", type=click.Choice(ERASE_FILLS), default="blur", show_default=True,
+              help="What replaces erased pixels: a blurred copy of the image (no sharp flat patch to learn as a "
+                   "cue) or the mean colour.")
+@click.option("--erase-classes", type=click.Choice(ERASE_CLASSES), default="all", show_default=True,
+              help="Erase the regions of every present class, or of one random present class per image.")
+@click.option("--reg-start", type=click.FloatRange(0, 1), default=0.0, show_default=True,
+              help="Fraction of the schedule before equivariance and erasing start (the classifier learns first).")
+@click.option("--reg-ramp", type=click.FloatRange(0, 1), default=0.0, show_default=True,
+              help="Fraction of the schedule over which they then rise linearly to full weight.")
 @click.option("--val-cam-images", type=click.IntRange(min=0), default=100, show_default=True,
               help="Validation images (first N of --val-split) scored for CAM mIoU each epoch.")
 @click.option("--val-cam-threshold", type=click.FloatRange(0, 1), default=0.15, show_default=True,
@@ -293,8 +317,9 @@ def run(cfg: TrainClsConfig) -> dict:
 @options.overwrite_option
 def command(root, dataset, split, val_split, out_dir, backbone, weights, freeze_bn, crop_size, scale_range, jitter,
             batch_size, epochs, stop_after, lr, head_lr_mult, weight_decay, momentum, poly_power, er_weight,
-            er_scale_range, er_min_crop, erase_weight, erase_thresh, val_cam_images, val_cam_threshold, select, amp,
-            compile_model, device, seed, workers, threads, overwrite):
+            er_scale_range, er_min_crop, er_target, er_view_cls, erase_weight, erase_thresh, erase_fill, erase_classes,
+            reg_start, reg_ramp, val_cam_images, val_cam_threshold, select, amp, compile_model, device, seed, workers,
+            threads, overwrite):
     """Train a ResNet CAM classifier on image-level labels (equivariance and erasing optional).
 
     Writes OUT/last.pth, OUT/best.pth, OUT/config.json and OUT/metrics.json; an
@@ -306,7 +331,9 @@ def command(root, dataset, split, val_split, out_dir, backbone, weights, freeze_
         freeze_bn=freeze_bn, crop_size=crop_size, scale_range=scale_range, jitter=jitter, batch_size=batch_size,
         epochs=epochs, stop_after=stop_after, lr=lr, head_lr_mult=head_lr_mult, weight_decay=weight_decay,
         momentum=momentum, poly_power=poly_power, er_weight=er_weight, er_scale_range=er_scale_range,
-        er_min_crop=er_min_crop, erase_weight=erase_weight, erase_thresh=erase_thresh, val_cam_images=val_cam_images,
+        er_min_crop=er_min_crop, er_target=er_target, er_view_cls=er_view_cls, erase_weight=erase_weight,
+        erase_thresh=erase_thresh, erase_fill=erase_fill, erase_classes=erase_classes, reg_start=reg_start,
+        reg_ramp=reg_ramp, val_cam_images=val_cam_images,
         val_cam_threshold=val_cam_threshold, select=select, amp=amp, compile_model=compile_model, device=device,
         seed=seed, workers=workers, threads=threads, overwrite=overwrite)
     metrics = run(cfg)

@@ -268,7 +268,7 @@ def run(cfg: TrainSegConfig) -> dict:
     network = maybe_compile(wrap_distributed(model, device, info, sync_batchnorm=True), cfg.compile_model)
     workers = min(default_workers(), 4) if cfg.workers is None else cfg.workers
 
-    def step_loss(batch):
+    def step_loss(batch, step):
         images, target, *weight = (tensor.to(device, non_blocking=True) for tensor in batch)
         return {"total": segmentation_loss(network(precision.images(images)).float(), target, *weight)}
 

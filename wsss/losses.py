@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from wsss.cam import erase_images, feature_to_image, max_normalize, resample
+from wsss.cam import feature_to_image, max_normalize, resample
 
 
 def multilabel_soft_margin_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -162,50 +162,111 @@ def erase_mask(maps: torch.Tensor, present: torch.Tensor, image_size: tuple[int,
     return (hot & present.bool()[:, :, None, None]).any(dim=1)
 
 
+def blur_fill(images: torch.Tensor, factor: int = 8) -> torch.Tensor:
+    """A heavily blurred copy of normalised images [B, 3, H, W]: area-downsampled by ``factor``, then
+    bilinearly upsampled.  Erasing with it removes the shape details (ears, wheels) but keeps the
+    colours around, so the erased region does not become a sharp-edged flat patch that the classifier
+    could learn as a cue (which erasing with the mean colour invites)."""
+    height, width = images.shape[-2:]
+    small = F.adaptive_avg_pool2d(images, (max(1, height // factor), max(1, width // factor)))
+    return F.interpolate(small, size=(height, width), mode="bilinear", align_corners=False)
+
+
+def one_class_each(present: torch.Tensor) -> torch.Tensor:
+    """Keep one present class per image, drawn uniformly from torch's generator: float [B, K] 0/1."""
+    scores = torch.rand(present.shape, device=present.device) * present.float()
+    chosen = torch.zeros_like(present, dtype=torch.float32)
+    chosen.scatter_(1, scores.argmax(1, keepdim=True), 1.0)
+    return chosen * present.float()
+
+
 # --------------------------------------------------------------------------- the training objective
+
+ER_TARGETS = ("detached", "both")
+ERASE_FILLS = ("mean", "blur")
+ERASE_CLASSES = ("all", "one")
+
 
 class CamObjective(nn.Module):
     """One training step's losses for the CAM network.
 
-    ``total = cls + er_weight * er + erase_weight * erase`` where
+    ``total = cls + s * (er_weight * er + erase_weight * erase)`` where ``s`` in [0, 1] is the
+    ramp factor the caller passes for the step (regularisers start once the classifier has
+    learned something) and
 
-    * ``cls``: multi-label soft margin of the images;
-    * ``er``: :func:`equivariance_loss` between the CAMs of a random view
-      (:func:`sample_view`: window of ``er_min_crop``..1 of each side, scale from
-      ``er_scale_range``, random mirror) and the equally transformed CAMs;
-    * ``erase``: multi-label soft margin of the images with the discriminative
-      regions of every present class erased (:func:`erase_mask`).
+    * ``cls``: multi-label soft margin of the images (and, with ``er_view_cls``, the mean of that
+      of the images and of their equivariance views, as SEAM classifies both branches);
+    * ``er``: :func:`equivariance_loss` between the CAMs of a random view (:func:`sample_view`:
+      window of ``er_min_crop``..1 of each side, scale from ``er_scale_range``, random mirror) and
+      the equally transformed CAMs of the image.  With ``er_target="detached"`` the image's CAMs
+      are the target and get no gradient from this term: the view learns to agree with the image,
+      and the two cannot agree by both collapsing to a map that is trivially equivariant (a
+      constant one costs exactly 0); ``"both"`` lets the gradient into both branches (SEAM);
+    * ``erase``: multi-label soft margin of the images with the discriminative regions (CAM
+      ``>= erase_thresh`` times its maximum) of every present class (``erase_classes="all"``) or of
+      one random present class per image (``"one"``) erased -- filled with the mean colour or a
+      blurred copy of the image (``erase_fill``) -- with the classification target kept.
 
     Args:
         model: a :class:`~wsss.models.classifier.CamNet`.
     """
 
     def __init__(self, model: nn.Module, *, er_weight: float = 0.0, er_scale_range: tuple[float, float] = (0.3, 0.7),
-                 er_min_crop: float = 1.0, erase_weight: float = 0.0, erase_thresh: float = 0.7):
+                 er_min_crop: float = 1.0, er_target: str = "detached", er_view_cls: bool = True,
+                 erase_weight: float = 0.0, erase_thresh: float = 0.7, erase_fill: str = "blur",
+                 erase_classes: str = "all"):
         super().__init__()
+        if er_target not in ER_TARGETS or erase_fill not in ERASE_FILLS or erase_classes not in ERASE_CLASSES:
+            raise ValueError(f"er_target in {ER_TARGETS}, erase_fill in {ERASE_FILLS}, erase_classes in "
+                             f"{ERASE_CLASSES}; got {er_target!r}, {erase_fill!r}, {erase_classes!r}")
         self.model = model
         self.er_weight, self.er_scale_range, self.er_min_crop = er_weight, tuple(er_scale_range), er_min_crop
+        self.er_target, self.er_view_cls = er_target, er_view_cls
         self.erase_weight, self.erase_thresh = erase_weight, erase_thresh
+        self.erase_fill, self.erase_classes = erase_fill, erase_classes
 
-    def forward(self, images: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Return ``{"total", "cls", "er", "erase"}`` scalar tensors (unused terms are 0)."""
+    def forward(self, images: torch.Tensor, targets: torch.Tensor, ramp: float = 1.0) -> dict[str, torch.Tensor]:
+        """Return ``{"total", "cls", "er", "erase"}`` scalar tensors (unused terms are 0).
+
+        Args:
+            images: float [B, 3, H, W]; targets: float [B, K] multi-hot.
+            ramp: factor in [0, 1] of the regularisers for this step (0 skips their passes).
+        """
         logits, maps = self.model(images, return_maps=True)
         cls_loss = multilabel_soft_margin_loss(logits, targets)
         zero = cls_loss.new_zeros(())
         terms = {"cls": cls_loss, "er": zero, "erase": zero}
         image_size = tuple(images.shape[-2:])
         stride = getattr(self.model, "output_stride", 16)
-        if self.er_weight > 0:
+        if self.er_weight > 0 and ramp > 0:
             box, size, flip = sample_view(image_size, self.er_scale_range, self.er_min_crop)
-            _, view_maps = self.model(rescale_flip_images(images, size, flip, box), return_maps=True)
+            view_logits, view_maps = self.model(rescale_flip_images(images, size, flip, box), return_maps=True)
             view_grid = tuple(view_maps.shape[-2:])
 
             def transform(maps_: torch.Tensor) -> torch.Tensor:
                 return rescale_flip_maps(maps_, image_size, size, view_grid, flip, stride, box)
 
-            terms["er"] = equivariance_loss(maps, view_maps, targets, transform)
-        if self.erase_weight > 0:
-            mask = erase_mask(maps, targets, image_size, self.erase_thresh, stride)
-            terms["erase"] = multilabel_soft_margin_loss(self.model(erase_images(images, mask)), targets)
-        terms["total"] = cls_loss + self.er_weight * terms["er"] + self.erase_weight * terms["erase"]
+            source = maps.detach() if self.er_target == "detached" else maps
+            terms["er"] = equivariance_loss(source, view_maps, targets, transform)
+            if self.er_view_cls and box == (0, 0, *image_size):  # a cropped window may have lost a class
+                cls_loss = 0.5 * (cls_loss + multilabel_soft_margin_loss(view_logits, targets))
+                terms["cls"] = cls_loss
+        if self.erase_weight > 0 and ramp > 0:
+            erased_classes = targets if self.erase_classes == "all" else one_class_each(targets)
+            mask = erase_mask(maps, erased_classes, image_size, self.erase_thresh, stride)
+            fill = blur_fill(images) if self.erase_fill == "blur" else torch.zeros_like(images)
+            erased = torch.where(mask[:, None], fill, images)
+            terms["erase"] = multilabel_soft_margin_loss(self.model(erased), targets)
+        terms["total"] = cls_loss + ramp * (self.er_weight * terms["er"] + self.erase_weight * terms["erase"])
         return terms
+
+
+def regulariser_ramp(step: int, total: int, start: float, length: float) -> float:
+    """The factor of the regularisers at ``step`` of ``total``: 0 before ``start`` (a fraction of the
+    schedule), rising linearly to 1 over the next ``length``; always 1 when both are 0."""
+    if total <= 0:
+        return 1.0
+    progress = step / total
+    if length <= 0:
+        return 1.0 if progress >= start else 0.0
+    return float(min(1.0, max(0.0, (progress - start) / length)))

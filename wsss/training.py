@@ -368,13 +368,14 @@ def wrap_distributed(module: torch.nn.Module, device: torch.device, info: DistIn
 # --------------------------------------------------------------------------- the loop
 
 
-StepLoss = Callable[[Any], dict]
+StepLoss = Callable[[Any, int], dict]
 Validate = Callable[[], dict]
 
 
 @dataclass
 class Loop:
-    """How :func:`fit` trains: one call of ``step_loss(batch)`` per step returns scalar loss terms
+    """How :func:`fit` trains: one call of ``step_loss(batch, step)`` per step (``step`` counts from 0
+    over the whole schedule, so a loss can ramp a term in) returns scalar loss terms
     (``{"total": ..., ...}``); rounds of ``round_steps``; a loss record every ``log_every`` steps.
 
     Attributes:
@@ -430,7 +431,7 @@ def fit(trainee: Trainee, loader: Iterable, loop: Loop, spec: RunSpec, state: Tr
             # randomness inside the step (dropout, random views) depends only on (seed, rank, step)
             torch.manual_seed(derive_seed(loop.seed, info.rank, state.step))
             with precision.autocast(device):
-                terms = loop.step_loss(batch)
+                terms = loop.step_loss(batch, state.step)
             trainee.optimizer.zero_grad(set_to_none=True)
             trainee.scaler.scale(terms["total"]).backward()
             trainee.scaler.step(trainee.optimizer)
@@ -461,11 +462,16 @@ def fit(trainee: Trainee, loader: Iterable, loop: Loop, spec: RunSpec, state: Tr
     return state
 
 
+# step terms that are measurements, not loss terms (recorded under their own name)
+MEASUREMENTS = ("accuracy",)
+
+
 def _loss_record(means: dict[str, float], trainee: Trainee) -> dict:
-    return {**{f"loss_{name}" if name != "total" else "loss": value for name, value in means.items()},
-            "lr": trainee.optimizer.param_groups[0]["lr"]}
+    def key(name: str) -> str:
+        return "loss" if name == "total" else name if name in MEASUREMENTS else f"loss_{name}"
+    return {**{key(name): value for name, value in means.items()}, "lr": trainee.optimizer.param_groups[0]["lr"]}
 
 
 def _brief(record: dict) -> str:
-    keys = [key for key in record if key.startswith("loss") or key.startswith("val_")]
+    keys = [key for key in record if key.startswith("loss") or key.startswith("val_") or key in MEASUREMENTS]
     return ", ".join(f"{key} {record[key]:.4f}" for key in keys if isinstance(record[key], float))

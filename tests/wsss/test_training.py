@@ -80,7 +80,7 @@ def _toy(out: Path, total: int = 6, lr: float = 0.1):
     spec = RunSpec(out, ToyConfig(lr=lr), ("lr", "seed"), total, ["background", "x"], {"kind": "toy"})
     data = torch.randn(total, 4, 3)
 
-    def step_loss(batch):
+    def step_loss(batch, step):
         noise = torch.randn(4, 1)  # randomness inside the step comes from the per-step seed
         return {"total": ((model(batch) - noise) ** 2).mean()}
 
