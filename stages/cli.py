@@ -16,8 +16,10 @@ from wsss.errors import WsssError
 COMMANDS = {
     "demo-data": "stages.demo_data",
     "prepare": "stages.prepare",
+    "pretrain": "stages.pretrain",
     "train-cls": "stages.train_cls",
     "make-cam": "stages.make_cam",
+    "train-aff": "stages.train_aff",
     "refine": "stages.refine",
     "train-seg": "stages.train_seg",
     "predict": "stages.predict",
@@ -53,7 +55,7 @@ def cli(verbose: int, quiet: bool) -> None:
 
     \b
     Stages (each reads and writes plain files):
-      prepare -> train-cls -> make-cam -> refine -> train-seg -> predict -> eval
+      prepare -> [pretrain] -> train-cls -> make-cam -> [train-aff] -> refine -> train-seg -> predict -> eval
     """
     level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", force=True)

@@ -23,7 +23,6 @@ import json
 import logging
 import math
 import time
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,7 +36,8 @@ from wsss.datasets.prepared import PreparedDataset
 from wsss.errors import WsssError
 from wsss.gmm import FALLBACK_REASONS, GmmParams
 from wsss.parallel import imap_images
-from wsss.refine import RefineParams, SplitFits, fit_split, image_thresholds, refine_image, split_samples
+from wsss.progress import bar as progress_bar
+from wsss.refine import RefineParams, SplitFits, image_seed, image_thresholds, pooled_fits, refine_image
 from wsss.reliability import LAMBDA_ALPHA, LAMBDA_BETA
 
 log = logging.getLogger(__name__)
@@ -68,13 +68,12 @@ class RefineConfig:
     workers: int | None = None
     seed: int = 0
     shard: tuple[int, int] = (0, 1)
+    random_walk: Path | None = None
+    rw_beta: float = 8.0
+    rw_steps: int = 256
+    device: str = "auto"
     overwrite: bool = False
     progress: bool = True
-
-
-def image_seed(seed: int, image_id: str) -> int:
-    """Seed of one image: a function of the run seed and the id only (not of worker or order)."""
-    return (seed * 1_000_003 + zlib.crc32(image_id.encode("utf-8"))) % 2**32
 
 
 def _is_done(out_dir: Path, image_id: str) -> bool:
@@ -146,26 +145,14 @@ def _worker_process(image_id: str) -> dict:
     return process_image(_WORKER_STATE["cfg"], _WORKER_STATE["dataset"], image_id, _WORKER_STATE["split_fits"])
 
 
-def _worker_sample(task: tuple[str, int]) -> dict:
-    image_id, count = task
-    cfg = _WORKER_STATE["cfg"]
-    _, keys, cams = _read_inputs(cfg, _WORKER_STATE["dataset"], image_id)
-    return split_samples(keys, cams, cfg.params, count, seed=image_seed(cfg.seed, image_id))
-
-
-def fit_split_thresholds(cfg: RefineConfig, dataset: PreparedDataset, ids: list[str], workers: int
-                         ) -> SplitFits | None:
-    """The pooled mixtures of ``threshold="gmm"`` (None for other modes).
-
-    Every image gives an equal share of at most ``--gmm-samples`` scores (seeded by its id), so
-    the fit depends on neither the worker count nor ``--shard``: every shard fits the same sample.
-    """
+def fit_split_thresholds(cfg: RefineConfig, ids: list[str], workers: int) -> SplitFits | None:
+    """The pooled mixtures of ``threshold="gmm"`` (None for other modes) from every CAM of the split,
+    so that every ``--shard`` fits the same sample."""
     if cfg.params.threshold != "gmm":
         return None
-    count = max(1, math.ceil(cfg.params.gmm.max_samples / len(ids)))
-    samples = imap_images(_worker_sample, [(image_id, count) for image_id in ids], workers, "gmm sample",
-                          initializer=_init_worker, initargs=(cfg, dataset, None), show=cfg.progress)
-    return fit_split(list(samples), cfg.params, seed=cfg.seed)
+    files = {image_id: artifacts.find_cam(cfg.cam_dir, image_id) for image_id in ids}
+    return pooled_fits(files, cfg.params, seed=cfg.seed, workers=workers, allow_pickle=cfg.allow_pickle,
+                       progress=cfg.progress)
 
 
 def _run_all(cfg: RefineConfig, dataset: PreparedDataset, ids: list[str], workers: int,
@@ -274,6 +261,48 @@ def _check_previous_run(cfg: RefineConfig) -> None:
                         "pass --overwrite or choose another --out")
 
 
+WALKED_DIR = "walked"
+
+
+def walk_split(cfg: RefineConfig, dataset: PreparedDataset, ids: list[str]) -> RefineConfig:
+    """Random-walk the CAMs of ``ids`` into ``<out>/walked/`` (skipping finished ones); return the
+    config that refines those walked CAMs.
+
+    The walked CAMs are tied to the affinity checkpoint and the walk's settings: a folder made with
+    others is refused (``--overwrite`` redoes it).
+    """
+    import torch
+
+    from wsss.affinity import pair_offsets, walk_cams
+    from wsss.device import resolve_device
+    from wsss.inference import BackgroundWriter, split_batches, to_model_input
+    from wsss.models.affinity import load_affinity_net
+
+    folder = Path(cfg.out_dir) / WALKED_DIR
+    checkpoint_file = artifacts.resolve_checkpoint(cfg.random_walk)
+    checkpoint = artifacts.load_checkpoint(checkpoint_file)
+    model = load_affinity_net(checkpoint, str(checkpoint_file))
+    settings = {"checkpoint": str(checkpoint_file), "checkpoint_step": checkpoint.get("step"), "beta": cfg.rw_beta,
+                "steps": cfg.rw_steps, "cams": str(cfg.cam_dir)}
+    settings_file = artifacts.config_path(folder)
+    if settings_file.is_file() and not cfg.overwrite and artifacts.read_json(settings_file) != settings:
+        raise WsssError(f"{settings_file}: {folder} holds CAMs walked with other settings; pass --overwrite")
+    artifacts.write_json(settings_file, settings)
+    device = resolve_device(cfg.device)
+    model = model.to(device)
+    offsets = pair_offsets(int(checkpoint["arch"].get("radius", 5)))
+    todo = [image_id for image_id in ids
+            if cfg.overwrite or not artifacts.cam_is_complete(artifacts.cam_path(folder, image_id))]
+    with progress_bar(total=len(todo), desc="random walk", show=cfg.progress) as bar, BackgroundWriter() as writer:
+        for (image_id,), images, _ in split_batches(dataset, cfg.split, todo, batch_size=1, workers=0, device=device):
+            keys, cams = artifacts.read_cam(artifacts.find_cam(cfg.cam_dir, image_id), allow_pickle=cfg.allow_pickle)
+            walked = walk_cams(model, to_model_input(images)[0], torch.from_numpy(cams).to(device), offsets,
+                               beta=cfg.rw_beta, steps=cfg.rw_steps)
+            writer.submit(artifacts.write_cam, artifacts.cam_path(folder, image_id), keys, walked.cpu().numpy())
+            bar.update(1)
+    return dataclasses.replace(cfg, cam_dir=folder, allow_pickle=False)
+
+
 def _split_ids(cfg: RefineConfig, dataset: PreparedDataset) -> list[str]:
     """The ids to refine (``--limit``), all with a CAM file that may be opened; checked before any work."""
     ids = list(dataset.ids(cfg.split))[:cfg.limit]
@@ -310,7 +339,9 @@ def run(cfg: RefineConfig) -> dict:
     artifacts.write_config(out_dir, cfg, shard=cfg.shard, workers=workers)
 
     started = time.perf_counter()
-    split_fits = fit_split_thresholds(cfg, dataset, split_ids, workers)
+    if cfg.random_walk is not None:
+        cfg = walk_split(cfg, dataset, split_ids if cfg.params.threshold == "gmm" else ids)
+    split_fits = fit_split_thresholds(cfg, split_ids, workers)
     results = _run_all(cfg, dataset, ids, workers, split_fits)
     seconds = time.perf_counter() - started
     refined = sum(not result["skipped"] for result in results)
@@ -376,6 +407,14 @@ def run(cfg: RefineConfig) -> dict:
               show_default=True, help="RAW lambda_alpha (must stay in (0, 1)).")
 @click.option("--raw-beta", type=click.FloatRange(0, min_open=True), default=LAMBDA_BETA, show_default=True,
               help="RAW lambda_beta (perplexity exponent).")
+@click.option("--random-walk", "random_walk", type=click.Path(path_type=Path), default=None,
+              help="A `wsss train-aff` output folder (or checkpoint): first spread the CAMs over its learned "
+                   "affinities (written to <out>/walked/), then threshold (and CRF) the walked CAMs.")
+@click.option("--rw-beta", type=click.FloatRange(0, min_open=True), default=8.0, show_default=True,
+              help="Affinities are raised to this power before the walk (AffinityNet 8, IRN 10).")
+@click.option("--rw-steps", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Random-walk steps (AffinityNet: 256 = 2^8).")
+@options.device_option
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Only the first N images of the split.")
 @click.option("--eval", "evaluate", is_flag=True, help="Score the pseudo-labels against ground truth afterwards.")
 @options.allow_pickle_option
@@ -385,7 +424,8 @@ def run(cfg: RefineConfig) -> dict:
 @options.overwrite_option
 def command(cam_dir, root, dataset, split, out_dir, threshold_mode, bg_thresh, fg_thresh, gmm_per_class, gmm_samples,
             gmm_components, confidence, crf, crf_iterations, crf_gaussian, crf_bilateral, crf_scale, crf_temperature, raw_alpha,
-            raw_beta, limit, evaluate, allow_pickle, workers, seed, shard, overwrite):
+            raw_beta, random_walk, rw_beta, rw_steps, device, limit, evaluate, allow_pickle, workers, seed, shard,
+            overwrite):
     """Turn CAMs into pseudo-labels (<id>.png) and RAW reliability maps (<id>.npy)."""
     if fg_thresh is not None and threshold_mode != "fixed":
         raise click.UsageError("--fg-thresh needs --threshold fixed (confident regions use two fixed thresholds)")
@@ -404,7 +444,8 @@ def command(cam_dir, root, dataset, split, out_dir, threshold_mode, bg_thresh, f
         raise click.UsageError(str(err)) from None
     cfg = RefineConfig(cam_dir=cam_dir, root=root, out_dir=out_dir, dataset=dataset, split=split, params=params,
                        limit=limit, allow_pickle=allow_pickle, evaluate=evaluate, workers=workers, seed=seed,
-                       shard=shard, overwrite=overwrite)
+                       shard=shard, random_walk=random_walk, rw_beta=rw_beta, rw_steps=rw_steps, device=device,
+                       overwrite=overwrite)
     metrics = run(cfg)
     threshold = metrics["threshold"]
     click.echo(f"{metrics['refined']} refined, {metrics['skipped']} skipped -> {out_dir}")

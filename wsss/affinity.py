@@ -326,3 +326,38 @@ def add_background(cams: torch.Tensor, power: float) -> torch.Tensor:
         # clamp: CAMs a hair above 1 would give a negative base and NaN for fractional powers
         background = (1.0 - cams.amax(0, keepdim=True)).clamp_min(0.0).pow(power)
     return torch.cat([background, cams])
+
+
+@torch.no_grad()
+def walk_cams(model, image: torch.Tensor, cams: torch.Tensor, offsets, *, beta: float = 8.0,
+              steps: int = 256) -> torch.Tensor:
+    """Spread one image's CAMs over its learned affinity graph (the inference of AffinityNet/IRN).
+
+    The embedding of the image gives the affinity of every pair of stride-8 cells within the radius;
+    :func:`transition_matrix` (affinities raised to ``beta``, rows normalised) carries the CAM scores
+    read at the cell centres (pixels ``8i, 8j``) ``steps`` times (:func:`random_walk`), and the walked
+    scores are brought back to every pixel (:func:`wsss.cam.feature_to_image`) and max-normalised per
+    class.  Only the class planes walk (IRN); the background is decided afterwards by refine's
+    threshold, on the walked maps.
+
+    Args:
+        model: an :class:`~wsss.models.affinity.AffinityNet` in eval mode, on the image's device.
+        image: float [3, H, W], ImageNet-normalised.
+        cams: float [K, H, W] in [0, 1], on the same device.
+        offsets: the pair offsets the network was trained with (:func:`pair_offsets` of its radius).
+
+    Returns:
+        float [K, H, W] in [0, 1].
+    """
+    from wsss.cam import feature_to_image, max_normalize
+
+    if cams.shape[0] == 0:
+        return cams
+    stride = getattr(model, "stride", 8)
+    embedding = model(image[None]).float()
+    affinity = pair_affinity(embedding, offsets)[0]
+    height, width = embedding.shape[-2:]
+    scores = cams[:, ::stride, ::stride][:, :height, :width].float()
+    walked = random_walk(scores, transition_matrix(affinity, offsets, beta), steps)
+    full = feature_to_image(walked[None], tuple(cams.shape[-2:]), stride=stride)[0]
+    return max_normalize(full.clamp_min(0.0))

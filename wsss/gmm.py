@@ -131,6 +131,11 @@ class GmmFit:
         """The Bayes boundary between the two upper components (see :func:`gaussian_crossing`)."""
         return gaussian_crossing(*self.upper_pair())
 
+    def lower_crossing(self) -> float | None:
+        """The Bayes boundary between the two *lowest* components: below it a score is surely background
+        (the low threshold of CoSA's confident regions; with K = 2 it is :meth:`crossing`)."""
+        return gaussian_crossing(self.weights[:2], self.means[:2], self.stds[:2])
+
     def foreground_posterior(self, scores: np.ndarray) -> np.ndarray:
         """Return float32 [...]: P(top component | score), against the component below it.
 

@@ -31,11 +31,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import zlib
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
+from wsss import artifacts
+
 from wsss.crf import CrfParams, dense_crf
+from wsss.parallel import imap_images
 from wsss.gmm import GmmParams, GmmThreshold, gmm_threshold, no_class_threshold, sample_scores
 from wsss.reliability import LAMBDA_ALPHA, LAMBDA_BETA, reliability_map
 
@@ -147,6 +152,49 @@ def label_from_thresholds(cams: np.ndarray, thresholds: np.ndarray, *, image: np
     return posterior.argmax(0)
 
 
+def confident_positions(cams: np.ndarray, fg_thresholds: np.ndarray, bg_thresholds: np.ndarray, *,
+                        image: np.ndarray | None = None, crf: CrfParams | None = None,
+                        unary_temperature: float = 1.0) -> np.ndarray:
+    """IRN's confident regions: foreground where the high thresholds say so, background where even the
+    low ones say background, 255 in between; each of the two labellings is refined by the CRF if given.
+
+    Args:
+        cams: float32 [K, H, W]; fg_thresholds, bg_thresholds: float [K] (``bg <= fg``).
+
+    Returns:
+        int64 [H, W]: 0 background, k + 1 the k-th CAM plane, 255 not sure.
+    """
+    high = label_from_thresholds(cams, fg_thresholds, image=image, crf=crf, unary_temperature=unary_temperature)
+    low = label_from_thresholds(cams, bg_thresholds, image=image, crf=crf, unary_temperature=unary_temperature)
+    position = np.where(high > 0, high, IGNORE_INDEX)
+    position[(high == 0) & (low == 0)] = 0
+    return position
+
+
+def confident_label(image: np.ndarray | None, keys: np.ndarray, cams: np.ndarray, fg_thresholds, bg_thresholds, *,
+                    crf: CrfParams | None = None, unary_temperature: float = 1.0) -> np.ndarray:
+    """The confident-region label map of one image (the training labels of the affinity network).
+
+    Args:
+        image: uint8 [H, W, 3] (needed with ``crf``).
+        keys: int [K] class indices; cams: float [K, H, W] in [0, 1].
+        fg_thresholds, bg_thresholds: float [K] per CAM plane.
+
+    Returns:
+        uint8 [H, W]: 0 background, class index, 255 not sure.
+    """
+    keys = np.asarray(keys, dtype=np.int64).reshape(-1)
+    cams = np.clip(np.asarray(cams, dtype=np.float32), 0.0, 1.0)
+    if keys.size == 0:
+        return np.zeros(cams.shape[1:], dtype=np.uint8)
+    position = confident_positions(cams, np.asarray(fg_thresholds, np.float32), np.asarray(bg_thresholds, np.float32),
+                                   image=image, crf=crf, unary_temperature=unary_temperature)
+    lut = np.full(256, IGNORE_INDEX, dtype=np.uint8)
+    lut[0] = 0
+    lut[1:len(keys) + 1] = keys
+    return lut[position.astype(np.int64)]
+
+
 @dataclass(frozen=True)
 class ImageThresholds:
     """The thresholds of one image.
@@ -256,6 +304,33 @@ def fit_split(samples: list[dict], params: RefineParams, *, seed: int = 0) -> Sp
                                                     if key != "all" and images[key] >= params.gmm_min_images})
 
 
+def image_seed(seed: int, image_id: str) -> int:
+    """Seed of one image: a function of the run seed and the id only (not of worker or order)."""
+    return (seed * 1_000_003 + zlib.crc32(image_id.encode("utf-8"))) % 2**32
+
+
+def _sample_file(task: tuple) -> dict:
+    path, count, params, seed, allow_pickle = task
+    keys, cams = artifacts.read_cam(path, allow_pickle=allow_pickle)
+    return split_samples(keys, cams, params, count, seed=seed)
+
+
+def pooled_fits(cam_files: dict[str, Path], params: RefineParams, *, seed: int = 0, workers: int | None = None,
+                allow_pickle: bool = False, progress: bool = True) -> SplitFits:
+    """The split's pooled mixtures (``threshold="gmm"``) from its CAM files.
+
+    Every image gives an equal share of at most ``params.gmm.max_samples`` scores, seeded by its id
+    (:func:`image_seed`), so the fit depends on neither the worker count nor the order of work.
+
+    Args:
+        cam_files: image id -> CAM file, every image of the split.
+    """
+    count = max(1, math.ceil(params.gmm.max_samples / max(1, len(cam_files))))
+    tasks = [(path, count, params, image_seed(seed, image_id), allow_pickle) for image_id, path in cam_files.items()]
+    samples = imap_images(_sample_file, tasks, workers, "gmm sample", show=progress)
+    return fit_split(list(samples), params, seed=seed)
+
+
 def image_thresholds(keys: np.ndarray, cams: np.ndarray, params: RefineParams = RefineParams(), *,
                      seed: int = 0, split_fits: SplitFits | None = None) -> ImageThresholds:
     """Find the thresholds of one image (the GMM fits, or the fixed values); no labelling, no CRF.
@@ -337,11 +412,8 @@ def refine_image(image: np.ndarray | None, keys: np.ndarray, cams: np.ndarray, p
     found = image_thresholds(keys, cams, params, seed=seed, split_fits=split_fits)
     fits, thresholds = found.fits, found.thresholds
     if params.threshold == "fixed" and params.fg_thresh is not None:
-        high = label_from_thresholds(cams, np.full(len(keys), params.fg_thresh), image=image, crf=crf,
-                                     unary_temperature=temperature)
-        low = label_from_thresholds(cams, thresholds, image=image, crf=crf, unary_temperature=temperature)
-        position = np.where(high > 0, high, IGNORE_INDEX)
-        position[(high == 0) & (low == 0)] = 0
+        position = confident_positions(cams, np.full(len(keys), params.fg_thresh), thresholds, image=image, crf=crf,
+                                       unary_temperature=temperature)
         pixel_threshold = np.where(position > 0, params.fg_thresh, params.bg_thresh).astype(np.float32)
     else:
         position = label_from_thresholds(cams, thresholds, image=image, crf=crf, unary_temperature=temperature)

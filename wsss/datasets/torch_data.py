@@ -85,6 +85,31 @@ class SegmentationDataset(Dataset):
         return image_t, label_out, weight_out
 
 
+class AffinityDataset(Dataset):
+    """Items ``(image float32 [3, S, S], pair targets bool [3, P, S/8, S/8])`` for the affinity network.
+
+    The confident-region labels (``<id>.png`` in ``label_dir``: 0 background, class, 255 not sure)
+    are augmented with the image, read on the stride-8 grid and turned into the bg-positive,
+    fg-positive and negative pair masks of :func:`wsss.affinity.affinity_targets` (in that order).
+    """
+
+    def __init__(self, dataset: PreparedDataset, split: str, transform: Callable, label_dir: str | Path, offsets,
+                 stride: int = 8):
+        self.labels = SegmentationDataset(dataset, split, transform, label_dir=label_dir)
+        self.offsets, self.stride = offsets, stride
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int):
+        from wsss.affinity import TARGET_KINDS, affinity_targets, label_at_stride
+
+        image, label = self.labels[index]
+        grid_label = label_at_stride(label.numpy().astype(np.uint8), self.stride)
+        targets = affinity_targets(grid_label, self.offsets)
+        return image, torch.from_numpy(np.stack([targets[kind] for kind in TARGET_KINDS]))
+
+
 class InferenceDataset(Dataset):
     """Items ``{"id": str, "image": RGB uint8 [H, W, 3], "size": (H, W)}`` at original size (batch size 1)."""
 

@@ -138,3 +138,22 @@ class AffinityNet(nn.Module):
     def parameter_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
         """Return ``(trunk parameters, head parameters)``; AffinityNet trains the trunk at a lower rate."""
         return list(self.backbone.parameters()), list(self.reductions.parameters()) + list(self.embed.parameters())
+
+
+def load_affinity_net(checkpoint: dict, source: str = "checkpoint") -> AffinityNet:
+    """Rebuild the :class:`AffinityNet` of a ``train-aff`` checkpoint (its ``arch``) with its weights, eval mode.
+
+    Raises:
+        WsssError: the checkpoint is not a train-aff checkpoint, or its weights do not fit.
+    """
+    from wsss.errors import WsssError
+
+    arch = checkpoint.get("arch")
+    if not isinstance(arch, dict) or arch.get("kind") != "affinity" or arch.get("backbone") not in BACKBONES:
+        raise WsssError(f"{source}: not a `wsss train-aff` checkpoint (arch {arch!r})")
+    model = AffinityNet(arch["backbone"], "none", embed_dim=int(arch.get("embed_dim", 448)))
+    try:
+        model.load_state_dict(checkpoint["model"])
+    except RuntimeError as err:
+        raise WsssError(f"{source}: weights do not fit the affinity network ({str(err).splitlines()[0]})") from None
+    return model.eval()
