@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Run every wsss stage end to end: prepare -> train-cls -> make-cam -> refine --crf -> train-seg
-# -> predict -> eval -> report. With no arguments it generates the demo dataset under ./work/demo
-# and uses CPU-sized settings. Run it again and it resumes: every stage skips finished work.
+# Run every wsss stage end to end: prepare -> pretrain -> train-cls -> make-cam -> [train-aff] -> refine
+# --crf -> train-seg -> predict -> eval -> report. With no arguments it generates the demo dataset under
+# ./work/demo and uses CPU-sized settings. Run it again and it resumes: every stage skips finished work.
+# The stage folders under <out>/run (pretrain, cls, cams, aff, pseudo, seg, seg_gt, pred) are the run
+# layout that `wsss report` reads (wsss/artifacts.py, RUN_LAYOUT).
 set -euo pipefail
 
 usage() {
@@ -17,13 +19,24 @@ Options (each also settable through the environment variable in brackets):
   --val-split NAME      split for validation and the final mIoU [WSSS_VAL_SPLIT; default val / val2014]
   --backbone NAME       classifier backbone resnet18|resnet50|resnet101 [WSSS_BACKBONE; demo resnet18, else resnet50]
   --seg-model NAME      deeplabv3_resnet18|deeplabv3_resnet50|deeplabv3_resnet101 [WSSS_SEG_MODEL]
-  --weights W           imagenet|none|PATH for both networks [WSSS_WEIGHTS; demo none, else imagenet]
+  --weights W           imagenet|none|PATH for both networks [WSSS_WEIGHTS; demo: the pretrain output, else imagenet]
+  --pretrain M          self-supervised pretraining first: rotation|contrastive|none [WSSS_PRETRAIN;
+                        demo rotation, else none]; its backbone.pth then initialises both networks
+  --pretrained PATH     use this backbone file instead of pretraining (e.g. shared by several runs) [WSSS_PRETRAINED]
+  --affinity            train an affinity network and refine with a random walk [WSSS_AFFINITY=1]
+  --upper-bound         also train DeepLab on the ground truth with the same recipe; the report shows
+                        weak/full [WSSS_UPPER_BOUND=1]
+  --cls-opts "..."      extra options for train-cls (e.g. "--er-weight 1") [WSSS_CLS_OPTS]
+  --refine-opts "..."   extra options for refine [WSSS_REFINE_OPTS]
+  --seg-opts "..."      extra options for train-seg [WSSS_SEG_OPTS]
   --device D            auto|cpu|cuda [WSSS_DEVICE, default auto]
   --gpus N              GPUs per machine; N > 1 runs the training stages under torchrun [WSSS_GPUS, default 1]
   --out DIR             output folder [WSSS_OUT, default ./work/demo]
-  --seed N              random seed [WSSS_SEED, default 0]
+  --seed N              random seed of training [WSSS_SEED, default 0]
   demo size (only with --dataset demo; a smoke test uses tiny values):
   --num-train N --num-val M --size S   demo images and their long side [WSSS_NUM_TRAIN 120, WSSS_NUM_VAL 40, WSSS_SIZE 96]
+  --data-seed N         seed of the demo images [WSSS_DATA_SEED, default 0]
+  --pretrain-epochs N   [WSSS_PRETRAIN_EPOCHS, default 40]
   --epochs N            classifier epochs [WSSS_EPOCHS, default 12]
   --iterations N        DeepLab iterations [WSSS_ITERATIONS, default 500]
   -h, --help            this text
@@ -37,13 +50,22 @@ VAL_SPLIT=${WSSS_VAL_SPLIT:-}
 BACKBONE=${WSSS_BACKBONE:-}
 SEG_MODEL=${WSSS_SEG_MODEL:-}
 WEIGHTS=${WSSS_WEIGHTS:-}
+PRETRAIN=${WSSS_PRETRAIN:-}
+PRETRAINED=${WSSS_PRETRAINED:-}
+AFFINITY=${WSSS_AFFINITY:-0}
+UPPER_BOUND=${WSSS_UPPER_BOUND:-0}
+USER_CLS_OPTS=${WSSS_CLS_OPTS:-}
+USER_REFINE_OPTS=${WSSS_REFINE_OPTS:-}
+USER_SEG_OPTS=${WSSS_SEG_OPTS:-}
 DEVICE=${WSSS_DEVICE:-auto}
 GPUS=${WSSS_GPUS:-1}
 OUT=${WSSS_OUT:-work/demo}
 SEED=${WSSS_SEED:-0}
+DATA_SEED=${WSSS_DATA_SEED:-0}
 NUM_TRAIN=${WSSS_NUM_TRAIN:-120}
 NUM_VAL=${WSSS_NUM_VAL:-40}
 SIZE=${WSSS_SIZE:-96}
+PRETRAIN_EPOCHS=${WSSS_PRETRAIN_EPOCHS:-40}
 EPOCHS=${WSSS_EPOCHS:-12}
 ITERATIONS=${WSSS_ITERATIONS:-500}
 
@@ -56,13 +78,22 @@ while [ $# -gt 0 ]; do
         --backbone) BACKBONE=$2; shift 2 ;;
         --seg-model) SEG_MODEL=$2; shift 2 ;;
         --weights) WEIGHTS=$2; shift 2 ;;
+        --pretrain) PRETRAIN=$2; shift 2 ;;
+        --pretrained) PRETRAINED=$2; shift 2 ;;
+        --affinity) AFFINITY=1; shift ;;
+        --upper-bound) UPPER_BOUND=1; shift ;;
+        --cls-opts) USER_CLS_OPTS=$2; shift 2 ;;
+        --refine-opts) USER_REFINE_OPTS=$2; shift 2 ;;
+        --seg-opts) USER_SEG_OPTS=$2; shift 2 ;;
         --device) DEVICE=$2; shift 2 ;;
         --gpus) GPUS=$2; shift 2 ;;
         --out) OUT=$2; shift 2 ;;
         --seed) SEED=$2; shift 2 ;;
+        --data-seed) DATA_SEED=$2; shift 2 ;;
         --num-train) NUM_TRAIN=$2; shift 2 ;;
         --num-val) NUM_VAL=$2; shift 2 ;;
         --size) SIZE=$2; shift 2 ;;
+        --pretrain-epochs) PRETRAIN_EPOCHS=$2; shift 2 ;;
         --epochs) EPOCHS=$2; shift 2 ;;
         --iterations) ITERATIONS=$2; shift 2 ;;
         -h|--help) usage; exit 0 ;;
@@ -74,7 +105,7 @@ case "$DATASET" in
     demo)
         ROOT=${ROOT:-$OUT/data}/VOC2012; KIND=voc
         TRAIN_SPLIT=${TRAIN_SPLIT:-train}; VAL_SPLIT=${VAL_SPLIT:-val}
-        BACKBONE=${BACKBONE:-resnet18}; SEG_MODEL=${SEG_MODEL:-deeplabv3_resnet18}; WEIGHTS=${WEIGHTS:-none} ;;
+        BACKBONE=${BACKBONE:-resnet18}; SEG_MODEL=${SEG_MODEL:-deeplabv3_resnet18}; PRETRAIN=${PRETRAIN:-rotation} ;;
     voc|folder)
         KIND=$DATASET; TRAIN_SPLIT=${TRAIN_SPLIT:-train}; VAL_SPLIT=${VAL_SPLIT:-val} ;;
     coco)
@@ -85,7 +116,14 @@ if [ -z "$ROOT" ]; then
     echo "Error: --root is required for --dataset $DATASET (prepare it first with 'wsss prepare $DATASET')" >&2
     exit 2
 fi
-BACKBONE=${BACKBONE:-resnet50}; SEG_MODEL=${SEG_MODEL:-deeplabv3_resnet50}; WEIGHTS=${WEIGHTS:-imagenet}
+case "${PRETRAIN:-none}" in
+    rotation|contrastive|none) ;;
+    *) echo "Error: --pretrain must be rotation, contrastive or none, got '$PRETRAIN'" >&2; exit 2 ;;
+esac
+if [ -n "$PRETRAINED" ] && [ ! -f "$PRETRAINED" ]; then
+    echo "Error: --pretrained $PRETRAINED: file not found" >&2; exit 2
+fi
+BACKBONE=${BACKBONE:-resnet50}; SEG_MODEL=${SEG_MODEL:-deeplabv3_resnet50}; PRETRAIN=${PRETRAIN:-none}
 
 RUN=$OUT/run
 DATA=(--dataset "$KIND" --root "$ROOT")
@@ -94,47 +132,86 @@ if [ "$GPUS" -gt 1 ]; then
 else
     TRAIN=(wsss)
 fi
+# split "--a 1 --b 2" into words (the options carry no spaces of their own)
+read -r -a CLS_EXTRA <<< "$USER_CLS_OPTS"
+read -r -a REFINE_EXTRA <<< "$USER_REFINE_OPTS"
+read -r -a SEG_EXTRA <<< "$USER_SEG_OPTS"
 
 step() { printf '\n== %s\n' "$*"; }
 
 if [ "$DATASET" = demo ]; then
-    # CPU-sized settings for the synthetic data (about 10 minutes on 2 cores); real datasets use
-    # each command's defaults, the literature's settings (see README). The demo classifier is
-    # trained plain: from scratch, equivariance and erasing lowered CAM mIoU (bench/README.md).
+    # CPU-sized settings for the synthetic data (about 14 minutes on 2 cores); real datasets use each
+    # command's defaults, the literature's settings (see README). Measured choices: bench/README.md.
     # One intra-op thread: the demo's tiny tensors gain little from more, and on a busy 2-core
     # machine PyTorch's spinning worker threads made training up to 10x slower (export it to override).
     export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
     step "demo data -> $ROOT"
     if [ ! -f "$ROOT/ImageSets/Segmentation/val.txt" ]; then
-        wsss demo-data "$(dirname "$ROOT")" --num-train "$NUM_TRAIN" --num-val "$NUM_VAL" --size "$SIZE" --seed "$SEED"
+        wsss demo-data "$(dirname "$ROOT")" --num-train "$NUM_TRAIN" --num-val "$NUM_VAL" --size "$SIZE" \
+            --seed "$DATA_SEED"
     fi
     wsss prepare voc --root "$ROOT"
-    CLS_OPTS=(--crop-size 80 --scale-range 0.7,1.3 --batch-size 8 --epochs "$EPOCHS" --lr 0.05 --val-cam-images 40 --workers 0)
+    PRE_OPTS=(--method "$PRETRAIN" --crop-size 64 --batch-size 60 --epochs "$PRETRAIN_EPOCHS" --warmup-epochs 2
+              --lr 0.03 --workers 1)
+    CLS_OPTS=(--crop-size 80 --scale-range 0.7,1.3 --batch-size 8 --epochs "$EPOCHS" --lr 0.05 --val-cam-images 40
+              --workers 0)
     CAM_OPTS=(--sweep 0.05:0.95:0.01 --workers 1)
-    SEG_OPTS=(--crop-size 80 --batch-size 8 --iterations "$ITERATIONS" --lr 0.05 --head-lr-mult 1 --eval-every 250 --workers 0)
+    AFF_OPTS=(--crop-size 80 --batch-size 8 --epochs 6 --embed-dim 64 --workers 1)
+    SEG_OPTS=(--crop-size 80 --batch-size 8 --iterations "$ITERATIONS" --lr 0.05 --head-lr-mult 1 --eval-every 250
+              --workers 0)
     PRED_OPTS=(--scales 0.75,1.0,1.25 --workers 0)
 else
-    CLS_OPTS=(); CAM_OPTS=(); SEG_OPTS=(); PRED_OPTS=()
+    PRE_OPTS=(--method "$PRETRAIN"); CLS_OPTS=(); CAM_OPTS=(); AFF_OPTS=(); SEG_OPTS=(); PRED_OPTS=()
 fi
+
+if [ -n "$PRETRAINED" ]; then
+    WEIGHTS=${WEIGHTS:-$PRETRAINED}
+elif [ "$PRETRAIN" != none ]; then
+    step "pretrain ($PRETRAIN) -> $RUN/pretrain"
+    "${TRAIN[@]}" pretrain "${DATA[@]}" --split "$TRAIN_SPLIT" --probe-split "$VAL_SPLIT" --out "$RUN/pretrain" \
+        --backbone "$BACKBONE" --device "$DEVICE" --seed "$SEED" "${PRE_OPTS[@]}"
+    WEIGHTS=${WEIGHTS:-$RUN/pretrain/backbone.pth}
+fi
+WEIGHTS=${WEIGHTS:-imagenet}
 
 step "train-cls -> $RUN/cls"
 "${TRAIN[@]}" train-cls "${DATA[@]}" --split "$TRAIN_SPLIT" --val-split "$VAL_SPLIT" --out "$RUN/cls" \
-    --backbone "$BACKBONE" --weights "$WEIGHTS" --device "$DEVICE" --seed "$SEED" ${CLS_OPTS[@]+"${CLS_OPTS[@]}"}
+    --backbone "$BACKBONE" --weights "$WEIGHTS" --device "$DEVICE" --seed "$SEED" ${CLS_OPTS[@]+"${CLS_OPTS[@]}"} \
+    ${CLS_EXTRA[@]+"${CLS_EXTRA[@]}"}
 
 step "make-cam -> $RUN/cams"
-wsss make-cam "${DATA[@]}" --split "$TRAIN_SPLIT" --checkpoint "$RUN/cls/best.pth" --out "$RUN/cams" \
+wsss make-cam "${DATA[@]}" --split "$TRAIN_SPLIT" --checkpoint "$RUN/cls/last.pth" --out "$RUN/cams" \
     --device "$DEVICE" --eval ${CAM_OPTS[@]+"${CAM_OPTS[@]}"}
 
+WALK=()
+if [ "$AFFINITY" = 1 ]; then
+    step "train-aff -> $RUN/aff"
+    "${TRAIN[@]}" train-aff "${DATA[@]}" --split "$TRAIN_SPLIT" --cams "$RUN/cams" --out "$RUN/aff" \
+        --backbone "$BACKBONE" --weights "$RUN/cls/last.pth" --device "$DEVICE" --seed "$SEED" \
+        ${AFF_OPTS[@]+"${AFF_OPTS[@]}"}
+    WALK=(--random-walk "$RUN/aff" --device "$DEVICE")
+fi
+
 step "refine --crf -> $RUN/pseudo"
-wsss refine "${DATA[@]}" --split "$TRAIN_SPLIT" --cams "$RUN/cams" --out "$RUN/pseudo" --crf --seed "$SEED"
+wsss refine "${DATA[@]}" --split "$TRAIN_SPLIT" --cams "$RUN/cams" --out "$RUN/pseudo" --crf --seed "$SEED" \
+    ${WALK[@]+"${WALK[@]}"} ${REFINE_EXTRA[@]+"${REFINE_EXTRA[@]}"}
 wsss eval "${DATA[@]}" --split "$TRAIN_SPLIT" --pred "$RUN/pseudo"
+
+UPPER=()
+if [ "$UPPER_BOUND" = 1 ]; then
+    step "train-seg on the ground truth (upper bound) -> $RUN/seg_gt"
+    "${TRAIN[@]}" train-seg "${DATA[@]}" --split "$TRAIN_SPLIT" --val-split "$VAL_SPLIT" --labels gt \
+        --out "$RUN/seg_gt" --model "$SEG_MODEL" --weights-backbone "$WEIGHTS" --device "$DEVICE" --seed "$SEED" \
+        ${SEG_OPTS[@]+"${SEG_OPTS[@]}"} ${SEG_EXTRA[@]+"${SEG_EXTRA[@]}"}
+    UPPER=(--upper-bound "$RUN/seg_gt")
+fi
 
 step "train-seg -> $RUN/seg"
 "${TRAIN[@]}" train-seg "${DATA[@]}" --split "$TRAIN_SPLIT" --val-split "$VAL_SPLIT" --labels "$RUN/pseudo" --raw \
     --out "$RUN/seg" --model "$SEG_MODEL" --weights-backbone "$WEIGHTS" --device "$DEVICE" --seed "$SEED" \
-    ${SEG_OPTS[@]+"${SEG_OPTS[@]}"}
+    ${SEG_OPTS[@]+"${SEG_OPTS[@]}"} ${SEG_EXTRA[@]+"${SEG_EXTRA[@]}"} ${UPPER[@]+"${UPPER[@]}"}
 
-# last.pth, not best.pth: best.pth was chosen on the validation split it would be scored on
+# last.pth: train-seg's best.pth is the last checkpoint unless --select val-miou asked the val masks
 step "predict -> $RUN/pred"
 wsss predict "${DATA[@]}" --split "$VAL_SPLIT" --checkpoint "$RUN/seg/last.pth" --out "$RUN/pred" --device "$DEVICE" \
     ${PRED_OPTS[@]+"${PRED_OPTS[@]}"}

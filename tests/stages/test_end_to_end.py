@@ -1,5 +1,6 @@
 """run_pipeline.sh end to end on a tiny demo dataset: every stage runs, the report is written, a rerun resumes."""
 
+import json
 import os
 import re
 import subprocess
@@ -16,7 +17,8 @@ REPO = Path(__file__).resolve().parents[2]
 def run_pipeline(out: Path) -> subprocess.CompletedProcess:
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", OMP_NUM_THREADS="1")
     command = ["bash", str(REPO / "run_pipeline.sh"), "--out", str(out), "--num-train", "8", "--num-val", "4",
-               "--size", "48", "--epochs", "1", "--iterations", "4", "--device", "cpu"]
+               "--size", "48", "--pretrain-epochs", "1", "--epochs", "1", "--iterations", "4", "--upper-bound",
+               "--device", "cpu"]
     return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -30,7 +32,7 @@ def test_pipeline_runs_every_stage_and_resumes(tmp_path):
     train_ids = (out / "data" / "VOC2012" / "ImageSets" / "Segmentation" / "train.txt").read_text().split()
     val_ids = (out / "data" / "VOC2012" / "ImageSets" / "Segmentation" / "val.txt").read_text().split()
     assert len(train_ids) == 8 and len(val_ids) == 4
-    for stage in ("cls", "cams", "pseudo", "seg", "pred"):
+    for stage in ("pretrain", "cls", "cams", "pseudo", "seg_gt", "seg", "pred"):
         assert artifacts.config_path(run / stage).is_file(), stage
         assert artifacts.metrics_path(run / stage).is_file(), stage
     for image_id in train_ids:
@@ -51,7 +53,11 @@ def test_pipeline_runs_every_stage_and_resumes(tmp_path):
         assert (run / "report" / f"{figure}.png").is_file() and f"report/{figure}.png" in report
 
     # a second run resumes: nothing is trained again
-    checkpoints = {stage: artifacts.checkpoint_path(run / stage, "last").stat().st_mtime_ns for stage in ("cls", "seg")}
+    # the classifier started from the pretrained trunk; DeepLab has its weak/full ratio
+    assert json.loads(artifacts.config_path(run / "cls").read_text())["config"]["weights"].endswith("backbone.pth")
+    assert json.loads(artifacts.metrics_path(run / "seg").read_text())["weak_full_ratio"] is not None
+    checkpoints = {stage: artifacts.checkpoint_path(run / stage, "last").stat().st_mtime_ns
+                   for stage in ("pretrain", "cls", "seg_gt", "seg")}
     cam_time = artifacts.cam_path(run / "cams", train_ids[0]).stat().st_mtime_ns
     second = run_pipeline(out)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
