@@ -51,6 +51,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from wsss.errors import check_finite_fields
+
 FALLBACK_REASONS = ("no_classes", "empty", "flat", "one_mode", "full_frame", "no_crossing")
 
 
@@ -81,6 +83,7 @@ class GmmParams:
     max_iter: int = 100
 
     def __post_init__(self) -> None:
+        check_finite_fields(self)
         if not 0.0 <= self.fallback_threshold <= 1.0:
             raise ValueError(f"fallback_threshold must lie in [0, 1], got {self.fallback_threshold}")
         if self.max_samples < 2 or self.min_samples < 2:

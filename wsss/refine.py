@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from wsss.crf import CrfParams, dense_crf
+from wsss.errors import check_finite_fields
 from wsss.gmm import GmmParams, GmmThreshold, gmm_threshold, no_class_threshold
 from wsss.reliability import LAMBDA_ALPHA, LAMBDA_BETA, reliability_map
 
@@ -70,6 +71,7 @@ class RefineParams:
     lambda_beta: float = LAMBDA_BETA
 
     def __post_init__(self) -> None:
+        check_finite_fields(self)
         if self.threshold not in THRESHOLD_MODES:
             raise ValueError(f"threshold must be one of {THRESHOLD_MODES}, got {self.threshold!r}")
         if not 0.0 < self.bg_thresh < 1.0:

@@ -13,6 +13,7 @@ from stages.refine import RefineConfig, image_seed, run
 from wsss import artifacts
 from wsss.crf import CrfParams
 from wsss.datasets.prepared import SplitSpec, write_prepared
+from wsss.gmm import GmmParams
 from wsss.refine import RefineParams, image_thresholds, refine_image
 
 CLASSES = ["background", "cat", "dog"]
@@ -122,6 +123,11 @@ def test_params_are_checked():
         RefineParams(threshold="fixed", gmm_per_class=True)
     with pytest.raises(ValueError, match="image"):
         refine_image(None, [1], np.zeros((1, 4, 4), np.float32), RefineParams(crf=CrfParams()))
+    for name in ("bg_thresh", "confidence", "unary_temperature", "lambda_alpha", "lambda_beta"):
+        with pytest.raises(ValueError, match=f"{name} must be a finite number"):
+            RefineParams(**{name: float("nan")})
+    with pytest.raises(ValueError, match="max_background_mean must be a finite number"):
+        GmmParams(max_background_mean=float("inf"))
 
 
 # --------------------------------------------------------------------------- the stage
