@@ -307,30 +307,32 @@ def run(cfg: RefineConfig) -> dict:
 @options.out_option("Output folder for <id>.png pseudo-labels, <id>.npy reliability maps, config.json, metrics.json.")
 @click.option("--threshold", "threshold_mode", type=click.Choice(["gmm", "fixed"]), default="gmm", show_default=True,
               help="Background threshold: per-image GMM crossing, or the fixed --bg-thresh.")
-@click.option("--bg-thresh", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.20,
+@click.option("--bg-thresh", type=options.FiniteFloat(0, 1, min_open=True, max_open=True), default=0.20,
               show_default=True, help="Fixed background threshold; also the GMM's fallback on degenerate images.")
-@click.option("--fg-thresh", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
+@click.option("--fg-thresh", type=options.FiniteFloat(0, 1, min_open=True, max_open=True), default=None,
               help="With --threshold fixed: confident foreground threshold; pixels between --bg-thresh and "
                    "--fg-thresh become 255 (IRN uses 0.30/0.05).")
 @click.option("--gmm-per-class", is_flag=True, help="Fit one GMM per class CAM instead of one on the max over classes.")
 @click.option("--gmm-samples", type=click.IntRange(min=100), default=GmmParams().max_samples, show_default=True,
               help="Pixels (seeded subsample) per GMM fit.")
-@click.option("--confidence", type=click.FloatRange(0, 1, max_open=True), default=0.9, show_default=True,
+@click.option("--confidence", type=options.FiniteFloat(0, 1, max_open=True), default=0.9, show_default=True,
               help="GMM posterior below this -> 255 (0 = off).")
 @click.option("--crf/--no-crf", default=False, show_default=True, help="Refine the labels with a dense CRF.")
 @click.option("--crf-iterations", type=click.IntRange(min=1), default=PSEUDO_LABEL_CRF.iterations, show_default=True,
               help="Mean-field iterations.")
-@click.option("--crf-gaussian", default="3,3", show_default=True, callback=options.fixed_floats(2, "SXY,COMPAT"),
+@click.option("--crf-gaussian", default="3,3", show_default=True,
+              callback=options.fixed_floats(2, "SXY,COMPAT", positive=(0,)),
               help="Smoothness kernel SXY,COMPAT.")
-@click.option("--crf-bilateral", default="50,5,10", show_default=True, callback=options.fixed_floats(3, "SXY,SRGB,COMPAT"),
+@click.option("--crf-bilateral", default="50,5,10", show_default=True,
+              callback=options.fixed_floats(3, "SXY,SRGB,COMPAT", positive=(0, 1)),
               help="Appearance kernel SXY,SRGB,COMPAT.")
-@click.option("--crf-scale", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True,
+@click.option("--crf-scale", type=options.FiniteFloat(0, 1, min_open=True), default=1.0, show_default=True,
               help="Run the CRF at this fraction of the resolution (about 1/scale^2 faster).")
-@click.option("--crf-temperature", type=click.FloatRange(0, min_open=True), default=1.0, show_default=True,
+@click.option("--crf-temperature", type=options.FiniteFloat(0, min_open=True), default=1.0, show_default=True,
               help="T in the CRF unary softmax([0, cam - threshold] / T); lower trusts the CAM more.")
-@click.option("--raw-alpha", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=LAMBDA_ALPHA,
+@click.option("--raw-alpha", type=options.FiniteFloat(0, 1, min_open=True, max_open=True), default=LAMBDA_ALPHA,
               show_default=True, help="RAW lambda_alpha (must stay in (0, 1)).")
-@click.option("--raw-beta", type=click.FloatRange(0, min_open=True), default=LAMBDA_BETA, show_default=True,
+@click.option("--raw-beta", type=options.FiniteFloat(0, min_open=True), default=LAMBDA_BETA, show_default=True,
               help="RAW lambda_beta (perplexity exponent).")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Only the first N images of the split.")
 @click.option("--eval", "evaluate", is_flag=True, help="Score the pseudo-labels against ground truth afterwards.")
