@@ -34,7 +34,7 @@ from stages import options
 from wsss import artifacts
 from wsss.crf import PSEUDO_LABEL_CRF, CrfParams
 from wsss.datasets.prepared import PreparedDataset
-from wsss.errors import WsssError
+from wsss.errors import WsssError, option_name
 from wsss.gmm import FALLBACK_REASONS, GmmParams
 from wsss.parallel import imap_images
 from wsss.refine import RefineParams, image_thresholds, refine_image
@@ -226,6 +226,44 @@ def _params_json(params: RefineParams) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(params)))
 
 
+# RefineParams fields (nested ones dotted) whose option is not "--" + the field with dashes, for messages
+_PARAM_OPTIONS = {"gmm.fallback_threshold": "--bg-thresh", "gmm.max_samples": "--gmm-samples",
+                  "crf.gaussian_sxy": "--crf-gaussian", "crf.gaussian_compat": "--crf-gaussian",
+                  "crf.bilateral_sxy": "--crf-bilateral", "crf.bilateral_srgb": "--crf-bilateral",
+                  "crf.bilateral_compat": "--crf-bilateral", "unary_temperature": "--crf-temperature",
+                  "lambda_alpha": "--raw-alpha", "lambda_beta": "--raw-beta"}
+
+
+def _flat(params: dict, prefix: str = "") -> dict:
+    """``{"crf": {"scale": 1.0}}`` -> ``{"crf": "on", "crf.scale": 1.0}`` (``crf`` None: ``{"crf": None}``)."""
+    flat = {}
+    for key, value in params.items():
+        if isinstance(value, dict):
+            flat[prefix + key] = "on"
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value
+    return flat
+
+
+def _changed_options(previous: dict, current: dict) -> list[str]:
+    """The options whose values differ between two ``RefineParams`` dicts, e.g. ``["--bg-thresh", "--crf"]``."""
+    previous, current = _flat(previous), _flat(current)
+    changed = {key for key in set(previous) | set(current) if previous.get(key) != current.get(key)}
+    # a section switched on or off (the CRF) is one change, not one per setting inside it
+    changed = {key for key in changed if key.rpartition(".")[0] not in changed}
+    return sorted({_option_of(key) for key in changed})
+
+
+def _option_of(key: str) -> str:
+    if key in _PARAM_OPTIONS:
+        return _PARAM_OPTIONS[key]
+    section, _, field = key.rpartition(".")
+    if section == "crf":
+        return option_name(f"crf_{field}")  # crf.iterations -> --crf-iterations
+    return key if section else option_name(key)  # a GMM rule without an option keeps its dotted name
+
+
 def _check_previous_run(cfg: RefineConfig) -> None:
     """Refuse to resume into a folder made with other per-image settings (the files would mix)."""
     path = artifacts.config_path(cfg.out_dir, cfg.shard)
@@ -236,8 +274,7 @@ def _check_previous_run(cfg: RefineConfig) -> None:
     except (WsssError, KeyError, TypeError):
         return
     if previous != _params_json(cfg.params):
-        changed = sorted(key for key in set(previous) | set(_params_json(cfg.params))
-                         if previous.get(key) != _params_json(cfg.params).get(key))
+        changed = _changed_options(previous, _params_json(cfg.params))
         raise WsssError(f"{path}: {cfg.out_dir} was refined with other settings ({', '.join(changed)}); "
                         "pass --overwrite or choose another --out")
 

@@ -41,7 +41,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from wsss import artifacts
 from wsss.device import DistInfo, derive_seed, loader_worker_init, sum_over_ranks
-from wsss.errors import WsssError
+from wsss.errors import WsssError, option_name
 from wsss.progress import bar as progress_bar
 
 log = logging.getLogger(__name__)
@@ -307,7 +307,8 @@ def find_resumable(spec: RunSpec) -> dict | None:
     defaults = {f.name: f.default for f in dataclasses.fields(spec.config)
                 if f.default is not dataclasses.MISSING}
     defaults = json.loads(json.dumps(defaults, default=str))
-    changed = [name for name in spec.schedule_fields if saved.get(name, defaults.get(name)) != current.get(name)]
+    changed = [option_name(name) for name in spec.schedule_fields
+               if saved.get(name, defaults.get(name)) != current.get(name)]
     if checkpoint.get("total_steps", spec.total_steps) != spec.total_steps:
         changed.append(f"total steps ({checkpoint.get('total_steps')} -> {spec.total_steps})")
     if changed:

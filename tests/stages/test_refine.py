@@ -292,3 +292,16 @@ def test_cli_errors_name_the_problem(tiny):
     assert result.exit_code == 2 and "SXY,SRGB,COMPAT" in result.output
     result = runner.invoke(cli, base + ["--out", str(cam_dir)])
     assert result.exit_code == 1 and "--out must differ" in result.output
+
+
+def test_a_resume_with_other_settings_names_the_options():
+    from stages.refine import _changed_options, _params_json
+
+    fixed = _params_json(RefineParams(threshold="fixed"))
+    gmm = _params_json(RefineParams(bg_thresh=0.3, gmm=GmmParams(fallback_threshold=0.3)))
+    # before: the dataclass fields ("bg_thresh, gmm, threshold")
+    assert _changed_options(fixed, gmm) == ["--bg-thresh", "--threshold"]
+    assert _changed_options(fixed, _params_json(RefineParams(threshold="fixed", crf=CrfParams()))) == ["--crf"]
+    assert _changed_options(_params_json(RefineParams(crf=CrfParams(iterations=3, bilateral_srgb=3.0))),
+                            _params_json(RefineParams(crf=CrfParams(), lambda_beta=2.0))) == \
+        ["--crf-bilateral", "--crf-iterations", "--raw-beta"]

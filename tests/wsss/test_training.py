@@ -116,7 +116,7 @@ def test_fit_resumes_to_the_weights_of_an_uninterrupted_run(tmp_path):
 def test_resume_refuses_another_schedule(tmp_path):
     _fit(tmp_path / "run", stop_at=2)
     trainee, spec, _, _ = _toy(tmp_path / "run", lr=0.2)
-    with pytest.raises(WsssError, match="cannot resume, the run used different lr"):
+    with pytest.raises(WsssError, match="cannot resume, the run used different --lr"):
         find_resumable(spec)
     _, spec, _, _ = _toy(tmp_path / "run", total=8)
     with pytest.raises(WsssError, match=r"total steps \(6 -> 8\)"):
