@@ -131,8 +131,8 @@ def run(cfg: MakeCamConfig) -> dict:
         raise WsssError(f"{cfg.root}: split {cfg.split!r} has no images")
     out_dir = Path(cfg.out_dir)
     mine = shard(ids, info, cfg.shard)
-    todo = [image_id for image_id in mine
-            if cfg.overwrite or not artifacts.cam_is_complete(artifacts.cam_path(out_dir, image_id))]
+    todo = [image_id for image_id in mine if cfg.overwrite
+            or not artifacts.cam_is_complete(artifacts.cam_path(out_dir, image_id), dataset.num_classes)]
     if cfg.classes == "gt":
         for image_id in todo:
             dataset.image_labels(image_id)  # fail before the long loop, naming the labels file

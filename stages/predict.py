@@ -76,9 +76,10 @@ class PredictConfig:
     overwrite: bool = False
 
 
-def _is_done(cfg: PredictConfig, image_id: str) -> bool:
+def _is_done(cfg: PredictConfig, image_id: str, num_classes: int | None = None) -> bool:
+    """True when the label map (and overlay) exist and are valid (anything unreadable is redone)."""
     try:
-        artifacts.read_label_png(artifacts.label_path(cfg.out_dir, image_id))
+        artifacts.read_label_png(artifacts.label_path(cfg.out_dir, image_id), num_classes)
     except WsssError:
         return False
     return not cfg.overlay or artifacts.overlay_path(Path(cfg.out_dir) / OVERLAY_DIR, image_id).is_file()
@@ -146,7 +147,8 @@ def run(cfg: PredictConfig) -> dict:
     if not ids:
         raise WsssError(f"{cfg.root}: split {cfg.split!r} has no images")
     mine = shard(ids, info, cfg.shard)
-    todo = mine if cfg.overwrite else [image_id for image_id in mine if not _is_done(cfg, image_id)]
+    todo = mine if cfg.overwrite else [image_id for image_id in mine
+                                       if not _is_done(cfg, image_id, dataset.num_classes)]
     if len(todo) < len(mine) and info.is_main:
         log.info("skipping %d finished images (pass --overwrite to redo them)", len(mine) - len(todo))
     if info.is_main:

@@ -77,10 +77,10 @@ def image_seed(seed: int, image_id: str) -> int:
     return (seed * 1_000_003 + zlib.crc32(image_id.encode("utf-8"))) % 2**32
 
 
-def _is_done(out_dir: Path, image_id: str) -> bool:
-    """True when both outputs exist, are readable and agree in shape."""
+def _is_done(out_dir: Path, image_id: str, num_classes: int | None = None) -> bool:
+    """True when both outputs exist, are valid and agree in shape (anything unreadable is redone)."""
     try:
-        label = artifacts.read_label_png(artifacts.label_path(out_dir, image_id))
+        label = artifacts.read_label_png(artifacts.label_path(out_dir, image_id), num_classes)
         reliability = artifacts.read_reliability(artifacts.reliability_path(out_dir, image_id))
     except WsssError:
         return False
@@ -93,10 +93,7 @@ def _read_inputs(cfg: RefineConfig, dataset: PreparedDataset, image_id: str):
     cam_file = artifacts.find_cam(cfg.cam_dir, image_id)
     if cam_file is None:
         raise WsssError(f"{artifacts.cam_path(cfg.cam_dir, image_id)}: CAM file not found")
-    keys, cams = artifacts.read_cam(cam_file, allow_pickle=cfg.allow_pickle)
-    if keys.size and (keys.min() < 1 or keys.max() >= dataset.num_classes):
-        raise WsssError(f"{cam_file}: CAM keys {keys.tolist()} outside the dataset's classes "
-                        f"1..{dataset.num_classes - 1}")
+    keys, cams = artifacts.read_cam(cam_file, allow_pickle=cfg.allow_pickle, num_classes=dataset.num_classes)
     return cam_file, keys, cams
 
 
@@ -113,7 +110,7 @@ def process_image(cfg: RefineConfig, dataset: PreparedDataset, image_id: str) ->
     # and the numbers do not depend on how many threads a machine has
     with threadpool_limits(limits=1):
         cam_file, keys, cams = _read_inputs(cfg, dataset, image_id)
-        if not cfg.overwrite and _is_done(cfg.out_dir, image_id):
+        if not cfg.overwrite and _is_done(cfg.out_dir, image_id, dataset.num_classes):
             label = artifacts.read_label_png(artifacts.label_path(cfg.out_dir, image_id))
             if label.shape != cams.shape[1:]:
                 raise WsssError(f"{artifacts.label_path(cfg.out_dir, image_id)}: finished pseudo-label is "

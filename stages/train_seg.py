@@ -157,7 +157,7 @@ def upper_bound_miou(folder: Path) -> float | None:
     path = artifacts.metrics_path(folder)
     if not path.is_file():
         return None
-    metrics = artifacts.read_json(path)
+    metrics = artifacts.read_json(path, expect=dict)
     if metrics.get("labels") != GT_LABELS:
         raise WsssError(f"{path}: --upper-bound must be a `train-seg --labels gt` run "
                         f"(this one trained on {metrics.get('labels')!r})")

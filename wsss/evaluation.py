@@ -212,7 +212,7 @@ def _labels_chunk(common: tuple, items: list[tuple[str, Path]]) -> ConfusionMatr
     dataset, split, ignore_pred = common
     matrix = ConfusionMatrix(dataset.num_classes, ignore_pred=ignore_pred)
     for image_id, path in items:
-        prediction = artifacts.read_label_png(path)
+        prediction = artifacts.read_label_png(path, dataset.num_classes)
         target = _read_target(dataset, split, image_id, path, prediction.shape, "prediction")
         try:
             matrix.update(target, prediction)
@@ -225,7 +225,7 @@ def _cams_chunk(common: tuple, items: list[tuple[str, Path]]) -> np.ndarray:
     dataset, split, thresholds, allow_pickle = common
     total = np.zeros((len(thresholds), dataset.num_classes, dataset.num_classes), dtype=np.int64)
     for image_id, path in items:
-        keys, cams = artifacts.read_cam(path, allow_pickle=allow_pickle)
+        keys, cams = artifacts.read_cam(path, allow_pickle=allow_pickle, num_classes=dataset.num_classes)
         target = _read_target(dataset, split, image_id, path, cams.shape[1:], "CAM")
         try:
             total += sweep_matrices(keys, cams, target, thresholds, dataset.num_classes)

@@ -353,7 +353,7 @@ def finished_metrics(spec: RunSpec, checkpoint: dict | None) -> dict | None:
         return None
     log.info("%s: training already finished (%d steps); pass --overwrite to train again", spec.last(),
              spec.total_steps)
-    return artifacts.read_json(metrics_file)
+    return artifacts.read_json(metrics_file, expect=dict)
 
 
 def wrap_distributed(module: torch.nn.Module, device: torch.device, info: DistInfo,
