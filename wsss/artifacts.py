@@ -20,7 +20,8 @@ shape, NaN or out-of-range values, class indices outside the dataset's class lis
 one :class:`~wsss.errors.WsssError` whose message names the file; resume checks treat such a
 file as not done.  Nothing is written with NaN or infinity in it: JSON files get ``null`` for a
 non-finite number (an undefined score such as the mIoU of an empty confusion matrix), and the
-array writers refuse non-finite arrays.
+array writers refuse non-finite arrays.  Files are created with the usual ``0o666 & ~umask``
+mode, like any other program's, so a group that shares a dataset folder can read them.
 """
 
 from __future__ import annotations
@@ -135,6 +136,20 @@ def eval_metrics_path(folder: str | Path, split: str) -> Path:
 
 # --------------------------------------------------------------------------- atomic writes
 
+def _umask() -> int:
+    """This process's umask, read without changing it where the system allows (threads write files)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | Path, mode: str = "wb") -> Iterator[io.IOBase]:
     """Open a temporary file beside ``path``; on success it replaces ``path`` atomically.
@@ -147,6 +162,8 @@ def atomic_write(path: str | Path, mode: str = "wb") -> Iterator[io.IOBase]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        # mkstemp creates 0600; give the file the mode open() would (0666 minus the umask)
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, mode) as handle:
             yield handle
             handle.flush()

@@ -273,6 +273,18 @@ def test_json_is_strict_both_ways(tmp_path):
 
 
 
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)])
+def test_written_files_get_the_mode_the_umask_allows(tmp_path, umask, mode):
+    # a temporary file from mkstemp is 0600; the artifact must be readable like any other program's output
+    script = textwrap.dedent(f"""
+        import os
+        os.umask({umask})
+        from wsss import artifacts
+        artifacts.write_json({str(tmp_path / "a.json")!r}, {{"a": 1}})
+    """)
+    subprocess.run([sys.executable, "-c", script], check=True)
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == mode
+
 def test_checkpoint_reader_checks_the_layout_and_the_weights(tmp_path):
     good = {"model": {"w": torch.ones(2)}, "arch": {"backbone": "resnet18"}, "classes": ["background", "cat"],
             "config": {}}
