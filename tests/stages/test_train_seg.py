@@ -5,6 +5,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from helpers import assert_one_line_error
 from stages.cli import cli
 from stages.train_seg import TrainSegConfig, total_iterations
 from wsss import artifacts
@@ -203,3 +204,20 @@ def test_total_iterations_from_epochs():
     cfg = TrainSegConfig(root=".", out_dir=".", iterations=None, epochs=2.0, batch_size=4)
     assert total_iterations(cfg, num_images=10, world_size=1) == 5  # ceil(2 * 10 / 4)
     assert total_iterations(cfg, num_images=10, world_size=2) == 3  # ceil(2 * 5 / 4)
+
+
+def test_pseudo_label_outside_the_class_list_is_one_line_naming_the_png(data, tmp_path):
+    root, train_ids, _ = data
+    pseudo = tmp_path / "pseudo"
+    write_pseudo(root, pseudo, train_ids, reliability=False)
+    label = artifacts.read_label_png(artifacts.label_path(pseudo, train_ids[1])).copy()
+    label[5:, :] = 50  # everywhere below the top rows, so every crop holds it
+    artifacts.write_label_png(artifacts.label_path(pseudo, train_ids[1]), label)
+    at = BASE.index("--workers")
+    args = ["train-seg", "--root", str(root), "--out", str(tmp_path / "run"), "--labels", str(pseudo),
+            *BASE[:at], *BASE[at + 2:], "--workers", "2", "--iterations", "2", "--val-split", "none"]
+    # in a DataLoader worker (the default): before, torch's IndexError "Target 50 is out of bounds" deep in the loss
+    result = CliRunner().invoke(cli, args)
+    assert_one_line_error(result, f"{train_ids[1]}.png: label map holds class index 50",
+                          "the dataset's classes are 0..2")
+    assert not artifacts.checkpoint_path(tmp_path / "run", "last").exists()
