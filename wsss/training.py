@@ -40,7 +40,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from wsss import artifacts
-from wsss.device import DistInfo, derive_seed, loader_worker_init, sum_over_ranks
+from wsss.device import DistInfo, derive_seed, loader_worker_init, stop_loader_workers, sum_over_ranks
 from wsss.errors import WsssError, option_name
 from wsss.progress import bar as progress_bar
 
@@ -424,6 +424,18 @@ def fit(trainee: Trainee, loader: Iterable, loop: Loop, spec: RunSpec, state: Tr
     started = time.perf_counter() - state.seconds
     batches = iter(loader)
     progress = progress_bar(total=stop, initial=state.step, desc=loop.desc, unit="step", show=info.is_main)
+    try:
+        _rounds(trainee, batches, loop, spec, state, meter, stop, started, progress, precision=precision,
+                device=device, info=info)
+    finally:
+        stop_loader_workers(batches)
+        progress.close()
+    return state
+
+
+def _rounds(trainee: Trainee, batches, loop: Loop, spec: RunSpec, state: TrainState, meter: LossMeter, stop: int,
+            started: float, progress, *, precision: Precision, device: torch.device, info: DistInfo) -> None:
+    """The rounds of :func:`fit` from ``state.step`` to ``stop``."""
     while state.step < stop:
         round_end = min(stop, (state.step // loop.round_steps + 1) * loop.round_steps)
         trainee.model.train()
@@ -458,8 +470,6 @@ def fit(trainee: Trainee, loader: Iterable, loop: Loop, spec: RunSpec, state: Tr
             log.info("%s: step %d/%d, %s", loop.desc, state.step, spec.total_steps, _brief(record))
         if info.distributed:
             torch.distributed.barrier()
-    progress.close()
-    return state
 
 
 def _loss_record(means: dict[str, float], trainee: Trainee) -> dict:
