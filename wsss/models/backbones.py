@@ -64,6 +64,25 @@ def load_state_file(path: str | Path) -> dict:
     return state
 
 
+def load_backbone_state(module: nn.Module, state: dict, weights: str, name: str) -> None:
+    """Load the tensors of a state dict file that ``module`` (a ResNet trunk) has; the rest (``fc.``) is left out.
+
+    Raises:
+        WsssError: a tensor has another shape in the file (a state dict of another backbone), or
+            the file holds no tensor of ``module`` at all; the message names the file and ``name``.
+    """
+    own = module.state_dict()
+    state = {key: value for key, value in state.items() if not key.startswith("fc.")}
+    for key, value in state.items():
+        if key in own and hasattr(value, "shape") and tuple(value.shape) != tuple(own[key].shape):
+            raise WsssError(f"--weights {weights}: tensor {key!r} is {list(value.shape)} in the file but "
+                            f"{list(own[key].shape)} in {name} (weights of another backbone?)")
+    matching = {key: value for key, value in state.items() if key in own}
+    if not matching:
+        raise WsssError(f"--weights {weights}: no parameter of {name} found in the file")
+    module.load_state_dict(matching, strict=False)
+
+
 def build_resnet(name: str, weights: str = "none", output_stride: int = 16) -> nn.Module:
     """Build a torchvision ResNet without its pooling/fc head.
 
@@ -82,11 +101,8 @@ def build_resnet(name: str, weights: str = "none", output_stride: int = 16) -> n
     if weights == "imagenet":
         net.load_state_dict(load_imagenet_state(name, weight_enum))
     elif weights != "none":
-        state = load_state_file(weights)
-        state = {key.removeprefix("backbone."): value for key, value in state.items()}
-        missing, _unexpected = net.load_state_dict(state, strict=False)
-        if len(missing) == len(net.state_dict()):
-            raise WsssError(f"--weights {weights}: no parameter of {name} found in the file")
+        state = {key.removeprefix("backbone."): value for key, value in load_state_file(weights).items()}
+        load_backbone_state(net, state, weights, name)
     if output_stride == 16:
         _dilate_last_stage(net.layer4)
     return nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3, net.layer4)
