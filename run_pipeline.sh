@@ -88,6 +88,8 @@ fi
 BACKBONE=${BACKBONE:-resnet50}; SEG_MODEL=${SEG_MODEL:-deeplabv3_resnet50}; WEIGHTS=${WEIGHTS:-imagenet}
 
 RUN=$OUT/run
+# The stage folders under $RUN (cls, cams, pseudo, seg, pred, pred_<split>) are the run layout that
+# wsss/artifacts.py defines once (RUN_LAYOUT) and `wsss report` reads; keep the names below in step with it.
 DATA=(--dataset "$KIND" --root "$ROOT")
 if [ "$GPUS" -gt 1 ]; then
     TRAIN=(torchrun --standalone --nproc_per_node "$GPUS" -m stages.cli)

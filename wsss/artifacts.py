@@ -22,6 +22,8 @@ file as not done.  Nothing is written with NaN or infinity in it: JSON files get
 non-finite number (an undefined score such as the mIoU of an empty confusion matrix), and the
 array writers refuse non-finite arrays.  Files are created with the usual ``0o666 & ~umask``
 mode, like any other program's, so a group that shares a dataset folder can read them.
+
+A pipeline run folder has one sub-folder per stage, :data:`RUN_LAYOUT`.
 """
 
 from __future__ import annotations
@@ -56,6 +58,41 @@ _CAM_TOLERANCE = 1e-3
 # what numpy, zipfile and zlib raise for a truncated, empty or foreign .npz / .npy file
 _ARRAY_FILE_ERRORS = (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error)
 
+
+# --------------------------------------------------------------------------- run layout
+
+@dataclasses.dataclass(frozen=True)
+class RunLayout:
+    """The stage folders of a pipeline run (``run_pipeline.sh``, ``wsss report``, ``bench/run_all.py``).
+
+    ``<run>/<cls>`` holds train-cls's checkpoints, ``<run>/<cams>`` make-cam's CAMs (and their
+    threshold sweep), ``<run>/<pseudo>`` refine's pseudo-labels and reliability maps,
+    ``<run>/<seg>`` train-seg's checkpoints, ``<run>/<pred>`` predict's label maps of the
+    validation split and ``<run>/pred_<split>`` those of another split; ``pretrain`` and ``aff``
+    are the optional self-supervised backbone and affinity network.  ``wsss report`` writes
+    ``<run>/report.md`` with its figures in ``<run>/report/``.
+    """
+
+    pretrain: str = "pretrain"
+    cls: str = "cls"
+    cams: str = "cams"
+    aff: str = "aff"
+    pseudo: str = "pseudo"
+    seg: str = "seg"
+    pred: str = "pred"
+    report_file: str = "report.md"
+    report_figures: str = "report"
+
+    def folder(self, run_dir: str | Path, stage: str) -> Path:
+        """``<run_dir>/<folder of stage>``, e.g. ``folder(run, "cams")``."""
+        return Path(run_dir) / getattr(self, stage)
+
+    def pred_folder(self, run_dir: str | Path, split: str | None = None) -> Path:
+        """Predictions of the validation split (``split=None``) or of ``split``: ``<run>/pred_<split>``."""
+        return Path(run_dir) / (self.pred if split is None else f"{self.pred}_{split}")
+
+
+RUN_LAYOUT = RunLayout()
 
 
 # --------------------------------------------------------------------------- paths

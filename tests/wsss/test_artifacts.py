@@ -272,7 +272,6 @@ def test_json_is_strict_both_ways(tmp_path):
         artifacts.read_json(tmp_path)
 
 
-
 @pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)])
 def test_written_files_get_the_mode_the_umask_allows(tmp_path, umask, mode):
     # a temporary file from mkstemp is 0600; the artifact must be readable like any other program's output
@@ -284,6 +283,7 @@ def test_written_files_get_the_mode_the_umask_allows(tmp_path, umask, mode):
     """)
     subprocess.run([sys.executable, "-c", script], check=True)
     assert (tmp_path / "a.json").stat().st_mode & 0o777 == mode
+
 
 def test_checkpoint_reader_checks_the_layout_and_the_weights(tmp_path):
     good = {"model": {"w": torch.ones(2)}, "arch": {"backbone": "resnet18"}, "classes": ["background", "cat"],
@@ -303,3 +303,11 @@ def test_checkpoint_reader_checks_the_layout_and_the_weights(tmp_path):
     path.write_bytes(b"")
     with pytest.raises(WsssError, match=r"c\.pth: not a readable wsss checkpoint"):
         artifacts.load_checkpoint(path)
+
+
+def test_run_layout_names_every_stage_folder(tmp_path):
+    layout = artifacts.RUN_LAYOUT
+    assert [layout.folder(tmp_path, stage).name for stage in ("cls", "cams", "pseudo", "seg", "pred")] == \
+        ["cls", "cams", "pseudo", "seg", "pred"]
+    assert layout.pred_folder(tmp_path, "train") == tmp_path / "pred_train"
+    assert layout.pred_folder(tmp_path) == tmp_path / "pred"
