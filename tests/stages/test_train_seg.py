@@ -206,6 +206,19 @@ def test_total_iterations_from_epochs():
     assert total_iterations(cfg, num_images=10, world_size=2) == 3  # ceil(2 * 5 / 4)
 
 
+def test_history_after_a_stop_inside_a_round_is_that_of_a_straight_run(data, tmp_path):
+    root, _, _ = data
+    common = ["--labels", "gt", "--iterations", "6", "--eval-every", "3", "--log-every", "5", "--val-split", "none"]
+    assert train(root, tmp_path / "straight", *common).exit_code == 0
+    assert train(root, tmp_path / "stopped", *common, "--stop-at", "2").exit_code == 0
+    assert train(root, tmp_path / "stopped", *common).exit_code == 0
+    history = {name: json.loads(artifacts.metrics_path(tmp_path / name).read_text())["history"]
+               for name in ("straight", "stopped")}
+    assert [(record.get("round"), record["step"]) for record in history["straight"]] == [(1, 3), (None, 5), (2, 6)]
+    # before, the stop added a round record at step 2 and the round record at 3 held only step 3's loss
+    assert history["stopped"] == history["straight"]
+
+
 def test_pseudo_label_outside_the_class_list_is_one_line_naming_the_png(data, tmp_path):
     root, train_ids, _ = data
     pseudo = tmp_path / "pseudo"
