@@ -206,6 +206,30 @@ def test_total_iterations_from_epochs():
     assert total_iterations(cfg, num_images=10, world_size=2) == 3  # ceil(2 * 5 / 4)
 
 
+def test_checkpoints_every_eval_every_also_without_a_val_split(data, tmp_path, monkeypatch):
+    import stages.train_seg
+
+    root, _, _ = data
+    out = tmp_path / "run"
+    real_loss, calls = stages.train_seg.segmentation_loss, []
+
+    def killed_at_the_third_step(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # stands in for a kill -9 during iteration 3
+        return real_loss(*args)
+
+    monkeypatch.setattr(stages.train_seg, "segmentation_loss", killed_at_the_third_step)
+    result = train(root, out, "--labels", "gt", "--iterations", "4", "--eval-every", "2", "--val-split", "none")
+    assert result.exit_code != 0
+    # the work of the first two iterations is kept (before, a run without a val split checkpointed only at the end)
+    assert artifacts.load_checkpoint(artifacts.checkpoint_path(out, "last"))["step"] == 2
+    monkeypatch.setattr(stages.train_seg, "segmentation_loss", real_loss)
+    assert train(root, out, "--labels", "gt", "--iterations", "4", "--eval-every", "2",
+                 "--val-split", "none").exit_code == 0
+    assert artifacts.load_checkpoint(artifacts.checkpoint_path(out, "last"))["step"] == 4
+
+
 def test_history_after_a_stop_inside_a_round_is_that_of_a_straight_run(data, tmp_path):
     root, _, _ = data
     common = ["--labels", "gt", "--iterations", "6", "--eval-every", "3", "--log-every", "5", "--val-split", "none"]
