@@ -178,18 +178,19 @@ def _stage_config(run_dir: Path, stage: str) -> dict | None:
     return _entry(artifacts.read_json(path, expect=dict), "config", dict, path) if path.is_file() else None
 
 
-def gallery(run_dir: Path, path: Path, rows: int = 6, tile_height: int = 128) -> list[str]:
-    """Write a picture of ``rows`` images: image | CAM heatmap | pseudo-label | prediction | ground truth.
+def gallery(run_dir: Path, rows: int = 6, tile_height: int = 128) -> tuple[list[str], np.ndarray | None]:
+    """A picture of ``rows`` images: image | CAM heatmap | pseudo-label | prediction | ground truth.
 
     Images come from the split the CAMs were made for; the prediction column uses
-    ``<run>/pred_<split>/`` (or ``<run>/pred/`` when it was made for that split).
+    ``<run>/pred_<split>/`` (or ``<run>/pred/`` when it was made for that split).  Nothing is
+    written, so a bad file found here leaves no half-made report.
 
     Returns:
-        The image ids shown (empty when there are no CAMs to show).
+        ``(ids shown, RGB uint8 picture)``; ``([], None)`` when there are no CAMs to show.
     """
     config = _stage_config(run_dir, "cams")
     if config is None:
-        return []
+        return [], None
     cam_config_file = artifacts.config_path(RUN_LAYOUT.folder(run_dir, "cams"))
     if not isinstance(config.get("root"), str) or not isinstance(config.get("split"), str):
         raise WsssError(f"{cam_config_file}: config has no 'root' and 'split' strings")
@@ -219,9 +220,7 @@ def gallery(run_dir: Path, path: Path, rows: int = 6, tile_height: int = 128) ->
         truth = colorize_label(dataset.read_mask(split, image_id)) if dataset.has_masks(split) else np.full_like(image, 255)
         tiles.append(labelled_tile(truth, "ground truth", tile_height))
         picture_rows.append(tiles)
-    if picture_rows:
-        artifacts.write_image(path, grid(picture_rows))
-    return list(dict.fromkeys(picks))
+    return list(dict.fromkeys(picks)), grid(picture_rows) if picture_rows else None
 
 
 def _save(figure, path: Path) -> None:
@@ -259,14 +258,16 @@ def write_report(run_dir: str | Path, gallery_rows: int = 6) -> dict:
     if not results:
         raise WsssError(f"{run_dir}: no stage evaluation found (expected <stage>/metrics_eval_<split>.json "
                         "from make-cam --eval, wsss eval --pred)")
-    histories = {stage: _history(run_dir, stage) for stage in ("cls", "seg")}  # checked before anything is written
+    # everything is read and checked before anything is written
+    histories = {stage: _history(run_dir, stage) for stage in ("cls", "seg")}
+    seg_metrics_path = artifacts.metrics_path(RUN_LAYOUT.folder(run_dir, "seg"))
+    seg_metrics = artifacts.read_json(seg_metrics_path, expect=dict) if seg_metrics_path.is_file() else {}
+    ratio = _entry(seg_metrics, "weak_full_ratio", (int, float), seg_metrics_path)
+    shown, picture = gallery(run_dir, rows=gallery_rows)
     figures_dir.mkdir(parents=True, exist_ok=True)
     lines = [f"# wsss run report: {run_dir.name}", ""]
     lines += ["## mIoU per stage", "", "| stage | split | mIoU (%) | note |", "|---|---|---|---|"]
     lines += [f"| {r.title} | {r.split} | {_fmt(r.miou)} | {r.note} |" for r in results]
-    seg_metrics_path = artifacts.metrics_path(RUN_LAYOUT.folder(run_dir, "seg"))
-    seg_metrics = artifacts.read_json(seg_metrics_path, expect=dict) if seg_metrics_path.is_file() else {}
-    ratio = _entry(seg_metrics, "weak_full_ratio", (int, float), seg_metrics_path)
     if ratio is not None:
         lines += ["", f"weak/full ratio (DeepLab on pseudo-labels / on ground truth): {ratio:.3f}"]
     plot_stage_miou(results, figures_dir / "stage_miou.png")
@@ -280,8 +281,8 @@ def write_report(run_dir: str | Path, gallery_rows: int = 6) -> dict:
               for name in classes]
     if plot_curves(histories["cls"], histories["seg"], figures_dir / "curves.png"):
         lines += ["", "## Training curves", "", f"![training curves]({figures}/curves.png)"]
-    shown = gallery(run_dir, figures_dir / "gallery.png", rows=gallery_rows)
-    if shown:
+    if picture is not None:
+        artifacts.write_image(figures_dir / "gallery.png", picture)
         lines += ["", "## Gallery", "", "image | CAM heatmap | pseudo-label | prediction | ground truth", "",
                   f"![gallery]({figures}/gallery.png)"]
     with artifacts.atomic_write(report_file, "w") as handle:

@@ -252,6 +252,11 @@ def world(tmp_path_factory) -> dict[str, Path]:
     w["run_miou_string"] = run_with("run_miou_string", '{"split": "train", "miou": "high"}')
     w["run_nan"] = run_with("run_nan", '{"split": "train", "miou": NaN}')
     w["run_history"] = run_with("run_history", files={"seg/metrics.json": '{"history": [{"step": 1, "loss": "low"}]}'})
+    w["run_truncated_cam"] = run_with("run_truncated_cam", files={"cams/config.json": json.dumps(
+        {"config": {"root": str(root), "dataset": "folder", "split": "train"}})})
+    for image_id in TRAIN:  # the gallery shows the CAMs; one is truncated
+        shutil.copy(artifacts.cam_path(w["cams_trunc"], image_id),
+                    artifacts.cam_path(w["run_truncated_cam"] / "cams", image_id))
     w["run_report_folder"] = run_with("run_report_folder")
     (w["run_report_folder"] / "report.md").mkdir()
     w["run_eval_folder"] = base / "run_eval_folder"
@@ -519,6 +524,7 @@ CASES = [
     Case("report", "mIoU is a string", "report {run_miou_string}", 1, "'miou' is str 'high', not a number"),
     Case("report", "metrics_eval holds NaN", "report {run_nan}", 1, "not a valid JSON file"),
     Case("report", "loss history of strings", "report {run_history}", 1, "'history' must be a list of objects"),
+    Case("report", "truncated CAM in the gallery", "report {run_truncated_cam}", 1, "t1.npz: not a valid CAM file"),
     Case("report", "report.md is a folder", "report {run_report_folder}", 1, "report.md: is a folder"),
     Case("report", "metrics_eval is a folder", "report {run_eval_folder}", 1, "is a folder, expected a JSON file"),
     Case("report", "negative gallery rows", "report {run_list} --gallery-rows -1", 2, "--gallery-rows"),
