@@ -26,6 +26,9 @@ Options (each also settable through the environment variable in brackets):
   --affinity            train an affinity network and refine with a random walk [WSSS_AFFINITY=1]
   --upper-bound         also train DeepLab on the ground truth with the same recipe; the report shows
                         weak/full [WSSS_UPPER_BOUND=1]
+  --upper-bound-dir DIR  where that ground-truth run lives (default <out>/run/seg_gt; runs that share the seed,
+                        backbone and weights can share one) [WSSS_UPPER_BOUND_DIR]
+  --stop-after STAGE    stop after pretrain|train-cls|make-cam|refine|train-seg [WSSS_STOP_AFTER]
   --cls-opts "..."      extra options for train-cls (e.g. "--er-weight 1") [WSSS_CLS_OPTS]
   --refine-opts "..."   extra options for refine [WSSS_REFINE_OPTS]
   --seg-opts "..."      extra options for train-seg [WSSS_SEG_OPTS]
@@ -54,6 +57,8 @@ PRETRAIN=${WSSS_PRETRAIN:-}
 PRETRAINED=${WSSS_PRETRAINED:-}
 AFFINITY=${WSSS_AFFINITY:-0}
 UPPER_BOUND=${WSSS_UPPER_BOUND:-0}
+UPPER_BOUND_DIR=${WSSS_UPPER_BOUND_DIR:-}
+STOP_AFTER=${WSSS_STOP_AFTER:-}
 USER_CLS_OPTS=${WSSS_CLS_OPTS:-}
 USER_REFINE_OPTS=${WSSS_REFINE_OPTS:-}
 USER_SEG_OPTS=${WSSS_SEG_OPTS:-}
@@ -82,6 +87,8 @@ while [ $# -gt 0 ]; do
         --pretrained) PRETRAINED=$2; shift 2 ;;
         --affinity) AFFINITY=1; shift ;;
         --upper-bound) UPPER_BOUND=1; shift ;;
+        --upper-bound-dir) UPPER_BOUND=1; UPPER_BOUND_DIR=$2; shift 2 ;;
+        --stop-after) STOP_AFTER=$2; shift 2 ;;
         --cls-opts) USER_CLS_OPTS=$2; shift 2 ;;
         --refine-opts) USER_REFINE_OPTS=$2; shift 2 ;;
         --seg-opts) USER_SEG_OPTS=$2; shift 2 ;;
@@ -124,8 +131,15 @@ if [ -n "$PRETRAINED" ] && [ ! -f "$PRETRAINED" ]; then
     echo "Error: --pretrained $PRETRAINED: file not found" >&2; exit 2
 fi
 BACKBONE=${BACKBONE:-resnet50}; SEG_MODEL=${SEG_MODEL:-deeplabv3_resnet50}; PRETRAIN=${PRETRAIN:-none}
+case "$STOP_AFTER" in
+    ""|pretrain|train-cls|make-cam|refine|train-seg) ;;
+    *) echo "Error: --stop-after must be pretrain, train-cls, make-cam, refine or train-seg, got '$STOP_AFTER'" >&2
+       exit 2 ;;
+esac
 
 RUN=$OUT/run
+# The stage folders under $RUN (cls, cams, pseudo, seg, pred, pred_<split>) are the run layout that
+# wsss/artifacts.py defines once (RUN_LAYOUT) and `wsss report` reads; keep the names below in step with it.
 DATA=(--dataset "$KIND" --root "$ROOT")
 if [ "$GPUS" -gt 1 ]; then
     TRAIN=(torchrun --standalone --nproc_per_node "$GPUS" -m stages.cli)
@@ -138,6 +152,7 @@ read -r -a REFINE_EXTRA <<< "$USER_REFINE_OPTS"
 read -r -a SEG_EXTRA <<< "$USER_SEG_OPTS"
 
 step() { printf '\n== %s\n' "$*"; }
+done_with() { if [ "$STOP_AFTER" = "$1" ]; then printf '\n== stopped after %s (--stop-after)\n' "$1"; exit 0; fi; }
 
 if [ "$DATASET" = demo ]; then
     # CPU-sized settings for the synthetic data (about 14 minutes on 2 cores); real datasets use each
@@ -152,7 +167,8 @@ if [ "$DATASET" = demo ]; then
     fi
     wsss prepare voc --root "$ROOT"
     PRE_OPTS=(--method "$PRETRAIN" --crop-size 64 --batch-size 60 --epochs "$PRETRAIN_EPOCHS" --warmup-epochs 2
-              --lr 0.03 --workers 1)
+              --workers 1)
+    if [ "$PRETRAIN" = rotation ]; then PRE_OPTS+=(--lr 0.03); else PRE_OPTS+=(--lr 0.05 --temperature 0.2); fi
     CLS_OPTS=(--crop-size 80 --scale-range 0.7,1.3 --batch-size 8 --epochs "$EPOCHS" --lr 0.05 --val-cam-images 40
               --workers 0)
     CAM_OPTS=(--sweep 0.05:0.95:0.01 --workers 1)
@@ -173,15 +189,18 @@ elif [ "$PRETRAIN" != none ]; then
     WEIGHTS=${WEIGHTS:-$RUN/pretrain/backbone.pth}
 fi
 WEIGHTS=${WEIGHTS:-imagenet}
+done_with pretrain
 
 step "train-cls -> $RUN/cls"
 "${TRAIN[@]}" train-cls "${DATA[@]}" --split "$TRAIN_SPLIT" --val-split "$VAL_SPLIT" --out "$RUN/cls" \
     --backbone "$BACKBONE" --weights "$WEIGHTS" --device "$DEVICE" --seed "$SEED" ${CLS_OPTS[@]+"${CLS_OPTS[@]}"} \
     ${CLS_EXTRA[@]+"${CLS_EXTRA[@]}"}
+done_with train-cls
 
 step "make-cam -> $RUN/cams"
 wsss make-cam "${DATA[@]}" --split "$TRAIN_SPLIT" --checkpoint "$RUN/cls/last.pth" --out "$RUN/cams" \
     --device "$DEVICE" --eval ${CAM_OPTS[@]+"${CAM_OPTS[@]}"}
+done_with make-cam
 
 WALK=()
 if [ "$AFFINITY" = 1 ]; then
@@ -196,20 +215,23 @@ step "refine --crf -> $RUN/pseudo"
 wsss refine "${DATA[@]}" --split "$TRAIN_SPLIT" --cams "$RUN/cams" --out "$RUN/pseudo" --crf --seed "$SEED" \
     ${WALK[@]+"${WALK[@]}"} ${REFINE_EXTRA[@]+"${REFINE_EXTRA[@]}"}
 wsss eval "${DATA[@]}" --split "$TRAIN_SPLIT" --pred "$RUN/pseudo"
+done_with refine
 
 UPPER=()
 if [ "$UPPER_BOUND" = 1 ]; then
-    step "train-seg on the ground truth (upper bound) -> $RUN/seg_gt"
+    GT_RUN=${UPPER_BOUND_DIR:-$RUN/seg_gt}
+    step "train-seg on the ground truth (upper bound) -> $GT_RUN"
     "${TRAIN[@]}" train-seg "${DATA[@]}" --split "$TRAIN_SPLIT" --val-split "$VAL_SPLIT" --labels gt \
-        --out "$RUN/seg_gt" --model "$SEG_MODEL" --weights-backbone "$WEIGHTS" --device "$DEVICE" --seed "$SEED" \
+        --out "$GT_RUN" --model "$SEG_MODEL" --weights-backbone "$WEIGHTS" --device "$DEVICE" --seed "$SEED" \
         ${SEG_OPTS[@]+"${SEG_OPTS[@]}"} ${SEG_EXTRA[@]+"${SEG_EXTRA[@]}"}
-    UPPER=(--upper-bound "$RUN/seg_gt")
+    UPPER=(--upper-bound "$GT_RUN")
 fi
 
 step "train-seg -> $RUN/seg"
 "${TRAIN[@]}" train-seg "${DATA[@]}" --split "$TRAIN_SPLIT" --val-split "$VAL_SPLIT" --labels "$RUN/pseudo" --raw \
     --out "$RUN/seg" --model "$SEG_MODEL" --weights-backbone "$WEIGHTS" --device "$DEVICE" --seed "$SEED" \
     ${SEG_OPTS[@]+"${SEG_OPTS[@]}"} ${SEG_EXTRA[@]+"${SEG_EXTRA[@]}"} ${UPPER[@]+"${UPPER[@]}"}
+done_with train-seg
 
 # last.pth: train-seg's best.pth is the last checkpoint unless --select val-miou asked the val masks
 step "predict -> $RUN/pred"

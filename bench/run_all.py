@@ -42,31 +42,30 @@ def _rate(count: float | None, seconds: float | None, unit: str) -> str:
 
 
 def table(out: Path) -> str:
-    """Return the Markdown table of a finished run under ``out`` (``out/run/<stage>``)."""
+    """Return the Markdown table of a finished run under ``out`` (``out/run/<stage>``, see ``RUN_LAYOUT``)."""
     run = out / "run"
-    cams_config = _read(artifacts.config_path(run / "cams")).get("config", {})
-    pred_config = _read(artifacts.config_path(run / "pred")).get("config", {})
+    folder = {stage: artifacts.RUN_LAYOUT.folder(run, stage) for stage in ("cls", "cams", "pseudo", "seg", "pred")}
+    cams_config = _read(artifacts.config_path(folder["cams"])).get("config", {})
+    pred_config = _read(artifacts.config_path(folder["pred"])).get("config", {})
     train_split, val_split = cams_config.get("split", "train"), pred_config.get("split", "val")
-    cls, cams, pseudo = _read(artifacts.metrics_path(run / "cls")), _read(artifacts.metrics_path(run / "cams")), \
-        _read(artifacts.metrics_path(run / "pseudo"))
-    seg, pred = _read(artifacts.metrics_path(run / "seg")), _read(artifacts.metrics_path(run / "pred"))
-    cls_config = _read(artifacts.config_path(run / "cls")).get("config", {})
-    seg_config = _read(artifacts.config_path(run / "seg")).get("config", {})
-    train_images = len(artifacts.read_json(artifacts.config_path(run / "cams")).get("ids", [])) or \
-        cams.get("num_images")
+    cls, cams, pseudo, seg, pred = (_read(artifacts.metrics_path(folder[stage]))
+                                    for stage in ("cls", "cams", "pseudo", "seg", "pred"))
+    cls_config = _read(artifacts.config_path(folder["cls"])).get("config", {})
+    seg_config = _read(artifacts.config_path(folder["seg"])).get("config", {})
+    train_images = len(_read(artifacts.config_path(folder["cams"])).get("ids", [])) or cams.get("num_images")
     cls_images = (train_images or 0) * cls.get("epochs", 0)
     seg_images = seg.get("iteration", 0) * seg_config.get("batch_size", 0)
     rows = [
         ("train-cls", f"val mAP {cls.get('history', [{}])[-1].get('val_map', float('nan')):.3f}" if cls.get("history") else "–",
          _rate(cls_images, cls.get("seconds"), "img"), f"{cls.get('seconds', 0):.0f} s"),
-        (f"make-cam (CAM mIoU, {train_split})", _miou(run / "cams", train_split),
+        (f"make-cam (CAM mIoU, {train_split})", _miou(folder["cams"], train_split),
          _rate(cams.get("processed"), cams.get("seconds"), "img"), f"{cams.get('seconds', 0):.0f} s"),
-        (f"refine --crf (pseudo-label mIoU, {train_split})", _miou(run / "pseudo", train_split),
+        (f"refine --crf (pseudo-label mIoU, {train_split})", _miou(folder["pseudo"], train_split),
          _rate(pseudo.get("refined"), pseudo.get("seconds"), "img"), f"{pseudo.get('seconds', 0):.0f} s"),
         (f"train-seg (val mIoU, 1 scale, {val_split})",
          "–" if seg.get("val_miou") is None else f"{100 * seg['val_miou']:.1f}",
          _rate(seg_images, seg.get("seconds"), "img"), f"{seg.get('seconds', 0):.0f} s"),
-        (f"predict (DeepLab mIoU, {val_split})", _miou(run / "pred", val_split),
+        (f"predict (DeepLab mIoU, {val_split})", _miou(folder["pred"], val_split),
          _rate(pred.get("predicted"), pred.get("seconds"), "img"), f"{pred.get('seconds', 0):.0f} s"),
     ]
     lines = ["| stage | quality (mIoU %) | throughput | time |", "|---|---|---|---|"]

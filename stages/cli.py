@@ -28,8 +28,31 @@ COMMANDS = {
 }
 
 
+def one_line(err: BaseException) -> str:
+    """The one-line message of an error a user can fix.
+
+    A DataLoader worker re-raises an error as the same type with the message
+    ``Caught WsssError in DataLoader worker process N.\nOriginal Traceback ...\n<module.Type>: <message>``;
+    the original message is its last line.  Any other message is cut to its first line.
+    """
+    text = str(err).strip()
+    if text.startswith("Caught ") and "Original Traceback" in text:
+        last = text.splitlines()[-1]
+        prefix = f"{type(err).__module__}.{type(err).__qualname__}: "
+        text = last[len(prefix):] if last.startswith(prefix) else last.split(": ", 1)[-1]
+    return (text.splitlines() or [""])[0]
+
+
 class _Group(click.Group):
-    """The wsss group: lazily imported commands, and :class:`WsssError` as a one-line ``Error: ...``, exit 1."""
+    """The wsss group: lazily imported commands, and the one place where errors become one line.
+
+    * :class:`WsssError` (also re-raised from a DataLoader or pool worker) -> ``Error: <message>``, exit 1;
+    * an :class:`OSError` about a file (``--out`` under a file, a folder where a file belongs, no
+      permission, disk full) -> ``Error: <file>: <reason>``, exit 1;
+    * :class:`EOFError` (an empty file read past its end) -> one line, exit 1, never click's bare
+      "Aborted!".
+    Anything else is a bug and keeps its traceback.
+    """
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return list(COMMANDS)
@@ -43,7 +66,19 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except WsssError as err:
-            raise click.ClickException(str(err)) from None
+            raise click.ClickException(one_line(err)) from None
+        except OSError as err:
+            if err.filename is None:
+                if str(err).startswith("Caught "):  # from a DataLoader worker: the file is in the message
+                    raise click.ClickException(one_line(err)) from None
+                raise
+            names = " -> ".join(str(name) for name in (err.filename, err.filename2) if name is not None)
+            hint = " (a file stands where a folder is needed)" if isinstance(
+                err, (FileExistsError, NotADirectoryError)) else ""
+            raise click.ClickException(f"{names}: {err.strerror or one_line(err)}{hint}") from None
+        except EOFError as err:
+            raise click.ClickException(f"unexpected end of a file ({one_line(err) or 'empty file'}); "
+                                       "delete the empty or truncated file and run again") from None
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import click
 
-from stages.options import allow_pickle_option, dataset_option, parse_range, root_option, split_option, workers_option
+from stages.options import (allow_pickle_option, dataset_option, root_option, split_option, threshold_range,
+                            workers_option)
 from wsss import artifacts, evaluation
 from wsss.datasets.prepared import PreparedDataset
 from wsss.errors import WsssError
@@ -75,7 +76,7 @@ def run(cfg: EvalConfig) -> dict:
 @split_option("val", "Split whose ground-truth masks are used.")
 @click.option("--ignore-pred-255", is_flag=True,
               help="Leave out pixels predicted 255 and report coverage (default: 255 counts as background).")
-@click.option("--sweep", default="0.05:0.60:0.01", show_default=True,
+@click.option("--sweep", default="0.05:0.60:0.01", show_default=True, callback=threshold_range,
               help="CAM background thresholds start:stop:step (stop inclusive).")
 @allow_pickle_option
 @click.option("--allow-missing", is_flag=True, help="Skip images without a prediction/CAM file instead of failing.")
@@ -83,16 +84,12 @@ def run(cfg: EvalConfig) -> dict:
               help="JSON report [default: <DIR>/metrics_eval_<split>.json].")
 @workers_option
 def command(pred_dir: Path | None, cam_dir: Path | None, dataset: str | None, root: Path, split: str,
-            ignore_pred_255: bool, sweep: str, allow_pickle: bool, allow_missing: bool, out_file: Path | None,
-            workers: int | None) -> None:
+            ignore_pred_255: bool, sweep: tuple[float, float, float], allow_pickle: bool, allow_missing: bool,
+            out_file: Path | None, workers: int | None) -> None:
     """mIoU of label maps (--pred) or CAMs (--cams, with a threshold sweep) against ground truth."""
     if (pred_dir is None) == (cam_dir is None):
         raise click.UsageError("give exactly one of --pred DIR and --cams DIR")
-    try:
-        sweep_range = parse_range(sweep)
-    except click.BadParameter as err:
-        raise click.BadParameter(err.message, param_hint="--sweep") from None
     result = run(EvalConfig(root=root, split=split, pred_dir=pred_dir, cam_dir=cam_dir, dataset=dataset,
-                            ignore_pred_255=ignore_pred_255, sweep=sweep_range, allow_pickle=allow_pickle,
+                            ignore_pred_255=ignore_pred_255, sweep=sweep, allow_pickle=allow_pickle,
                             allow_missing=allow_missing, out_file=out_file, workers=workers))
     click.echo(result["report"])

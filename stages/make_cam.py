@@ -25,6 +25,7 @@ takes its share of the ids.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,13 +82,20 @@ class MakeCamConfig:
 def _check(cfg: MakeCamConfig) -> None:
     if cfg.classes not in CLASS_SOURCES:
         raise WsssError(f"--classes {cfg.classes!r}: choose gt or pred")
-    if not cfg.scales or min(cfg.scales) <= 0:
+    if not cfg.scales or not all(math.isfinite(scale) and scale > 0 for scale in cfg.scales):
         raise WsssError(f"--scales {cfg.scales}: need at least one positive scale")
+    if not math.isfinite(cfg.score_thresh) or not 0 <= cfg.score_thresh <= 1:
+        raise WsssError(f"--score-thresh {cfg.score_thresh}: must lie in [0, 1]")
     if cfg.erase_steps < 0 or not 0 < cfg.erase_thresh <= 1:
         raise WsssError(f"--erase-steps must be >= 0 and --erase-thresh in (0, 1], got {cfg.erase_steps}, "
                         f"{cfg.erase_thresh}")
     if cfg.evaluate and cfg.shard[1] > 1:
         raise WsssError("--eval scores the whole split: run `wsss eval --cams` once every --shard has finished")
+    if cfg.evaluate:
+        try:  # before any CAM is made, not after
+            evaluation.threshold_range(*cfg.sweep)
+        except ValueError as err:
+            raise WsssError(f"--sweep: {err}") from None
 
 
 def load_cam_network(checkpoint_file: Path, dataset: PreparedDataset, device: torch.device,
@@ -123,8 +131,8 @@ def run(cfg: MakeCamConfig) -> dict:
         raise WsssError(f"{cfg.root}: split {cfg.split!r} has no images")
     out_dir = Path(cfg.out_dir)
     mine = shard(ids, info, cfg.shard)
-    todo = [image_id for image_id in mine
-            if cfg.overwrite or not artifacts.cam_is_complete(artifacts.cam_path(out_dir, image_id))]
+    todo = [image_id for image_id in mine if cfg.overwrite
+            or not artifacts.cam_is_complete(artifacts.cam_path(out_dir, image_id), dataset.num_classes)]
     if cfg.classes == "gt":
         for image_id in todo:
             dataset.image_labels(image_id)  # fail before the long loop, naming the labels file
@@ -226,11 +234,11 @@ def _evaluate(cfg: MakeCamConfig, dataset: PreparedDataset, ids: list[str]) -> d
 @click.option("--flip/--no-flip", default=True, show_default=True, help="Add the mirrored image at every scale.")
 @click.option("--classes", type=click.Choice(CLASS_SOURCES), default="gt", show_default=True,
               help="gt: the image-level labels; pred: the classes the classifier predicts (unlabelled images).")
-@click.option("--score-thresh", type=click.FloatRange(0, 1), default=0.5, show_default=True,
+@click.option("--score-thresh", type=options.FiniteFloat(0, 1), default=0.5, show_default=True,
               help="With --classes pred: keep classes with sigmoid score >= this.")
 @click.option("--erase-steps", type=click.IntRange(min=0), default=0, show_default=True,
               help="Inference-time adversarial erasing steps (0 = plain CAM).")
-@click.option("--erase-thresh", type=click.FloatRange(0, 1, min_open=True), default=0.5, show_default=True,
+@click.option("--erase-thresh", type=options.FiniteFloat(0, 1, min_open=True), default=0.5, show_default=True,
               help="Erase pixels whose accumulated normalised CAM is >= this.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
               help="Images of equal size per forward pass.")

@@ -6,11 +6,28 @@ everywhere it is used.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import click
 
 from wsss.datasets.prepared import DATASET_KINDS
+
+
+class FiniteFloat(click.FloatRange):
+    """A float option that must be finite (``nan`` and ``inf`` are refused) and, optionally, in a range.
+
+    The same arguments as :class:`click.FloatRange`; the error names the option, e.g.
+    ``Error: Invalid value for '--lr': 'nan' is not a finite number.``
+    """
+
+    name = "float"
+
+    def convert(self, value, param, ctx):
+        number = click.types.FloatParamType.convert(self, value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return super().convert(number, param, ctx)
 
 _existing_dir = click.Path(exists=False, file_okay=False, path_type=Path)
 
@@ -68,12 +85,13 @@ allow_pickle_option = click.option("--allow-pickle", is_flag=True,
 def sgd_options(lr: float, head: str):
     """The SGD + poly schedule options of the training stages (``head`` names the new layers)."""
     decorators = [
-        click.option("--lr", type=float, default=lr, show_default=True, help="Backbone learning rate."),
-        click.option("--head-lr-mult", type=float, default=10.0, show_default=True,
+        click.option("--lr", type=FiniteFloat(min=0, min_open=True), default=lr, show_default=True,
+                     help="Backbone learning rate."),
+        click.option("--head-lr-mult", type=FiniteFloat(min=0, min_open=True), default=10.0, show_default=True,
                      help=f"{head} learning rate factor."),
-        click.option("--weight-decay", type=float, default=1e-4, show_default=True),
-        click.option("--momentum", type=float, default=0.9, show_default=True),
-        click.option("--poly-power", type=float, default=0.9, show_default=True,
+        click.option("--weight-decay", type=FiniteFloat(min=0), default=1e-4, show_default=True),
+        click.option("--momentum", type=FiniteFloat(0, 1, max_open=True), default=0.9, show_default=True),
+        click.option("--poly-power", type=FiniteFloat(min=0), default=0.9, show_default=True,
                      help="lr = base lr x (1 - step / steps) ^ power."),
     ]
 
@@ -85,22 +103,29 @@ def sgd_options(lr: float, head: str):
 
 
 def float_list(text: str) -> tuple[float, ...]:
-    """Parse ``"1.0,0.5,1.5"`` into floats (a click callback helper)."""
+    """Parse ``"1.0,0.5,1.5"`` into finite floats (a click callback helper)."""
     try:
-        return tuple(float(part) for part in text.split(",") if part.strip())
+        values = tuple(float(part) for part in text.split(",") if part.strip())
     except ValueError:
         raise click.BadParameter(f"expected comma-separated numbers, got {text!r}") from None
+    if not all(math.isfinite(value) for value in values):
+        raise click.BadParameter(f"expected finite numbers (no nan or inf), got {text!r}")
+    return values
 
 
 def parse_range(text: str) -> tuple[float, float, float]:
-    """Parse ``"start:stop:step"`` (stop inclusive)."""
+    """Parse ``"start:stop:step"`` (stop inclusive; finite, at most ``wsss.evaluation.MAX_THRESHOLDS`` values)."""
+    from wsss.evaluation import threshold_range as thresholds_of
+
     parts = text.split(":")
     try:
         start, stop, step = (float(part) for part in parts)
     except ValueError:
         raise click.BadParameter(f"expected start:stop:step, got {text!r}") from None
-    if step <= 0 or stop < start:
-        raise click.BadParameter(f"expected start <= stop and step > 0, got {text!r}")
+    try:
+        thresholds_of(start, stop, step)
+    except ValueError as err:
+        raise click.BadParameter(str(err)) from None
     return start, stop, step
 
 
@@ -122,18 +147,25 @@ def positive_scales(ctx, param, text: str) -> tuple[float, ...]:
     return values
 
 
-def fixed_floats(count: int, name: str):
-    """A callback that takes exactly ``count`` comma-separated numbers (``name`` says which, e.g. SXY,COMPAT)."""
+def fixed_floats(count: int, name: str, positive: tuple[int, ...] = ()):
+    """A callback that takes exactly ``count`` comma-separated numbers >= 0 (``name`` says which, e.g.
+    SXY,COMPAT); the values at the positions in ``positive`` must be > 0."""
     def parse(ctx, param, text):
         if text is None:
             return None
         values = float_list(text)
         if len(values) != count:
             raise click.BadParameter(f"expected {count} comma-separated numbers ({name}), got {text!r}")
+        names = name.split(",")
+        for index, value in enumerate(values):
+            if value < 0 or (index in positive and value == 0):
+                bound = "> 0" if index in positive else ">= 0"
+                label = names[index] if len(names) == count else f"value {index + 1}"
+                raise click.BadParameter(f"{label} must be {bound} ({name}), got {text!r}")
         return values
     return parse
 
 
 def threshold_range(ctx, param, text: str) -> tuple[float, float, float]:
-    """``start:stop:step`` (a threshold sweep)."""
+    """``start:stop:step`` (a threshold sweep), checked before any work is done."""
     return parse_range(text)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,9 +76,10 @@ class PredictConfig:
     overwrite: bool = False
 
 
-def _is_done(cfg: PredictConfig, image_id: str) -> bool:
+def _is_done(cfg: PredictConfig, image_id: str, num_classes: int | None = None) -> bool:
+    """True when the label map (and overlay) exist and are valid (anything unreadable is redone)."""
     try:
-        artifacts.read_label_png(artifacts.label_path(cfg.out_dir, image_id))
+        artifacts.read_label_png(artifacts.label_path(cfg.out_dir, image_id), num_classes)
     except WsssError:
         return False
     return not cfg.overlay or artifacts.overlay_path(Path(cfg.out_dir) / OVERLAY_DIR, image_id).is_file()
@@ -124,7 +126,7 @@ def write_predictions(model, dataset: PreparedDataset, cfg: PredictConfig, ids: 
 
 def run(cfg: PredictConfig) -> dict:
     """Predict every image of the split (skipping finished ones) and return the metrics written."""
-    if not cfg.scales or min(cfg.scales) <= 0:
+    if not cfg.scales or not all(math.isfinite(scale) and scale > 0 for scale in cfg.scales):
         raise WsssError(f"--scales {cfg.scales}: need one or more positive factors")
     if cfg.evaluate and cfg.shard[1] > 1:
         raise WsssError("--eval scores the whole split: run `wsss eval --pred` once every --shard has finished")
@@ -145,7 +147,8 @@ def run(cfg: PredictConfig) -> dict:
     if not ids:
         raise WsssError(f"{cfg.root}: split {cfg.split!r} has no images")
     mine = shard(ids, info, cfg.shard)
-    todo = mine if cfg.overwrite else [image_id for image_id in mine if not _is_done(cfg, image_id)]
+    todo = mine if cfg.overwrite else [image_id for image_id in mine
+                                       if not _is_done(cfg, image_id, dataset.num_classes)]
     if len(todo) < len(mine) and info.is_main:
         log.info("skipping %d finished images (pass --overwrite to redo them)", len(mine) - len(todo))
     if info.is_main:
@@ -189,14 +192,16 @@ def run(cfg: PredictConfig) -> dict:
 @click.option("--flip/--no-flip", default=True, show_default=True, help="Also average the mirrored image.")
 @click.option("--crf/--no-crf", default=False, show_default=True, help="Dense-CRF post-processing.")
 @click.option("--crf-iterations", type=click.IntRange(min=1), default=POSTPROCESS_CRF.iterations, show_default=True)
-@click.option("--crf-gaussian", default="1,3", show_default=True, callback=options.fixed_floats(2, "SXY,COMPAT"),
+@click.option("--crf-gaussian", default="1,3", show_default=True,
+              callback=options.fixed_floats(2, "SXY,COMPAT", positive=(0,)),
               help="Smoothness kernel SXY,COMPAT.")
-@click.option("--crf-bilateral", default="67,3,4", show_default=True, callback=options.fixed_floats(3, "SXY,SRGB,COMPAT"),
+@click.option("--crf-bilateral", default="67,3,4", show_default=True,
+              callback=options.fixed_floats(3, "SXY,SRGB,COMPAT", positive=(0, 1)),
               help="Appearance kernel SXY,SRGB,COMPAT.")
-@click.option("--crf-scale", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True,
+@click.option("--crf-scale", type=options.FiniteFloat(0, 1, min_open=True), default=1.0, show_default=True,
               help="Run the CRF at this fraction of the resolution (faster on large images).")
 @click.option("--overlay", is_flag=True, help="Also write colour overlays to <out>/overlay/<id>.jpg.")
-@click.option("--overlay-alpha", type=click.FloatRange(0, 1), default=0.5, show_default=True)
+@click.option("--overlay-alpha", type=options.FiniteFloat(0, 1), default=0.5, show_default=True)
 @click.option("--eval", "evaluate", is_flag=True, help="Score the predictions against ground truth afterwards.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True,
               help="Images of equal size per forward pass.")

@@ -321,22 +321,22 @@ def run(cfg: PretrainConfig) -> dict:
 @click.option("--method", type=click.Choice(METHODS), default="contrastive", show_default=True,
               help="contrastive: SimCLR (MoCo v2 with --queue); rotation: 4-way rotation prediction.")
 @click.option("--crop-size", type=click.IntRange(min=16), default=224, show_default=True)
-@click.option("--min-scale", type=click.FloatRange(0, 1, min_open=True), default=0.08, show_default=True,
+@click.option("--min-scale", type=options.FiniteFloat(0, 1, min_open=True), default=0.08, show_default=True,
               help="Smallest area fraction of the random resized crop (contrastive views).")
 @click.option("--batch-size", type=click.IntRange(min=2), default=128, show_default=True)
 @click.option("--epochs", type=click.IntRange(min=1), default=100, show_default=True)
 @click.option("--stop-after", type=click.IntRange(min=1), default=None,
               help="Stop after this epoch (the schedule still spans --epochs); continue later with --resume.")
-@click.option("--lr", type=click.FloatRange(0, min_open=True), default=0.3, show_default=True,
+@click.option("--lr", type=options.FiniteFloat(0, min_open=True), default=0.3, show_default=True,
               help="Peak learning rate (SGD, cosine schedule after a linear warm-up).")
-@click.option("--weight-decay", type=click.FloatRange(0), default=1e-4, show_default=True)
-@click.option("--momentum", type=click.FloatRange(0, 1, max_open=True), default=0.9, show_default=True)
+@click.option("--weight-decay", type=options.FiniteFloat(0), default=1e-4, show_default=True)
+@click.option("--momentum", type=options.FiniteFloat(0, 1, max_open=True), default=0.9, show_default=True)
 @click.option("--warmup-epochs", type=click.IntRange(min=0), default=5, show_default=True)
-@click.option("--temperature", type=click.FloatRange(0, min_open=True), default=0.2, show_default=True,
+@click.option("--temperature", type=options.FiniteFloat(0, min_open=True), default=0.2, show_default=True,
               help="NT-Xent / InfoNCE temperature.")
 @click.option("--queue", type=click.IntRange(min=0), default=0, show_default=True,
               help="MoCo v2 queue of negative keys (0 = SimCLR, negatives from the batch).")
-@click.option("--key-momentum", type=click.FloatRange(0, 1, max_open=True), default=0.99, show_default=True,
+@click.option("--key-momentum", type=options.FiniteFloat(0, 1, max_open=True), default=0.99, show_default=True,
               help="With --queue: momentum of the key encoder.")
 @click.option("--key-splits", type=click.IntRange(min=1), default=4, show_default=True,
               help="With --queue: BatchNorm of the keys on this many shuffled sub-batches (shuffle BN).")

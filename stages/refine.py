@@ -33,7 +33,7 @@ from stages import options
 from wsss import artifacts
 from wsss.crf import PSEUDO_LABEL_CRF, CrfParams
 from wsss.datasets.prepared import PreparedDataset
-from wsss.errors import WsssError
+from wsss.errors import WsssError, option_name
 from wsss.gmm import FALLBACK_REASONS, GmmParams
 from wsss.parallel import imap_images
 from wsss.progress import bar as progress_bar
@@ -76,10 +76,10 @@ class RefineConfig:
     progress: bool = True
 
 
-def _is_done(out_dir: Path, image_id: str) -> bool:
-    """True when both outputs exist, are readable and agree in shape."""
+def _is_done(out_dir: Path, image_id: str, num_classes: int | None = None) -> bool:
+    """True when both outputs exist, are valid and agree in shape (anything unreadable is redone)."""
     try:
-        label = artifacts.read_label_png(artifacts.label_path(out_dir, image_id))
+        label = artifacts.read_label_png(artifacts.label_path(out_dir, image_id), num_classes)
         reliability = artifacts.read_reliability(artifacts.reliability_path(out_dir, image_id))
     except WsssError:
         return False
@@ -92,10 +92,7 @@ def _read_inputs(cfg: RefineConfig, dataset: PreparedDataset, image_id: str):
     cam_file = artifacts.find_cam(cfg.cam_dir, image_id)
     if cam_file is None:
         raise WsssError(f"{artifacts.cam_path(cfg.cam_dir, image_id)}: CAM file not found")
-    keys, cams = artifacts.read_cam(cam_file, allow_pickle=cfg.allow_pickle)
-    if keys.size and (keys.min() < 1 or keys.max() >= dataset.num_classes):
-        raise WsssError(f"{cam_file}: CAM keys {keys.tolist()} outside the dataset's classes "
-                        f"1..{dataset.num_classes - 1}")
+    keys, cams = artifacts.read_cam(cam_file, allow_pickle=cfg.allow_pickle, num_classes=dataset.num_classes)
     return cam_file, keys, cams
 
 
@@ -113,7 +110,7 @@ def process_image(cfg: RefineConfig, dataset: PreparedDataset, image_id: str,
     # and the numbers do not depend on how many threads a machine has
     with threadpool_limits(limits=1):
         cam_file, keys, cams = _read_inputs(cfg, dataset, image_id)
-        if not cfg.overwrite and _is_done(cfg.out_dir, image_id):
+        if not cfg.overwrite and _is_done(cfg.out_dir, image_id, dataset.num_classes):
             label = artifacts.read_label_png(artifacts.label_path(cfg.out_dir, image_id))
             if label.shape != cams.shape[1:]:
                 raise WsssError(f"{artifacts.label_path(cfg.out_dir, image_id)}: finished pseudo-label is "
@@ -145,14 +142,14 @@ def _worker_process(image_id: str) -> dict:
     return process_image(_WORKER_STATE["cfg"], _WORKER_STATE["dataset"], image_id, _WORKER_STATE["split_fits"])
 
 
-def fit_split_thresholds(cfg: RefineConfig, ids: list[str], workers: int) -> SplitFits | None:
+def fit_split_thresholds(cfg: RefineConfig, ids: list[str], workers: int, num_classes: int) -> SplitFits | None:
     """The pooled mixtures of ``threshold="gmm"`` (None for other modes) from every CAM of the split,
     so that every ``--shard`` fits the same sample."""
     if cfg.params.threshold != "gmm":
         return None
     files = {image_id: artifacts.find_cam(cfg.cam_dir, image_id) for image_id in ids}
     return pooled_fits(files, cfg.params, seed=cfg.seed, workers=workers, allow_pickle=cfg.allow_pickle,
-                       progress=cfg.progress)
+                       num_classes=num_classes, progress=cfg.progress)
 
 
 def _run_all(cfg: RefineConfig, dataset: PreparedDataset, ids: list[str], workers: int,
@@ -245,6 +242,44 @@ def _params_json(params: RefineParams) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(params)))
 
 
+# RefineParams fields (nested ones dotted) whose option is not "--" + the field with dashes, for messages
+_PARAM_OPTIONS = {"gmm.fallback_threshold": "--bg-thresh", "gmm.max_samples": "--gmm-samples",
+                  "crf.gaussian_sxy": "--crf-gaussian", "crf.gaussian_compat": "--crf-gaussian",
+                  "crf.bilateral_sxy": "--crf-bilateral", "crf.bilateral_srgb": "--crf-bilateral",
+                  "crf.bilateral_compat": "--crf-bilateral", "unary_temperature": "--crf-temperature",
+                  "lambda_alpha": "--raw-alpha", "lambda_beta": "--raw-beta"}
+
+
+def _flat(params: dict, prefix: str = "") -> dict:
+    """``{"crf": {"scale": 1.0}}`` -> ``{"crf": "on", "crf.scale": 1.0}`` (``crf`` None: ``{"crf": None}``)."""
+    flat = {}
+    for key, value in params.items():
+        if isinstance(value, dict):
+            flat[prefix + key] = "on"
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value
+    return flat
+
+
+def _changed_options(previous: dict, current: dict) -> list[str]:
+    """The options whose values differ between two ``RefineParams`` dicts, e.g. ``["--bg-thresh", "--crf"]``."""
+    previous, current = _flat(previous), _flat(current)
+    changed = {key for key in set(previous) | set(current) if previous.get(key) != current.get(key)}
+    # a section switched on or off (the CRF) is one change, not one per setting inside it
+    changed = {key for key in changed if key.rpartition(".")[0] not in changed}
+    return sorted({_option_of(key) for key in changed})
+
+
+def _option_of(key: str) -> str:
+    if key in _PARAM_OPTIONS:
+        return _PARAM_OPTIONS[key]
+    section, _, field = key.rpartition(".")
+    if section == "crf":
+        return option_name(f"crf_{field}")  # crf.iterations -> --crf-iterations
+    return key if section else option_name(key)  # a GMM rule without an option keeps its dotted name
+
+
 def _check_previous_run(cfg: RefineConfig) -> None:
     """Refuse to resume into a folder made with other per-image settings (the files would mix)."""
     path = artifacts.config_path(cfg.out_dir, cfg.shard)
@@ -255,8 +290,7 @@ def _check_previous_run(cfg: RefineConfig) -> None:
     except (WsssError, KeyError, TypeError):
         return
     if previous != _params_json(cfg.params):
-        changed = sorted(key for key in set(previous) | set(_params_json(cfg.params))
-                         if previous.get(key) != _params_json(cfg.params).get(key))
+        changed = _changed_options(previous, _params_json(cfg.params))
         raise WsssError(f"{path}: {cfg.out_dir} was refined with other settings ({', '.join(changed)}); "
                         "pass --overwrite or choose another --out")
 
@@ -264,7 +298,16 @@ def _check_previous_run(cfg: RefineConfig) -> None:
 WALKED_DIR = "walked"
 
 
-def walk_split(cfg: RefineConfig, dataset: PreparedDataset, ids: list[str]) -> RefineConfig:
+def load_walk_network(cfg: RefineConfig):
+    """The affinity network of ``--random-walk`` (checked before anything is written) and its checkpoint."""
+    from wsss.models.affinity import load_affinity_net
+
+    checkpoint_file = artifacts.resolve_checkpoint(cfg.random_walk)
+    checkpoint = artifacts.load_checkpoint(checkpoint_file)
+    return load_affinity_net(checkpoint, str(checkpoint_file)), checkpoint, checkpoint_file
+
+
+def walk_split(cfg: RefineConfig, dataset: PreparedDataset, ids: list[str], network) -> RefineConfig:
     """Random-walk the CAMs of ``ids`` into ``<out>/walked/`` (skipping finished ones); return the
     config that refines those walked CAMs.
 
@@ -276,12 +319,9 @@ def walk_split(cfg: RefineConfig, dataset: PreparedDataset, ids: list[str]) -> R
     from wsss.affinity import pair_offsets, walk_cams
     from wsss.device import resolve_device
     from wsss.inference import BackgroundWriter, split_batches, to_model_input
-    from wsss.models.affinity import load_affinity_net
 
     folder = Path(cfg.out_dir) / WALKED_DIR
-    checkpoint_file = artifacts.resolve_checkpoint(cfg.random_walk)
-    checkpoint = artifacts.load_checkpoint(checkpoint_file)
-    model = load_affinity_net(checkpoint, str(checkpoint_file))
+    model, checkpoint, checkpoint_file = network
     settings = {"checkpoint": str(checkpoint_file), "checkpoint_step": checkpoint.get("step"), "beta": cfg.rw_beta,
                 "steps": cfg.rw_steps, "cams": str(cfg.cam_dir)}
     settings_file = artifacts.config_path(folder)
@@ -295,7 +335,8 @@ def walk_split(cfg: RefineConfig, dataset: PreparedDataset, ids: list[str]) -> R
             if cfg.overwrite or not artifacts.cam_is_complete(artifacts.cam_path(folder, image_id))]
     with progress_bar(total=len(todo), desc="random walk", show=cfg.progress) as bar, BackgroundWriter() as writer:
         for (image_id,), images, _ in split_batches(dataset, cfg.split, todo, batch_size=1, workers=0, device=device):
-            keys, cams = artifacts.read_cam(artifacts.find_cam(cfg.cam_dir, image_id), allow_pickle=cfg.allow_pickle)
+            keys, cams = artifacts.read_cam(artifacts.find_cam(cfg.cam_dir, image_id), allow_pickle=cfg.allow_pickle,
+                                            num_classes=dataset.num_classes)
             walked = walk_cams(model, to_model_input(images)[0], torch.from_numpy(cams).to(device), offsets,
                                beta=cfg.rw_beta, steps=cfg.rw_steps)
             writer.submit(artifacts.write_cam, artifacts.cam_path(folder, image_id), keys, walked.cpu().numpy())
@@ -333,6 +374,7 @@ def run(cfg: RefineConfig) -> dict:
     dataset = PreparedDataset.load(cfg.root, cfg.dataset)
     split_ids = _split_ids(cfg, dataset)
     ids = shard(split_ids, part=cfg.shard)
+    network = load_walk_network(cfg) if cfg.random_walk is not None else None
     _check_previous_run(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
     workers = default_workers() if cfg.workers is None else max(1, cfg.workers)
@@ -340,8 +382,8 @@ def run(cfg: RefineConfig) -> dict:
 
     started = time.perf_counter()
     if cfg.random_walk is not None:
-        cfg = walk_split(cfg, dataset, split_ids if cfg.params.threshold == "gmm" else ids)
-    split_fits = fit_split_thresholds(cfg, split_ids, workers)
+        cfg = walk_split(cfg, dataset, split_ids if cfg.params.threshold == "gmm" else ids, network)
+    split_fits = fit_split_thresholds(cfg, split_ids, workers, dataset.num_classes)
     results = _run_all(cfg, dataset, ids, workers, split_fits)
     seconds = time.perf_counter() - started
     refined = sum(not result["skipped"] for result in results)
@@ -378,9 +420,9 @@ def run(cfg: RefineConfig) -> dict:
 @click.option("--threshold", "threshold_mode", type=click.Choice(["gmm", "gmm-image", "fixed"]), default="gmm",
               show_default=True, help="Background threshold: a Gaussian mixture of the scores pooled over the split "
                                       "(gmm), fitted per image (gmm-image), or the fixed --bg-thresh.")
-@click.option("--bg-thresh", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.20,
+@click.option("--bg-thresh", type=options.FiniteFloat(0, 1, min_open=True, max_open=True), default=0.20,
               show_default=True, help="Fixed background threshold; also the GMM's fallback on degenerate images.")
-@click.option("--fg-thresh", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
+@click.option("--fg-thresh", type=options.FiniteFloat(0, 1, min_open=True, max_open=True), default=None,
               help="With --threshold fixed: confident foreground threshold; pixels between --bg-thresh and "
                    "--fg-thresh become 255 (IRN uses 0.30/0.05).")
 @click.option("--gmm-per-class/--gmm-overall", default=True, show_default=True,
@@ -390,27 +432,29 @@ def run(cfg: RefineConfig) -> dict:
               help="Scores (seeded subsample) per GMM fit; pooled over the split with --threshold gmm.")
 @click.option("--gmm-components", type=click.IntRange(min=2, max=8), default=GmmParams().components,
               show_default=True, help="Gaussian components; the threshold lies between the two upper ones.")
-@click.option("--confidence", type=click.FloatRange(0, 1, max_open=True), default=0.9, show_default=True,
+@click.option("--confidence", type=options.FiniteFloat(0, 1, max_open=True), default=0.9, show_default=True,
               help="GMM posterior below this -> 255 (0 = off).")
 @click.option("--crf/--no-crf", default=False, show_default=True, help="Refine the labels with a dense CRF.")
 @click.option("--crf-iterations", type=click.IntRange(min=1), default=PSEUDO_LABEL_CRF.iterations, show_default=True,
               help="Mean-field iterations.")
-@click.option("--crf-gaussian", default="3,3", show_default=True, callback=options.fixed_floats(2, "SXY,COMPAT"),
+@click.option("--crf-gaussian", default="3,3", show_default=True,
+              callback=options.fixed_floats(2, "SXY,COMPAT", positive=(0,)),
               help="Smoothness kernel SXY,COMPAT.")
-@click.option("--crf-bilateral", default="50,5,10", show_default=True, callback=options.fixed_floats(3, "SXY,SRGB,COMPAT"),
+@click.option("--crf-bilateral", default="50,5,10", show_default=True,
+              callback=options.fixed_floats(3, "SXY,SRGB,COMPAT", positive=(0, 1)),
               help="Appearance kernel SXY,SRGB,COMPAT.")
-@click.option("--crf-scale", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True,
+@click.option("--crf-scale", type=options.FiniteFloat(0, 1, min_open=True), default=1.0, show_default=True,
               help="Run the CRF at this fraction of the resolution (about 1/scale^2 faster).")
-@click.option("--crf-temperature", type=click.FloatRange(0, min_open=True), default=1.0, show_default=True,
+@click.option("--crf-temperature", type=options.FiniteFloat(0, min_open=True), default=1.0, show_default=True,
               help="T in the CRF unary softmax([0, cam - threshold] / T); lower trusts the CAM more.")
-@click.option("--raw-alpha", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=LAMBDA_ALPHA,
+@click.option("--raw-alpha", type=options.FiniteFloat(0, 1, min_open=True, max_open=True), default=LAMBDA_ALPHA,
               show_default=True, help="RAW lambda_alpha (must stay in (0, 1)).")
-@click.option("--raw-beta", type=click.FloatRange(0, min_open=True), default=LAMBDA_BETA, show_default=True,
+@click.option("--raw-beta", type=options.FiniteFloat(0, min_open=True), default=LAMBDA_BETA, show_default=True,
               help="RAW lambda_beta (perplexity exponent).")
 @click.option("--random-walk", "random_walk", type=click.Path(path_type=Path), default=None,
               help="A `wsss train-aff` output folder (or checkpoint): first spread the CAMs over its learned "
                    "affinities (written to <out>/walked/), then threshold (and CRF) the walked CAMs.")
-@click.option("--rw-beta", type=click.FloatRange(0, min_open=True), default=8.0, show_default=True,
+@click.option("--rw-beta", type=options.FiniteFloat(0, min_open=True), default=8.0, show_default=True,
               help="Affinities are raised to this power before the walk (AffinityNet 8, IRN 10).")
 @click.option("--rw-steps", type=click.IntRange(min=1), default=256, show_default=True,
               help="Random-walk steps (AffinityNet: 256 = 2^8).")

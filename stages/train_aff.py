@@ -113,7 +113,8 @@ def _init_labeller(cfg: TrainAffConfig, dataset: PreparedDataset, thresholds: di
 
 def _label_one(image_id: str) -> None:
     cfg, dataset, thresholds = _STATE["cfg"], _STATE["dataset"], _STATE["thresholds"]
-    keys, cams = artifacts.read_cam(artifacts.find_cam(cfg.cam_dir, image_id), allow_pickle=cfg.allow_pickle)
+    keys, cams = artifacts.read_cam(artifacts.find_cam(cfg.cam_dir, image_id), allow_pickle=cfg.allow_pickle,
+                                    num_classes=dataset.num_classes)
     fg = thresholds["fg"]
     fg_per_plane = [fg.get(int(key), fg["default"]) if isinstance(fg, dict) else fg for key in keys]
     image = dataset.read_image(cfg.split, image_id) if cfg.crf else None
@@ -127,7 +128,8 @@ def write_confident_labels(cfg: TrainAffConfig, dataset: PreparedDataset, ids: l
     fits = None
     if cfg.confident == "gmm":
         files = {image_id: artifacts.find_cam(cfg.cam_dir, image_id) for image_id in ids}
-        fits = pooled_fits(files, RefineParams(), seed=cfg.seed, workers=workers, allow_pickle=cfg.allow_pickle)
+        fits = pooled_fits(files, RefineParams(), seed=cfg.seed, workers=workers, allow_pickle=cfg.allow_pickle,
+                           num_classes=dataset.num_classes)
     thresholds = confident_thresholds(fits, cfg)
     folder = Path(cfg.out_dir) / CONFIDENT_DIR
     todo = [image_id for image_id in ids if cfg.overwrite or not _readable(artifacts.label_path(folder, image_id))]
@@ -247,9 +249,9 @@ def run(cfg: TrainAffConfig) -> dict:
               help="Pairs of stride-8 cells closer than this are labelled and learned.")
 @click.option("--confident", type=click.Choice(CONFIDENT_SOURCES), default="gmm", show_default=True,
               help="Confident-region thresholds: the pooled GMM of `wsss refine`, or --fg-thresh/--bg-thresh.")
-@click.option("--fg-thresh", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.30,
+@click.option("--fg-thresh", type=options.FiniteFloat(0, 1, min_open=True, max_open=True), default=0.30,
               show_default=True, help="With --confident fixed: foreground above this.")
-@click.option("--bg-thresh", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.05,
+@click.option("--bg-thresh", type=options.FiniteFloat(0, 1, min_open=True, max_open=True), default=0.05,
               show_default=True, help="With --confident fixed: background below this.")
 @click.option("--crf/--no-crf", default=True, show_default=True, help="Refine both labellings with the dense CRF.")
 @click.option("--crop-size", type=click.IntRange(min=32), default=448, show_default=True)

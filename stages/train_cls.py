@@ -42,7 +42,7 @@ from wsss.datasets.prepared import PreparedDataset
 from wsss.datasets.torch_data import ClassificationDataset
 from wsss.device import (DistInfo, configure_threads, default_workers, dist_info, init_distributed, resolve_device,
                          seed_everything, shard, sum_array_over_ranks)
-from wsss.errors import WsssError
+from wsss.errors import WsssError, non_finite_field, option_name
 from wsss.inference import split_batches, to_model_input
 from wsss.losses import ER_TARGETS, ERASE_CLASSES, ERASE_FILLS, CamObjective, regulariser_ramp
 from wsss.metrics import ConfusionMatrix, average_precision, confusion_counts, mean_average_precision
@@ -111,6 +111,8 @@ class TrainClsConfig:
 
 
 def _check(cfg: TrainClsConfig) -> None:
+    if (name := non_finite_field(cfg)) is not None:
+        raise WsssError(f"{option_name(name)} {getattr(cfg, name)}: must be a finite number")
     if cfg.backbone not in ARCHS:
         raise WsssError(f"--backbone {cfg.backbone!r}: choose from {sorted(ARCHS)}")
     if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.crop_size < 16:
@@ -276,11 +278,11 @@ def run(cfg: TrainClsConfig) -> dict:
 @click.option("--stop-after", type=click.IntRange(min=1), default=None,
               help="Stop after this epoch (the schedule still spans --epochs); continue later with --resume.")
 @options.sgd_options(lr=0.1, head="Classifier")
-@click.option("--er-weight", type=click.FloatRange(min=0), default=0.0, show_default=True,
+@click.option("--er-weight", type=options.FiniteFloat(min=0), default=0.0, show_default=True,
               help="Weight of the equivariance regularisation (SEAM); 0 disables it.")
 @click.option("--er-scale-range", default="0.3,0.7", show_default=True, callback=options.positive_pair,
               help="MIN,MAX rescale factor of the equivariance view (also flipped at random).")
-@click.option("--er-min-crop", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True,
+@click.option("--er-min-crop", type=options.FiniteFloat(0, 1, min_open=True), default=1.0, show_default=True,
               help="The equivariance view is a random window of this..1 of each image side (1 = whole image, as "
                    "SEAM); the translation penalises maps anchored to the image frame.")
 @click.option("--er-target", type=click.Choice(ER_TARGETS), default="detached", show_default=True,
@@ -288,22 +290,22 @@ def run(cfg: TrainClsConfig) -> dict:
                    "the gradient reaches both branches (SEAM).")
 @click.option("--er-view-cls/--no-er-view-cls", default=True, show_default=True,
               help="Also classify the equivariance view (SEAM classifies both branches).")
-@click.option("--erase-weight", type=click.FloatRange(min=0), default=0.0, show_default=True,
+@click.option("--erase-weight", type=options.FiniteFloat(min=0), default=0.0, show_default=True,
               help="Weight of the adversarial-erasing classification loss; 0 disables it.")
-@click.option("--erase-thresh", type=click.FloatRange(0, 1, min_open=True), default=0.7, show_default=True,
+@click.option("--erase-thresh", type=options.FiniteFloat(0, 1, min_open=True), default=0.7, show_default=True,
               help="Erase pixels whose CAM is >= this fraction of the class maximum.")
 @click.option("--erase-fill", type=click.Choice(ERASE_FILLS), default="blur", show_default=True,
               help="What replaces erased pixels: a blurred copy of the image (no sharp flat patch to learn as a "
                    "cue) or the mean colour.")
 @click.option("--erase-classes", type=click.Choice(ERASE_CLASSES), default="all", show_default=True,
               help="Erase the regions of every present class, or of one random present class per image.")
-@click.option("--reg-start", type=click.FloatRange(0, 1), default=0.0, show_default=True,
+@click.option("--reg-start", type=options.FiniteFloat(0, 1), default=0.0, show_default=True,
               help="Fraction of the schedule before equivariance and erasing start (the classifier learns first).")
-@click.option("--reg-ramp", type=click.FloatRange(0, 1), default=0.0, show_default=True,
+@click.option("--reg-ramp", type=options.FiniteFloat(0, 1), default=0.0, show_default=True,
               help="Fraction of the schedule over which they then rise linearly to full weight.")
 @click.option("--val-cam-images", type=click.IntRange(min=0), default=100, show_default=True,
               help="Validation images (first N of --val-split) scored for CAM mIoU each epoch.")
-@click.option("--val-cam-threshold", type=click.FloatRange(0, 1), default=0.15, show_default=True,
+@click.option("--val-cam-threshold", type=options.FiniteFloat(0, 1), default=0.15, show_default=True,
               help="Background threshold of the per-epoch CAM mIoU.")
 @click.option("--select", type=click.Choice(sorted(SELECT_METRICS)), default="map", show_default=True,
               help="What picks best.pth: val mAP (image-level labels only), val CAM mIoU (uses the val masks), "

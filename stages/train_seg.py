@@ -48,7 +48,7 @@ from wsss.datasets.prepared import PreparedDataset
 from wsss.datasets.torch_data import SegmentationDataset
 from wsss.device import (DistInfo, configure_threads, default_workers, dist_info, init_distributed, resolve_device,
                          seed_everything, shard, sum_array_over_ranks)
-from wsss.errors import WsssError
+from wsss.errors import WsssError, non_finite_field, option_name
 from wsss.inference import split_batches, to_model_input
 from wsss.metrics import ConfusionMatrix, confusion_counts
 from wsss.models.deeplab import SEG_MODELS, build_seg_model
@@ -157,7 +157,7 @@ def upper_bound_miou(folder: Path) -> float | None:
     path = artifacts.metrics_path(folder)
     if not path.is_file():
         return None
-    metrics = artifacts.read_json(path)
+    metrics = artifacts.read_json(path, expect=dict)
     if metrics.get("labels") != GT_LABELS:
         raise WsssError(f"{path}: --upper-bound must be a `train-seg --labels gt` run "
                         f"(this one trained on {metrics.get('labels')!r})")
@@ -186,6 +186,10 @@ def _add_ratio(metrics: dict, cfg: TrainSegConfig) -> dict:
 
 def _check(cfg: TrainSegConfig, dataset: PreparedDataset) -> Path | None:
     """Validate the options against the dataset; return the pseudo-label folder (None for gt)."""
+    if (name := non_finite_field(cfg)) is not None:
+        raise WsssError(f"{option_name(name)} {getattr(cfg, name)}: must be a finite number")
+    if cfg.epochs is not None and cfg.epochs <= 0:
+        raise WsssError(f"--epochs {cfg.epochs}: must be positive")
     if cfg.model not in SEG_MODELS:
         raise WsssError(f"--model {cfg.model!r}: choose from {sorted(SEG_MODELS)}")
     if cfg.batch_size < 2:
@@ -311,7 +315,7 @@ def run(cfg: TrainSegConfig) -> dict:
 @click.option("--jitter/--no-jitter", default=False, show_default=True, help="Colour jitter.")
 @click.option("--batch-size", type=click.IntRange(min=2), default=10, show_default=True)
 @click.option("--iterations", type=click.IntRange(min=1), default=None, help="Training iterations [default: 20000].")
-@click.option("--epochs", type=click.FloatRange(min=0, min_open=True), default=None,
+@click.option("--epochs", type=options.FiniteFloat(min=0, min_open=True), default=None,
               help="Train for this many passes over the split instead of --iterations.")
 @click.option("--stop-at", type=click.IntRange(min=1), default=None,
               help="Stop after this iteration (the schedule still spans the whole run); continue with --resume.")

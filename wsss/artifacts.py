@@ -14,6 +14,16 @@ Formats (see the README's "Artifacts" section):
   255 = ignore
 * reliability: ``<id>.npy`` plain float16 [H, W]
 * provenance: ``config.json`` and ``metrics.json`` in every stage's output folder
+
+Every reader checks what it reads (a truncated or empty file, missing keys, a wrong dtype or
+shape, NaN or out-of-range values, class indices outside the dataset's class list) and raises
+one :class:`~wsss.errors.WsssError` whose message names the file; resume checks treat such a
+file as not done.  Nothing is written with NaN or infinity in it: JSON files get ``null`` for a
+non-finite number (an undefined score such as the mIoU of an empty confusion matrix), and the
+array writers refuse non-finite arrays.  Files are created with the usual ``0o666 & ~umask``
+mode, like any other program's, so a group that shares a dataset folder can read them.
+
+A pipeline run folder has one sub-folder per stage, :data:`RUN_LAYOUT`.
 """
 
 from __future__ import annotations
@@ -22,11 +32,14 @@ import contextlib
 import dataclasses
 import io
 import json
+import math
 import os
 import platform
 import sys
 import tempfile
 import time
+import zipfile
+import zlib
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -40,6 +53,46 @@ METRICS_FILE = "metrics.json"
 LAST_CHECKPOINT = "last.pth"
 BEST_CHECKPOINT = "best.pth"
 IGNORE_INDEX = 255
+# float16 rounding of a max-normalised CAM stays within this of [0, 1]
+_CAM_TOLERANCE = 1e-3
+# what numpy, zipfile and zlib raise for a truncated, empty or foreign .npz / .npy file
+_ARRAY_FILE_ERRORS = (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error)
+
+
+# --------------------------------------------------------------------------- run layout
+
+@dataclasses.dataclass(frozen=True)
+class RunLayout:
+    """The stage folders of a pipeline run (``run_pipeline.sh``, ``wsss report``, ``bench/run_all.py``).
+
+    ``<run>/<cls>`` holds train-cls's checkpoints, ``<run>/<cams>`` make-cam's CAMs (and their
+    threshold sweep), ``<run>/<pseudo>`` refine's pseudo-labels and reliability maps,
+    ``<run>/<seg>`` train-seg's checkpoints, ``<run>/<pred>`` predict's label maps of the
+    validation split and ``<run>/pred_<split>`` those of another split; ``pretrain`` and ``aff``
+    are the optional self-supervised backbone and affinity network.  ``wsss report`` writes
+    ``<run>/report.md`` with its figures in ``<run>/report/``.
+    """
+
+    pretrain: str = "pretrain"
+    cls: str = "cls"
+    cams: str = "cams"
+    aff: str = "aff"
+    pseudo: str = "pseudo"
+    seg: str = "seg"
+    pred: str = "pred"
+    report_file: str = "report.md"
+    report_figures: str = "report"
+
+    def folder(self, run_dir: str | Path, stage: str) -> Path:
+        """``<run_dir>/<folder of stage>``, e.g. ``folder(run, "cams")``."""
+        return Path(run_dir) / getattr(self, stage)
+
+    def pred_folder(self, run_dir: str | Path, split: str | None = None) -> Path:
+        """Predictions of the validation split (``split=None``) or of ``split``: ``<run>/pred_<split>``."""
+        return Path(run_dir) / (self.pred if split is None else f"{self.pred}_{split}")
+
+
+RUN_LAYOUT = RunLayout()
 
 
 # --------------------------------------------------------------------------- paths
@@ -120,6 +173,20 @@ def eval_metrics_path(folder: str | Path, split: str) -> Path:
 
 # --------------------------------------------------------------------------- atomic writes
 
+def _umask() -> int:
+    """This process's umask, read without changing it where the system allows (threads write files)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | Path, mode: str = "wb") -> Iterator[io.IOBase]:
     """Open a temporary file beside ``path``; on success it replaces ``path`` atomically.
@@ -132,6 +199,8 @@ def atomic_write(path: str | Path, mode: str = "wb") -> Iterator[io.IOBase]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        # mkstemp creates 0600; give the file the mode open() would (0666 minus the umask)
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, mode) as handle:
             yield handle
             handle.flush()
@@ -144,6 +213,9 @@ def atomic_write(path: str | Path, mode: str = "wb") -> Iterator[io.IOBase]:
 
 
 def _jsonable(value: Any) -> Any:
+    """``value`` as JSON types; NaN and infinities become None (JSON has no such numbers)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {field.name: _jsonable(getattr(value, field.name)) for field in dataclasses.fields(value)}
     if isinstance(value, dict):
@@ -153,28 +225,46 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
     if isinstance(value, np.generic):
-        return value.item()
+        return _jsonable(value.item())
     if isinstance(value, np.ndarray):
-        return value.tolist()
+        return _jsonable(value.tolist())
     return value
 
 
 def write_json(path: str | Path, data: Any) -> None:
-    """Write ``data`` (dataclasses, paths and numpy values allowed) as indented JSON, atomically."""
-    text = json.dumps(_jsonable(data), indent=2, sort_keys=False) + "\n"
+    """Write ``data`` (dataclasses, paths and numpy values allowed) as indented JSON, atomically.
+
+    A NaN or infinite number is written as ``null``: the file is always valid (strict) JSON.
+    """
+    text = json.dumps(_jsonable(data), indent=2, sort_keys=False, allow_nan=False) + "\n"
     with atomic_write(path, "w") as handle:
         handle.write(text)
 
 
-def read_json(path: str | Path) -> Any:
-    """Read a JSON file; a missing or malformed file is a :class:`WsssError` naming it."""
+def _refuse_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def read_json(path: str | Path, expect: type | None = None) -> Any:
+    """Read a strict JSON file (``NaN``/``Infinity`` refused); with ``expect`` (dict, list) its top level
+    must be of that type.  A missing, malformed or mistyped file is a :class:`WsssError` naming it.
+    """
     path = Path(path)
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"), parse_constant=_refuse_constant)
     except FileNotFoundError:
         raise WsssError(f"{path}: file not found") from None
-    except (OSError, ValueError) as err:
-        raise WsssError(f"{path}: not a readable JSON file ({err})") from None
+    except IsADirectoryError:
+        raise WsssError(f"{path}: is a folder, expected a JSON file") from None
+    except OSError as err:
+        raise WsssError(f"{path}: cannot read ({err.strerror})") from None
+    except ValueError as err:  # also UnicodeDecodeError
+        raise WsssError(f"{path}: not a valid JSON file ({err})") from None
+    if expect is not None and not isinstance(data, expect):
+        kinds = {dict: "an object {...}", list: "a list [...]"}
+        raise WsssError(f"{path}: expected {kinds.get(expect, expect.__name__)} at the top level of the JSON, "
+                        f"got {type(data).__name__}")
+    return data
 
 
 def provenance(config: Any, **extra: Any) -> dict:
@@ -213,7 +303,10 @@ def read_image(path: str | Path) -> np.ndarray:
     path = Path(path)
     if not path.is_file():
         raise WsssError(f"{path}: image not found")
-    data = np.fromfile(str(path), dtype=np.uint8)
+    try:
+        data = np.fromfile(str(path), dtype=np.uint8)
+    except OSError as err:
+        raise WsssError(f"{path}: cannot read image ({err.strerror or err})") from None
     image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
     if image is None:
         raise WsssError(f"{path}: not a readable image (corrupt or unsupported format)")
@@ -264,8 +357,12 @@ def write_label_png(path: str | Path, label: np.ndarray) -> None:
         handle.write(buffer.getvalue())
 
 
-def read_label_png(path: str | Path) -> np.ndarray:
-    """Read a label PNG (palette or greyscale) as uint8 [H, W] of class indices."""
+def read_label_png(path: str | Path, num_classes: int | None = None) -> np.ndarray:
+    """Read a label PNG (palette or greyscale) as uint8 [H, W] of class indices.
+
+    Args:
+        num_classes: when given, every value must be a class index ``0 .. num_classes - 1`` or 255.
+    """
     path = Path(path)
     if not path.is_file():
         raise WsssError(f"{path}: label map not found")
@@ -273,50 +370,98 @@ def read_label_png(path: str | Path) -> np.ndarray:
         with Image.open(path) as image:
             if image.mode not in ("P", "L"):
                 raise WsssError(f"{path}: label map must be a palette or greyscale PNG, got mode {image.mode}")
-            return np.array(image, dtype=np.uint8)
+            label = np.array(image, dtype=np.uint8)
     except WsssError:
         raise
-    except (OSError, ValueError, SyntaxError) as err:
+    except (OSError, ValueError, SyntaxError, EOFError, zlib.error) as err:
         raise WsssError(f"{path}: not a readable label PNG ({err})") from None
+    if label.ndim != 2:
+        raise WsssError(f"{path}: label map has shape {label.shape}; expected [H, W]")
+    if num_classes is not None:
+        bad = (label >= num_classes) & (label != IGNORE_INDEX)
+        if bad.any():
+            raise WsssError(f"{path}: label map holds class index {int(label[bad].max())}; the dataset's classes "
+                            f"are 0..{num_classes - 1} (and 255 = ignore)")
+    return label
 
 
 # --------------------------------------------------------------------------- CAMs
 
 def write_cam(path: str | Path, keys: np.ndarray, cams: np.ndarray) -> None:
-    """Write a CAM file: ``keys`` int [K] class indices (>= 1), ``cams`` float [K, H, W] in [0, 1]."""
+    """Write a CAM file: ``keys`` int [K] class indices (>= 1), ``cams`` float [K, H, W] in [0, 1].
+
+    Raises:
+        WsssError: the CAMs hold NaN or infinity (a classifier with non-finite weights).
+    """
     keys = np.asarray(keys)
     cams = np.asarray(cams)
     if cams.ndim != 3 or keys.ndim != 1 or cams.shape[0] != keys.shape[0]:
         raise ValueError(f"expected keys [K] and cams [K, H, W], got {keys.shape} and {cams.shape}")
     if keys.size and keys.min() < 1:
         raise ValueError("CAM keys are class indices of foreground classes (>= 1)")
+    if not np.isfinite(cams).all():
+        raise WsssError(f"{path}: the CAMs hold NaN or infinite values (does the classifier checkpoint hold "
+                        "non-finite weights?); nothing written")
     buffer = io.BytesIO()
     np.savez(buffer, keys=keys.astype(np.int16), cams=cams.astype(np.float16))
     with atomic_write(path) as handle:
         handle.write(buffer.getvalue())
 
 
-def read_cam(path: str | Path, allow_pickle: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Read a CAM file and return ``(keys int64 [K], cams float32 [K, H, W])``.
+def read_cam(path: str | Path, allow_pickle: bool = False,
+             num_classes: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Read a CAM file and return ``(keys int64 [K], cams float32 [K, H, W])``, checked.
 
     ``.npz`` files are this project's format.  ``.npy`` files are IRN-style
     pickled dicts (``keys`` over the foreground classes counted from 0,
     ``high_res`` [K, H, W]) and are opened only when ``allow_pickle`` is True,
     because unpickling runs code from the file.
+
+    Args:
+        num_classes: when given, every key must be a foreground class index ``1 .. num_classes - 1``.
+
+    Raises:
+        WsssError: naming the file, when it is missing, empty, truncated or not a CAM file, when
+            ``keys`` is not an integer [K] without repeats or ``cams`` not a float [K, H, W], when a
+            value is not finite or outside [0, 1], or a key is not a class index.
     """
     path = Path(path)
     if not path.is_file():
         raise WsssError(f"{path}: CAM file not found")
     if path.suffix == ".npy":
-        return _read_irn_cam(path, allow_pickle)
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            keys, cams = data["keys"], data["cams"]
-    except (OSError, ValueError, KeyError) as err:
-        raise WsssError(f"{path}: not a valid CAM file ({err})") from None
+        keys, cams = _read_irn_cam(path, allow_pickle)
+    else:
+        try:
+            data = np.load(path, allow_pickle=False)
+            if not isinstance(data, np.lib.npyio.NpzFile):
+                raise ValueError("a single array, not an .npz archive")
+            with data:
+                missing = {"keys", "cams"} - set(data.files)
+                if missing:
+                    raise ValueError(f"no {' or '.join(sorted(missing))} array")
+                keys, cams = data["keys"], data["cams"]
+        except _ARRAY_FILE_ERRORS as err:
+            reason = "empty file" if path.stat().st_size == 0 else (str(err) or type(err).__name__)
+            raise WsssError(f"{path}: not a valid CAM file ({reason}); delete it or rerun make-cam") from None
+        if not np.issubdtype(keys.dtype, np.integer) or not np.issubdtype(cams.dtype, np.floating):
+            raise WsssError(f"{path}: CAM arrays have dtypes keys {keys.dtype}, cams {cams.dtype}; "
+                            "expected integer keys and float cams")
     if cams.ndim != 3 or keys.ndim != 1 or cams.shape[0] != keys.shape[0]:
         raise WsssError(f"{path}: CAM arrays have shapes keys {keys.shape}, cams {cams.shape}; expected [K] and [K, H, W]")
-    return keys.astype(np.int64), cams.astype(np.float32)
+    keys, cams = keys.astype(np.int64), cams.astype(np.float32)
+    if keys.size and (keys.min() < 1 or (num_classes is not None and keys.max() >= num_classes)):
+        limit = f"1..{num_classes - 1}" if num_classes is not None else ">= 1"
+        raise WsssError(f"{path}: CAM keys {keys.tolist()} are not the dataset's foreground class indices ({limit})")
+    if len(set(keys.tolist())) != keys.size:
+        raise WsssError(f"{path}: CAM keys {keys.tolist()} repeat a class")
+    if cams.size:
+        if not np.isfinite(cams).all():
+            raise WsssError(f"{path}: CAMs hold NaN or infinite values")
+        low, high = float(cams.min()), float(cams.max())
+        if low < -_CAM_TOLERANCE or high > 1 + _CAM_TOLERANCE:
+            raise WsssError(f"{path}: CAM values span [{low:.4g}, {high:.4g}]; "
+                            "expected max-normalised values in [0, 1]")
+    return keys, cams
 
 
 def _read_irn_cam(path: Path, allow_pickle: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -327,21 +472,25 @@ def _read_irn_cam(path: Path, allow_pickle: bool) -> tuple[np.ndarray, np.ndarra
         )
     try:
         data = np.load(path, allow_pickle=True).item()
-        keys = np.asarray(data["keys"]).astype(np.int64)
+        keys = np.asarray(data["keys"])
         cams = np.asarray(data["high_res"], dtype=np.float32)
-    except (OSError, ValueError, KeyError, AttributeError, TypeError) as err:
-        raise WsssError(f"{path}: not an IRN-style CAM dict with 'keys' and 'high_res' ({err})") from None
+        if not np.issubdtype(keys.dtype, np.integer) and keys.size:
+            raise ValueError(f"keys have dtype {keys.dtype}")
+        keys = keys.astype(np.int64)
+    except Exception as err:  # unpickling a foreign file can raise any type
+        raise WsssError(f"{path}: not an IRN-style CAM dict with 'keys' and 'high_res' "
+                        f"({str(err) or type(err).__name__})") from None
     # IRN counts foreground classes from 0 and sometimes stores the background plane as key 0 first.
-    if cams.shape[0] == keys.shape[0] + 1:
+    if cams.ndim == 3 and keys.ndim == 1 and cams.shape[0] == keys.shape[0] + 1:
         cams = cams[1:]
     keys = keys + 1
     return keys, cams
 
 
-def cam_is_complete(path: str | Path) -> bool:
-    """True if ``path`` is a readable CAM file (used to skip finished images on resume)."""
+def cam_is_complete(path: str | Path, num_classes: int | None = None) -> bool:
+    """True if ``path`` is a valid CAM file (resume skips it); False for a missing or unreadable one."""
     try:
-        read_cam(path)
+        read_cam(path, num_classes=num_classes)
     except WsssError:
         return False
     return True
@@ -350,10 +499,12 @@ def cam_is_complete(path: str | Path) -> bool:
 # --------------------------------------------------------------------------- reliability maps
 
 def write_reliability(path: str | Path, reliability: np.ndarray) -> None:
-    """Write a reliability map float [H, W] as plain float16 ``.npy`` (no pickle)."""
+    """Write a reliability map float [H, W] (finite, >= 0) as plain float16 ``.npy`` (no pickle)."""
     reliability = np.asarray(reliability)
     if reliability.ndim != 2:
         raise ValueError(f"reliability map must be [H, W], got shape {reliability.shape}")
+    if not np.isfinite(reliability).all():
+        raise WsssError(f"{path}: the reliability map holds NaN or infinite values; nothing written")
     buffer = io.BytesIO()
     np.save(buffer, reliability.astype(np.float16), allow_pickle=False)
     with atomic_write(path) as handle:
@@ -361,17 +512,25 @@ def write_reliability(path: str | Path, reliability: np.ndarray) -> None:
 
 
 def read_reliability(path: str | Path) -> np.ndarray:
-    """Read a reliability map as float32 [H, W]."""
+    """Read a reliability map as float32 [H, W] (finite, >= 0)."""
     path = Path(path)
     try:
         array = np.load(path, allow_pickle=False)
     except FileNotFoundError:
         raise WsssError(f"{path}: reliability map not found") from None
-    except (OSError, ValueError) as err:
-        raise WsssError(f"{path}: not a plain .npy reliability map ({err})") from None
-    if array.ndim != 2:
-        raise WsssError(f"{path}: reliability map has shape {array.shape}; expected [H, W]")
-    return array.astype(np.float32)
+    except _ARRAY_FILE_ERRORS as err:
+        reason = "empty file" if path.is_file() and path.stat().st_size == 0 else (str(err) or type(err).__name__)
+        raise WsssError(f"{path}: not a plain .npy reliability map ({reason})") from None
+    if not isinstance(array, np.ndarray) or array.ndim != 2:
+        raise WsssError(f"{path}: reliability map has shape {getattr(array, 'shape', None)}; expected [H, W]")
+    if not np.issubdtype(array.dtype, np.floating) and not np.issubdtype(array.dtype, np.integer):
+        raise WsssError(f"{path}: reliability map has dtype {array.dtype}; expected float")
+    array = array.astype(np.float32)
+    if not np.isfinite(array).all():
+        raise WsssError(f"{path}: reliability map holds NaN or infinite values")
+    if array.size and array.min() < 0:
+        raise WsssError(f"{path}: reliability map holds negative weights (min {float(array.min()):.4g})")
+    return array
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -391,16 +550,33 @@ def save_checkpoint(path: str | Path, checkpoint: dict) -> None:
 
 
 def load_checkpoint(path: str | Path) -> dict:
-    """Load a checkpoint dict on the CPU with ``weights_only=True`` (no arbitrary unpickling)."""
+    """Load a checkpoint dict on the CPU with ``weights_only=True`` (no arbitrary unpickling), checked.
+
+    Raises:
+        WsssError: naming the file, when it is missing, unreadable, not a wsss checkpoint (a dict
+            with a ``model`` state dict of tensors, an ``arch`` dict and a ``classes`` list), or
+            holds NaN or infinite weights.
+    """
     import torch
 
     path = Path(path)
     if not path.is_file():
-        raise WsssError(f"{path}: checkpoint not found")
+        raise WsssError(f"{path}: checkpoint not found" + (" (it is a folder)" if path.is_dir() else ""))
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for corrupt or foreign files
-        raise WsssError(f"{path}: not a readable wsss checkpoint ({type(err).__name__}: {err})") from None
-    if not isinstance(checkpoint, dict) or "model" not in checkpoint:
-        raise WsssError(f"{path}: not a wsss checkpoint (no 'model' entry)")
+        first = (str(err).strip().splitlines() or [""])[0]
+        raise WsssError(f"{path}: not a readable wsss checkpoint ({type(err).__name__}: {first})") from None
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("model"), dict):
+        raise WsssError(f"{path}: not a wsss checkpoint (no 'model' state dict; a bare state dict goes to "
+                        "--weights, not --checkpoint)")
+    missing = [key for key, kind in (("arch", dict), ("classes", list)) if not isinstance(checkpoint.get(key), kind)]
+    if missing:
+        raise WsssError(f"{path}: not a wsss checkpoint (no {' or '.join(repr(key) for key in missing)} entry)")
+    for name, tensor in checkpoint["model"].items():
+        if not isinstance(tensor, torch.Tensor):
+            raise WsssError(f"{path}: model entry {name!r} is not a tensor")
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise WsssError(f"{path}: weight {name!r} holds NaN or infinite values (a diverged run); "
+                            "use an earlier checkpoint or train again with a lower --lr")
     return checkpoint

@@ -28,6 +28,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from wsss.errors import check_finite_fields
+
 
 @dataclass(frozen=True)
 class CrfParams:
@@ -42,6 +44,7 @@ class CrfParams:
     scale: float = 1.0
 
     def __post_init__(self) -> None:
+        check_finite_fields(self)
         if self.iterations < 1:
             raise ValueError(f"iterations must be at least 1, got {self.iterations}")
         if min(self.gaussian_sxy, self.bilateral_sxy, self.bilateral_srgb) <= 0:
@@ -89,7 +92,8 @@ def dense_crf(image: np.ndarray, probs: np.ndarray, *, iterations: int = 10, gau
         float32 [C, H, W]: the CRF posterior (sums to 1 per pixel).
 
     Raises:
-        ValueError: on shapes or dtypes the CRF cannot take.
+        ValueError: on shapes or dtypes the CRF cannot take, or non-finite probabilities or settings
+            (pydensecrf would crash the process on them).
     """
     import cv2
     import pydensecrf.densecrf as dcrf
@@ -103,6 +107,8 @@ def dense_crf(image: np.ndarray, probs: np.ndarray, *, iterations: int = 10, gau
         raise ValueError(f"probs must be [C, H, W] with H, W = {image.shape[:2]}, got {probs.shape}")
     if probs.shape[0] < 1:
         raise ValueError("probs needs at least one class")
+    if not np.isfinite(probs).all():
+        raise ValueError("probs hold NaN or infinite values")
     CrfParams(iterations, gaussian_sxy, gaussian_compat, bilateral_sxy, bilateral_srgb, bilateral_compat, scale)
     num_classes, height, width = probs.shape
     if num_classes == 1:

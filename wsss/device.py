@@ -180,3 +180,14 @@ def loader_worker_init(worker_id: int) -> None:
     torch.set_num_threads(1)
     cv2.setNumThreads(1)
     np.random.seed(torch.initial_seed() % 2**32)
+
+
+def stop_loader_workers(batches) -> None:
+    """Shut down the worker processes of a DataLoader iterator now.
+
+    After an error the traceback keeps the iterator alive; shutting its workers down later, when it
+    is freed (after other workers may have been forked), waited seconds for each of them.
+    """
+    shutdown = getattr(batches, "_shutdown_workers", None)  # torch's own clean-up of a multi-process iterator
+    if shutdown is not None:
+        shutdown()

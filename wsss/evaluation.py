@@ -35,6 +35,9 @@ log = logging.getLogger(__name__)
 
 IGNORE_INDEX = artifacts.IGNORE_INDEX
 DEFAULT_SWEEP = (0.05, 0.60, 0.01)
+#: Most thresholds a sweep may hold: each one is a [C, C] confusion matrix per image (a step of
+#: 1e-9 would ask for terabytes).
+MAX_THRESHOLDS = 10_000
 _MAX_CHUNK = 16
 _IMAGES_PER_WORKER = 32
 
@@ -42,15 +45,20 @@ _IMAGES_PER_WORKER = 32
 # --------------------------------------------------------------------------- thresholds
 
 def threshold_range(start: float, stop: float, step: float) -> np.ndarray:
-    """Return float64 [T]: ``start, start + step, ..., stop`` (stop inclusive).
+    """Return float64 [T]: ``start, start + step, ..., stop`` (stop inclusive, T <= :data:`MAX_THRESHOLDS`).
 
     The values are computed as ``start + i * step`` from integer ``i`` and
     rounded to 10 decimals, so ``0.05:0.60:0.01`` gives exactly 56 thresholds
     whose values print as ``0.05 ... 0.60`` (no accumulated float drift).
     """
+    if not all(math.isfinite(value) for value in (start, stop, step)):
+        raise ValueError(f"expected finite numbers, got {start}:{stop}:{step}")
     if step <= 0 or stop < start:
         raise ValueError(f"expected start <= stop and step > 0, got {start}:{stop}:{step}")
     count = int(math.floor((stop - start) / step + 1e-9)) + 1
+    if count > MAX_THRESHOLDS:
+        raise ValueError(f"{start}:{stop}:{step} holds {count} thresholds; at most {MAX_THRESHOLDS} "
+                         "(use a larger step)")
     return np.round(start + np.arange(count) * step, 10)
 
 
@@ -204,7 +212,7 @@ def _labels_chunk(common: tuple, items: list[tuple[str, Path]]) -> ConfusionMatr
     dataset, split, ignore_pred = common
     matrix = ConfusionMatrix(dataset.num_classes, ignore_pred=ignore_pred)
     for image_id, path in items:
-        prediction = artifacts.read_label_png(path)
+        prediction = artifacts.read_label_png(path, dataset.num_classes)
         target = _read_target(dataset, split, image_id, path, prediction.shape, "prediction")
         try:
             matrix.update(target, prediction)
@@ -217,7 +225,7 @@ def _cams_chunk(common: tuple, items: list[tuple[str, Path]]) -> np.ndarray:
     dataset, split, thresholds, allow_pickle = common
     total = np.zeros((len(thresholds), dataset.num_classes, dataset.num_classes), dtype=np.int64)
     for image_id, path in items:
-        keys, cams = artifacts.read_cam(path, allow_pickle=allow_pickle)
+        keys, cams = artifacts.read_cam(path, allow_pickle=allow_pickle, num_classes=dataset.num_classes)
         target = _read_target(dataset, split, image_id, path, cams.shape[1:], "CAM")
         try:
             total += sweep_matrices(keys, cams, target, thresholds, dataset.num_classes)

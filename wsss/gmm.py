@@ -61,6 +61,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from wsss.errors import check_finite_fields
+
 FALLBACK_REASONS = ("no_classes", "empty", "flat", "one_mode", "full_frame", "no_crossing")
 
 
@@ -93,10 +95,7 @@ class GmmParams:
     max_iter: int = 200
 
     def __post_init__(self) -> None:
-        numbers = (self.fallback_threshold, self.min_score, self.flat_std, self.min_weight, self.max_background_mean,
-                   self.reg_covar)
-        if not all(math.isfinite(value) for value in numbers):
-            raise ValueError("GMM settings must be finite numbers")
+        check_finite_fields(self)
         if self.components < 2:
             raise ValueError(f"components must be at least 2, got {self.components}")
         if not 0.0 <= self.fallback_threshold <= 1.0:

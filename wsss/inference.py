@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from wsss.datasets.prepared import PreparedDataset
-from wsss.device import loader_worker_init
+from wsss.device import loader_worker_init, stop_loader_workers
 from wsss.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 # EXIF orientations that swap width and height (OpenCV applies the orientation when decoding)
@@ -101,11 +101,15 @@ def split_batches(dataset: PreparedDataset, split: str, ids: Sequence[str], *, b
     loader = DataLoader(_SplitImages(dataset, split, ids, masks), batch_sampler=size_batches(sizes, batch_size),
                         collate_fn=_collate, num_workers=workers, pin_memory=device.type == "cuda",
                         worker_init_fn=loader_worker_init)
-    for groups in loader:
-        for positions, images, mask_batch in groups:
-            images = images.to(device, non_blocking=True)
-            mask_batch = None if mask_batch is None else mask_batch.to(device, non_blocking=True)
-            yield [ids[position] for position in positions], images, mask_batch
+    batches = iter(loader)
+    try:
+        for groups in batches:
+            for positions, images, mask_batch in groups:
+                images = images.to(device, non_blocking=True)
+                mask_batch = None if mask_batch is None else mask_batch.to(device, non_blocking=True)
+                yield [ids[position] for position in positions], images, mask_batch
+    finally:
+        stop_loader_workers(batches)
 
 
 def to_model_input(images: torch.Tensor, channels_last: bool = False) -> torch.Tensor:

@@ -40,8 +40,9 @@ import numpy as np
 from wsss import artifacts
 
 from wsss.crf import CrfParams, dense_crf
-from wsss.parallel import imap_images
+from wsss.errors import check_finite_fields
 from wsss.gmm import GmmParams, GmmThreshold, gmm_threshold, no_class_threshold, sample_scores
+from wsss.parallel import imap_images
 from wsss.reliability import LAMBDA_ALPHA, LAMBDA_BETA, reliability_map
 
 IGNORE_INDEX = 255
@@ -83,6 +84,7 @@ class RefineParams:
     lambda_beta: float = LAMBDA_BETA
 
     def __post_init__(self) -> None:
+        check_finite_fields(self)
         if self.threshold not in THRESHOLD_MODES:
             raise ValueError(f"threshold must be one of {THRESHOLD_MODES}, got {self.threshold!r}")
         if not 0.0 < self.bg_thresh < 1.0:
@@ -310,13 +312,13 @@ def image_seed(seed: int, image_id: str) -> int:
 
 
 def _sample_file(task: tuple) -> dict:
-    path, count, params, seed, allow_pickle = task
-    keys, cams = artifacts.read_cam(path, allow_pickle=allow_pickle)
+    path, count, params, seed, allow_pickle, num_classes = task
+    keys, cams = artifacts.read_cam(path, allow_pickle=allow_pickle, num_classes=num_classes)
     return split_samples(keys, cams, params, count, seed=seed)
 
 
 def pooled_fits(cam_files: dict[str, Path], params: RefineParams, *, seed: int = 0, workers: int | None = None,
-                allow_pickle: bool = False, progress: bool = True) -> SplitFits:
+                allow_pickle: bool = False, num_classes: int | None = None, progress: bool = True) -> SplitFits:
     """The split's pooled mixtures (``threshold="gmm"``) from its CAM files.
 
     Every image gives an equal share of at most ``params.gmm.max_samples`` scores, seeded by its id
@@ -324,9 +326,11 @@ def pooled_fits(cam_files: dict[str, Path], params: RefineParams, *, seed: int =
 
     Args:
         cam_files: image id -> CAM file, every image of the split.
+        num_classes: the dataset's class count; CAM keys outside it are an error naming the file.
     """
     count = max(1, math.ceil(params.gmm.max_samples / max(1, len(cam_files))))
-    tasks = [(path, count, params, image_seed(seed, image_id), allow_pickle) for image_id, path in cam_files.items()]
+    tasks = [(path, count, params, image_seed(seed, image_id), allow_pickle, num_classes)
+             for image_id, path in cam_files.items()]
     samples = imap_images(_sample_file, tasks, workers, "gmm sample", show=progress)
     return fit_split(list(samples), params, seed=seed)
 

@@ -1,6 +1,7 @@
 """A run's report: per-stage mIoU, per-class IoU, training curves and a gallery, as Markdown + PNGs.
 
-A run folder (what ``run_pipeline.sh`` writes) holds one folder per stage::
+A run folder (what ``run_pipeline.sh`` writes) holds one folder per stage, named by
+:data:`wsss.artifacts.RUN_LAYOUT`::
 
     <run>/cls     train-cls       metrics.json with the per-epoch history
     <run>/cams    make-cam        metrics_eval_<split>.json (CAM threshold sweep)
@@ -8,7 +9,8 @@ A run folder (what ``run_pipeline.sh`` writes) holds one folder per stage::
     <run>/seg     train-seg       metrics.json with the per-iteration history
     <run>/pred    predict         metrics_eval_<split>.json (segmentation mIoU)
 
-Missing folders are skipped, so a partial run still gets a report.
+Missing folders are skipped, so a partial run still gets a report.  A JSON file of the wrong
+shape (a list where an object belongs, a score that is not a number) is a one-line error naming it.
 """
 
 from __future__ import annotations
@@ -20,11 +22,12 @@ from pathlib import Path
 import numpy as np
 
 from wsss import artifacts
+from wsss.artifacts import RUN_LAYOUT
 from wsss.datasets.prepared import PreparedDataset
 from wsss.errors import WsssError
 from wsss.visualize import cam_heatmap, colorize_label, grid, labelled_tile
 
-# (folder, title, what its mIoU measures) in pipeline order
+# (stage of RUN_LAYOUT, title, what its mIoU measures) in pipeline order
 STAGES = (
     ("cams", "CAM", "best background threshold"),
     ("pseudo", "pseudo-labels", "refine output, 255 counted as background"),
@@ -48,21 +51,53 @@ def _eval_files(folder: Path) -> list[Path]:
     return sorted(folder.glob("metrics_eval_*.json"))
 
 
+# history entries the training curves plot (besides loss*)
+_PLOTTED = ("round", "step", "val_map", "val_cam_miou", "val_miou")
+
+
+def _is_score(value) -> bool:
+    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
+
+
+def _entry(data: dict, key: str, kind: type | tuple, path: Path, default=None):
+    """``data[key]`` when it is of ``kind`` (or absent/null: ``default``); otherwise a WsssError naming the file."""
+    value = data.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise WsssError(f"{path}: {key!r} is {type(value).__name__} {value!r}, not a "
+                        f"{'number' if kind == (int, float) else getattr(kind, '__name__', kind)}")
+    return value
+
+
 def collect_results(run_dir: Path) -> list[StageResult]:
     """Read the evaluation JSON of every stage folder present in ``run_dir``."""
     results = []
-    for folder, title, note in STAGES:
-        for path in _eval_files(run_dir / folder):
-            data = artifacts.read_json(path)
-            extra = f" (threshold {data['best_threshold']:.2f})" if data.get("best_threshold") is not None else ""
-            results.append(StageResult(folder=folder, title=title, split=data.get("split", "?"), miou=data.get("miou"),
-                                       per_class=data.get("summary", {}).get("per_class", {}), note=note + extra))
+    for stage, title, note in STAGES:
+        for path in _eval_files(RUN_LAYOUT.folder(run_dir, stage)):
+            data = artifacts.read_json(path, expect=dict)
+            threshold = _entry(data, "best_threshold", (int, float), path)
+            extra = f" (threshold {threshold:.2f})" if threshold is not None else ""
+            per_class = _entry(_entry(data, "summary", dict, path, {}), "per_class", dict, path, {})
+            if not all(isinstance(scores, dict) and _is_score(scores.get("iou")) for scores in per_class.values()):
+                raise WsssError(f"{path}: summary.per_class must map class names to {{'iou': number}} objects")
+            results.append(StageResult(folder=getattr(RUN_LAYOUT, stage), title=title,
+                                       split=str(_entry(data, "split", str, path, "?")),
+                                       miou=_entry(data, "miou", (int, float), path), per_class=per_class,
+                                       note=note + extra))
     return results
 
 
-def _history(run_dir: Path, folder: str) -> list[dict]:
-    path = artifacts.metrics_path(run_dir / folder)
-    return artifacts.read_json(path).get("history", []) if path.is_file() else []
+def _history(run_dir: Path, stage: str) -> list[dict]:
+    path = artifacts.metrics_path(RUN_LAYOUT.folder(run_dir, stage))
+    if not path.is_file():
+        return []
+    history = _entry(artifacts.read_json(path, expect=dict), "history", list, path, [])
+    if not all(isinstance(record, dict) and all(_is_score(value) for key, value in record.items()
+                                                if key in _PLOTTED or key.startswith("loss"))
+               for record in history):
+        raise WsssError(f"{path}: 'history' must be a list of objects whose step, loss and val_* entries are numbers")
+    return history
 
 
 def plot_stage_miou(results: list[StageResult], path: Path) -> None:
@@ -138,49 +173,54 @@ def plot_curves(cls_history: list[dict], seg_history: list[dict], path: Path) ->
     return True
 
 
-def _stage_config(run_dir: Path, folder: str) -> dict | None:
-    path = artifacts.config_path(run_dir / folder)
-    return artifacts.read_json(path).get("config") if path.is_file() else None
+def _stage_config(run_dir: Path, stage: str) -> dict | None:
+    path = artifacts.config_path(RUN_LAYOUT.folder(run_dir, stage))
+    return _entry(artifacts.read_json(path, expect=dict), "config", dict, path) if path.is_file() else None
 
 
-def gallery(run_dir: Path, path: Path, rows: int = 6, tile_height: int = 128) -> list[str]:
-    """Write a picture of ``rows`` images: image | CAM heatmap | pseudo-label | prediction | ground truth.
+def gallery(run_dir: Path, rows: int = 6, tile_height: int = 128) -> tuple[list[str], np.ndarray | None]:
+    """A picture of ``rows`` images: image | CAM heatmap | pseudo-label | prediction | ground truth.
 
     Images come from the split the CAMs were made for; the prediction column uses
-    ``<run>/pred_<split>/`` (or ``<run>/pred/`` when it was made for that split).
+    ``<run>/pred_<split>/`` (or ``<run>/pred/`` when it was made for that split).  Nothing is
+    written, so a bad file found here leaves no half-made report.
 
     Returns:
-        The image ids shown (empty when there are no CAMs to show).
+        ``(ids shown, RGB uint8 picture)``; ``([], None)`` when there are no CAMs to show.
     """
     config = _stage_config(run_dir, "cams")
     if config is None:
-        return []
+        return [], None
+    cam_config_file = artifacts.config_path(RUN_LAYOUT.folder(run_dir, "cams"))
+    if not isinstance(config.get("root"), str) or not isinstance(config.get("split"), str):
+        raise WsssError(f"{cam_config_file}: config has no 'root' and 'split' strings")
     dataset = PreparedDataset.load(config["root"], config.get("dataset"))
     split = config["split"]
+    cam_dir, pseudo_dir = RUN_LAYOUT.folder(run_dir, "cams"), RUN_LAYOUT.folder(run_dir, "pseudo")
     pred_config = _stage_config(run_dir, "pred")
-    pred_dir = run_dir / f"pred_{split}"
+    pred_dir = RUN_LAYOUT.pred_folder(run_dir, split)
     if not pred_dir.is_dir() and pred_config is not None and pred_config.get("split") == split:
-        pred_dir = run_dir / "pred"
-    ids = [image_id for image_id in dataset.ids(split) if artifacts.cam_path(run_dir / "cams", image_id).is_file()]
+        pred_dir = RUN_LAYOUT.pred_folder(run_dir)
+    ids = [image_id for image_id in dataset.ids(split) if artifacts.cam_path(cam_dir, image_id).is_file()]
     # spread the picks over the split so that the gallery is not just the first few images
     picks = [ids[round(i * (len(ids) - 1) / max(1, rows - 1))] for i in range(min(rows, len(ids)))] if ids else []
     picture_rows = []
     for image_id in dict.fromkeys(picks):
         image = dataset.read_image(split, image_id)
-        keys, cams = artifacts.read_cam(artifacts.cam_path(run_dir / "cams", image_id))
+        keys, cams = artifacts.read_cam(artifacts.cam_path(cam_dir, image_id), num_classes=dataset.num_classes)
         names = ", ".join(dataset.classes[key] for key in keys)
         tiles = [labelled_tile(image, image_id, tile_height), labelled_tile(cam_heatmap(image, cams), f"CAM {names}", tile_height)]
-        for caption, file in (("pseudo-label", artifacts.label_path(run_dir / "pseudo", image_id)),
+        for caption, file in (("pseudo-label", artifacts.label_path(pseudo_dir, image_id)),
                               ("prediction", artifacts.label_path(pred_dir, image_id))):
-            tiles.append(labelled_tile(colorize_label(artifacts.read_label_png(file)) if file.is_file()
-                                       else np.full_like(image, 255), caption if file.is_file() else f"no {caption}",
-                                       tile_height))
+            if file.is_file():
+                tiles.append(labelled_tile(colorize_label(artifacts.read_label_png(file, dataset.num_classes)), caption,
+                                           tile_height))
+            else:
+                tiles.append(labelled_tile(np.full_like(image, 255), f"no {caption}", tile_height))
         truth = colorize_label(dataset.read_mask(split, image_id)) if dataset.has_masks(split) else np.full_like(image, 255)
         tiles.append(labelled_tile(truth, "ground truth", tile_height))
         picture_rows.append(tiles)
-    if picture_rows:
-        artifacts.write_image(path, grid(picture_rows))
-    return list(dict.fromkeys(picks))
+    return list(dict.fromkeys(picks)), grid(picture_rows) if picture_rows else None
 
 
 def _save(figure, path: Path) -> None:
@@ -208,35 +248,44 @@ def write_report(run_dir: str | Path, gallery_rows: int = 6) -> dict:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise WsssError(f"{run_dir}: run folder not found")
+    figures = RUN_LAYOUT.report_figures  # relative to report.md, for the Markdown links
+    report_file, figures_dir = run_dir / RUN_LAYOUT.report_file, run_dir / figures
+    if report_file.is_dir():
+        raise WsssError(f"{report_file}: is a folder; the report is written there as a file (move the folder away)")
+    if figures_dir.exists() and not figures_dir.is_dir():
+        raise WsssError(f"{figures_dir}: is a file; the report's figures go into a folder of that name")
     results = collect_results(run_dir)
-    figures_dir = run_dir / "report"
-    figures_dir.mkdir(parents=True, exist_ok=True)
-    lines = [f"# wsss run report: {run_dir.name}", ""]
     if not results:
         raise WsssError(f"{run_dir}: no stage evaluation found (expected <stage>/metrics_eval_<split>.json "
                         "from make-cam --eval, wsss eval --pred)")
+    # everything is read and checked before anything is written
+    histories = {stage: _history(run_dir, stage) for stage in ("cls", "seg")}
+    seg_metrics_path = artifacts.metrics_path(RUN_LAYOUT.folder(run_dir, "seg"))
+    seg_metrics = artifacts.read_json(seg_metrics_path, expect=dict) if seg_metrics_path.is_file() else {}
+    ratio = _entry(seg_metrics, "weak_full_ratio", (int, float), seg_metrics_path)
+    shown, picture = gallery(run_dir, rows=gallery_rows)
+    figures_dir.mkdir(parents=True, exist_ok=True)
+    lines = [f"# wsss run report: {run_dir.name}", ""]
     lines += ["## mIoU per stage", "", "| stage | split | mIoU (%) | note |", "|---|---|---|---|"]
     lines += [f"| {r.title} | {r.split} | {_fmt(r.miou)} | {r.note} |" for r in results]
-    seg_metrics_path = artifacts.metrics_path(run_dir / "seg")
-    seg_metrics = artifacts.read_json(seg_metrics_path) if seg_metrics_path.is_file() else {}
-    if seg_metrics.get("weak_full_ratio") is not None:
-        lines += ["", f"weak/full ratio (DeepLab on pseudo-labels / on ground truth): {seg_metrics['weak_full_ratio']:.3f}"]
+    if ratio is not None:
+        lines += ["", f"weak/full ratio (DeepLab on pseudo-labels / on ground truth): {ratio:.3f}"]
     plot_stage_miou(results, figures_dir / "stage_miou.png")
     plot_per_class(results, figures_dir / "per_class_iou.png")
-    lines += ["", "![mIoU per stage](report/stage_miou.png)", "", "## IoU per class", "",
-              "![IoU per class](report/per_class_iou.png)", ""]
+    lines += ["", f"![mIoU per stage]({figures}/stage_miou.png)", "", "## IoU per class", "",
+              f"![IoU per class]({figures}/per_class_iou.png)", ""]
     classes = list(dict.fromkeys(name for r in results for name in r.per_class))
     lines += ["| class | " + " | ".join(f"{r.title} ({r.split})" for r in results) + " |",
               "|---|" + "---|" * len(results)]
     lines += [f"| {name} | " + " | ".join(_fmt((r.per_class.get(name) or {}).get("iou")) for r in results) + " |"
               for name in classes]
-    if plot_curves(_history(run_dir, "cls"), _history(run_dir, "seg"), figures_dir / "curves.png"):
-        lines += ["", "## Training curves", "", "![training curves](report/curves.png)"]
-    shown = gallery(run_dir, figures_dir / "gallery.png", rows=gallery_rows)
-    if shown:
+    if plot_curves(histories["cls"], histories["seg"], figures_dir / "curves.png"):
+        lines += ["", "## Training curves", "", f"![training curves]({figures}/curves.png)"]
+    if picture is not None:
+        artifacts.write_image(figures_dir / "gallery.png", picture)
         lines += ["", "## Gallery", "", "image | CAM heatmap | pseudo-label | prediction | ground truth", "",
-                  "![gallery](report/gallery.png)"]
-    with artifacts.atomic_write(run_dir / "report.md", "w") as handle:
+                  f"![gallery]({figures}/gallery.png)"]
+    with artifacts.atomic_write(report_file, "w") as handle:
         handle.write("\n".join(lines) + "\n")
     return {"stages": [{"stage": r.title, "split": r.split, "miou": r.miou} for r in results],
-            "gallery": shown, "report": str(run_dir / "report.md")}
+            "gallery": shown, "report": str(report_file)}

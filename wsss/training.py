@@ -40,8 +40,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from wsss import artifacts
-from wsss.device import DistInfo, derive_seed, loader_worker_init, sum_over_ranks
-from wsss.errors import WsssError
+from wsss.device import DistInfo, derive_seed, loader_worker_init, stop_loader_workers, sum_over_ranks
+from wsss.errors import WsssError, option_name
 from wsss.progress import bar as progress_bar
 
 log = logging.getLogger(__name__)
@@ -228,13 +228,48 @@ class LossMeter:
         reduced = sum_over_ranks(values, info, self.device)
         self._sums, self._count = {}, 0
         self._first_bad.fill_(-1)
-        if reduced[-1] > 0:
-            where = int(local_bad) if int(local_bad) >= 0 else None
-            raise WsssError(f"training stopped: the loss became NaN or infinite "
-                            f"{f'at step {where}' if where is not None else 'on another process'}; "
-                            "lower --lr (or use --amp off / --amp bf16 instead of fp16); "
-                            "the last checkpoint is kept")
+        _stop_if_bad(reduced[-1] > 0, local_bad)
         return {name: value / info.world_size for name, value in zip(names, reduced[:-1])}
+
+    def pending(self, info: DistInfo) -> dict:
+        """The sums not read yet, of every rank (one sync), for a checkpoint written inside a round.
+
+        Returns:
+            ``{"count", "names", "sums": [[sum of each name] per rank]}``, JSON types; the float32
+            sums survive the round trip exactly, so a resumed run records the same losses.
+
+        Raises:
+            WsssError: a loss was NaN or infinite (as :meth:`read`).
+        """
+        names = sorted(self._sums)
+        local = torch.zeros(info.world_size, len(names) + 1, dtype=torch.float64, device=self.device)
+        if names:
+            local[info.rank, :-1] = torch.stack([self._sums[name] for name in names]).double()
+        local[info.rank, -1] = (self._first_bad >= 0).double()
+        gathered = torch.tensor(sum_over_ranks(local.flatten(), info, self.device)).view(info.world_size, -1)
+        _stop_if_bad(bool(gathered[:, -1].sum() > 0), self._first_bad.clone())
+        return {"count": self._count, "names": names, "sums": gathered[:, :-1].tolist()}
+
+    def restore(self, pending: dict | None, info: DistInfo) -> None:
+        """Continue the sums of :meth:`pending` (a run resumed inside a round)."""
+        if not pending or not pending.get("count"):
+            return
+        if len(pending["sums"]) != info.world_size:
+            log.warning("resumed with %d processes instead of %d: the loss record of this round starts afresh",
+                        info.world_size, len(pending["sums"]))
+            return
+        self._sums = {name: torch.tensor(value, dtype=torch.float32, device=self.device)
+                      for name, value in zip(pending["names"], pending["sums"][info.rank])}
+        self._count = int(pending["count"])
+
+
+def _stop_if_bad(bad: bool, local_bad: torch.Tensor) -> None:
+    if bad:
+        where = int(local_bad) if int(local_bad) >= 0 else None
+        raise WsssError(f"training stopped: the loss became NaN or infinite "
+                        f"{f'at step {where}' if where is not None else 'on another process'}; "
+                        "lower --lr (or use --amp off / --amp bf16 instead of fp16); "
+                        "the last checkpoint is kept")
 
 
 # --------------------------------------------------------------------------- state and checkpoints
@@ -251,6 +286,9 @@ class TrainState:
         best: ``{"round", "step", "metric", "value"}`` of the round saved as ``best.pth``.
         seconds: training time so far (wall clock, summed over resumed runs).
         extra: stage-specific results (e.g. the last validation's per-class scores).
+        pending: loss sums of a round stopped in the middle (``--stop-at``), see
+            :meth:`LossMeter.pending`; the resumed run goes on from them, so its history is that
+            of an uninterrupted run.
     """
 
     step: int = 0
@@ -259,6 +297,7 @@ class TrainState:
     best: dict | None = None
     seconds: float = 0.0
     extra: dict = field(default_factory=dict)
+    pending: dict | None = None
 
 
 def plain_config(config: Any) -> dict:
@@ -307,7 +346,8 @@ def find_resumable(spec: RunSpec) -> dict | None:
     defaults = {f.name: f.default for f in dataclasses.fields(spec.config)
                 if f.default is not dataclasses.MISSING}
     defaults = json.loads(json.dumps(defaults, default=str))
-    changed = [name for name in spec.schedule_fields if saved.get(name, defaults.get(name)) != current.get(name)]
+    changed = [option_name(name) for name in spec.schedule_fields
+               if saved.get(name, defaults.get(name)) != current.get(name)]
     if checkpoint.get("total_steps", spec.total_steps) != spec.total_steps:
         changed.append(f"total steps ({checkpoint.get('total_steps')} -> {spec.total_steps})")
     if changed:
@@ -352,7 +392,7 @@ def finished_metrics(spec: RunSpec, checkpoint: dict | None) -> dict | None:
         return None
     log.info("%s: training already finished (%d steps); pass --overwrite to train again", spec.last(),
              spec.total_steps)
-    return artifacts.read_json(metrics_file)
+    return artifacts.read_json(metrics_file, expect=dict)
 
 
 def wrap_distributed(module: torch.nn.Module, device: torch.device, info: DistInfo,
@@ -421,11 +461,26 @@ def fit(trainee: Trainee, loader: Iterable, loop: Loop, spec: RunSpec, state: Tr
     """
     stop = spec.total_steps if loop.stop_at is None else min(loop.stop_at, spec.total_steps)
     meter = LossMeter(device)
+    meter.restore(state.pending, info)
+    state.pending = None
     started = time.perf_counter() - state.seconds
     batches = iter(loader)
     progress = progress_bar(total=stop, initial=state.step, desc=loop.desc, unit="step", show=info.is_main)
+    try:
+        _rounds(trainee, batches, loop, spec, state, meter, stop, started, progress, precision=precision,
+                device=device, info=info)
+    finally:
+        stop_loader_workers(batches)
+        progress.close()
+    return state
+
+
+def _rounds(trainee: Trainee, batches, loop: Loop, spec: RunSpec, state: TrainState, meter: LossMeter, stop: int,
+            started: float, progress, *, precision: Precision, device: torch.device, info: DistInfo) -> None:
+    """The rounds of :func:`fit` from ``state.step`` to ``stop``."""
     while state.step < stop:
-        round_end = min(stop, (state.step // loop.round_steps + 1) * loop.round_steps)
+        natural_end = min(spec.total_steps, (state.step // loop.round_steps + 1) * loop.round_steps)
+        round_end = min(stop, natural_end)
         trainee.model.train()
         for batch in itertools.islice(batches, round_end - state.step):
             # randomness inside the step (dropout, random views) depends only on (seed, rank, step)
@@ -440,8 +495,11 @@ def fit(trainee: Trainee, loader: Iterable, loop: Loop, spec: RunSpec, state: Tr
             meter.add(terms, state.step)
             state.step += 1
             progress.update(1)
-            if loop.log_every and state.step % loop.log_every == 0 and state.step < round_end:
+            if loop.log_every and state.step % loop.log_every == 0 and state.step < natural_end:
                 state.history.append({"step": state.step, **_loss_record(meter.read(info), trainee)})
+        if round_end < natural_end:
+            _stop_inside_round(trainee, loop, spec, state, meter.pending(info), started, info)
+            break
         record = {"round": state.round + 1, "step": state.step, **_loss_record(meter.read(info), trainee)}
         state.round += 1
         if loop.validate is not None:
@@ -458,8 +516,24 @@ def fit(trainee: Trainee, loader: Iterable, loop: Loop, spec: RunSpec, state: Tr
             log.info("%s: step %d/%d, %s", loop.desc, state.step, spec.total_steps, _brief(record))
         if info.distributed:
             torch.distributed.barrier()
-    progress.close()
-    return state
+
+
+def _stop_inside_round(trainee: Trainee, loop: Loop, spec: RunSpec, state: TrainState, pending: dict,
+                       started: float, info: DistInfo) -> None:
+    """Checkpoint a run stopped inside a round (``stop_at``): no validation and no round record;
+    the loss sums so far go into the checkpoint, so the resumed round is recorded as if never stopped."""
+    state.pending = pending
+    state.seconds = time.perf_counter() - started
+    if info.is_main:
+        if loop.select is None:  # best = last: keep the promise also for a stopped run
+            state.best = {"round": state.round, "step": state.step, "metric": None, "value": None}
+            trainee.save(artifacts.checkpoint_path(spec.out_dir, "best"), spec, state)
+        trainee.save(spec.last(), spec, state)
+        artifacts.write_metrics(spec.out_dir, loop.summarize(state, False))
+        log.info("%s: stopped at step %d/%d (inside a round); run again to continue", loop.desc, state.step,
+                 spec.total_steps)
+    if info.distributed:
+        torch.distributed.barrier()
 
 
 # step terms that are measurements, not loss terms (recorded under their own name)

@@ -1,10 +1,14 @@
 import subprocess
 import sys
 
+import pytest
+import torch
 from click.testing import CliRunner
 
-from stages.cli import COMMANDS, cli
+from helpers import assert_one_line_error
+from stages.cli import COMMANDS, cli, one_line
 from wsss import __version__
+from wsss.errors import WsssError
 
 
 def test_help_lists_every_command_in_pipeline_order():
@@ -32,3 +36,30 @@ def test_wsss_error_becomes_one_line_without_traceback(tmp_path):
 def test_unknown_command_is_a_usage_error():
     result = CliRunner().invoke(cli, ["train-everything"])
     assert result.exit_code == 2 and "No such command" in result.output
+
+
+class _BadItems(torch.utils.data.Dataset):
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, index):
+        raise WsssError(f"images/{index}.jpg: not a readable image")
+
+
+def test_an_error_in_a_dataloader_worker_becomes_its_own_one_line_message():
+    loader = torch.utils.data.DataLoader(_BadItems(), num_workers=1)
+    with pytest.raises(WsssError) as info:
+        next(iter(loader))
+    # torch re-raises it as "Caught WsssError in DataLoader worker process 0.\nOriginal Traceback ..."
+    assert "Original Traceback" in str(info.value)
+    assert one_line(info.value) == "images/0.jpg: not a readable image"
+    assert one_line(WsssError("plain message")) == "plain message"
+    assert one_line(ValueError("first line\nsecond line")) == "first line"
+
+
+def test_os_errors_about_files_become_one_line(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    result = CliRunner().invoke(cli, ["demo-data", str(blocker / "sub"), "--num-train", "1", "--num-val", "1"])
+    assert result.exit_code == 1
+    assert_one_line_error(result, str(blocker), "a file stands where a folder is needed")

@@ -4,6 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -159,6 +165,11 @@ def test_params_are_checked():
         refine_image(None, [1], np.zeros((1, 4, 4), np.float32), RefineParams())  # gmm needs fit_split
     with pytest.raises(ValueError, match="image"):
         refine_image(None, [1], np.zeros((1, 4, 4), np.float32), RefineParams(crf=CrfParams()))
+    for name in ("bg_thresh", "confidence", "unary_temperature", "lambda_alpha", "lambda_beta"):
+        with pytest.raises(ValueError, match=f"{name} must be a finite number"):
+            RefineParams(**{name: float("nan")})
+    with pytest.raises(ValueError, match="max_background_mean must be a finite number"):
+        GmmParams(max_background_mean=float("inf"))
 
 
 # --------------------------------------------------------------------------- the stage
@@ -323,3 +334,57 @@ def test_cli_errors_name_the_problem(tiny):
     assert result.exit_code == 2 and "SXY,SRGB,COMPAT" in result.output
     result = runner.invoke(cli, base + ["--out", str(cam_dir)])
     assert result.exit_code == 1 and "--out must differ" in result.output
+
+
+def test_pool_workers_stop_when_the_refine_process_is_killed(tmp_path):
+    # 16 images of 320x320 with the CRF: each takes a worker a good fraction of a second
+    root, cam_dir, out = tmp_path / "data", tmp_path / "cams", tmp_path / "out"
+    rng = np.random.default_rng(1)
+    ids = [f"k{index:02d}" for index in range(16)]
+    yy, xx = np.mgrid[:320, :320]
+    for image_id in ids:
+        artifacts.write_image(root / "images" / f"{image_id}.png", rng.integers(0, 255, (320, 320, 3), np.uint8))
+        cy, cx = rng.integers(80, 240, 2)
+        cam = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / 3000.0)
+        artifacts.write_cam(artifacts.cam_path(cam_dir, image_id), np.array([1]), cam[None])
+    write_prepared(root, "folder", CLASSES, {"train": (SplitSpec(image_dir="images", image_ext=".png"), ids)},
+                   {image_id: [1] for image_id in ids})
+    parent = subprocess.Popen([sys.executable, "-m", "stages.cli", "-q", "refine", "--cams", str(cam_dir), "--root",
+                               str(root), "--out", str(out), "--crf", "--workers", "2"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while len(list(out.glob("*.png"))) < 1 and parent.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    children = [int(pid) for pid in Path(f"/proc/{parent.pid}/task/{parent.pid}/children").read_text().split()]
+    assert parent.poll() is None and len(children) == 2, "refine finished before it could be killed"
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    written = sorted(os.listdir(out))
+
+    def alive(pid: int) -> bool:
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+        except FileNotFoundError:
+            return False
+
+    deadline = time.monotonic() + 3
+    while any(alive(pid) for pid in children) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not any(alive(pid) for pid in children)
+    time.sleep(0.3)
+    # a worker without PR_SET_PDEATHSIG finished its image (and the rest of its chunk) and wrote it
+    assert sorted(os.listdir(out)) == written
+    assert len(list(out.glob("*.png"))) < len(ids)
+
+
+def test_a_resume_with_other_settings_names_the_options():
+    from stages.refine import _changed_options, _params_json
+
+    fixed = _params_json(RefineParams(threshold="fixed"))
+    gmm = _params_json(RefineParams(bg_thresh=0.3, gmm=GmmParams(fallback_threshold=0.3)))
+    # before: the dataclass fields ("bg_thresh, gmm, threshold")
+    assert _changed_options(fixed, gmm) == ["--bg-thresh", "--threshold"]
+    assert _changed_options(fixed, _params_json(RefineParams(threshold="fixed", crf=CrfParams()))) == ["--crf"]
+    assert _changed_options(_params_json(RefineParams(crf=CrfParams(iterations=3, bilateral_srgb=3.0))),
+                            _params_json(RefineParams(crf=CrfParams(), lambda_beta=2.0))) == \
+        ["--crf-bilateral", "--crf-iterations", "--raw-beta"]

@@ -132,7 +132,7 @@ def test_finished_run_is_not_trained_again_and_changed_schedule_refuses(root, tm
     assert_same_weights(before, weights(out))
     result = train(root, out, "--epochs", "1", "--er-weight", "1")
     assert result.exit_code == 1
-    assert "last.pth: cannot resume, the run used different er_weight" in result.output
+    assert "last.pth: cannot resume, the run used different --er-weight" in result.output
     assert "Traceback" not in result.output
     assert train(root, out, "--epochs", "1", "--er-weight", "1", "--overwrite").exit_code == 0
 

@@ -5,6 +5,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from helpers import assert_one_line_error
 from stages.cli import cli
 from stages.train_seg import TrainSegConfig, total_iterations
 from wsss import artifacts
@@ -203,3 +204,57 @@ def test_total_iterations_from_epochs():
     cfg = TrainSegConfig(root=".", out_dir=".", iterations=None, epochs=2.0, batch_size=4)
     assert total_iterations(cfg, num_images=10, world_size=1) == 5  # ceil(2 * 10 / 4)
     assert total_iterations(cfg, num_images=10, world_size=2) == 3  # ceil(2 * 5 / 4)
+
+
+def test_checkpoints_every_eval_every_also_without_a_val_split(data, tmp_path, monkeypatch):
+    import stages.train_seg
+
+    root, _, _ = data
+    out = tmp_path / "run"
+    real_loss, calls = stages.train_seg.segmentation_loss, []
+
+    def killed_at_the_third_step(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # stands in for a kill -9 during iteration 3
+        return real_loss(*args)
+
+    monkeypatch.setattr(stages.train_seg, "segmentation_loss", killed_at_the_third_step)
+    result = train(root, out, "--labels", "gt", "--iterations", "4", "--eval-every", "2", "--val-split", "none")
+    assert result.exit_code != 0
+    # the work of the first two iterations is kept (before, a run without a val split checkpointed only at the end)
+    assert artifacts.load_checkpoint(artifacts.checkpoint_path(out, "last"))["step"] == 2
+    monkeypatch.setattr(stages.train_seg, "segmentation_loss", real_loss)
+    assert train(root, out, "--labels", "gt", "--iterations", "4", "--eval-every", "2",
+                 "--val-split", "none").exit_code == 0
+    assert artifacts.load_checkpoint(artifacts.checkpoint_path(out, "last"))["step"] == 4
+
+
+def test_history_after_a_stop_inside_a_round_is_that_of_a_straight_run(data, tmp_path):
+    root, _, _ = data
+    common = ["--labels", "gt", "--iterations", "6", "--eval-every", "3", "--log-every", "5", "--val-split", "none"]
+    assert train(root, tmp_path / "straight", *common).exit_code == 0
+    assert train(root, tmp_path / "stopped", *common, "--stop-at", "2").exit_code == 0
+    assert train(root, tmp_path / "stopped", *common).exit_code == 0
+    history = {name: json.loads(artifacts.metrics_path(tmp_path / name).read_text())["history"]
+               for name in ("straight", "stopped")}
+    assert [(record.get("round"), record["step"]) for record in history["straight"]] == [(1, 3), (None, 5), (2, 6)]
+    # before, the stop added a round record at step 2 and the round record at 3 held only step 3's loss
+    assert history["stopped"] == history["straight"]
+
+
+def test_pseudo_label_outside_the_class_list_is_one_line_naming_the_png(data, tmp_path):
+    root, train_ids, _ = data
+    pseudo = tmp_path / "pseudo"
+    write_pseudo(root, pseudo, train_ids, reliability=False)
+    label = artifacts.read_label_png(artifacts.label_path(pseudo, train_ids[1])).copy()
+    label[5:, :] = 50  # everywhere below the top rows, so every crop holds it
+    artifacts.write_label_png(artifacts.label_path(pseudo, train_ids[1]), label)
+    at = BASE.index("--workers")
+    args = ["train-seg", "--root", str(root), "--out", str(tmp_path / "run"), "--labels", str(pseudo),
+            *BASE[:at], *BASE[at + 2:], "--workers", "2", "--iterations", "2", "--val-split", "none"]
+    # in a DataLoader worker (the default): before, torch's IndexError "Target 50 is out of bounds" deep in the loss
+    result = CliRunner().invoke(cli, args)
+    assert_one_line_error(result, f"{train_ids[1]}.png: label map holds class index 50",
+                          "the dataset's classes are 0..2")
+    assert not artifacts.checkpoint_path(tmp_path / "run", "last").exists()

@@ -52,6 +52,26 @@ def test_weights_from_a_state_dict_file(tmp_path):
         backbones.build_resnet("resnet18", str(tmp_path / "missing.pth"))
 
 
+def test_weights_of_another_backbone_are_one_error_naming_file_tensor_and_backbone(tmp_path):
+    from torchvision.models import resnet50
+
+    from wsss.models.deeplab import build_seg_model
+
+    r50, r18 = tmp_path / "r50.pth", tmp_path / "r18.pth"
+    torch.save(resnet50(weights=None).state_dict(), r50)
+    torch.save(resnet18(weights=None).state_dict(), r18)
+    # torch's load_state_dict raised a multi-line RuntimeError ("size mismatch for fc.weight ...")
+    with pytest.raises(WsssError, match=r"--weights .*r50\.pth: tensor 'layer1\.0\.conv1\.weight' is \[64, 64, 1, 1\] "
+                                        r"in the file but \[64, 64, 3, 3\] in resnet18"):
+        backbones.build_resnet("resnet18", str(r50))
+    with pytest.raises(WsssError, match=r"r50\.pth: .* in resnet18"):  # train-seg --weights-backbone
+        build_seg_model("deeplabv3_resnet18", 3, str(r50))
+    # the torchvision DeepLab trunks silently loaded only the tensors whose shapes happened to agree
+    with pytest.raises(WsssError, match=r"r18\.pth: tensor 'layer1\.0\.conv1\.weight' is \[64, 64, 3, 3\] in the "
+                                        r"file but \[64, 64, 1, 1\] in resnet50"):
+        build_seg_model("deeplabv3_resnet50", 3, str(r18))
+
+
 def test_freeze_batchnorm_keeps_statistics():
     net = backbones.build_resnet("resnet18", "none")
     net.train()

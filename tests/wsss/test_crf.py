@@ -77,6 +77,20 @@ def test_bad_inputs_raise():
         dense_crf(image, probs, scale=1.5)
     with pytest.raises(ValueError, match="iterations"):
         CrfParams(iterations=0)
+    with pytest.raises(ValueError, match="NaN"):
+        dense_crf(image, np.full_like(probs, np.nan))
+
+
+@pytest.mark.parametrize("name", ["gaussian_sxy", "gaussian_compat", "bilateral_sxy", "bilateral_srgb",
+                                  "bilateral_compat", "scale"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_settings_raise_instead_of_crashing_pydensecrf(name, value):
+    # NaN passed every `x <= 0` test, and pydensecrf then died with a segmentation fault
+    with pytest.raises(ValueError, match=f"{name} must be a finite number"):
+        CrfParams(**{name: value})
+    image, probs, _ = _toy()
+    with pytest.raises(ValueError, match=name):
+        dense_crf(image, probs, **{name: value})
 
 
 def test_params_defaults_match_the_function_defaults():

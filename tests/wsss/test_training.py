@@ -49,6 +49,26 @@ def test_loss_meter_means_and_non_finite_stop():
         meter.read(DistInfo())
 
 
+def test_loss_meter_pending_sums_continue_exactly_after_a_resume():
+    terms = [torch.tensor(value, dtype=torch.float32) for value in (0.1, 0.7, 1e-3)]
+    straight = LossMeter(torch.device("cpu"))
+    for step, value in enumerate(terms):
+        straight.add({"total": value}, step)
+    stopped = LossMeter(torch.device("cpu"))
+    stopped.add({"total": terms[0]}, 0)
+    stopped.add({"total": terms[1]}, 1)
+    pending = stopped.pending(DistInfo())
+    assert pending == {"count": 2, "names": ["total"], "sums": [[float(terms[0] + terms[1])]]}  # float32 sum
+    resumed = LossMeter(torch.device("cpu"))
+    resumed.restore(pending, DistInfo())
+    resumed.add({"total": terms[2]}, 2)
+    assert resumed.read(DistInfo()) == straight.read(DistInfo())  # bit for bit
+    bad = LossMeter(torch.device("cpu"))
+    bad.add({"total": torch.tensor(float("nan"))}, 3)
+    with pytest.raises(WsssError, match="at step 3"):
+        bad.pending(DistInfo())
+
+
 def test_precision_choices_on_cpu():
     cpu = torch.device("cpu")
     assert resolve_precision("auto", cpu).dtype is None  # full precision on the CPU
@@ -87,12 +107,12 @@ def _toy(out: Path, total: int = 6, lr: float = 0.1):
     return trainee, spec, data, step_loss
 
 
-def _fit(out: Path, stop_at=None, total: int = 6):
+def _fit(out: Path, stop_at=None, total: int = 6, round_steps: int = 2, log_every: int | None = None):
     trainee, spec, data, step_loss = _toy(out, total)
     checkpoint = find_resumable(spec)
     state = trainee.restore(checkpoint) if checkpoint else TrainState()
-    loop = Loop(step_loss, round_steps=2, summarize=lambda s, done: {"finished": done, "step": s.step},
-                stop_at=stop_at, seed=3)
+    loop = Loop(step_loss, round_steps=round_steps, summarize=lambda s, done: {"finished": done, "step": s.step},
+                stop_at=stop_at, seed=3, log_every=log_every)
     cpu = torch.device("cpu")
     fit(trainee, list(data[state.step:stop_at or total]), loop, spec, state,
         precision=resolve_precision("off", cpu), device=cpu, info=DistInfo())
@@ -113,10 +133,30 @@ def test_fit_resumes_to_the_weights_of_an_uninterrupted_run(tmp_path):
     assert artifacts.read_json(artifacts.metrics_path(tmp_path / "resumed")) == {"finished": True, "step": 6}
 
 
+def test_a_run_stopped_inside_a_round_records_the_history_of_an_uninterrupted_one(tmp_path):
+    # rounds of 4 steps, a loss record every 3: stopping at step 2 (and at 5) falls inside a round
+    # and between records; the history used to gain a round record at the stop and lose the mean
+    # of the steps before it
+    _fit(tmp_path / "straight", total=8, round_steps=4, log_every=3)
+    _fit(tmp_path / "stopped", total=8, round_steps=4, log_every=3, stop_at=2)
+    halfway = artifacts.load_checkpoint(artifacts.checkpoint_path(tmp_path / "stopped", "last"))
+    assert halfway["step"] == 2 and halfway["round"] == 0 and halfway["history"] == []
+    assert halfway["pending"]["count"] == 2
+    _fit(tmp_path / "stopped", total=8, round_steps=4, log_every=3, stop_at=5)
+    _fit(tmp_path / "stopped", total=8, round_steps=4, log_every=3)
+    history = {name: artifacts.load_checkpoint(artifacts.checkpoint_path(tmp_path / name, "last"))["history"]
+               for name in ("straight", "stopped")}
+    assert [(record.get("round"), record["step"]) for record in history["straight"]] == \
+        [(None, 3), (1, 4), (None, 6), (2, 8)]
+    assert history["stopped"] == history["straight"]
+    final = artifacts.load_checkpoint(artifacts.checkpoint_path(tmp_path / "stopped", "best"))
+    assert final["best"] == {"round": 2, "step": 8, "metric": None, "value": None} and final["pending"] is None
+
+
 def test_resume_refuses_another_schedule(tmp_path):
     _fit(tmp_path / "run", stop_at=2)
     trainee, spec, _, _ = _toy(tmp_path / "run", lr=0.2)
-    with pytest.raises(WsssError, match="cannot resume, the run used different lr"):
+    with pytest.raises(WsssError, match="cannot resume, the run used different --lr"):
         find_resumable(spec)
     _, spec, _, _ = _toy(tmp_path / "run", total=8)
     with pytest.raises(WsssError, match=r"total steps \(6 -> 8\)"):

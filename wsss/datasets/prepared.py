@@ -67,17 +67,20 @@ class PreparedDataset:
         if not manifest_file.is_file():
             hint = f"wsss prepare {kind or 'voc|coco|folder'} --root {root}"
             raise WsssError(f"{manifest_file}: dataset not prepared; run `{hint}` first")
-        manifest = artifacts.read_json(manifest_file)
+        manifest = artifacts.read_json(manifest_file, expect=dict)
         try:
             splits = {name: SplitSpec(**spec) for name, spec in manifest["splits"].items()}
             prepared_kind, classes = manifest["kind"], list(manifest["classes"])
-        except (KeyError, TypeError) as err:
-            raise WsssError(f"{manifest_file}: malformed dataset manifest ({err})") from None
+        except (KeyError, TypeError, AttributeError) as err:
+            raise WsssError(f"{manifest_file}: malformed dataset manifest ({type(err).__name__}: {err}); "
+                            "run `wsss prepare` again") from None
+        if len(classes) < 2 or not all(isinstance(name, str) for name in classes):
+            raise WsssError(f"{manifest_file}: 'classes' must list background and at least one class name")
         if kind is not None and kind != prepared_kind:
             raise WsssError(f"{manifest_file}: dataset was prepared as {prepared_kind!r}, not {kind!r}")
-        labels = artifacts.read_json(meta_dir(root) / LABELS)
+        labels_file = meta_dir(root) / LABELS
         return cls(root=root, kind=prepared_kind, classes=classes, splits=splits,
-                   labels={key: [int(c) for c in value] for key, value in labels.items()})
+                   labels=_checked_labels(artifacts.read_json(labels_file, expect=dict), len(classes), labels_file))
 
     @property
     def num_classes(self) -> int:
@@ -148,6 +151,19 @@ class PreparedDataset:
         if bad.any():
             raise WsssError(f"{path}: mask holds class index {int(mask[bad].max())} outside 0..{self.num_classes - 1} and 255")
         return mask
+
+
+def _checked_labels(labels: dict, num_classes: int, path: Path) -> dict[str, list[int]]:
+    """``labels.json`` as ``{id: [class index, ...]}``, every index a foreground class ``1 .. num_classes - 1``."""
+    checked = {}
+    for image_id, value in labels.items():
+        if not isinstance(value, list) or not all(isinstance(c, int) and not isinstance(c, bool) for c in value):
+            raise WsssError(f"{path}: labels of {image_id!r} must be a list of class indices, got {value!r}")
+        if any(not 1 <= c < num_classes for c in value):
+            raise WsssError(f"{path}: labels of {image_id!r} are {value}; class indices must lie in "
+                            f"1..{num_classes - 1} (background 0 is never listed)")
+        checked[image_id] = value
+    return checked
 
 
 def write_prepared(root: str | Path, kind: str, classes: list[str], splits: dict[str, tuple[SplitSpec, list[str]]],

@@ -56,7 +56,7 @@ class SegmentationDataset(Dataset):
         if self.label_dir is None:
             return self.dataset.read_mask(self.split, image_id, shape)
         path = artifacts.label_path(self.label_dir, image_id)
-        label = artifacts.read_label_png(path)
+        label = artifacts.read_label_png(path, self.dataset.num_classes)
         if label.shape != shape:
             raise WsssError(f"{path}: label map is {label.shape[1]}x{label.shape[0]}, image is {shape[1]}x{shape[0]}")
         return label

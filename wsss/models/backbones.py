@@ -116,22 +116,26 @@ def state_file_meta(path: str | Path) -> dict:
     return meta if isinstance(meta, dict) else {}
 
 
-def check_backbone_file(path: str | Path, name: str, state: dict, own: dict) -> None:
-    """Refuse a state dict made for another network, naming the file, the backbone and a tensor.
+def load_backbone_state(module: nn.Module, state: dict, weights: str, name: str) -> None:
+    """Load the tensors of a state dict file that ``module`` (a ResNet trunk) has; the rest (``fc.``) is left out.
 
-    Args:
-        state: the file's tensors, under the names of ``own``.
-        own: the state dict of the network being initialised.
+    Raises:
+        WsssError: a tensor has another shape in the file (a state dict of another backbone), or
+            the file holds no tensor of ``module`` at all; the message names the file and ``name``.
     """
-    meta = state_file_meta(path)
+    meta = state_file_meta(weights) if weights not in ("imagenet", "none") else {}
     if meta.get("backbone") not in (None, name):
-        raise WsssError(f"--weights {path}: holds a {meta['backbone']} trunk (wsss pretrain), not a {name}")
+        raise WsssError(f"--weights {weights}: holds a {meta['backbone']} trunk (wsss pretrain), not a {name}")
+    own = module.state_dict()
+    state = {key: value for key, value in state.items() if not key.startswith("fc.")}
     for key, value in state.items():
         if key in own and hasattr(value, "shape") and tuple(value.shape) != tuple(own[key].shape):
-            raise WsssError(f"--weights {path}: tensor {key} has shape {list(value.shape)} but a {name} needs "
-                            f"{list(own[key].shape)} (a file for another backbone?)")
-    if not any(key in own for key in state):
-        raise WsssError(f"--weights {path}: no parameter of {name} found in the file")
+            raise WsssError(f"--weights {weights}: tensor {key!r} is {list(value.shape)} in the file but "
+                            f"{list(own[key].shape)} in {name} (weights of another backbone?)")
+    matching = {key: value for key, value in state.items() if key in own}
+    if not matching:
+        raise WsssError(f"--weights {weights}: no parameter of {name} found in the file")
+    module.load_state_dict(matching, strict=False)
 
 
 def build_resnet(name: str, weights: str = "none", output_stride: int = 16) -> nn.Module:
@@ -152,9 +156,7 @@ def build_resnet(name: str, weights: str = "none", output_stride: int = 16) -> n
     if weights == "imagenet":
         net.load_state_dict(load_imagenet_state(name, weight_enum))
     elif weights != "none":
-        state = torchvision_names(load_state_file(weights))
-        check_backbone_file(weights, name, state, net.state_dict())
-        net.load_state_dict(state, strict=False)
+        load_backbone_state(net, torchvision_names(load_state_file(weights)), weights, name)
     if output_stride == 16:
         _dilate_last_stage(net.layer4)
     return nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3, net.layer4)

@@ -32,8 +32,8 @@ from torchvision.models import segmentation as tv_segmentation
 from torchvision.models.segmentation.deeplabv3 import DeepLabHead
 
 from wsss.errors import WsssError
-from wsss.models.backbones import (BACKBONES, build_resnet, check_backbone_file, freeze_batchnorm, load_imagenet_state,
-                                   load_state_file)
+from wsss.models.backbones import (BACKBONES, build_resnet, freeze_batchnorm, load_backbone_state, load_imagenet_state,
+                                   load_state_file, torchvision_names)
 
 
 class SegmentationNet(nn.Module):
@@ -84,12 +84,9 @@ def _load_backbone_state(backbone: nn.Module, resnet_name: str, weights: str) ->
     if weights == "imagenet":
         state = load_imagenet_state(resnet_name, BACKBONES[resnet_name][1])
     else:
-        state = {key.removeprefix("backbone."): value for key, value in load_state_file(weights).items()}
-    # The classification layer (fc) has no place in a segmentation trunk.
-    state = {key: value for key, value in state.items() if not key.startswith("fc.")}
-    if weights != "imagenet":
-        check_backbone_file(weights, resnet_name, state, backbone.state_dict())
-    backbone.load_state_dict(state, strict=False)
+        state = torchvision_names(load_state_file(weights))
+    # the classification layer (fc) has no place in a segmentation trunk: load_backbone_state leaves it out
+    load_backbone_state(backbone, state, weights, resnet_name)
 
 
 def _torchvision_deeplab(constructor: Callable, resnet_name: str) -> Callable[[int, str], SegmentationNet]:

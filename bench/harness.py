@@ -1,0 +1,99 @@
+"""What the quality benchmarks share: running the pipeline and wsss commands, reading results, seed statistics.
+
+Every benchmark measures the pipeline as users run it: ``run_pipeline.sh`` on the demo data with
+the options of the row (its recipe lives there only), each run in its own folder, resumable (run a
+benchmark again and finished runs are read, not redone).  Runs go ``--jobs`` at a time, each on one
+CPU thread.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import math
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def wsss_command() -> str:
+    """The ``wsss`` script of this interpreter's environment (falls back to the one on PATH)."""
+    candidate = Path(sys.executable).parent / "wsss"
+    return str(candidate) if candidate.is_file() else "wsss"
+
+
+def run(command: Sequence[str], log_file: Path) -> float:
+    """Run a command with one CPU thread, its output in ``log_file``; return its wall time in seconds.
+
+    Raises:
+        SystemExit: the command failed (the end of its log is printed).
+    """
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    with open(log_file, "w") as handle:
+        handle.write(f"$ {shlex.join(command)}\n")
+        handle.flush()
+        code = subprocess.run(list(command), cwd=REPO, env=env, stdout=handle, stderr=subprocess.STDOUT).returncode
+    seconds = time.perf_counter() - started
+    if code != 0:
+        tail = log_file.read_text()[-3000:]
+        raise SystemExit(f"failed ({code}): {shlex.join(command)}\n{tail}")
+    print(f"[{seconds:7.1f} s] {shlex.join(command)}", flush=True)
+    return seconds
+
+
+def pipeline(out: Path, *options: str) -> float:
+    """``run_pipeline.sh --out OUT OPTIONS...`` on the demo data (resumes a finished run at once)."""
+    return run(["bash", str(REPO / "run_pipeline.sh"), "--out", str(out), *options], out / "pipeline.log")
+
+
+def in_parallel(tasks: Iterable[Callable[[], object]], jobs: int) -> list:
+    """Run the tasks (functions without arguments) ``jobs`` at a time; results in task order."""
+    tasks = list(tasks)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        return [future.result() for future in [pool.submit(task) for task in tasks]]
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+def cam_miou(run_dir: Path, split: str = "train") -> float:
+    """CAM mIoU at the best background threshold (make-cam --eval)."""
+    return read_json(Path(run_dir) / "cams" / f"metrics_eval_{split}.json")["miou"]
+
+
+def label_miou(folder: Path, split: str) -> float:
+    """mIoU of a folder of label maps (``wsss eval --pred``)."""
+    return read_json(Path(folder) / f"metrics_eval_{split}.json")["miou"]
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for one value)."""
+    values = [float(value) for value in values]
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, 0.0
+    return mean, math.sqrt(sum((value - mean) ** 2 for value in values) / (len(values) - 1))
+
+
+def fmt(values: Sequence[float] | None, scale: float = 100.0, digits: int = 1) -> str:
+    """``"52.5 ± 1.2"`` (mean ± sample std over seeds, scaled; "–" when there is nothing)."""
+    values = [value for value in (values or []) if value is not None]
+    if not values:
+        return "–"
+    mean, std = mean_std(values)
+    return f"{scale * mean:.{digits}f} ± {scale * std:.{digits}f}"
+
+
+def per_seed(values: Sequence[float], scale: float = 100.0) -> str:
+    """The seeds' values, ``"52.1 / 53.0 / 51.8"``."""
+    return " / ".join("–" if value is None else f"{scale * value:.1f}" for value in values)
