@@ -38,13 +38,12 @@ from stages import options
 from wsss import artifacts, evaluation
 from wsss.cam import DEFAULT_SCALES, erasing_cam, max_normalize, multiscale_cam
 from wsss.datasets.prepared import PreparedDataset
-from wsss.device import (DistInfo, configure_threads, default_workers, dist_info, init_distributed, resolve_device,
-                         shard, sum_over_ranks)
+from wsss.device import DistInfo, default_workers, dist_info, shard, sum_over_ranks
 from wsss.errors import WsssError
 from wsss.inference import BackgroundWriter, split_batches, to_model_input
 from wsss.models.classifier import load_classifier, prepare_for_inference
 from wsss.progress import bar as progress_bar
-from wsss.training import Precision, maybe_compile, resolve_precision
+from wsss.training import Precision, maybe_compile, start_runtime
 
 log = logging.getLogger(__name__)
 
@@ -119,10 +118,8 @@ def load_cam_network(checkpoint_file: Path, dataset: PreparedDataset, device: to
 def run(cfg: MakeCamConfig) -> dict:
     """Write the CAMs of a split; return the metrics written to ``<out>/metrics.json``."""
     _check(cfg)
-    device = resolve_device(cfg.device)
-    info = init_distributed(device)
-    configure_threads(cfg.threads)
-    precision = resolve_precision(cfg.amp, device)
+    runtime = start_runtime(cfg.device, cfg.threads, cfg.amp)
+    device, info, precision = runtime.device, runtime.info, runtime.precision
     dataset = PreparedDataset.load(cfg.root, cfg.dataset)
     checkpoint_file = artifacts.resolve_checkpoint(cfg.checkpoint)
     model, checkpoint = load_cam_network(checkpoint_file, dataset, device, cfg.compile_model)

@@ -35,14 +35,13 @@ from stages import options
 from wsss import artifacts
 from wsss.crf import POSTPROCESS_CRF, CrfParams
 from wsss.datasets.prepared import PreparedDataset
-from wsss.device import (DistInfo, configure_threads, default_workers, dist_info, init_distributed, resolve_device,
-                         shard, sum_over_ranks)
+from wsss.device import DistInfo, default_workers, dist_info, shard, sum_over_ranks
 from wsss.errors import WsssError
 from wsss.inference import BackgroundWriter, split_batches, to_model_input
 from wsss.models.deeplab import model_from_checkpoint
 from wsss.progress import bar as progress_bar
 from wsss.segmentation import predict_probs, segment_batch
-from wsss.training import Precision, maybe_compile, resolve_precision
+from wsss.training import Precision, maybe_compile, start_runtime
 from wsss.visualize import overlay_label
 
 log = logging.getLogger(__name__)
@@ -130,10 +129,8 @@ def run(cfg: PredictConfig) -> dict:
         raise WsssError(f"--scales {cfg.scales}: need one or more positive factors")
     if cfg.evaluate and cfg.shard[1] > 1:
         raise WsssError("--eval scores the whole split: run `wsss eval --pred` once every --shard has finished")
-    device = resolve_device(cfg.device)
-    info = init_distributed(device)
-    configure_threads(cfg.threads)
-    precision = resolve_precision(cfg.amp, device)
+    runtime = start_runtime(cfg.device, cfg.threads, cfg.amp)
+    device, info, precision = runtime.device, runtime.info, runtime.precision
     dataset = PreparedDataset.load(cfg.root, cfg.dataset)
     checkpoint_file = artifacts.resolve_checkpoint(cfg.checkpoint)
     checkpoint = artifacts.load_checkpoint(checkpoint_file)

@@ -47,16 +47,15 @@ from torch.utils.data import Dataset
 from stages import options
 from wsss import artifacts
 from wsss.datasets.prepared import PreparedDataset
-from wsss.device import (configure_threads, default_workers, dist_info, init_distributed, resolve_device,
-                         seed_everything)
+from wsss.device import default_workers, dist_info, seed_everything
 from wsss.errors import WsssError
 from wsss.inference import split_batches, to_model_input
 from wsss.models.backbones import BACKBONES, META_KEY, backbone_channels, build_resnet, trunk_state_dict
 from wsss.optim import cosine_scheduler
 from wsss.selfsup import (ContrastiveViews, NegativeQueue, ProjectionHead, RotationHead, RotationView, linear_probe,
-                          momentum_copy, momentum_update, moco_loss, nt_xent_loss, rotate_batch)
+                          moco_loss, momentum_copy, momentum_update, nt_xent_loss, rotate_batch)
 from wsss.training import (Loop, Precision, RunSpec, Trainee, TrainState, find_resumable, finished_metrics, fit,
-                           grad_scaler, resolve_precision, step_loader, steps_per_epoch, wrap_distributed)
+                           grad_scaler, start_runtime, step_loader, steps_per_epoch, wrap_distributed)
 
 log = logging.getLogger(__name__)
 
@@ -256,10 +255,8 @@ def _summary(cfg: PretrainConfig, state: TrainState, finished: bool) -> dict:
 
 def run(cfg: PretrainConfig) -> dict:
     """Pretrain (or resume) the trunk; return the metrics written to ``<out>/metrics.json``."""
-    device = resolve_device(cfg.device)
-    info = init_distributed(device)
-    configure_threads(cfg.threads)
-    precision = resolve_precision(cfg.amp, device)
+    runtime = start_runtime(cfg.device, cfg.threads, cfg.amp)
+    device, info, precision = runtime.device, runtime.info, runtime.precision
     dataset = PreparedDataset.load(cfg.root, cfg.dataset)
     _check(cfg, dataset)
     views = (RotationView(crop_size=cfg.crop_size) if cfg.method == "rotation"
@@ -364,9 +361,9 @@ def command(root, dataset, split, probe_split, out_dir, backbone, method, crop_s
         return
     line = f"pretrained {metrics['epoch']}/{cfg.epochs} epochs ({cfg.method})"
     probe = metrics.get("probe") or {}
-    if (probe.get("pretrained") or {}).get("map") is not None and (probe.get("random_init") or {}).get("map") is not None:
-        line += (f"; linear-probe mAP {probe['pretrained']['map']:.4f} "
-                 f"(random init {probe['random_init']['map']:.4f})")
+    pretrained, random_init = (probe.get("pretrained") or {}).get("map"), (probe.get("random_init") or {}).get("map")
+    if pretrained is not None and random_init is not None:
+        line += f"; linear-probe mAP {pretrained:.4f} (random init {random_init:.4f})"
     if metrics.get("backbone_file"):
         line += f" -> {metrics['backbone_file']}"
     click.echo(line)

@@ -349,14 +349,7 @@ def _split_ids(cfg: RefineConfig, dataset: PreparedDataset) -> list[str]:
     ids = list(dataset.ids(cfg.split))[:cfg.limit]
     if not ids:
         raise WsssError(f"{cfg.root}: split {cfg.split!r} has no images")
-    missing = [image_id for image_id in ids if artifacts.find_cam(cfg.cam_dir, image_id) is None]
-    if missing:
-        raise WsssError(f"{artifacts.cam_path(cfg.cam_dir, missing[0])}: CAM file not found "
-                        f"({len(missing)} of {len(ids)} images of split {cfg.split!r} have no CAM)")
-    pickled = [image_id for image_id in ids if artifacts.find_cam(cfg.cam_dir, image_id).suffix == ".npy"]
-    if pickled and not cfg.allow_pickle:
-        raise WsssError(f"{artifacts.irn_cam_path(cfg.cam_dir, pickled[0])}: IRN-style .npy CAM dicts are pickles "
-                        "(loading runs code from the file); pass --allow-pickle if you trust them")
+    artifacts.require_cams(cfg.cam_dir, ids, cfg.split, cfg.allow_pickle)
     return ids
 
 
@@ -367,8 +360,6 @@ def run(cfg: RefineConfig) -> dict:
     cam_dir, out_dir = Path(cfg.cam_dir), Path(cfg.out_dir)
     if cfg.evaluate and cfg.shard[1] > 1:
         raise WsssError("--eval scores the whole split: run `wsss eval --pred` once every --shard has finished")
-    if not cam_dir.is_dir():
-        raise WsssError(f"{cam_dir}: CAM folder not found (run `wsss make-cam` first)")
     if out_dir.resolve() == cam_dir.resolve():
         raise WsssError(f"{out_dir}: --out must differ from --cams (reliability maps <id>.npy would mix with CAMs)")
     dataset = PreparedDataset.load(cfg.root, cfg.dataset)
@@ -467,8 +458,8 @@ def run(cfg: RefineConfig) -> dict:
 @options.shard_option
 @options.overwrite_option
 def command(cam_dir, root, dataset, split, out_dir, threshold_mode, bg_thresh, fg_thresh, gmm_per_class, gmm_samples,
-            gmm_components, confidence, crf, crf_iterations, crf_gaussian, crf_bilateral, crf_scale, crf_temperature, raw_alpha,
-            raw_beta, random_walk, rw_beta, rw_steps, device, limit, evaluate, allow_pickle, workers, seed, shard,
+            gmm_components, confidence, crf, crf_iterations, crf_gaussian, crf_bilateral, crf_scale, crf_temperature,
+            raw_alpha, raw_beta, random_walk, rw_beta, rw_steps, device, limit, evaluate, allow_pickle, workers, seed, shard,
             overwrite):
     """Turn CAMs into pseudo-labels (<id>.png) and RAW reliability maps (<id>.npy)."""
     if fg_thresh is not None and threshold_mode != "fixed":

@@ -34,7 +34,7 @@ from wsss.affinity import TARGET_KINDS, affinity_loss, pair_affinity, pair_offse
 from wsss.crf import PSEUDO_LABEL_CRF
 from wsss.datasets.prepared import PreparedDataset
 from wsss.datasets.torch_data import AffinityDataset
-from wsss.device import configure_threads, default_workers, dist_info, init_distributed, resolve_device, seed_everything
+from wsss.device import default_workers, dist_info, seed_everything
 from wsss.errors import WsssError
 from wsss.models.affinity import AffinityNet
 from wsss.models.backbones import BACKBONES
@@ -42,7 +42,7 @@ from wsss.optim import poly_scheduler, sgd_with_head
 from wsss.parallel import imap_images
 from wsss.refine import RefineParams, SplitFits, confident_label, pooled_fits
 from wsss.training import (Loop, RunSpec, Trainee, TrainState, find_resumable, finished_metrics, fit, grad_scaler,
-                           resolve_precision, step_loader, steps_per_epoch, wrap_distributed)
+                           start_runtime, step_loader, steps_per_epoch, wrap_distributed)
 from wsss.transforms import train_preset
 
 log = logging.getLogger(__name__)
@@ -158,15 +158,11 @@ def _check(cfg: TrainAffConfig, dataset: PreparedDataset) -> list[str]:
         raise WsssError(f"--bg-thresh {cfg.bg_thresh} and --fg-thresh {cfg.fg_thresh}: need 0 < bg <= fg < 1")
     if cfg.radius < 2 or cfg.crop_size < 32 or cfg.batch_size < 2:
         raise WsssError("--radius must be >= 2, --crop-size >= 32 and --batch-size >= 2")
-    if not Path(cfg.cam_dir).is_dir():
-        raise WsssError(f"{cfg.cam_dir}: CAM folder not found (run `wsss make-cam` first)")
     ids = dataset.ids(cfg.split)
+    if not Path(cfg.cam_dir).is_dir() or ids:
+        artifacts.require_cams(cfg.cam_dir, ids, cfg.split, cfg.allow_pickle)
     if not ids:
         raise WsssError(f"split {cfg.split!r} of {cfg.root} is empty")
-    missing = [image_id for image_id in ids if artifacts.find_cam(cfg.cam_dir, image_id) is None]
-    if missing:
-        raise WsssError(f"{artifacts.cam_path(cfg.cam_dir, missing[0])}: CAM file not found ({len(missing)} of "
-                        f"{len(ids)} images of split {cfg.split!r} have none)")
     return ids
 
 
@@ -178,10 +174,8 @@ def _summary(cfg: TrainAffConfig, state: TrainState, finished: bool) -> dict:
 
 def run(cfg: TrainAffConfig) -> dict:
     """Make the confident labels and train (or resume) the affinity network; return the metrics."""
-    device = resolve_device(cfg.device)
-    info = init_distributed(device)
-    configure_threads(cfg.threads)
-    precision = resolve_precision(cfg.amp, device)
+    runtime = start_runtime(cfg.device, cfg.threads, cfg.amp)
+    device, info, precision = runtime.device, runtime.info, runtime.precision
     dataset = PreparedDataset.load(cfg.root, cfg.dataset)
     ids = _check(cfg, dataset)
     offsets = pair_offsets(cfg.radius)

@@ -40,8 +40,7 @@ from wsss import artifacts
 from wsss.cam import max_normalize, multiscale_cam
 from wsss.datasets.prepared import PreparedDataset
 from wsss.datasets.torch_data import ClassificationDataset
-from wsss.device import (DistInfo, configure_threads, default_workers, dist_info, init_distributed, resolve_device,
-                         seed_everything, shard, sum_array_over_ranks)
+from wsss.device import DistInfo, default_workers, dist_info, seed_everything, shard, sum_array_over_ranks
 from wsss.errors import WsssError, non_finite_field, option_name
 from wsss.inference import split_batches, to_model_input
 from wsss.losses import ER_TARGETS, ERASE_CLASSES, ERASE_FILLS, CamObjective, regulariser_ramp
@@ -49,8 +48,7 @@ from wsss.metrics import ConfusionMatrix, average_precision, confusion_counts, m
 from wsss.models.classifier import ARCHS, CamNet
 from wsss.optim import poly_scheduler, sgd_with_head
 from wsss.training import (Loop, Precision, RunSpec, Trainee, TrainState, find_resumable, finished_metrics, fit,
-                           grad_scaler, maybe_compile, resolve_precision, step_loader, steps_per_epoch,
-                           wrap_distributed)
+                           grad_scaler, maybe_compile, start_runtime, step_loader, steps_per_epoch, wrap_distributed)
 from wsss.transforms import train_preset
 
 log = logging.getLogger(__name__)
@@ -197,10 +195,8 @@ def _summary(cfg: TrainClsConfig, state: TrainState, finished: bool) -> dict:
 def run(cfg: TrainClsConfig) -> dict:
     """Train (or resume) the CAM classifier; return the metrics written to ``<out>/metrics.json``."""
     _check(cfg)
-    device = resolve_device(cfg.device)
-    info = init_distributed(device)
-    configure_threads(cfg.threads)
-    precision = resolve_precision(cfg.amp, device)
+    runtime = start_runtime(cfg.device, cfg.threads, cfg.amp)
+    device, info, precision = runtime.device, runtime.info, runtime.precision
     dataset, val_split = _training_data(cfg)
     train_set = ClassificationDataset(dataset, cfg.split, train_preset(crop_size=cfg.crop_size,
                                                                        scale_range=cfg.scale_range, jitter=cfg.jitter))

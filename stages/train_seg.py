@@ -46,8 +46,7 @@ from stages import options
 from wsss import artifacts
 from wsss.datasets.prepared import PreparedDataset
 from wsss.datasets.torch_data import SegmentationDataset
-from wsss.device import (DistInfo, configure_threads, default_workers, dist_info, init_distributed, resolve_device,
-                         seed_everything, shard, sum_array_over_ranks)
+from wsss.device import DistInfo, default_workers, dist_info, seed_everything, shard, sum_array_over_ranks
 from wsss.errors import WsssError, non_finite_field, option_name
 from wsss.inference import split_batches, to_model_input
 from wsss.metrics import ConfusionMatrix, confusion_counts
@@ -55,7 +54,7 @@ from wsss.models.deeplab import SEG_MODELS, build_seg_model
 from wsss.optim import poly_scheduler, sgd_with_head
 from wsss.segmentation import segment_batch, segmentation_loss
 from wsss.training import (Loop, Precision, RunSpec, Trainee, TrainState, find_resumable, finished_metrics, fit,
-                           grad_scaler, maybe_compile, resolve_precision, step_loader, wrap_distributed)
+                           grad_scaler, maybe_compile, start_runtime, step_loader, wrap_distributed)
 from wsss.transforms import train_preset
 
 log = logging.getLogger(__name__)
@@ -238,14 +237,12 @@ def _summary(cfg: TrainSegConfig, state: TrainState, total: int, finished: bool)
 
 def run(cfg: TrainSegConfig) -> dict:
     """Train (or resume) a segmentation network and return the metrics written to metrics.json."""
-    device = resolve_device(cfg.device)
-    info = init_distributed(device)
-    configure_threads(cfg.threads)
-    precision = resolve_precision(cfg.amp, device)
+    runtime = start_runtime(cfg.device, cfg.threads, cfg.amp)
+    device, info, precision = runtime.device, runtime.info, runtime.precision
     dataset = PreparedDataset.load(cfg.root, cfg.dataset)
     label_dir = _check(cfg, dataset)
-    train_set = SegmentationDataset(dataset, cfg.split, train_preset(crop_size=cfg.crop_size, scale_range=cfg.scale_range,
-                                                                     jitter=cfg.jitter),
+    augment = train_preset(crop_size=cfg.crop_size, scale_range=cfg.scale_range, jitter=cfg.jitter)
+    train_set = SegmentationDataset(dataset, cfg.split, augment,
                                     label_dir=label_dir, reliability_dir=cfg.reliability_dir)
     total = total_iterations(cfg, len(train_set), info.world_size)
     spec = RunSpec(Path(cfg.out_dir), cfg, SCHEDULE_FIELDS, total, dataset.classes,
@@ -308,7 +305,8 @@ def run(cfg: TrainSegConfig) -> dict:
 @options.out_option("Output folder for last.pth, best.pth, config.json and metrics.json.")
 @click.option("--model", type=click.Choice(sorted(SEG_MODELS)), default="deeplabv3_resnet50", show_default=True)
 @click.option("--weights-backbone", "--weights", "weights_backbone", default="imagenet", show_default=True,
-              help="Backbone initialisation: imagenet, none or a state_dict file (e.g. `wsss pretrain`'s backbone.pth).")
+              help="Backbone initialisation: imagenet, none or a state_dict file (e.g. `wsss pretrain`'s "
+                   "backbone.pth).")
 @click.option("--crop-size", type=click.IntRange(min=8), default=321, show_default=True)
 @click.option("--scale-range", default="0.5,1.5", show_default=True, callback=options.positive_pair,
               help="MIN,MAX random rescale factors.")

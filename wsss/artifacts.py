@@ -115,6 +115,28 @@ def find_cam(folder: str | Path, image_id: str) -> Path | None:
     return None
 
 
+def require_cams(folder: str | Path, ids: list[str], split: str, allow_pickle: bool = False) -> dict[str, Path]:
+    """Every image's CAM file in ``folder`` (id -> path), checked before any work.
+
+    Raises:
+        WsssError: the folder is missing, an image has no CAM file (naming the first and the count),
+            or a pickled IRN-style ``.npy`` CAM is found without ``allow_pickle``.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise WsssError(f"{folder}: CAM folder not found (run `wsss make-cam` first)")
+    files = {image_id: find_cam(folder, image_id) for image_id in ids}
+    missing = [image_id for image_id, path in files.items() if path is None]
+    if missing:
+        raise WsssError(f"{cam_path(folder, missing[0])}: CAM file not found ({len(missing)} of {len(ids)} images of "
+                        f"split {split!r} have no CAM)")
+    pickled = [path for path in files.values() if path.suffix == ".npy"]
+    if pickled and not allow_pickle:
+        raise WsssError(f"{pickled[0]}: IRN-style .npy CAM dicts are pickles (loading runs code from the file); "
+                        "pass --allow-pickle if you trust them")
+    return files
+
+
 def label_path(folder: str | Path, image_id: str) -> Path:
     """Return the label-map PNG of an image (pseudo-label, prediction or mask)."""
     return Path(folder) / f"{image_id}.png"

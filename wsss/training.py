@@ -92,6 +92,26 @@ def resolve_precision(amp: str, device: torch.device) -> Precision:
     return Precision(dtype=dtype, scaler=dtype is torch.float16, channels_last=cuda)
 
 
+@dataclass(frozen=True)
+class Runtime:
+    """Where and how a stage runs its networks: device, torchrun process info, precision."""
+
+    device: torch.device
+    info: DistInfo
+    precision: Precision
+
+
+def start_runtime(device: str, threads: int | None, amp: str) -> Runtime:
+    """The set-up of every stage that runs a network, in one place: resolve ``--device``, join the
+    torchrun group when there is one, apply the thread policy (``--threads``) and ``--amp``."""
+    from wsss.device import configure_threads, init_distributed, resolve_device
+
+    resolved = resolve_device(device)
+    info = init_distributed(resolved)
+    configure_threads(threads)
+    return Runtime(resolved, info, resolve_precision(amp, resolved))
+
+
 def grad_scaler(precision: Precision, device: torch.device) -> torch.amp.GradScaler:
     """A gradient scaler, enabled only for fp16 (disabled, it passes losses and steps through)."""
     return torch.amp.GradScaler(device.type, enabled=precision.scaler)
