@@ -78,26 +78,13 @@ def rescale_flip_images(images: torch.Tensor, size: tuple[int, int], flip: bool,
     return out.flip(-1) if flip else out
 
 
-def rescale_flip_maps(maps: torch.Tensor, image_size: tuple[int, int], size: tuple[int, int],
-                      out_maps_size: tuple[int, int], flip: bool, stride: int = 16,
-                      box: Box | None = None) -> torch.Tensor:
-    """A(CAM): map feature-resolution CAMs of the image onto the feature grid of the view.
+def _view_grid(image_size: tuple[int, int], size: tuple[int, int], flip: bool, stride: int,
+               box: Box | None) -> tuple[tuple[float, float], tuple[float, float]]:
+    """``(step, offset)`` per axis: view cell ``j`` sits at original feature coordinate ``offset + step * j``.
 
-    View feature cell ``j`` is centred on view pixel ``stride * j``, i.e. (through the
-    bilinear resize of the window) on original pixel
-    ``top + (stride * j + 0.5) * H_box / H_view - 0.5``, i.e. on original feature
-    coordinate ``/ stride``; for a flipped view the column is mirrored first.
-
-    Args:
-        maps: float [B, K, h, w], CAMs of the original image of ``image_size``.
-        image_size: (H, W) of the original input.
-        size: (H_view, W_view) of the view.
-        out_maps_size: (h_view, w_view), the view's feature map size.
-        flip: whether the view is mirrored.
-        box: the window (top, left, height, width) the view was cut from (default: the whole image).
-
-    Returns:
-        float [B, K, h_view, w_view].
+    View feature cell ``j`` is centred on view pixel ``stride * j``, i.e. (through the bilinear resize
+    of the window) on original pixel ``top + (stride * j + 0.5) * H_box / H_view - 0.5``, i.e. on
+    original feature coordinate ``/ stride``; for a flipped view the column is mirrored first.
     """
     top, left, box_h, box_w = box if box is not None else (0, 0, *image_size)
     view_h, view_w = size
@@ -108,11 +95,52 @@ def rescale_flip_maps(maps: torch.Tensor, image_size: tuple[int, int], size: tup
         # view column c is unflipped column W_view - 1 - c
         offset_x = (left + (view_w - 0.5) * box_w / view_w - 0.5) / stride
         step_x = -step_x
-    return resample(maps, out_maps_size, (step_y, step_x), (offset_y, offset_x))
+    return (step_y, step_x), (offset_y, offset_x)
+
+
+def rescale_flip_maps(maps: torch.Tensor, image_size: tuple[int, int], size: tuple[int, int],
+                      out_maps_size: tuple[int, int], flip: bool, stride: int = 16,
+                      box: Box | None = None) -> torch.Tensor:
+    """A(CAM): map feature-resolution CAMs of the image onto the feature grid of the view (see :func:`_view_grid`).
+
+    Args:
+        maps: float [B, K, h, w], CAMs of the original image of ``image_size``.
+        image_size: (H, W) of the original input.
+        size: (H_view, W_view) of the view.
+        out_maps_size: (h_view, w_view), the view's feature map size.
+        flip: whether the view is mirrored.
+        box: the window (top, left, height, width) the view was cut from (default: the whole image).
+
+    Returns:
+        float [B, K, h_view, w_view].  View cells beyond the original's outermost cell centres read
+        the clamped border value (see :func:`view_cells_inside`).
+    """
+    step, offset = _view_grid(image_size, size, flip, stride, box)
+    return resample(maps, out_maps_size, step, offset)
+
+
+def view_cells_inside(maps_size: tuple[int, int], image_size: tuple[int, int], size: tuple[int, int],
+                      out_maps_size: tuple[int, int], flip: bool, stride: int = 16,
+                      box: Box | None = None) -> torch.Tensor:
+    """bool [h_view, w_view]: the view cells whose A(CAM) is an interpolation of the image's cells.
+
+    The image's feature cells are centred on pixels ``0, s, 2s, ...``, so the last one lies up to
+    ``s - 1`` pixels inside the image border; a view cell that maps beyond it would compare the view
+    with a clamped (extrapolated) copy of the border cell.  On the few-cell CAMs of small crops those
+    cells are a large share of the map, and comparing them penalises every map with structure near
+    the border -- a pull towards maps that are flat there (or everywhere).
+    """
+    step, offset = _view_grid(image_size, size, flip, stride, box)
+    inside = []
+    for axis in range(2):
+        coords = offset[axis] + step[axis] * torch.arange(out_maps_size[axis], dtype=torch.float64)
+        inside.append((coords >= -1e-6) & (coords <= maps_size[axis] - 1 + 1e-6))
+    return inside[0][:, None] & inside[1][None, :]
 
 
 def equivariance_loss(maps: torch.Tensor, view_maps: torch.Tensor, present: torch.Tensor,
-                      transform: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+                      transform: Callable[[torch.Tensor], torch.Tensor],
+                      valid: torch.Tensor | None = None) -> torch.Tensor:
     """SEAM's equivariance regularisation: mean |CAM(A(I)) - A(CAM(I))| over present classes.
 
     Both sides are ReLU'd and max-normalised per class on the view's grid, so the
@@ -125,15 +153,21 @@ def equivariance_loss(maps: torch.Tensor, view_maps: torch.Tensor, present: torc
         view_maps: float [B, K, h', w'], raw class maps of the transformed images A(I).
         present: float or bool [B, K], 1 for the classes in each image.
         transform: A on maps, [B, K, h, w] -> [B, K, h', w'].
+        valid: optional bool [h', w'], the view cells to compare (:func:`view_cells_inside`); the
+            others are left out of the mean.
 
     Returns:
         scalar tensor: the mean absolute difference over the pixels of present class maps (0 if none).
     """
-    target = max_normalize(transform(torch.relu(maps)))
-    prediction = max_normalize(torch.relu(view_maps))
+    target, prediction = transform(torch.relu(maps)), torch.relu(view_maps)
     if target.shape != prediction.shape:
         raise ValueError(f"A(CAM) has shape {tuple(target.shape)} but CAM(A(I)) {tuple(prediction.shape)}")
-    per_map = (prediction - target).abs().mean(dim=(2, 3))  # [B, K]
+    weight = torch.ones(prediction.shape[-2:], dtype=prediction.dtype, device=prediction.device) if valid is None \
+        else valid.to(device=prediction.device, dtype=prediction.dtype)
+    # max-normalised over the compared cells only: a border cell of the view has no exact counterpart
+    target = target / (target * weight).amax(dim=(2, 3), keepdim=True).clamp_min(1e-5)
+    prediction = prediction / (prediction * weight).amax(dim=(2, 3), keepdim=True).clamp_min(1e-5)
+    per_map = ((prediction - target).abs() * weight).sum(dim=(2, 3)) / weight.sum().clamp_min(1.0)  # [B, K]
     present = present.to(per_map.dtype)
     return (per_map * present).sum() / present.sum().clamp_min(1.0)
 
@@ -247,7 +281,9 @@ class CamObjective(nn.Module):
                 return rescale_flip_maps(maps_, image_size, size, view_grid, flip, stride, box)
 
             source = maps.detach() if self.er_target == "detached" else maps
-            terms["er"] = equivariance_loss(source, view_maps, targets, transform)
+            valid = view_cells_inside(tuple(maps.shape[-2:]), image_size, size, view_grid, flip, stride,
+                                      box).to(maps.device)
+            terms["er"] = equivariance_loss(source, view_maps, targets, transform, valid)
             if self.er_view_cls and box == (0, 0, *image_size):  # a cropped window may have lost a class
                 cls_loss = 0.5 * (cls_loss + multilabel_soft_margin_loss(view_logits, targets))
                 terms["cls"] = cls_loss

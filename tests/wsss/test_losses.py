@@ -115,3 +115,65 @@ def test_cam_objective_terms():
                                                   + 2.0 * terms["erase"].item(), rel=1e-5)
     terms["total"].backward()
     assert net.classifier.weight.grad is not None and net.backbone[0].weight.grad.abs().sum() > 0
+
+
+# --------------------------------------------------------------------------- exact equivariance
+
+
+def _ramp_image(height=80, width=96):
+    yy, xx = torch.meshgrid(torch.arange(height, dtype=torch.float32), torch.arange(width, dtype=torch.float32),
+                            indexing="ij")
+    return torch.stack([0.1 + 0.009 * xx + 0.002 * yy, 0.2 + 0.008 * yy, 0.05 + 0.004 * xx + 0.004 * yy])[None]
+
+
+def _reading_net(shift: float = 0.0):
+    """A 'network' whose class maps read its input at the cell centres (pixel 16 i + shift).
+
+    With ``shift = 0`` it is exactly equivariant to rescaling, flipping and windows of a linear image;
+    a shift of half a cell breaks that.
+    """
+    from wsss.cam import resample
+
+    def net(images):
+        height, width = -(-images.shape[-2] // 16), -(-images.shape[-1] // 16)
+        return resample(images, (height, width), (16.0, 16.0), (shift, shift))
+    return net
+
+
+@pytest.mark.parametrize("scale_range, min_crop", [((0.5, 0.75), 1.0), ((1.25, 1.75), 1.0), ((0.6, 0.8), 0.6)])
+def test_er_loss_is_zero_for_an_equivariant_network_and_positive_otherwise(scale_range, min_crop):
+    from wsss.losses import view_cells_inside
+
+    image = _ramp_image()
+    present = torch.ones(1, 3)
+    flips = set()
+    for seed in range(12):
+        box, size, flip = sample_view((80, 96), scale_range, min_crop, torch.Generator().manual_seed(seed))
+        flips.add(flip)
+        view = rescale_flip_images(image, size, flip, box)
+        for shift, expect_zero in ((0.0, True), (8.0, False)):
+            net = _reading_net(shift)
+            maps, view_maps = net(image), net(view)
+            grid = tuple(view_maps.shape[-2:])
+            valid = view_cells_inside(tuple(maps.shape[-2:]), (80, 96), size, grid, flip, 16, box)
+            assert valid.any()
+
+            def transform(m):
+                return rescale_flip_maps(m, (80, 96), size, grid, flip, 16, box)
+            loss = equivariance_loss(maps, view_maps, present, transform, valid)
+            if expect_zero:
+                assert loss.item() < 1e-4, (seed, box, size, flip)  # float32 rounding of the resize
+            else:
+                assert loss.item() > 1e-3, (seed, box, size, flip)
+    assert flips == {True, False}  # both mirrored and plain views were checked
+
+
+def test_view_cells_inside_marks_the_interpolated_cells():
+    from wsss.losses import view_cells_inside
+
+    # a 64 x 64 image (cells at pixels 0, 16, 32, 48) viewed at 2x: view cell j sits at original pixel
+    # (16 j + 0.5) / 2 - 0.5 = 8 j - 0.25, i.e. feature coordinate j / 2 - 1/64; j = 0 lies before cell 0
+    inside = view_cells_inside((4, 4), (64, 64), (128, 128), (8, 8), flip=False, stride=16)
+    expected = torch.tensor([False, True, True, True, True, True, True, False])  # j = 7 -> 3.48 > 3
+    assert torch.equal(inside[1], expected) and torch.equal(inside[:, 1], expected)
+    assert torch.equal(inside, expected[:, None] & expected[None, :])
