@@ -35,11 +35,13 @@ VARIANTS = {
     "fixed 0.20 + CRF": ["--threshold", "fixed", "--bg-thresh", "0.20", "--crf"],
     "fixed oracle": ["--threshold", "fixed", "--bg-thresh", "{oracle}"],
     "fixed oracle + CRF": ["--threshold", "fixed", "--bg-thresh", "{oracle}", "--crf"],
-    "GMM": ["--threshold", "gmm"],
-    "GMM + CRF": ["--threshold", "gmm", "--crf"],
-    "GMM no uncertainty": ["--threshold", "gmm", "--confidence", "0"],
-    "GMM no uncertainty + CRF": ["--threshold", "gmm", "--confidence", "0", "--crf"],
-    "GMM per class + CRF": ["--threshold", "gmm", "--gmm-per-class", "--crf"],
+    "GMM pooled per class (default), no CRF": ["--threshold", "gmm"],
+    "GMM pooled per class (default) + CRF": ["--threshold", "gmm", "--crf"],
+    "GMM pooled per class, no 255 band + CRF": ["--threshold", "gmm", "--confidence", "0", "--crf"],
+    "GMM pooled over classes + CRF": ["--threshold", "gmm", "--gmm-overall", "--crf"],
+    "GMM per image, 3 components + CRF": ["--threshold", "gmm-image", "--gmm-overall", "--crf"],
+    "GMM per image, 2 components (the earlier default) + CRF": ["--threshold", "gmm-image", "--gmm-overall",
+                                                                "--gmm-components", "2", "--crf"],
     "IRN confident 0.05/0.30 + CRF": ["--threshold", "fixed", "--bg-thresh", "0.05", "--fg-thresh", "0.30", "--crf"],
 }
 
