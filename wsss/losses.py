@@ -138,15 +138,36 @@ def view_cells_inside(maps_size: tuple[int, int], image_size: tuple[int, int], s
     return inside[0][:, None] & inside[1][None, :]
 
 
+def min_max_normalize(maps: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """``(m - min) / (max - min)`` per map, min and max over the cells where ``weight`` is 1 (SEAM's norm).
+
+    Unlike division by the maximum, it removes a constant offset: a map of ``c + small bump`` keeps
+    its bump, and a flat map becomes 0.  With division by the maximum the equivariance loss prices a
+    large offset at almost nothing (every cell near 1 agrees with every other), and a network can
+    lower it by lighting up the whole image.
+
+    Args:
+        maps: float [B, K, h, w]; weight: float [h, w] of 0/1.
+
+    Returns:
+        float [B, K, h, w] in [0, 1] on the weighted cells.
+    """
+    inside = weight.bool()
+    high = maps.masked_fill(~inside, float("-inf")).amax(dim=(2, 3), keepdim=True)
+    low = maps.masked_fill(~inside, float("inf")).amin(dim=(2, 3), keepdim=True)
+    return (maps - low).clamp_min(0.0) / (high - low).clamp_min(eps)
+
+
 def equivariance_loss(maps: torch.Tensor, view_maps: torch.Tensor, present: torch.Tensor,
                       transform: Callable[[torch.Tensor], torch.Tensor],
                       valid: torch.Tensor | None = None) -> torch.Tensor:
     """SEAM's equivariance regularisation: mean |CAM(A(I)) - A(CAM(I))| over present classes.
 
-    Both sides are ReLU'd and max-normalised per class on the view's grid, so the
-    loss compares shapes, not magnitudes, and is exactly 0 for an equivariant
-    network (SEAM normalises before applying A, where rescaling can move the
-    maximum and leave a residue even then).  Gradients flow into both branches.
+    Both sides are ReLU'd and min-max normalised per class (:func:`min_max_normalize`, SEAM's
+    normalisation) over the compared cells of the view's grid, so the loss compares shapes, not
+    magnitudes or offsets, and is exactly 0 for an equivariant network (SEAM normalises before
+    applying A, where rescaling can move the maximum and leave a residue even then).  Gradients
+    flow into both branches; the caller detaches ``maps`` to make the image's CAMs the target.
 
     Args:
         maps: float [B, K, h, w], raw class maps of the images.
@@ -164,9 +185,7 @@ def equivariance_loss(maps: torch.Tensor, view_maps: torch.Tensor, present: torc
         raise ValueError(f"A(CAM) has shape {tuple(target.shape)} but CAM(A(I)) {tuple(prediction.shape)}")
     weight = torch.ones(prediction.shape[-2:], dtype=prediction.dtype, device=prediction.device) if valid is None \
         else valid.to(device=prediction.device, dtype=prediction.dtype)
-    # max-normalised over the compared cells only: a border cell of the view has no exact counterpart
-    target = target / (target * weight).amax(dim=(2, 3), keepdim=True).clamp_min(1e-5)
-    prediction = prediction / (prediction * weight).amax(dim=(2, 3), keepdim=True).clamp_min(1e-5)
+    target, prediction = min_max_normalize(target, weight), min_max_normalize(prediction, weight)
     per_map = ((prediction - target).abs() * weight).sum(dim=(2, 3)) / weight.sum().clamp_min(1.0)  # [B, K]
     present = present.to(per_map.dtype)
     return (per_map * present).sum() / present.sum().clamp_min(1.0)

@@ -102,11 +102,12 @@ def test_erase_mask_upsamples_feature_maps_to_the_image():
 def test_cam_objective_terms():
     torch.manual_seed(0)
     net = CamNet("resnet18", num_classes=4)
-    images, targets = torch.randn(2, 3, 48, 48), torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
+    # 96 px: 6 x 6 cells, and views of 5 x 5 (the loss compares shapes, which needs a few cells)
+    images, targets = torch.randn(2, 3, 96, 96), torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
     plain = CamObjective(net)(images, targets)
     assert plain["er"].item() == 0.0 and plain["erase"].item() == 0.0
     assert plain["total"].item() == pytest.approx(plain["cls"].item())
-    objective = CamObjective(net, er_weight=0.5, er_scale_range=(0.5, 0.5), er_min_crop=0.7, erase_weight=2.0,
+    objective = CamObjective(net, er_weight=0.5, er_scale_range=(1.0, 1.0), er_min_crop=0.7, erase_weight=2.0,
                              erase_thresh=0.7)
     torch.manual_seed(3)  # the view is drawn from torch's generator
     terms = objective(images, targets)
@@ -124,6 +125,14 @@ def _ramp_image(height=80, width=96):
     yy, xx = torch.meshgrid(torch.arange(height, dtype=torch.float32), torch.arange(width, dtype=torch.float32),
                             indexing="ij")
     return torch.stack([0.1 + 0.009 * xx + 0.002 * yy, 0.2 + 0.008 * yy, 0.05 + 0.004 * xx + 0.004 * yy])[None]
+
+
+def _bump_image(height=80, width=96):
+    """A curved image: a shifted reading of it changes the shape of the map, not only an offset."""
+    yy, xx = torch.meshgrid(torch.arange(height, dtype=torch.float32), torch.arange(width, dtype=torch.float32),
+                            indexing="ij")
+    bump = torch.exp(-((yy - 30.0) ** 2 + (xx - 40.0) ** 2) / (2 * 18.0 ** 2))
+    return torch.stack([bump, bump ** 2, 1.0 - bump])[None]
 
 
 def _reading_net(shift: float = 0.0):
@@ -144,14 +153,14 @@ def _reading_net(shift: float = 0.0):
 def test_er_loss_is_zero_for_an_equivariant_network_and_positive_otherwise(scale_range, min_crop):
     from wsss.losses import view_cells_inside
 
-    image = _ramp_image()
     present = torch.ones(1, 3)
     flips = set()
     for seed in range(12):
         box, size, flip = sample_view((80, 96), scale_range, min_crop, torch.Generator().manual_seed(seed))
         flips.add(flip)
-        view = rescale_flip_images(image, size, flip, box)
-        for shift, expect_zero in ((0.0, True), (8.0, False)):
+        # exact on a linear image (bilinear resizing reproduces it); a half-cell shift is caught on a bump
+        for image, shift, expect_zero in ((_ramp_image(), 0.0, True), (_bump_image(), 8.0, False)):
+            view = rescale_flip_images(image, size, flip, box)
             net = _reading_net(shift)
             maps, view_maps = net(image), net(view)
             grid = tuple(view_maps.shape[-2:])
