@@ -162,3 +162,30 @@ def test_resume_refuses_another_schedule(tmp_path):
     with pytest.raises(WsssError, match=r"total steps \(6 -> 8\)"):
         find_resumable(spec)
     assert find_resumable(dataclasses.replace(spec, overwrite=True)) is None
+
+
+def test_compile_does_not_change_results():
+    """--compile (torch.compile) gives the eager network's outputs, also for a compiled bound method
+    (make-cam compiles ``class_maps``); skipped where this platform cannot compile."""
+    from wsss.training import maybe_compile
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(),
+                                            torch.nn.Conv2d(8, 4, 1))
+
+        def class_maps(self, images):
+            return self.body(images)
+
+    torch.manual_seed(0)
+    net = Tiny().eval()
+    images = torch.randn(2, 3, 16, 20)
+    assert maybe_compile(net.class_maps, False) == net.class_maps  # off: the function itself
+    try:
+        compiled = maybe_compile(net.class_maps, True)
+        out = compiled(images)
+    except Exception as err:  # no C++ tool chain for inductor
+        pytest.skip(f"torch.compile unavailable here: {type(err).__name__}")
+    torch.testing.assert_close(out, net.class_maps(images), rtol=1e-5, atol=1e-5)
+    assert set(net.state_dict()) == {"body.0.weight", "body.0.bias", "body.2.weight", "body.2.bias"}  # names kept
