@@ -29,6 +29,8 @@ Options (each also settable through the environment variable in brackets):
   --upper-bound-dir DIR  where that ground-truth run lives (default <out>/run/seg_gt; runs that share the seed,
                         backbone and weights can share one) [WSSS_UPPER_BOUND_DIR]
   --stop-after STAGE    stop after pretrain|train-cls|make-cam|refine|train-seg [WSSS_STOP_AFTER]
+  --seg-init cls|weights  DeepLab's trunk starts from the CAM classifier's (cls, when both are the same ResNet)
+                        or from --weights [WSSS_SEG_INIT, default cls]
   --cls-opts "..."      extra options for train-cls (e.g. "--er-weight 1") [WSSS_CLS_OPTS]
   --refine-opts "..."   extra options for refine [WSSS_REFINE_OPTS]
   --seg-opts "..."      extra options for train-seg [WSSS_SEG_OPTS]
@@ -59,6 +61,7 @@ AFFINITY=${WSSS_AFFINITY:-0}
 UPPER_BOUND=${WSSS_UPPER_BOUND:-0}
 UPPER_BOUND_DIR=${WSSS_UPPER_BOUND_DIR:-}
 STOP_AFTER=${WSSS_STOP_AFTER:-}
+SEG_INIT=${WSSS_SEG_INIT:-cls}
 USER_CLS_OPTS=${WSSS_CLS_OPTS:-}
 USER_REFINE_OPTS=${WSSS_REFINE_OPTS:-}
 USER_SEG_OPTS=${WSSS_SEG_OPTS:-}
@@ -89,6 +92,7 @@ while [ $# -gt 0 ]; do
         --upper-bound) UPPER_BOUND=1; shift ;;
         --upper-bound-dir) UPPER_BOUND=1; UPPER_BOUND_DIR=$2; shift 2 ;;
         --stop-after) STOP_AFTER=$2; shift 2 ;;
+        --seg-init) SEG_INIT=$2; shift 2 ;;
         --cls-opts) USER_CLS_OPTS=$2; shift 2 ;;
         --refine-opts) USER_REFINE_OPTS=$2; shift 2 ;;
         --seg-opts) USER_SEG_OPTS=$2; shift 2 ;;
@@ -131,6 +135,10 @@ if [ -n "$PRETRAINED" ] && [ ! -f "$PRETRAINED" ]; then
     echo "Error: --pretrained $PRETRAINED: file not found" >&2; exit 2
 fi
 BACKBONE=${BACKBONE:-resnet50}; SEG_MODEL=${SEG_MODEL:-deeplabv3_resnet50}; PRETRAIN=${PRETRAIN:-none}
+case "$SEG_INIT" in
+    cls|weights) ;;
+    *) echo "Error: --seg-init must be cls or weights, got '$SEG_INIT'" >&2; exit 2 ;;
+esac
 case "$STOP_AFTER" in
     ""|pretrain|train-cls|make-cam|refine|train-seg) ;;
     *) echo "Error: --stop-after must be pretrain, train-cls, make-cam, refine or train-seg, got '$STOP_AFTER'" >&2
@@ -155,8 +163,9 @@ step() { printf '\n== %s\n' "$*"; }
 done_with() { if [ "$STOP_AFTER" = "$1" ]; then printf '\n== stopped after %s (--stop-after)\n' "$1"; exit 0; fi; }
 
 if [ "$DATASET" = demo ]; then
-    # CPU-sized settings for the synthetic data (about 14 minutes on 2 cores); real datasets use each
-    # command's defaults, the literature's settings (see README). Measured choices: bench/README.md.
+    # CPU-sized settings for the synthetic data; real datasets use each command's defaults, the
+    # literature's settings (see README). Measured choices (rotation pretraining, plain classifier,
+    # DeepLab from the classifier's trunk): bench/README.md.
     # One intra-op thread: the demo's tiny tensors gain little from more, and on a busy 2-core
     # machine PyTorch's spinning worker threads made training up to 10x slower (export it to override).
     export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
@@ -173,11 +182,14 @@ if [ "$DATASET" = demo ]; then
               --workers 0)
     CAM_OPTS=(--sweep 0.05:0.95:0.01 --workers 1)
     AFF_OPTS=(--crop-size 80 --batch-size 8 --epochs 6 --embed-dim 64 --workers 1)
+    # the demo's 96 px images give 12 x 12-cell graphs: AffinityNet's 256 steps (for 56 x 56 cells) would
+    # mix every cell with every other; fewer, sharper steps (chosen on the demo's train split)
+    WALK_OPTS=(--rw-steps 16 --rw-beta 32)
     SEG_OPTS=(--crop-size 80 --batch-size 8 --iterations "$ITERATIONS" --lr 0.05 --head-lr-mult 1 --eval-every 250
               --workers 0)
     PRED_OPTS=(--scales 0.75,1.0,1.25 --workers 0)
 else
-    PRE_OPTS=(--method "$PRETRAIN"); CLS_OPTS=(); CAM_OPTS=(); AFF_OPTS=(); SEG_OPTS=(); PRED_OPTS=()
+    PRE_OPTS=(--method "$PRETRAIN"); CLS_OPTS=(); CAM_OPTS=(); AFF_OPTS=(); WALK_OPTS=(); SEG_OPTS=(); PRED_OPTS=()
 fi
 
 if [ -n "$PRETRAINED" ]; then
@@ -208,7 +220,7 @@ if [ "$AFFINITY" = 1 ]; then
     "${TRAIN[@]}" train-aff "${DATA[@]}" --split "$TRAIN_SPLIT" --cams "$RUN/cams" --out "$RUN/aff" \
         --backbone "$BACKBONE" --weights "$RUN/cls/last.pth" --device "$DEVICE" --seed "$SEED" \
         ${AFF_OPTS[@]+"${AFF_OPTS[@]}"}
-    WALK=(--random-walk "$RUN/aff" --device "$DEVICE")
+    WALK=(--random-walk "$RUN/aff" --device "$DEVICE" ${WALK_OPTS[@]+"${WALK_OPTS[@]}"})
 fi
 
 step "refine --crf -> $RUN/pseudo"
@@ -217,19 +229,26 @@ wsss refine "${DATA[@]}" --split "$TRAIN_SPLIT" --cams "$RUN/cams" --out "$RUN/p
 wsss eval "${DATA[@]}" --split "$TRAIN_SPLIT" --pred "$RUN/pseudo"
 done_with refine
 
+# DeepLab's trunk: the classifier's (trained on these images' labels: measured +6 val mIoU on the demo
+# over the pretrained trunk, bench/README.md) when it is the same ResNet, else --weights
+SEG_WEIGHTS=$WEIGHTS
+if [ "$SEG_INIT" = cls ] && [ "${SEG_MODEL#deeplabv3_}" = "$BACKBONE" ]; then
+    SEG_WEIGHTS=$RUN/cls/last.pth
+fi
+
 UPPER=()
 if [ "$UPPER_BOUND" = 1 ]; then
     GT_RUN=${UPPER_BOUND_DIR:-$RUN/seg_gt}
     step "train-seg on the ground truth (upper bound) -> $GT_RUN"
     "${TRAIN[@]}" train-seg "${DATA[@]}" --split "$TRAIN_SPLIT" --val-split "$VAL_SPLIT" --labels gt \
-        --out "$GT_RUN" --model "$SEG_MODEL" --weights-backbone "$WEIGHTS" --device "$DEVICE" --seed "$SEED" \
+        --out "$GT_RUN" --model "$SEG_MODEL" --weights-backbone "$SEG_WEIGHTS" --device "$DEVICE" --seed "$SEED" \
         ${SEG_OPTS[@]+"${SEG_OPTS[@]}"} ${SEG_EXTRA[@]+"${SEG_EXTRA[@]}"}
     UPPER=(--upper-bound "$GT_RUN")
 fi
 
 step "train-seg -> $RUN/seg"
 "${TRAIN[@]}" train-seg "${DATA[@]}" --split "$TRAIN_SPLIT" --val-split "$VAL_SPLIT" --labels "$RUN/pseudo" --raw \
-    --out "$RUN/seg" --model "$SEG_MODEL" --weights-backbone "$WEIGHTS" --device "$DEVICE" --seed "$SEED" \
+    --out "$RUN/seg" --model "$SEG_MODEL" --weights-backbone "$SEG_WEIGHTS" --device "$DEVICE" --seed "$SEED" \
     ${SEG_OPTS[@]+"${SEG_OPTS[@]}"} ${SEG_EXTRA[@]+"${SEG_EXTRA[@]}"} ${UPPER[@]+"${UPPER[@]}"}
 done_with train-seg
 
