@@ -14,6 +14,7 @@ raised again in the parent by :mod:`multiprocessing`, with its type and message.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import multiprocessing
@@ -65,10 +66,30 @@ def _worker_start(initializer: Callable | None, initargs: tuple) -> None:
     # one thread per worker: the processes give the parallelism, and results do not depend on
     # how many threads a machine has
     threadpool_limits(limits=1)
-    if "cv2" in sys.modules:
-        sys.modules["cv2"].setNumThreads(1)
+    # OpenCV runs one thread here: the parent switched it off before forking (see _forking_safely);
+    # reconfiguring OpenCV's pool in a forked child would wait forever for threads that were not copied
     if initializer is not None:
         initializer(*initargs)
+
+
+@contextlib.contextmanager
+def _forking_safely():
+    """OpenCV at one thread while the pool's workers are forked, then back to the parent's setting.
+
+    OpenCV's thread pool is not fork-safe: a forked child inherits its state but not its threads,
+    and a child that then uses or reconfigures it waits forever.  Stopping the pool in the parent
+    (where its threads exist) before the fork gives the children a single-threaded OpenCV.
+    """
+    cv2 = sys.modules.get("cv2")
+    if cv2 is None:
+        yield
+        return
+    threads = cv2.getNumThreads()
+    cv2.setNumThreads(1)
+    try:
+        yield
+    finally:
+        cv2.setNumThreads(threads)
 
 
 def _indexed(func: Callable, item: tuple[int, Task]) -> tuple[int, Result]:
@@ -110,7 +131,8 @@ def imap_images(func: Callable[[Task], Result], tasks: Sequence[Task], workers: 
                 progress.update(weight)
         return
     chunksize = chunksize or max(1, min(64, math.ceil(len(tasks) / (workers * 8))))
-    with pool_context().Pool(workers, initializer=_worker_start, initargs=(initializer, initargs)) as pool:
+    with _forking_safely(), pool_context().Pool(workers, initializer=_worker_start,
+                                                initargs=(initializer, initargs)) as pool:
         mapper = pool.imap if ordered else pool.imap_unordered
         with with_bar() as progress:
             for index, result in mapper(functools.partial(_indexed, func), list(enumerate(tasks)),
