@@ -101,13 +101,19 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("work/bench"))
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ", ".join(VARIANTS))
+    parser.add_argument("--trunks", default="scratch,pretrained", help="comma-separated subset of scratch, pretrained")
     parser.add_argument("--md", type=Path, default=Path(__file__).with_name("ablation.md"))
     args = parser.parse_args()
     seeds = [int(seed) for seed in args.seeds.split(",")]
-    for seed in seeds:  # the pretrained trunks first (each run of a seed shares it)
+    variants = [v for v in VARIANTS if v in args.variants.split(",")]
+    trunks = [t for t in TRUNKS if TRUNKS[t] in args.trunks.split(",")]
+    if "plain" not in variants:
+        parser.error("--variants must include plain (it trains the shared ground-truth DeepLab)")
+    for seed in seeds if "pretrained (rotation)" in trunks else []:  # each run of a seed shares the trunk
         backbone_file(args.work, seed)
-    first = [(variant, trunk, seed) for trunk in TRUNKS for seed in seeds for variant in ["plain"]]
-    rest = [(variant, trunk, seed) for trunk in TRUNKS for seed in seeds for variant in VARIANTS if variant != "plain"]
+    first = [(variant, trunk, seed) for trunk in trunks for seed in seeds for variant in ["plain"]]
+    rest = [(variant, trunk, seed) for trunk in trunks for seed in seeds for variant in variants if variant != "plain"]
     results = {}
     for batch in (first, rest):  # plain runs train the shared ground-truth DeepLab before the others use it
         done = in_parallel([lambda key=key: measure(args.work, *key) for key in batch], args.jobs)
@@ -117,23 +123,23 @@ def main() -> None:
              "`bench/ablation.py`, see its docstring for the protocol.", "",
              "| trunk | train-cls | " + " | ".join(title for _, title in COLUMNS) + " |",
              "|---|---|" + "---|" * len(COLUMNS)]
-    for trunk in TRUNKS:
-        for variant in VARIANTS:
+    for trunk in trunks:
+        for variant in variants:
             cells = []
             for key, _ in COLUMNS:
                 values = [results[(variant, trunk, seed)][key] for seed in seeds]
                 cells.append(fmt(values, scale=1 if key == "weak_full" else 100, digits=2 if key == "weak_full" else 1))
             lines.append(f"| {trunk} | {variant} | " + " | ".join(cells) + " |")
     lines += ["", "Per seed (CAM / pseudo GMM+CRF / DeepLab val):", ""]
-    for trunk in TRUNKS:
-        for variant in VARIANTS:
+    for trunk in trunks:
+        for variant in variants:
             row = [results[(variant, trunk, seed)] for seed in seeds]
             lines.append(f"- {trunk}, {variant}: CAM {per_seed([r['cam_miou'] for r in row])}; pseudo "
                          f"{per_seed([r['pseudo_gmm_crf'] for r in row])}; DeepLab "
                          f"{per_seed([r['deeplab_val'] for r in row])}")
-    lines += ["", "train-cls options per variant: " + "; ".join(f"{v}: `{o}`" for v, o in VARIANTS.items())]
+    lines += ["", "train-cls options per variant: " + "; ".join(f"{v}: `{VARIANTS[v]}`" for v in variants)]
     args.md.write_text("\n".join(lines) + "\n")
-    args.md.with_suffix(".json").write_text(json.dumps({"seeds": seeds, "variants": VARIANTS, "results": [
+    args.md.with_suffix(".json").write_text(json.dumps({"seeds": seeds, "variants": {v: VARIANTS[v] for v in variants}, "results": [
         {"variant": v, "trunk": t, "seed": s, **r} for (v, t, s), r in results.items()]}, indent=2) + "\n")
     print("\n".join(lines))
 

@@ -66,8 +66,9 @@ def assert_same_weights(first, second):
 
 def test_one_epoch_writes_checkpoints_config_and_metrics(root, tmp_path):
     out = tmp_path / "cls"
+    # 64 px crops: a 0.5-0.75 view has 2x2 to 3x3 cells (at 32 px a one-cell view min-max normalises to 0)
     result = train(root, out, "--epochs", "1", "--er-weight", "1", "--erase-weight", "0.5", "--er-scale-range",
-                   "0.5,0.75")
+                   "0.5,0.75", "--crop-size", "64")
     assert result.exit_code == 0, result.output
     for which in ("last", "best"):
         checkpoint = artifacts.load_checkpoint(artifacts.checkpoint_path(out, which))  # weights_only=True
