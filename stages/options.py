@@ -51,6 +51,13 @@ def out_option(help_text: str = "Output folder."):
                         help=help_text)
 
 
+def cams_option():
+    """``--cams DIR`` (required), the CAM folder a stage reads."""
+    return click.option("--cams", "cam_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
+                        help="Folder of CAM files <id>.npz from `wsss make-cam` (IRN-style <id>.npy with "
+                             "--allow-pickle).")
+
+
 device_option = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
                              help="auto = cuda when available, else cpu.")
 seed_option = click.option("--seed", type=int, default=0, show_default=True, help="Random seed (same seed, same device, same outputs).")

@@ -402,8 +402,7 @@ def run(cfg: RefineConfig) -> dict:
 
 
 @click.command(short_help="CAMs -> pseudo-labels + reliability (GMM threshold, dense CRF).")
-@click.option("--cams", "cam_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
-              help="Folder of CAM files <id>.npz from `wsss make-cam` (IRN-style <id>.npy with --allow-pickle).")
+@options.cams_option()
 @options.root_option()
 @options.dataset_option()
 @options.split_option("train", "Split to refine (pseudo-label quality is conventionally measured on VOC train).")

@@ -227,8 +227,7 @@ def run(cfg: TrainAffConfig) -> dict:
 
 
 @click.command(short_help="Learn pixel affinities from the CAMs' confident regions.")
-@click.option("--cams", "cam_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
-              help="Folder of CAM files <id>.npz from `wsss make-cam` (IRN-style <id>.npy with --allow-pickle).")
+@options.cams_option()
 @options.root_option()
 @options.dataset_option()
 @options.split_option("train", "Training split (its CAMs make the labels).")
