@@ -1,14 +1,18 @@
 """Does the random walk on learned affinities (train-aff + refine --random-walk) beat GMM + CRF?
 
-For every seed, ``run_pipeline.sh --affinity`` on the demo data (the default pipeline, with the
-affinity network trained from the classifier's trunk on the CAMs' confident regions and refine
-walking the CAMs before the GMM threshold and the CRF), then on the same CAMs and walk:
+For every seed, on the CAMs of ``bench/ablation.py``'s *plain* run with the pretrained trunk (the
+default pipeline; same ``--work`` folder, made there first): its run folder is linked into
+``<work>/affinity/seed<N>`` and ``run_pipeline.sh --affinity --stop-after refine`` with the same
+options continues it (train-cls and make-cam are found finished), training the affinity network
+from the classifier's trunk on the CAMs' confident regions and walking the CAMs before the GMM
+threshold and the CRF.  Then, on the same CAMs and walk:
 
 * CAM (best background threshold, ground-truth-picked: a reference);
-* GMM + CRF without the walk (what the pipeline does without ``--affinity``);
+* GMM + CRF without the walk (the pipeline without ``--affinity``: the ablation run's labels);
 * the walk alone (GMM threshold, no CRF) and the walk + CRF (the pipeline's ``--affinity`` labels);
-* DeepLab val mIoU trained on the walk + CRF labels (the pipeline's) and weak/full.
+* AffinityNet's own walk (256 steps, beta 8) + CRF, for reference.
 
+DeepLab is trained on the best of these in ``ablation.md`` (GMM + CRF, unless the walk wins).
 Pseudo-label mIoU on train, 255 counted as background.  Writes ``bench/affinity_quality.md`` and
 ``.json``.
 
@@ -21,37 +25,59 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 from pathlib import Path
 
-from harness import fmt, in_parallel, label_miou, per_seed, pipeline, read_json, run, wsss_command
-from ablation import backbone_file
+from ablation import VARIANTS, backbone_file
+from harness import (
+    fmt,
+    in_parallel,
+    label_miou,
+    per_seed,
+    pipeline,
+    read_json,
+    run,
+    wsss_command,
+)
 
 
 def refine_variant(run_dir: Path, root: Path, name: str, *options: str) -> float:
-    """Pseudo-label mIoU of ``wsss refine OPTIONS`` on the run's CAMs (train)."""
+    """Pseudo-label mIoU (train) of ``wsss refine`` with ``options`` on the run's CAMs."""
     out = run_dir / name
     if not (out / "metrics_eval_train.json").is_file():
         run([wsss_command(), "-q", "refine", "--root", str(root), "--split", "train", "--cams", str(run_dir / "cams"),
-             "--out", str(out), "--workers", "1", "--device", "cpu", *options], out / "refine.log")
+             "--out", str(out), "--workers", "1", *options], out / "refine.log")
         run([wsss_command(), "-q", "eval", "--root", str(root), "--split", "train", "--pred", str(out),
              "--workers", "1"], out / "eval.log")
     return label_miou(out, "train")
 
 
+def link_run(source: Path, out: Path) -> None:
+    """Hard-link the ablation run's data, classifier and CAMs into ``out`` (the pipeline resumes them)."""
+    for part in ("data", "run/cls", "run/cams"):
+        if not (out / part).exists():
+            shutil.copytree(source / part, out / part, copy_function=os.link)
+
+
 def measure(work: Path, seed: int) -> dict:
+    source = work / "ablation" / "plain_pretrained" / f"seed{seed}"
+    if not (source / "run" / "pseudo" / "metrics_eval_train.json").is_file():
+        raise SystemExit(f"{source}: run bench/ablation.py (its plain run with the pretrained trunk) first")
     out = work / "affinity" / f"seed{seed}"
-    gt_dir = work / "ablation" / "gt_pretrained" / f"seed{seed}"
-    pipeline(out, "--seed", str(seed), "--affinity", "--upper-bound-dir", str(gt_dir),
+    link_run(source, out)
+    pipeline(out, "--seed", str(seed), "--affinity", "--stop-after", "refine", "--cls-opts", VARIANTS["plain"],
              "--pretrained", str(backbone_file(work, seed)))
     run_dir, root = out / "run", out / "data" / "VOC2012"
-    seg = read_json(run_dir / "seg" / "metrics.json")
     return {
         "cam": read_json(run_dir / "cams" / "metrics_eval_train.json")["miou"],
-        "gmm_crf": refine_variant(run_dir, root, "pseudo_no_walk", "--crf"),
-        "walk": refine_variant(run_dir, root, "pseudo_walk_no_crf", "--random-walk", str(run_dir / "aff")),
+        "gmm_crf": label_miou(source / "run" / "pseudo", "train"),
+        "walk": refine_variant(run_dir, root, "pseudo_walk_no_crf", "--random-walk", str(run_dir / "aff"),
+                               "--rw-steps", "16", "--rw-beta", "32"),
         "walk_crf": label_miou(run_dir / "pseudo", "train"),
-        "deeplab_val": label_miou(run_dir / "pred", "val"),
-        "weak_full": seg.get("weak_full_ratio"),
+        "walk_affinitynet_crf": refine_variant(run_dir, root, "pseudo_walk_256_beta8", "--random-walk",
+                                               str(run_dir / "aff"), "--rw-steps", "256", "--rw-beta", "8", "--crf"),
+        "deeplab_val_gmm_crf": label_miou(source / "run" / "pred", "val"),
         "aff_seconds": read_json(run_dir / "aff" / "metrics.json")["seconds"],
     }
 
@@ -65,9 +91,11 @@ def main() -> None:
     args = parser.parse_args()
     seeds = [int(seed) for seed in args.seeds.split(",")]
     results = dict(zip(seeds, in_parallel([lambda seed=seed: measure(args.work, seed) for seed in seeds], args.jobs)))
-    rows = [("CAM (best threshold, gt-picked)", "cam"), ("GMM + CRF (no walk)", "gmm_crf"),
-            ("random walk (GMM, no CRF)", "walk"), ("random walk + CRF (`--affinity`)", "walk_crf"),
-            ("DeepLab val, trained on random walk + CRF", "deeplab_val")]
+    rows = [("CAM (best threshold, gt-picked)", "cam"), ("GMM + CRF (no walk; the default pipeline)", "gmm_crf"),
+            ("random walk, 16 steps, beta 32 (GMM, no CRF)", "walk"),
+            ("random walk + CRF (`run_pipeline.sh --affinity`)", "walk_crf"),
+            ("AffinityNet's walk, 256 steps, beta 8, + CRF", "walk_affinitynet_crf"),
+            ("DeepLab val, trained on GMM + CRF (ablation.md, plain)", "deeplab_val_gmm_crf")]
     lines = ["# Affinity refinement on the demo data", "",
              f"Seeds {', '.join(map(str, seeds))}; mIoU %, mean ± sample std (per seed in brackets). "
              "`bench/affinity_quality.py`, see its docstring for the protocol.", "",
@@ -76,8 +104,7 @@ def main() -> None:
         values = [results[seed][key] for seed in seeds]
         lines.append(f"| {title} | {fmt(values)} | {per_seed(values)} |")
     gain = [results[seed]["walk_crf"] - results[seed]["gmm_crf"] for seed in seeds]
-    lines += ["", f"random walk + CRF − GMM + CRF: {fmt(gain)} points; weak/full "
-              f"{fmt([results[seed]['weak_full'] for seed in seeds], scale=1, digits=2)}; train-aff "
+    lines += ["", f"random walk + CRF − GMM + CRF: {fmt(gain)} points; train-aff "
               f"{fmt([results[seed]['aff_seconds'] for seed in seeds], scale=1, digits=0)} s."]
     args.md.write_text("\n".join(lines) + "\n")
     args.md.with_suffix(".json").write_text(json.dumps({"seeds": seeds, "results": results}, indent=2) + "\n")
