@@ -28,16 +28,7 @@ import argparse
 import json
 from pathlib import Path
 
-from harness import (
-    fmt,
-    in_parallel,
-    label_miou,
-    per_seed,
-    pipeline,
-    read_json,
-    run,
-    wsss_command,
-)
+from harness import fmt, in_parallel, label_miou, per_seed, pipeline, read_json, run, wsss_command
 
 # train-cls options of each variant (the pipeline's recipe otherwise): the best settings found on seed 0
 # (bench/README.md): ER with the detached target at weight 0.3 on 0.5-0.75 views; erasing ramped in

@@ -30,16 +30,7 @@ import shutil
 from pathlib import Path
 
 from ablation import VARIANTS, backbone_file
-from harness import (
-    fmt,
-    in_parallel,
-    label_miou,
-    per_seed,
-    pipeline,
-    read_json,
-    run,
-    wsss_command,
-)
+from harness import fmt, in_parallel, label_miou, per_seed, pipeline, read_json, run, wsss_command
 
 
 def refine_variant(run_dir: Path, root: Path, name: str, *options: str) -> float:
