@@ -24,11 +24,10 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
-from harness import fmt, in_parallel, label_miou, per_seed, pipeline, read_json, run, wsss_command
+from harness import fmt, in_parallel, label_miou, per_seed, pipeline, quality_arguments, read_json, refine_and_score
 
 # train-cls options of each variant (the pipeline's recipe otherwise): the best settings found on seed 0
 # (bench/README.md): ER with the detached target at weight 0.3 on 0.5-0.75 views; erasing ramped in
@@ -59,16 +58,9 @@ def trunk_options(work: Path, trunk: str, seed: int) -> list[str]:
     return ["--pretrained", str(backbone_file(work, seed))]
 
 
-def refine_reference(run_dir: Path, root: Path, name: str, threshold: float) -> float:
-    """Pseudo-label mIoU of a fixed threshold + CRF on the run's CAMs (train split)."""
-    out = run_dir / name
-    if not (out / "metrics_eval_train.json").is_file():
-        run([wsss_command(), "-q", "refine", "--root", str(root), "--split", "train", "--cams", str(run_dir / "cams"),
-             "--out", str(out), "--threshold", "fixed", "--bg-thresh", f"{threshold:.2f}", "--crf", "--workers", "1"],
-            out / "refine.log")
-        run([wsss_command(), "-q", "eval", "--root", str(root), "--split", "train", "--pred", str(out),
-             "--workers", "1"], out / "eval.log")
-    return label_miou(out, "train")
+def fixed_crf(threshold: float) -> list[str]:
+    """refine options of a fixed background threshold + CRF (a reference on the run's CAMs)."""
+    return ["--threshold", "fixed", "--bg-thresh", f"{threshold:.2f}", "--crf"]
 
 
 def measure(work: Path, variant: str, trunk: str, seed: int) -> dict:
@@ -82,8 +74,9 @@ def measure(work: Path, variant: str, trunk: str, seed: int) -> dict:
     return {
         "cam_miou": cams["miou"], "cam_threshold": cams["best_threshold"],
         "pseudo_gmm_crf": label_miou(run_dir / "pseudo", "train"),
-        "pseudo_fixed020_crf": refine_reference(run_dir, root, "pseudo_fixed020", 0.20),
-        "pseudo_bestfixed_crf": refine_reference(run_dir, root, "pseudo_bestfixed", cams["best_threshold"]),
+        "pseudo_fixed020_crf": refine_and_score(run_dir, root, "pseudo_fixed020", *fixed_crf(0.20)),
+        "pseudo_bestfixed_crf": refine_and_score(run_dir, root, "pseudo_bestfixed",
+                                                 *fixed_crf(cams["best_threshold"])),
         "deeplab_val": label_miou(run_dir / "pred", "val"),
         "deeplab_last_1scale": seg["val_miou"], "deeplab_best_1scale": seg["best_val_miou"],
         "weak_full": seg.get("weak_full_ratio"), "full_val_1scale": (seg.get("upper_bound") or {}).get("val_miou"),
@@ -97,15 +90,11 @@ COLUMNS = [("cam_miou", "CAM"), ("pseudo_gmm_crf", "pseudo GMM+CRF"), ("pseudo_f
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--work", type=Path, default=Path("work/bench"))
-    parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--jobs", type=int, default=2)
+    parser = quality_arguments(__doc__.split("\n")[0], "ablation.md")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ", ".join(VARIANTS))
     parser.add_argument("--trunks", default="scratch,pretrained", help="comma-separated subset of scratch, pretrained")
-    parser.add_argument("--md", type=Path, default=Path(__file__).with_name("ablation.md"))
     args = parser.parse_args()
-    seeds = [int(seed) for seed in args.seeds.split(",")]
+    seeds = args.seeds
     variants = [v for v in VARIANTS if v in args.variants.split(",")]
     trunks = [t for t in TRUNKS if TRUNKS[t] in args.trunks.split(",")]
     if "plain" not in variants:

@@ -23,25 +23,13 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
 from pathlib import Path
 
 from ablation import VARIANTS, backbone_file
-from harness import fmt, in_parallel, label_miou, per_seed, pipeline, read_json, run, wsss_command
-
-
-def refine_variant(run_dir: Path, root: Path, name: str, *options: str) -> float:
-    """Pseudo-label mIoU (train) of ``wsss refine`` with ``options`` on the run's CAMs."""
-    out = run_dir / name
-    if not (out / "metrics_eval_train.json").is_file():
-        run([wsss_command(), "-q", "refine", "--root", str(root), "--split", "train", "--cams", str(run_dir / "cams"),
-             "--out", str(out), "--workers", "1", *options], out / "refine.log")
-        run([wsss_command(), "-q", "eval", "--root", str(root), "--split", "train", "--pred", str(out),
-             "--workers", "1"], out / "eval.log")
-    return label_miou(out, "train")
+from harness import fmt, in_parallel, label_miou, per_seed, pipeline, quality_arguments, read_json, refine_and_score
 
 
 def link_run(source: Path, out: Path) -> None:
@@ -63,10 +51,10 @@ def measure(work: Path, seed: int) -> dict:
     return {
         "cam": read_json(run_dir / "cams" / "metrics_eval_train.json")["miou"],
         "gmm_crf": label_miou(source / "run" / "pseudo", "train"),
-        "walk": refine_variant(run_dir, root, "pseudo_walk_no_crf", "--random-walk", str(run_dir / "aff"),
+        "walk": refine_and_score(run_dir, root, "pseudo_walk_no_crf", "--random-walk", str(run_dir / "aff"),
                                "--rw-steps", "16", "--rw-beta", "32"),
         "walk_crf": label_miou(run_dir / "pseudo", "train"),
-        "walk_affinitynet_crf": refine_variant(run_dir, root, "pseudo_walk_256_beta8", "--random-walk",
+        "walk_affinitynet_crf": refine_and_score(run_dir, root, "pseudo_walk_256_beta8", "--random-walk",
                                                str(run_dir / "aff"), "--rw-steps", "256", "--rw-beta", "8", "--crf"),
         "deeplab_val_gmm_crf": label_miou(source / "run" / "pred", "val"),
         "aff_seconds": read_json(run_dir / "aff" / "metrics.json")["seconds"],
@@ -74,13 +62,8 @@ def measure(work: Path, seed: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--work", type=Path, default=Path("work/bench"))
-    parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--jobs", type=int, default=2)
-    parser.add_argument("--md", type=Path, default=Path(__file__).with_name("affinity_quality.md"))
-    args = parser.parse_args()
-    seeds = [int(seed) for seed in args.seeds.split(",")]
+    args = quality_arguments(__doc__.split("\n")[0], "affinity_quality.md").parse_args()
+    seeds = args.seeds
     results = dict(zip(seeds, in_parallel([lambda seed=seed: measure(args.work, seed) for seed in seeds], args.jobs)))
     rows = [("CAM (best threshold, gt-picked)", "cam"), ("GMM + CRF (no walk; the default pipeline)", "gmm_crf"),
             ("random walk, 16 steps, beta 32 (GMM, no CRF)", "walk"),

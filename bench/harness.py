@@ -8,6 +8,7 @@ CPU thread.
 
 from __future__ import annotations
 
+import argparse
 import concurrent.futures
 import json
 import math
@@ -74,6 +75,28 @@ def cam_miou(run_dir: Path, split: str = "train") -> float:
 def label_miou(folder: Path, split: str) -> float:
     """mIoU of a folder of label maps (``wsss eval --pred``)."""
     return read_json(Path(folder) / f"metrics_eval_{split}.json")["miou"]
+
+
+def refine_and_score(run_dir: Path, root: Path, name: str, *options: str) -> float:
+    """Pseudo-label mIoU (train) of ``wsss refine OPTIONS`` on the run's CAMs, into ``run_dir/name`` (resumes)."""
+    out = run_dir / name
+    if not (out / "metrics_eval_train.json").is_file():
+        run([wsss_command(), "-q", "refine", "--root", str(root), "--split", "train", "--cams", str(run_dir / "cams"),
+             "--out", str(out), "--workers", "1", *options], out / "refine.log")
+        run([wsss_command(), "-q", "eval", "--root", str(root), "--split", "train", "--pred", str(out),
+             "--workers", "1"], out / "eval.log")
+    return label_miou(out, "train")
+
+
+def quality_arguments(description: str, md_name: str) -> argparse.ArgumentParser:
+    """The options every quality bench takes: ``--work``, ``--seeds``, ``--jobs``, ``--md``."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--work", type=Path, default=Path("work/bench"))
+    parser.add_argument("--seeds", type=lambda text: [int(seed) for seed in text.split(",")], default=[0, 1, 2],
+                        help="comma-separated seeds")
+    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--md", type=Path, default=Path(__file__).with_name(md_name))
+    return parser
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:

@@ -21,11 +21,10 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
-from harness import cam_miou, fmt, in_parallel, per_seed, pipeline, read_json
+from harness import cam_miou, fmt, in_parallel, per_seed, pipeline, quality_arguments, read_json
 
 ROWS = {
     "random init": ["--pretrain", "none", "--weights", "none"],
@@ -56,13 +55,8 @@ def measure(work: Path, row: str, seed: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--work", type=Path, default=Path("work/bench"))
-    parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--jobs", type=int, default=2)
-    parser.add_argument("--md", type=Path, default=Path(__file__).with_name("pretrain_quality.md"))
-    args = parser.parse_args()
-    seeds = [int(seed) for seed in args.seeds.split(",")]
+    args = quality_arguments(__doc__.split("\n")[0], "pretrain_quality.md").parse_args()
+    seeds = args.seeds
     tasks = [(row, seed) for seed in seeds for row in ROWS]
     results = in_parallel([lambda row=row, seed=seed: measure(args.work, row, seed) for row, seed in tasks], args.jobs)
     table = {row: {seed: result for (r, seed), result in zip(tasks, results) if r == row} for row in ROWS}
