@@ -41,7 +41,8 @@ from wsss.datasets.prepared import PreparedDataset
 from wsss.device import DistInfo, default_workers, dist_info, shard, sum_over_ranks
 from wsss.errors import WsssError
 from wsss.inference import BackgroundWriter, split_batches, to_model_input
-from wsss.models.classifier import load_classifier, prepare_for_inference
+from wsss.models.backbones import prepare_for_inference
+from wsss.models.classifier import load_classifier
 from wsss.progress import bar as progress_bar
 from wsss.training import Precision, maybe_compile, start_runtime
 

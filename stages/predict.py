@@ -38,6 +38,7 @@ from wsss.datasets.prepared import PreparedDataset
 from wsss.device import DistInfo, default_workers, dist_info, shard, sum_over_ranks
 from wsss.errors import WsssError
 from wsss.inference import BackgroundWriter, split_batches, to_model_input
+from wsss.models.backbones import prepare_for_inference
 from wsss.models.deeplab import model_from_checkpoint
 from wsss.progress import bar as progress_bar
 from wsss.segmentation import predict_probs, segment_batch
@@ -134,7 +135,7 @@ def run(cfg: PredictConfig) -> dict:
     dataset = PreparedDataset.load(cfg.root, cfg.dataset)
     checkpoint_file = artifacts.resolve_checkpoint(cfg.checkpoint)
     checkpoint = artifacts.load_checkpoint(checkpoint_file)
-    model = model_from_checkpoint(checkpoint, str(checkpoint_file)).to(device).eval()
+    model = prepare_for_inference(model_from_checkpoint(checkpoint, str(checkpoint_file)).to(device))
     if list(checkpoint.get("classes") or []) != list(dataset.classes):
         raise WsssError(f"{checkpoint_file}: trained for classes {checkpoint.get('classes')} but {cfg.root} has "
                         f"{dataset.classes}")

@@ -97,7 +97,8 @@ def segment_batch(model: nn.Module, images: torch.Tensor, scales: Sequence[float
             probs = F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=False).softmax(1)
             view_sum = probs[:batch] + probs[batch:].flip(-1) if flip else probs
             total = view_sum if total is None else total + view_sum
-    return total / (len(scales) * (2 if flip else 1))
+    # a channels-last model (prepare_for_inference) gives channels-last maps; callers get the usual layout
+    return (total / (len(scales) * (2 if flip else 1))).contiguous()
 
 
 def predict_probs(model: nn.Module, image: np.ndarray, scales: Sequence[float] = (1.0,), flip: bool = True,

@@ -4,8 +4,8 @@ from torch import nn
 
 from wsss import artifacts
 from wsss.errors import WsssError
-from wsss.models.classifier import (ARCHS, CamNet, build_classifier, fuse_conv_batchnorm, load_classifier,
-                                   prepare_for_inference)
+from wsss.models.backbones import fuse_conv_batchnorm, prepare_for_inference
+from wsss.models.classifier import ARCHS, CamNet, build_classifier, load_classifier
 
 
 def test_archs_are_a_visible_dict_with_the_three_resnets():

@@ -52,3 +52,24 @@ def test_model_from_checkpoint_round_trips_and_rejects_foreign_arch():
         model_from_checkpoint({"model": {}, "arch": {"backbone": "resnet50"}}, "cls/best.pth")
     with pytest.raises(WsssError, match="weights do not fit"):
         model_from_checkpoint({"model": model.state_dict(), "arch": {"model": "deeplabv3_resnet18", "num_classes": 5}})
+
+
+def test_prepare_for_inference_keeps_the_segmentation_outputs():
+    # predict folds BatchNorm and runs channels-last (faster on CPU and GPU); the probabilities must not change
+    from wsss.models.backbones import prepare_for_inference
+    from wsss.segmentation import segment_batch
+
+    torch.manual_seed(0)
+    model = build_seg_model("deeplabv3_resnet18", num_classes=3)
+    model(torch.randn(4, 3, 33, 33))  # training mode: non-trivial running statistics
+    model.eval()
+    images = torch.randn(2, 3, 40, 52)
+    before = segment_batch(model, images, scales=(0.75, 1.0), flip=True)
+    fast = prepare_for_inference(model)
+    assert fast.channels_last and not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.modules())
+    with torch.inference_mode():
+        assert fast.backbone[0](images.contiguous(memory_format=torch.channels_last)).is_contiguous(
+            memory_format=torch.channels_last)
+    after = segment_batch(fast, images, scales=(0.75, 1.0), flip=True)
+    assert after.is_contiguous()
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-5)

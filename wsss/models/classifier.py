@@ -101,50 +101,6 @@ class CamNet(nn.Module):
         return list(self.backbone.parameters()), list(self.classifier.parameters())
 
 
-def fuse_conv_batchnorm(module: nn.Module) -> nn.Module:
-    """Fold every eval-mode BatchNorm into the convolution before it, in place (inference only).
-
-    In eval mode a BatchNorm is a fixed per-channel affine map, so ``bn(conv(x))``
-    equals one convolution with rescaled weights and a bias; removing the separate
-    BatchNorm pass saves memory traffic (about 7 % of a CPU ResNet forward).  Pairs are
-    adjacent ``Conv2d, BatchNorm2d`` in an ``nn.Sequential`` and ``convN``/``bnN``
-    attributes of a residual block (torchvision's layout).
-
-    Returns:
-        ``module``, whose BatchNorms that follow a convolution are now ``nn.Identity``.
-    """
-    from torch.nn.utils.fusion import fuse_conv_bn_eval
-
-    if module.training:
-        raise ValueError("fuse_conv_batchnorm needs a module in eval mode (training BatchNorm is not an affine map)")
-    for parent in list(module.modules()):
-        names = list(parent._modules)
-        if isinstance(parent, nn.Sequential):
-            pairs = [(a, b) for a, b in zip(names, names[1:])]
-        else:
-            pairs = [(f"conv{i}", f"bn{i}") for i in range(1, 4)]
-        for conv_name, bn_name in pairs:
-            conv, bn = parent._modules.get(conv_name), parent._modules.get(bn_name)
-            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
-                parent._modules[conv_name] = fuse_conv_bn_eval(conv, bn)
-                parent._modules[bn_name] = nn.Identity()
-    return module
-
-
-def prepare_for_inference(model: CamNet) -> CamNet:
-    """Make an eval-mode CamNet faster for inference, in place: BatchNorm folded, channels-last memory.
-
-    Channels-last (NHWC) lets the CPU (oneDNN) and GPU convolution kernels skip layout
-    conversions; together with the folded BatchNorm a ResNet-50 CAM pass takes about
-    15 % less time on CPU (measured against a one-view-at-a-time loop).  Outputs agree with the
-    original network to float rounding.  Do not train the result.
-    """
-    fuse_conv_batchnorm(model.eval())
-    model.to(memory_format=torch.channels_last)
-    model.channels_last = True
-    return model
-
-
 def build_classifier(arch: dict, weights: str = "none", freeze_bn: bool = False) -> CamNet:
     """Build a :class:`CamNet` from a checkpoint's ``arch`` dict ``{backbone, num_classes, output_stride}``."""
     try:

@@ -50,6 +50,7 @@ class SegmentationNet(nn.Module):
         self.backbone = backbone
         self.head = head
         self.frozen_batchnorm = False
+        self.channels_last = False  # set by wsss.models.backbones.prepare_for_inference
 
     def freeze_backbone_batchnorm(self) -> "SegmentationNet":
         """Keep the backbone's BatchNorm in eval mode with frozen parameters, also after ``train()``."""
@@ -66,6 +67,8 @@ class SegmentationNet(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"expected images [B, 3, H, W], got {tuple(images.shape)}")
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
         features = self.backbone(images)
         if isinstance(features, dict):
             features = features["out"]
