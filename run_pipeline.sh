@@ -34,6 +34,9 @@ Options (each also settable through the environment variable in brackets):
   --cls-opts "..."      extra options for train-cls (e.g. "--er-weight 1") [WSSS_CLS_OPTS]
   --refine-opts "..."   extra options for refine [WSSS_REFINE_OPTS]
   --seg-opts "..."      extra options for train-seg [WSSS_SEG_OPTS]
+  --no-pred-crf         predict without DeepLab-v2's dense-CRF post-processing (on by default: +9 val mIoU on
+                        the demo, bench/ablation.md) [WSSS_PRED_CRF=0]
+  --pred-opts "..."     extra options for predict (e.g. "--crf-scale 0.5") [WSSS_PRED_OPTS]
   --device D            auto|cpu|cuda [WSSS_DEVICE, default auto]
   --gpus N              GPUs per machine; N > 1 runs the training stages under torchrun [WSSS_GPUS, default 1]
   --out DIR             output folder [WSSS_OUT, default ./work/demo]
@@ -65,6 +68,8 @@ SEG_INIT=${WSSS_SEG_INIT:-cls}
 USER_CLS_OPTS=${WSSS_CLS_OPTS:-}
 USER_REFINE_OPTS=${WSSS_REFINE_OPTS:-}
 USER_SEG_OPTS=${WSSS_SEG_OPTS:-}
+PRED_CRF=${WSSS_PRED_CRF:-1}
+USER_PRED_OPTS=${WSSS_PRED_OPTS:-}
 DEVICE=${WSSS_DEVICE:-auto}
 GPUS=${WSSS_GPUS:-1}
 OUT=${WSSS_OUT:-work/demo}
@@ -96,6 +101,8 @@ while [ $# -gt 0 ]; do
         --cls-opts) USER_CLS_OPTS=$2; shift 2 ;;
         --refine-opts) USER_REFINE_OPTS=$2; shift 2 ;;
         --seg-opts) USER_SEG_OPTS=$2; shift 2 ;;
+        --no-pred-crf) PRED_CRF=0; shift ;;
+        --pred-opts) USER_PRED_OPTS=$2; shift 2 ;;
         --device) DEVICE=$2; shift 2 ;;
         --gpus) GPUS=$2; shift 2 ;;
         --out) OUT=$2; shift 2 ;;
@@ -139,6 +146,10 @@ case "$SEG_INIT" in
     cls|weights) ;;
     *) echo "Error: --seg-init must be cls or weights, got '$SEG_INIT'" >&2; exit 2 ;;
 esac
+case "$PRED_CRF" in
+    0|1) ;;
+    *) echo "Error: WSSS_PRED_CRF must be 0 or 1, got '$PRED_CRF'" >&2; exit 2 ;;
+esac
 case "$STOP_AFTER" in
     ""|pretrain|train-cls|make-cam|refine|train-seg) ;;
     *) echo "Error: --stop-after must be pretrain, train-cls, make-cam, refine or train-seg, got '$STOP_AFTER'" >&2
@@ -158,6 +169,8 @@ fi
 read -r -a CLS_EXTRA <<< "$USER_CLS_OPTS"
 read -r -a REFINE_EXTRA <<< "$USER_REFINE_OPTS"
 read -r -a SEG_EXTRA <<< "$USER_SEG_OPTS"
+read -r -a PRED_EXTRA <<< "$USER_PRED_OPTS"
+if [ "$PRED_CRF" = 1 ]; then PRED_EXTRA=(--crf ${PRED_EXTRA[@]+"${PRED_EXTRA[@]}"}); fi
 
 step() { printf '\n== %s\n' "$*"; }
 done_with() { if [ "$STOP_AFTER" = "$1" ]; then printf '\n== stopped after %s (--stop-after)\n' "$1"; exit 0; fi; }
@@ -255,11 +268,11 @@ done_with train-seg
 # last.pth: train-seg's best.pth is the last checkpoint unless --select val-miou asked the val masks
 step "predict -> $RUN/pred"
 wsss predict "${DATA[@]}" --split "$VAL_SPLIT" --checkpoint "$RUN/seg/last.pth" --out "$RUN/pred" --device "$DEVICE" \
-    ${PRED_OPTS[@]+"${PRED_OPTS[@]}"}
+    ${PRED_OPTS[@]+"${PRED_OPTS[@]}"} ${PRED_EXTRA[@]+"${PRED_EXTRA[@]}"}
 if [ "$DATASET" = demo ]; then
     # predictions on the CAM split too, for the report's gallery (image | CAM | pseudo | prediction | truth)
     wsss predict "${DATA[@]}" --split "$TRAIN_SPLIT" --checkpoint "$RUN/seg/last.pth" --out "$RUN/pred_$TRAIN_SPLIT" \
-        --device "$DEVICE" ${PRED_OPTS[@]+"${PRED_OPTS[@]}"}
+        --device "$DEVICE" ${PRED_OPTS[@]+"${PRED_OPTS[@]}"} ${PRED_EXTRA[@]+"${PRED_EXTRA[@]}"}
 fi
 
 step "eval -> $RUN/pred"

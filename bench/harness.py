@@ -88,6 +88,17 @@ def refine_and_score(run_dir: Path, root: Path, name: str, *options: str) -> flo
     return label_miou(out, "train")
 
 
+def predict_and_score(checkpoint: Path, root: Path, out: Path, *options: str) -> float:
+    """DeepLab val mIoU of ``wsss predict OPTIONS`` with ``checkpoint`` (the pipeline's test scales), into ``out``
+    (resumes)."""
+    if not (out / "metrics_eval_val.json").is_file():
+        run([wsss_command(), "-q", "predict", "--root", str(root), "--split", "val", "--checkpoint", str(checkpoint),
+             "--out", str(out), "--scales", "0.75,1.0,1.25", "--workers", "0", *options], out / "predict.log")
+        run([wsss_command(), "-q", "eval", "--root", str(root), "--split", "val", "--pred", str(out), "--workers", "1"],
+            out / "eval.log")
+    return label_miou(out, "val")
+
+
 def quality_arguments(description: str, md_name: str) -> argparse.ArgumentParser:
     """The options every quality bench takes: ``--work``, ``--seeds``, ``--jobs``, ``--md``."""
     parser = argparse.ArgumentParser(description=description)

@@ -8,7 +8,8 @@ VOC palette PNG ``<out>/<id>.png`` (``--overlay`` adds a colour overlay
 ``--overwrite``; under ``torchrun`` every rank (and with ``--shard I/N`` every shard) predicts its share of the ids.
 Up to ``--batch-size`` images of one size share each forward pass; probabilities
 are averaged and the argmax taken on the device, and only the uint8 label map
-(the probabilities with ``--crf``) comes back to the host.
+(the probabilities with ``--crf``) comes back to the host.  The CRF runs in
+``--workers`` processes while the network segments the next batch.
 ``--eval`` scores the predictions against ground truth afterwards (the same
 as ``wsss eval --pred <out>``).  ``--checkpoint`` is a ``.pth`` file or a
 train-seg output folder (its ``best.pth``, or ``last.pth`` when it was
@@ -111,8 +112,10 @@ def write_predictions(model, dataset: PreparedDataset, cfg: PredictConfig, ids: 
     """Segment ``ids`` in size-bucketed batches and write their label maps (and overlays)."""
     workers = min(default_workers(), 4) if cfg.workers is None else cfg.workers
     keep_images = cfg.overlay or cfg.crf is not None
-    with progress_bar(total=len(ids), desc=f"predict {cfg.split}", show=info.is_main) as bar, \
-            BackgroundWriter() as writer:
+    # the CRF (seconds per VOC image) runs in --workers processes, beside the network; plain writes on a thread
+    crf_processes = workers if cfg.crf is not None and len(ids) > 1 else 0
+    with BackgroundWriter(processes=crf_processes) as writer, \
+            progress_bar(total=len(ids), desc=f"predict {cfg.split}", show=info.is_main) as bar:
         for batch_ids, images, _ in split_batches(dataset, cfg.split, ids, batch_size=cfg.batch_size,
                                                   workers=workers, device=device):
             probs = segment_batch(model, to_model_input(images), cfg.scales, cfg.flip, precision)

@@ -121,15 +121,23 @@ def to_model_input(images: torch.Tensor, channels_last: bool = False) -> torch.T
 
 
 class BackgroundWriter:
-    """Runs file writes on one background thread; a failed write is raised at the next submit or at exit.
+    """Runs file writes in the background; a failed write is raised at the next submit or at exit.
 
-    Use as a context manager: leaving it waits for every pending write.
+    ``processes`` 0 (default): one thread, for plain writes (the encoders release the GIL).
+    ``processes`` N: N worker processes (:func:`wsss.parallel.process_executor`) for CPU-bound work
+    per image before its write, such as predict's dense CRF; functions and arguments must then be
+    picklable.  Use as a context manager: leaving it waits for every pending write.
     """
 
-    def __init__(self, pending_limit: int = 16):
-        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="wsss-writer")
+    def __init__(self, pending_limit: int = 16, processes: int = 0):
+        if processes > 0:
+            from wsss.parallel import process_executor
+
+            self._executor = process_executor(processes)
+        else:
+            self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="wsss-writer")
         self._pending: list[concurrent.futures.Future] = []
-        self._limit = pending_limit
+        self._limit = max(pending_limit, 2 * processes)
 
     def submit(self, function: Callable, *args) -> None:
         """Queue ``function(*args)``; blocks while more than ``pending_limit`` writes wait (bounded memory)."""

@@ -14,6 +14,7 @@ raised again in the parent by :mod:`multiprocessing`, with its type and message.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import functools
 import math
@@ -90,6 +91,17 @@ def _forking_safely():
         yield
     finally:
         cv2.setNumThreads(threads)
+
+
+def process_executor(workers: int) -> concurrent.futures.ProcessPoolExecutor:
+    """A ``ProcessPoolExecutor`` of ``workers`` processes started now, under the policy above (fork on
+    Linux with OpenCV quiet, one thread each, ending with their parent), for work submitted as it comes
+    (e.g. predict's CRF on each batch's probabilities).  The caller shuts it down."""
+    executor = concurrent.futures.ProcessPoolExecutor(workers, mp_context=pool_context(), initializer=_worker_start,
+                                                      initargs=(None, ()))
+    with _forking_safely():
+        executor.submit(int).result()  # with fork, the first task starts every worker
+    return executor
 
 
 def _indexed(func: Callable, item: tuple[int, Task]) -> tuple[int, Result]:

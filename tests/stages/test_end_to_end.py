@@ -56,6 +56,8 @@ def test_pipeline_runs_every_stage_and_resumes(tmp_path):
     # the classifier started from the pretrained trunk; DeepLab has its weak/full ratio
     assert json.loads(artifacts.config_path(run / "cls").read_text())["config"]["weights"].endswith("backbone.pth")
     assert json.loads(artifacts.metrics_path(run / "seg").read_text())["weak_full_ratio"] is not None
+    # DeepLab's predictions are CRF post-processed by default (bench/ablation.md)
+    assert json.loads(artifacts.config_path(run / "pred").read_text())["config"]["crf"]["iterations"] == 10
     checkpoints = {stage: artifacts.checkpoint_path(run / stage, "last").stat().st_mtime_ns
                    for stage in ("pretrain", "cls", "seg_gt", "seg")}
     cam_time = artifacts.cam_path(run / "cams", train_ids[0]).stat().st_mtime_ns

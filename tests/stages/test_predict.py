@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import numpy as np
@@ -8,6 +9,7 @@ from click.testing import CliRunner
 from stages.cli import cli
 from stages.predict import PredictConfig, predict_label
 from wsss import artifacts
+from wsss.crf import POSTPROCESS_CRF
 from wsss.datasets.prepared import PreparedDataset, SplitSpec, write_prepared
 from wsss.metrics import ConfusionMatrix
 from wsss.models.deeplab import build_seg_model
@@ -82,13 +84,27 @@ def test_existing_predictions_are_skipped_unless_overwrite(setup, tmp_path):
 
 def test_crf_post_processing_writes_full_size_labels(setup, tmp_path):
     pytest.importorskip("pydensecrf")
-    root, checkpoint, _ = setup
+    root, checkpoint, model = setup
     out = tmp_path / "crf"
     result = predict(root, checkpoint, out, "--crf", "--crf-iterations", "2", "--no-flip")
     assert result.exit_code == 0, result.output
+    dataset = PreparedDataset.load(root)
+    cfg = PredictConfig(root=root, checkpoint=checkpoint, out_dir=out, scales=(1.0, 0.75), flip=False,
+                        crf=dataclasses.replace(POSTPROCESS_CRF, iterations=2))
     for image_id, size in SIZES.items():
-        assert artifacts.read_label_png(artifacts.label_path(out, image_id)).shape == size
+        label = artifacts.read_label_png(artifacts.label_path(out, image_id))
+        assert label.shape == size
+        # the CRF of the one-image path (float rounding of the folded network may move a rare pixel)
+        expected = predict_label(model.eval(), dataset.read_image("val", image_id), cfg, "cpu")
+        assert (label == expected).mean() > 0.99
     assert json.loads(artifacts.metrics_path(out).read_text())["crf"] is True
+    # with --workers 2 the CRF runs in two processes: the same files
+    parallel = tmp_path / "crf_parallel"
+    result = predict(root, checkpoint, parallel, "--crf", "--crf-iterations", "2", "--no-flip", "--workers", "2")
+    assert result.exit_code == 0, result.output
+    for image_id in SIZES:
+        np.testing.assert_array_equal(artifacts.read_label_png(artifacts.label_path(parallel, image_id)),
+                                      artifacts.read_label_png(artifacts.label_path(out, image_id)))
 
 
 def test_checkpoint_for_other_classes_is_an_error(setup, tmp_path):
