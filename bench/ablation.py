@@ -156,8 +156,8 @@ def main() -> None:
                          f"{per_seed([r['deeplab_val'] for r in row])}; + CRF "
                          f"{per_seed([r['deeplab_val_crf'] for r in row])}")
     full = {trunk: [results[("plain", trunk, seed)] for seed in seeds] for trunk in trunks}
-    lines += ["", "DeepLab on the ground truth, val (1 scale / scales + flip + CRF): " + "; ".join(
-        f"{trunk} {per_seed([r['full_val_1scale'] for r in full[trunk]])} / "
+    lines += ["", "DeepLab on the ground truth, val mIoU per seed: " + "; ".join(
+        f"{trunk}: 1 scale {per_seed([r['full_val_1scale'] for r in full[trunk]])}, scales + flip + CRF "
         f"{per_seed([r['full_val_crf'] for r in full[trunk]])}" for trunk in trunks)]
     lines += ["", "train-cls options per variant: " + "; ".join(f"{v}: `{options}`" for v, options in VARIANTS.items())]
     args.md.write_text("\n".join(lines) + "\n")
