@@ -31,7 +31,7 @@ import concurrent.futures
 import json
 from pathlib import Path
 
-from harness import (fmt, in_parallel, label_miou, per_seed, pipeline, predict_and_score, quality_arguments, read_json,
+from harness import (fmt, label_miou, per_seed, pipeline, predict_and_score, quality_arguments, read_json,
                      refine_and_score)
 
 # train-cls options of each variant (the pipeline's recipe otherwise): the best settings found on seed 0
@@ -116,23 +116,18 @@ def main() -> None:
         backbone_file(args.work, seed)
     # plain runs train the ground-truth DeepLab that the other variants of their trunk and seed share: they are
     # queued first, and a variant waits for its plain run (queued earlier, so already running or finished)
-    plain = {(trunk, seed): concurrent.futures.Future() for trunk in trunks for seed in seeds}
-    keys = [("plain", trunk, seed) for trunk in trunks for seed in seeds]
-    keys += [(v, trunk, seed) for trunk in trunks for seed in seeds for v in variants[trunk] if v != "plain"]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        plain = {(trunk, seed): pool.submit(measure, args.work, "plain", trunk, seed)
+                 for trunk in trunks for seed in seeds}
 
-    def task(variant: str, trunk: str, seed: int) -> dict:
-        if variant != "plain":
+        def after_plain(variant: str, trunk: str, seed: int) -> dict:
             plain[(trunk, seed)].result()
             return measure(args.work, variant, trunk, seed)
-        try:
-            result = measure(args.work, variant, trunk, seed)
-        except BaseException as err:
-            plain[(trunk, seed)].set_exception(err)
-            raise
-        plain[(trunk, seed)].set_result(result)
-        return result
 
-    results = dict(zip(keys, in_parallel([lambda key=key: task(*key) for key in keys], args.jobs)))
+        others = {(variant, trunk, seed): pool.submit(after_plain, variant, trunk, seed)
+                  for trunk in trunks for seed in seeds for variant in variants[trunk] if variant != "plain"}
+        results = {("plain", *key): future.result() for key, future in plain.items()}
+        results.update({key: future.result() for key, future in others.items()})
     for (variant, trunk, seed), result in results.items():
         result["weak_full_crf"] = result["deeplab_val_crf"] / results[("plain", trunk, seed)]["full_val_crf"]
     lines = ["# Ablation on the demo data: equivariance (ER), erasing, GMM threshold, DeepLab", "",

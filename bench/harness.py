@@ -77,26 +77,30 @@ def label_miou(folder: Path, split: str) -> float:
     return read_json(Path(folder) / f"metrics_eval_{split}.json")["miou"]
 
 
+def _scored(out: Path, root: Path, split: str, command: list[str], log_name: str) -> float:
+    """mIoU of the label maps that ``command`` writes into ``out`` (``wsss eval`` on ``split``); a folder
+    already scored is read, not redone."""
+    if not (out / f"metrics_eval_{split}.json").is_file():
+        run(command, out / log_name)
+        run([wsss_command(), "-q", "eval", "--root", str(root), "--split", split, "--pred", str(out),
+             "--workers", "1"], out / "eval.log")
+    return label_miou(out, split)
+
+
 def refine_and_score(run_dir: Path, root: Path, name: str, *options: str) -> float:
     """Pseudo-label mIoU (train) of ``wsss refine OPTIONS`` on the run's CAMs, into ``run_dir/name`` (resumes)."""
     out = run_dir / name
-    if not (out / "metrics_eval_train.json").is_file():
-        run([wsss_command(), "-q", "refine", "--root", str(root), "--split", "train", "--cams", str(run_dir / "cams"),
-             "--out", str(out), "--workers", "1", *options], out / "refine.log")
-        run([wsss_command(), "-q", "eval", "--root", str(root), "--split", "train", "--pred", str(out),
-             "--workers", "1"], out / "eval.log")
-    return label_miou(out, "train")
+    return _scored(out, root, "train", [wsss_command(), "-q", "refine", "--root", str(root), "--split", "train",
+                                        "--cams", str(run_dir / "cams"), "--out", str(out), "--workers", "1",
+                                        *options], "refine.log")
 
 
 def predict_and_score(checkpoint: Path, root: Path, out: Path, *options: str) -> float:
     """DeepLab val mIoU of ``wsss predict OPTIONS`` with ``checkpoint`` (the pipeline's test scales), into ``out``
     (resumes)."""
-    if not (out / "metrics_eval_val.json").is_file():
-        run([wsss_command(), "-q", "predict", "--root", str(root), "--split", "val", "--checkpoint", str(checkpoint),
-             "--out", str(out), "--scales", "0.75,1.0,1.25", "--workers", "0", *options], out / "predict.log")
-        run([wsss_command(), "-q", "eval", "--root", str(root), "--split", "val", "--pred", str(out), "--workers", "1"],
-            out / "eval.log")
-    return label_miou(out, "val")
+    return _scored(out, root, "val", [wsss_command(), "-q", "predict", "--root", str(root), "--split", "val",
+                                      "--checkpoint", str(checkpoint), "--out", str(out), "--scales", "0.75,1.0,1.25",
+                                      "--workers", "0", *options], "predict.log")
 
 
 def quality_arguments(description: str, md_name: str) -> argparse.ArgumentParser:
