@@ -61,8 +61,9 @@ log = logging.getLogger(__name__)
 
 GT_LABELS = "gt"
 # Options that define the optimisation; a checkpoint can only be resumed when they agree.
-SCHEDULE_FIELDS = ("labels", "reliability_dir", "split", "model", "crop_size", "scale_range", "jitter", "batch_size",
-                   "lr", "head_lr_mult", "weight_decay", "momentum", "poly_power", "freeze_bn", "seed", "amp")
+SCHEDULE_FIELDS = ("labels", "reliability_dir", "split", "model", "output_stride", "crop_size", "scale_range", "jitter",
+                   "batch_size", "lr", "head_lr_mult", "weight_decay", "momentum", "poly_power", "freeze_bn", "seed",
+                   "amp")
 SELECT_METRICS = {"last": None, "val-miou": "val_miou"}
 
 
@@ -78,6 +79,7 @@ class TrainSegConfig:
     split: str = "train"
     val_split: str | None = "val"
     model: str = "deeplabv3_resnet50"
+    output_stride: int | None = None  # None = the model's own (8 for ResNet-50/101, 16 for ResNet-18)
     weights_backbone: str = "imagenet"
     crop_size: int = 321
     scale_range: tuple[float, float] = (0.5, 1.5)
@@ -191,6 +193,9 @@ def _check(cfg: TrainSegConfig, dataset: PreparedDataset) -> Path | None:
         raise WsssError(f"--epochs {cfg.epochs}: must be positive")
     if cfg.model not in SEG_MODELS:
         raise WsssError(f"--model {cfg.model!r}: choose from {sorted(SEG_MODELS)}")
+    if cfg.output_stride is not None and cfg.output_stride not in SEG_MODELS[cfg.model].output_strides:
+        strides = " or ".join(map(str, SEG_MODELS[cfg.model].output_strides))
+        raise WsssError(f"--output-stride {cfg.output_stride}: {cfg.model} is built with output stride {strides}")
     if cfg.batch_size < 2:
         raise WsssError("--batch-size must be at least 2 (BatchNorm statistics need more than one sample)")
     if (cfg.iterations is None) == (cfg.epochs is None):
@@ -245,8 +250,9 @@ def run(cfg: TrainSegConfig) -> dict:
     train_set = SegmentationDataset(dataset, cfg.split, augment,
                                     label_dir=label_dir, reliability_dir=cfg.reliability_dir)
     total = total_iterations(cfg, len(train_set), info.world_size)
+    stride = cfg.output_stride or SEG_MODELS[cfg.model].output_stride
     spec = RunSpec(Path(cfg.out_dir), cfg, SCHEDULE_FIELDS, total, dataset.classes,
-                   {"model": cfg.model, "num_classes": dataset.num_classes}, cfg.overwrite)
+                   {"model": cfg.model, "num_classes": dataset.num_classes, "output_stride": stride}, cfg.overwrite)
     checkpoint = find_resumable(spec)
     if (metrics := finished_metrics(spec, checkpoint)) is not None:
         metrics = _add_ratio(metrics, cfg)
@@ -255,7 +261,7 @@ def run(cfg: TrainSegConfig) -> dict:
         return metrics
     seed_everything(cfg.seed)
     # a resumed model gets its weights from the checkpoint: no need to fetch ImageNet weights again
-    model = build_seg_model(cfg.model, dataset.num_classes, "none" if checkpoint else cfg.weights_backbone)
+    model = build_seg_model(cfg.model, dataset.num_classes, "none" if checkpoint else cfg.weights_backbone, stride)
     model = (model.freeze_backbone_batchnorm() if cfg.freeze_bn else model).to(device)
     optimizer = sgd_with_head(*model.parameter_groups(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                               momentum=cfg.momentum, head_lr_mult=cfg.head_lr_mult)
@@ -304,6 +310,9 @@ def run(cfg: TrainSegConfig) -> dict:
                                           "(same as --reliability LABELS).")
 @options.out_option("Output folder for last.pth, best.pth, config.json and metrics.json.")
 @click.option("--model", type=click.Choice(sorted(SEG_MODELS)), default="deeplabv3_resnet50", show_default=True)
+@click.option("--output-stride", type=click.Choice(["8", "16"]), default=None, callback=lambda _c, _p, v: v and int(v),
+              help="Input pixels per logit cell: 8 (dense, about 2.5x the compute) or 16 [default: the model's own, "
+                   "8 for ResNet-50/101, 16 for ResNet-18].")
 @click.option("--weights-backbone", "--weights", "weights_backbone", default="imagenet", show_default=True,
               help="Backbone initialisation: imagenet, none or a state_dict file (e.g. `wsss pretrain`'s "
                    "backbone.pth).")
@@ -334,10 +343,10 @@ def run(cfg: TrainSegConfig) -> dict:
 @options.workers_option
 @options.threads_option
 @options.overwrite_option
-def command(root, dataset, split, val_split, labels, reliability_dir, raw, out_dir, model, weights_backbone, crop_size,
-            scale_range, jitter, batch_size, iterations, epochs, stop_at, lr, head_lr_mult, weight_decay, momentum,
-            poly_power, freeze_bn, eval_every, log_every, select, upper_bound, amp, compile_model, device, seed,
-            workers, threads, overwrite):
+def command(root, dataset, split, val_split, labels, reliability_dir, raw, out_dir, model, output_stride,
+            weights_backbone, crop_size, scale_range, jitter, batch_size, iterations, epochs, stop_at, lr, head_lr_mult,
+            weight_decay, momentum, poly_power, freeze_bn, eval_every, log_every, select, upper_bound, amp, compile_model,
+            device, seed, workers, threads, overwrite):
     """Train a DeepLabV3 segmentation network on pseudo-labels (--labels DIR) or ground truth (--labels gt)."""
     if raw:
         if reliability_dir is not None:
@@ -351,7 +360,8 @@ def command(root, dataset, split, val_split, labels, reliability_dir, raw, out_d
         iterations = 20000
     cfg = TrainSegConfig(
         root=root, out_dir=out_dir, labels=labels, reliability_dir=reliability_dir, dataset=dataset, split=split,
-        val_split=None if val_split.lower() == "none" else val_split, model=model, weights_backbone=weights_backbone,
+        val_split=None if val_split.lower() == "none" else val_split, model=model, output_stride=output_stride,
+        weights_backbone=weights_backbone,
         crop_size=crop_size, scale_range=scale_range, jitter=jitter, batch_size=batch_size, iterations=iterations,
         epochs=epochs, stop_at=stop_at, lr=lr, head_lr_mult=head_lr_mult, weight_decay=weight_decay, momentum=momentum,
         poly_power=poly_power, freeze_bn=freeze_bn, eval_every=eval_every, log_every=log_every, select=select,

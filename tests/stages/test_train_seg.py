@@ -84,7 +84,7 @@ def test_gt_run_writes_checkpoints_and_val_miou(data, tmp_path):
     assert len([h for h in metrics["history"] if "loss" in h]) == 3
     assert f"val mIoU {metrics['val_miou']:.4f}" in result.output
     checkpoint = artifacts.load_checkpoint(artifacts.checkpoint_path(out, "last"))
-    assert checkpoint["arch"] == {"model": "deeplabv3_resnet18", "num_classes": 3}
+    assert checkpoint["arch"] == {"model": "deeplabv3_resnet18", "num_classes": 3, "output_stride": 16}
     assert checkpoint["classes"] == CLASSES and checkpoint["step"] == 3
     assert checkpoint["config"]["labels"] == "gt" and isinstance(checkpoint["config"], dict)
     assert {"optimizer", "scheduler"} <= set(checkpoint)
@@ -185,6 +185,27 @@ def test_resume_refuses_a_changed_schedule(data, tmp_path):
     result = train(root, out, "--labels", "gt", "--iterations", "6", "--val-split", "none", "--overwrite")
     assert result.exit_code == 0
     assert artifacts.load_checkpoint(artifacts.checkpoint_path(out, "last"))["step"] == 6
+
+
+def test_output_stride_8_is_stored_resumed_and_checked(data, tmp_path):
+    root, _, _ = data
+    out = tmp_path / "dense"
+    common = ["--labels", "gt", "--iterations", "2", "--val-split", "none", "--output-stride", "8"]
+    assert train(root, out, *common, "--stop-at", "1").exit_code == 0
+    # the stride is part of the schedule: a run at another stride does not resume this one
+    result = train(root, out, "--labels", "gt", "--iterations", "2", "--val-split", "none")
+    assert result.exit_code == 1 and "--output-stride" in result.output
+    assert train(root, out, *common).exit_code == 0
+    checkpoint = artifacts.load_checkpoint(artifacts.checkpoint_path(out, "last"))
+    assert checkpoint["arch"]["output_stride"] == 8 and checkpoint["step"] == 2
+    from wsss.models.deeplab import model_from_checkpoint
+    with torch.no_grad():
+        model = model_from_checkpoint(checkpoint).eval()
+        assert model.backbone(torch.zeros(1, 3, 32, 32)).shape[-2:] == (4, 4)
+    result = train(root, tmp_path / "r50", "--labels", "gt", "--iterations", "1", "--model", "deeplabv3_resnet50",
+                   "--output-stride", "16")
+    assert result.exit_code == 1 and result.output.startswith("Error: --output-stride 16: deeplabv3_resnet50")
+    assert "Traceback" not in result.output and not (tmp_path / "r50").exists()
 
 
 def test_missing_pseudo_label_is_a_one_line_error(data, tmp_path):

@@ -2,6 +2,7 @@ import urllib.error
 
 import pytest
 import torch
+from torchvision import models
 from torchvision.models import resnet18
 
 from wsss.errors import WsssError
@@ -15,6 +16,24 @@ def test_output_stride_16_for_odd_sizes(name):
         features = net(torch.zeros(1, 3, 61, 47))
     # stride 16 with padding: ceil(61 / 16) = 4, ceil(47 / 16) = 3
     assert features.shape == (1, backbones.backbone_channels(name), 4, 3)
+
+
+def test_output_stride_8_dilates_like_torchvision():
+    # torchvision's replace_stride_with_dilation (Bottleneck ResNets only) is the reference: the same strides,
+    # dilations and paddings, convolution for convolution, in the last two stages
+    ours = backbones.build_resnet("resnet50", "none", output_stride=8)
+    reference = models.resnet50(weights=None, replace_stride_with_dilation=[False, True, True])
+    for index, stage in ((6, reference.layer3), (7, reference.layer4)):
+        got = [(m.stride, m.dilation, m.padding) for m in ours[index].modules() if isinstance(m, torch.nn.Conv2d)]
+        want = [(m.stride, m.dilation, m.padding) for m in stage.modules() if isinstance(m, torch.nn.Conv2d)]
+        assert got == want
+    assert {m.dilation for m in ours[7].modules() if isinstance(m, torch.nn.Conv2d)} == {(1, 1), (2, 2), (4, 4)}
+    with torch.inference_mode():
+        # ceil(61 / 8) = 8, ceil(47 / 8) = 6
+        assert ours.eval()(torch.zeros(1, 3, 61, 47)).shape == (1, 2048, 8, 6)
+        assert backbones.build_resnet("resnet18", "none", 8).eval()(torch.zeros(1, 3, 80, 80)).shape == (1, 512, 10, 10)
+    with pytest.raises(ValueError, match="output_stride"):
+        backbones.build_resnet("resnet18", "none", output_stride=4)
 
 
 def test_output_stride_32_keeps_torchvision_layout():

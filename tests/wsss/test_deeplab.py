@@ -54,6 +54,28 @@ def test_model_from_checkpoint_round_trips_and_rejects_foreign_arch():
         model_from_checkpoint({"model": model.state_dict(), "arch": {"model": "deeplabv3_resnet18", "num_classes": 5}})
 
 
+def test_resnet18_output_stride_8_has_twice_the_cells_and_rebuilds_from_its_checkpoint():
+    dense = build_seg_model("deeplabv3_resnet18", 3, output_stride=8).eval()
+    default = build_seg_model("deeplabv3_resnet18", 3).eval()
+    with torch.no_grad():
+        assert dense.backbone(torch.zeros(1, 3, 80, 80)).shape[-2:] == (10, 10)
+        assert default.backbone(torch.zeros(1, 3, 80, 80)).shape[-2:] == (5, 5)
+    # the ASPP rates follow the cells: 12/24/36 at stride 8, 6/12/18 at 16
+    def rates(model):
+        return [m.dilation[0] for m in model.head[0].modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3)]
+    assert rates(dense) == [12, 24, 36] and rates(default) == [6, 12, 18]
+    checkpoint = {"model": dense.state_dict(),
+                  "arch": {"model": "deeplabv3_resnet18", "num_classes": 3, "output_stride": 8}}
+    rebuilt = model_from_checkpoint(checkpoint).eval()
+    image = torch.randn(1, 3, 40, 48)
+    with torch.no_grad():
+        assert torch.allclose(rebuilt(image), dense(image), atol=1e-6)
+    with pytest.raises(WsssError, match="output stride 4"):
+        model_from_checkpoint({**checkpoint, "arch": {**checkpoint["arch"], "output_stride": 4}}, "seg/last.pth")
+    with pytest.raises(ValueError, match="output stride 8, not 16"):
+        build_seg_model("deeplabv3_resnet50", 3, output_stride=16)
+
+
 def test_prepare_for_inference_keeps_the_segmentation_outputs():
     # predict folds BatchNorm and runs channels-last (faster on CPU and GPU); the probabilities must not change
     from wsss.models.backbones import prepare_for_inference

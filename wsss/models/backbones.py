@@ -22,6 +22,8 @@ BACKBONES = {
     "resnet50": (models.resnet50, models.ResNet50_Weights.IMAGENET1K_V2, 2048),
     "resnet101": (models.resnet101, models.ResNet101_Weights.IMAGENET1K_V2, 2048),
 }
+# input pixels per feature cell that build_resnet can give (dilating the last one or two stages)
+OUTPUT_STRIDES = (8, 16, 32)
 
 
 def _lookup(name: str):
@@ -144,33 +146,39 @@ def build_resnet(name: str, weights: str = "none", output_stride: int = 16) -> n
     Args:
         name: ``resnet18``, ``resnet50`` or ``resnet101``.
         weights: ``imagenet``, ``none`` or a path to a state_dict.
-        output_stride: 16 (last stage dilated, the CAM/DeepLab setting) or 32.
+        output_stride: 16 (last stage dilated, the CAM/DeepLab setting), 8 (the last two stages
+            dilated, DeepLab's dense setting: 4x the cells, about 2.5x the compute of a ResNet-18) or 32.
 
     Returns:
         A module mapping [B, 3, H, W] to features [B, C, ceil(H/os), ceil(W/os)].
     """
     constructor, weight_enum, _ = _lookup(name)
-    if output_stride not in (16, 32):
-        raise ValueError(f"output_stride must be 16 or 32, got {output_stride}")
+    if output_stride not in OUTPUT_STRIDES:
+        raise ValueError(f"output_stride must be one of {OUTPUT_STRIDES}, got {output_stride}")
     net = constructor(weights=None)
     if weights == "imagenet":
         net.load_state_dict(load_imagenet_state(name, weight_enum))
     elif weights != "none":
         load_backbone_state(net, torchvision_names(load_state_file(weights)), weights, name)
-    if output_stride == 16:
-        _dilate_last_stage(net.layer4)
+    if output_stride <= 16:
+        _dilate_stage(net.layer4, 2 if output_stride == 16 else 4)
+    if output_stride == 8:
+        _dilate_stage(net.layer3, 2)
     return nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3, net.layer4)
 
 
-def _dilate_last_stage(stage: nn.Sequential) -> None:
-    # Replace the stride-2 of the last stage by dilation 2, keeping the receptive field
-    # (torchvision's replace_stride_with_dilation only exists for Bottleneck ResNets).
+def _dilate_stage(stage: nn.Sequential, rate: int) -> None:
+    # Replace the stride 2 of a stage by dilation, keeping the receptive field, as torchvision's
+    # replace_stride_with_dilation does (which only exists for Bottleneck ResNets): the strided 3x3
+    # convolution keeps the dilation of the stage before (rate / 2), every other 3x3 one gets ``rate``.
     for module in stage.modules():
         if isinstance(module, nn.Conv2d):
             if module.stride == (2, 2):
                 module.stride = (1, 1)
+                if module.kernel_size == (3, 3):
+                    module.dilation = module.padding = (rate // 2, rate // 2)
             elif module.kernel_size == (3, 3):
-                module.dilation, module.padding = (2, 2), (2, 2)
+                module.dilation = module.padding = (rate, rate)
 
 
 def freeze_batchnorm(module: nn.Module) -> None:
