@@ -37,7 +37,7 @@ from wsss import artifacts
 from wsss.crf import POSTPROCESS_CRF, CrfParams
 from wsss.datasets.prepared import PreparedDataset
 from wsss.device import DistInfo, default_workers, dist_info, shard, sum_over_ranks
-from wsss.errors import WsssError
+from wsss.errors import WsssError, option_name
 from wsss.inference import BackgroundWriter, split_batches, to_model_input
 from wsss.models.backbones import prepare_for_inference
 from wsss.models.deeplab import model_from_checkpoint
@@ -75,6 +75,30 @@ class PredictConfig:
     threads: int | None = None
     shard: tuple[int, int] = (0, 1)
     overwrite: bool = False
+
+
+# what decides a label map besides the checkpoint: a folder predicted with other values is not resumed into
+OUTPUT_SETTINGS = ("scales", "flip", "crf")
+
+
+def _check_previous_run(cfg: PredictConfig, checkpoint_file: Path, step) -> None:
+    """Refuse to resume into a folder predicted with another checkpoint or other settings (files would mix)."""
+    path = artifacts.config_path(cfg.out_dir, cfg.shard)
+    if cfg.overwrite or not path.is_file():
+        return
+    try:
+        previous = artifacts.read_json(path, dict)
+        before = {key: previous["config"][key] for key in OUTPUT_SETTINGS}
+        made_by = (previous["checkpoint_file"], previous["checkpoint_step"])
+    except (WsssError, KeyError, TypeError):
+        return  # an unreadable provenance file is rewritten below, as the images are redone when damaged
+    now = artifacts.provenance(cfg)["config"]
+    changed = [option_name(key) for key in OUTPUT_SETTINGS if before[key] != now[key]]
+    if made_by != (str(checkpoint_file), step):
+        changed.insert(0, "--checkpoint")
+    if changed:
+        raise WsssError(f"{path}: {cfg.out_dir} was predicted with other settings ({', '.join(changed)}); "
+                        "pass --overwrite or choose another --out")
 
 
 def _is_done(cfg: PredictConfig, image_id: str, num_classes: int | None = None) -> bool:
@@ -147,6 +171,7 @@ def run(cfg: PredictConfig) -> dict:
     ids = dataset.ids(cfg.split)
     if not ids:
         raise WsssError(f"{cfg.root}: split {cfg.split!r} has no images")
+    _check_previous_run(cfg, checkpoint_file, checkpoint.get("step"))
     mine = shard(ids, info, cfg.shard)
     todo = mine if cfg.overwrite else [image_id for image_id in mine
                                        if not _is_done(cfg, image_id, dataset.num_classes)]

@@ -82,6 +82,27 @@ def test_existing_predictions_are_skipped_unless_overwrite(setup, tmp_path):
     assert json.loads(artifacts.metrics_path(out).read_text())["checkpoint"] == str(checkpoint)
 
 
+def test_resume_refuses_a_folder_predicted_with_other_settings_or_checkpoint(setup, tmp_path):
+    root, checkpoint, model = setup
+    out = tmp_path / "pred"
+    assert predict(root, checkpoint, out).exit_code == 0
+    before = {image_id: artifacts.label_path(out, image_id).read_bytes() for image_id in SIZES}
+    # label maps without CRF must not be taken for CRF ones (nor those of other scales)
+    result = predict(root, checkpoint, out, "--crf", "--scales", "1.0")
+    assert result.exit_code == 1 and result.output.startswith("Error: ")
+    assert "other settings (--scales, --crf)" in result.output and "--overwrite" in result.output
+    assert "Traceback" not in result.output
+    # the same checkpoint file written again by a longer training run
+    artifacts.save_checkpoint(checkpoint, {"model": model.state_dict(), "config": {}, "classes": CLASSES, "step": 9,
+                                           "arch": {"model": "deeplabv3_resnet18", "num_classes": len(CLASSES)}})
+    result = predict(root, checkpoint, out)
+    assert result.exit_code == 1 and "other settings (--checkpoint)" in result.output
+    assert {image_id: artifacts.label_path(out, image_id).read_bytes() for image_id in SIZES} == before
+    result = predict(root, checkpoint, out, "--overwrite")
+    assert result.exit_code == 0 and "3 predicted, 0 skipped" in result.output
+    assert "0 predicted, 3 skipped" in predict(root, checkpoint, out).output  # same settings: resumed
+
+
 def test_crf_post_processing_writes_full_size_labels(setup, tmp_path):
     pytest.importorskip("pydensecrf")
     root, checkpoint, model = setup
