@@ -415,15 +415,15 @@ def run(cfg: RefineConfig) -> dict:
 @click.option("--fg-thresh", type=options.FiniteFloat(0, 1, min_open=True, max_open=True), default=None,
               help="With --threshold fixed: confident foreground threshold; pixels between --bg-thresh and "
                    "--fg-thresh become 255 (IRN uses 0.30/0.05).")
-@click.option("--gmm-per-class/--gmm-overall", default=True, show_default=True,
+@click.option("--gmm-per-class/--gmm-overall", default=RefineParams.gmm_per_class, show_default=True,
               help="One mixture per class (on that class's CAMs; a class in fewer than 10 images uses the overall "
                    "one) or one on the max over classes.")
 @click.option("--gmm-samples", type=click.IntRange(min=100), default=GmmParams().max_samples, show_default=True,
               help="Scores (seeded subsample) per GMM fit; pooled over the split with --threshold gmm.")
 @click.option("--gmm-components", type=click.IntRange(min=2, max=8), default=GmmParams().components,
               show_default=True, help="Gaussian components; the threshold lies between the two upper ones.")
-@click.option("--confidence", type=options.FiniteFloat(0, 1, max_open=True), default=0.9, show_default=True,
-              help="GMM posterior below this -> 255 (0 = off).")
+@click.option("--confidence", type=options.FiniteFloat(0, 1, max_open=True), default=RefineParams.confidence,
+              show_default=True, help="GMM posterior below this -> 255 (0 = off; e.g. 0.9 hides the unsure band).")
 @click.option("--crf/--no-crf", default=False, show_default=True, help="Refine the labels with a dense CRF.")
 @click.option("--crf-iterations", type=click.IntRange(min=1), default=PSEUDO_LABEL_CRF.iterations, show_default=True,
               help="Mean-field iterations.")

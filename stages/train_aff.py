@@ -128,8 +128,9 @@ def write_confident_labels(cfg: TrainAffConfig, dataset: PreparedDataset, ids: l
     fits = None
     if cfg.confident == "gmm":
         files = {image_id: artifacts.find_cam(cfg.cam_dir, image_id) for image_id in ids}
-        fits = pooled_fits(files, RefineParams(), seed=cfg.seed, workers=workers, allow_pickle=cfg.allow_pickle,
-                           num_classes=dataset.num_classes)
+        # the confident regions use each class's own pooled mixture (as measured in bench/affinity_quality.md)
+        fits = pooled_fits(files, RefineParams(gmm_per_class=True), seed=cfg.seed, workers=workers,
+                           allow_pickle=cfg.allow_pickle, num_classes=dataset.num_classes)
     thresholds = confident_thresholds(fits, cfg)
     folder = Path(cfg.out_dir) / CONFIDENT_DIR
     todo = [image_id for image_id in ids if cfg.overwrite or not _readable(artifacts.label_path(folder, image_id))]

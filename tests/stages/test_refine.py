@@ -112,7 +112,7 @@ def test_pooled_fits_give_every_image_the_split_threshold_and_per_class_needs_en
         keys = [1, 2] if index < 3 else [1]
         cams = np.concatenate([first, _blob_cams(rng, centre=(28, 40), radius=9)[0] * 0.6]) if index < 3 else first
         images.append((np.array(keys), cams))
-    params = RefineParams(gmm=GmmParams(components=2), confidence=0.0)  # per class, pooled: the defaults
+    params = RefineParams(gmm=GmmParams(components=2), confidence=0.0, gmm_per_class=True)  # per class, pooled
     samples = [split_samples(keys, cams, params, 500, seed=index) for index, (keys, cams) in enumerate(images)]
     assert all(sample["all"].size <= 500 and (sample["all"] > 0.05).all() for sample in samples)
     fits = fit_split(samples, params, seed=0)
@@ -307,6 +307,15 @@ def test_cli_refine_with_crf_and_eval(tiny):
     config = json.loads(artifacts.config_path(out).read_text())
     assert config["config"]["params"]["crf"]["scale"] == 0.5
     assert all(artifacts.label_path(out, image_id).is_file() for image_id in IDS)
+    # the defaults: one mixture over classes and no band of unsure pixels (bench/threshold_choice.md); the band
+    # of --confidence 0.9 marks the blurry CAMs' rims 255
+    assert metrics["threshold"]["per_class"] is False and metrics["ignore_ratio"]["pixels"] == 0.0
+    assert not any((artifacts.read_label_png(artifacts.label_path(out, i)) == 255).any() for i in IDS)
+    banded = tmp / "banded"
+    result = CliRunner().invoke(cli, ["-q", "refine", "--cams", str(cam_dir), "--root", str(root), "--out", str(banded),
+                                      "--confidence", "0.9", "--workers", "1"])
+    assert result.exit_code == 0, result.output
+    assert all((artifacts.read_label_png(artifacts.label_path(banded, i)) == 255).any() for i in IDS)
 
 
 def test_cli_errors_name_the_problem(tiny):
