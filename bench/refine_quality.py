@@ -35,13 +35,21 @@ VARIANTS = {
     "fixed 0.20 + CRF": ["--threshold", "fixed", "--bg-thresh", "0.20", "--crf"],
     "fixed oracle": ["--threshold", "fixed", "--bg-thresh", "{oracle}"],
     "fixed oracle + CRF": ["--threshold", "fixed", "--bg-thresh", "{oracle}", "--crf"],
-    "GMM pooled per class (default), no CRF": ["--threshold", "gmm"],
-    "GMM pooled per class (default) + CRF": ["--threshold", "gmm", "--crf"],
-    "GMM pooled per class, no 255 band + CRF": ["--threshold", "gmm", "--confidence", "0", "--crf"],
-    "GMM pooled over classes + CRF": ["--threshold", "gmm", "--gmm-overall", "--crf"],
-    "GMM per image, 3 components + CRF": ["--threshold", "gmm-image", "--gmm-overall", "--crf"],
-    "GMM per image, 2 components (the earlier default) + CRF": ["--threshold", "gmm-image", "--gmm-overall",
-                                                                "--gmm-components", "2", "--crf"],
+    "GMM pooled per class, 255 band (earlier default), no CRF": ["--threshold", "gmm", "--gmm-per-class",
+                                                                 "--confidence", "0.9"],
+    "GMM pooled per class, 255 band (earlier default) + CRF": ["--threshold", "gmm", "--gmm-per-class",
+                                                               "--confidence", "0.9", "--crf"],
+    "GMM pooled per class, no 255 band + CRF": ["--threshold", "gmm", "--gmm-per-class", "--confidence", "0", "--crf"],
+    "GMM pooled over classes, 255 band + CRF": ["--threshold", "gmm", "--gmm-overall", "--confidence", "0.9",
+                                                "--crf"],
+    "GMM pooled over classes, no 255 band (default), no CRF": ["--threshold", "gmm", "--gmm-overall",
+                                                               "--confidence", "0"],
+    "GMM pooled over classes, no 255 band (default) + CRF": ["--threshold", "gmm", "--gmm-overall",
+                                                             "--confidence", "0", "--crf"],
+    "GMM per image, 3 components, 255 band + CRF": ["--threshold", "gmm-image", "--gmm-overall", "--confidence",
+                                                    "0.9", "--crf"],
+    "GMM per image, 2 components, 255 band (the first default) + CRF": [
+        "--threshold", "gmm-image", "--gmm-overall", "--gmm-components", "2", "--confidence", "0.9", "--crf"],
     "IRN confident 0.05/0.30 + CRF": ["--threshold", "fixed", "--bg-thresh", "0.05", "--fg-thresh", "0.30", "--crf"],
 }
 
@@ -60,7 +68,8 @@ def run(command: list[str], log: list[dict]) -> float:
     if completed.returncode != 0:
         sys.stderr.write(completed.stdout + completed.stderr)
         raise SystemExit(f"failed: {shlex.join(command)}")
-    log.append({"command": command, "seconds": round(seconds, 1)})
+    # the record names the command, not where this machine keeps its environment
+    log.append({"command": ["wsss", *command[1:]], "seconds": round(seconds, 1)})
     print(f"[{seconds:6.1f} s] {shlex.join(command)}", flush=True)
     return seconds
 

@@ -19,8 +19,8 @@ files.  Steps:
 3. **CRF** (optional).  The unary is the softmax of [0, cam_k − ξ_k] / T, which for a
    global ξ and T = 1 is exactly the softmax of [ξ, CAMs]; :func:`wsss.crf.dense_crf`
    refines it and the label becomes its argmax.
-4. **Uncertainty** (GMM mode).  Pixels whose GMM component posterior is below
-   ``confidence`` become 255.  Images where the GMM fell back have no posterior and
+4. **Uncertainty** (GMM mode, off by default).  Pixels whose GMM component posterior is
+   below ``confidence`` become 255.  Images where the GMM fell back have no posterior and
    no uncertain pixels.
 5. **Reliability.**  RAW weights (:mod:`wsss.reliability`) from each pixel's CAM
    score (its label's class for foreground, the top class for background) and the
