@@ -83,20 +83,20 @@ OUTPUT_SETTINGS = ("scales", "flip", "crf")
 
 def _check_previous_run(cfg: PredictConfig, checkpoint_file: Path, step) -> None:
     """Refuse to resume into a folder predicted with another checkpoint or other settings (files would mix)."""
-    path = artifacts.config_path(cfg.out_dir, cfg.shard)
-    if cfg.overwrite or not path.is_file():
+    previous = None if cfg.overwrite else artifacts.previous_config(cfg.out_dir, cfg.shard)
+    if previous is None:
         return
     try:
-        previous = artifacts.read_json(path, dict)
         before = {key: previous["config"][key] for key in OUTPUT_SETTINGS}
         made_by = (previous["checkpoint_file"], previous["checkpoint_step"])
-    except (WsssError, KeyError, TypeError):
-        return  # an unreadable provenance file is rewritten below, as the images are redone when damaged
+    except (KeyError, TypeError):
+        return  # a config.json without the settings: nothing to compare
     now = artifacts.provenance(cfg)["config"]
     changed = [option_name(key) for key in OUTPUT_SETTINGS if before[key] != now[key]]
     if made_by != (str(checkpoint_file), step):
         changed.insert(0, "--checkpoint")
     if changed:
+        path = artifacts.config_path(cfg.out_dir, cfg.shard)
         raise WsssError(f"{path}: {cfg.out_dir} was predicted with other settings ({', '.join(changed)}); "
                         "pass --overwrite or choose another --out")
 

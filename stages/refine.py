@@ -282,15 +282,16 @@ def _option_of(key: str) -> str:
 
 def _check_previous_run(cfg: RefineConfig) -> None:
     """Refuse to resume into a folder made with other per-image settings (the files would mix)."""
-    path = artifacts.config_path(cfg.out_dir, cfg.shard)
-    if cfg.overwrite or not path.is_file():
+    previous = None if cfg.overwrite else artifacts.previous_config(cfg.out_dir, cfg.shard)
+    if previous is None:
         return
     try:
-        previous = artifacts.read_json(path)["config"]["params"]
-    except (WsssError, KeyError, TypeError):
-        return
-    if previous != _params_json(cfg.params):
-        changed = _changed_options(previous, _params_json(cfg.params))
+        params = previous["config"]["params"]
+    except (KeyError, TypeError):
+        return  # a config.json without the settings: nothing to compare
+    if params != _params_json(cfg.params):
+        changed = _changed_options(params, _params_json(cfg.params))
+        path = artifacts.config_path(cfg.out_dir, cfg.shard)
         raise WsssError(f"{path}: {cfg.out_dir} was refined with other settings ({', '.join(changed)}); "
                         "pass --overwrite or choose another --out")
 

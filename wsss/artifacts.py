@@ -311,6 +311,19 @@ def write_config(folder: str | Path, config: Any, shard: tuple[int, int] | None 
     write_json(config_path(folder, shard), provenance(config, **extra))
 
 
+def previous_config(folder: str | Path, shard: tuple[int, int] | None = None) -> dict | None:
+    """The ``config.json`` an earlier run left in ``folder``, or None when there is none or it cannot be read
+    (a stage then writes it anew, as it redoes damaged outputs).  Stages compare it with their settings
+    before resuming into the folder."""
+    path = config_path(folder, shard)
+    if not path.is_file():
+        return None
+    try:
+        return read_json(path, dict)
+    except WsssError:
+        return None
+
+
 def write_metrics(folder: str | Path, metrics: dict, shard: tuple[int, int] | None = None) -> None:
     """Write ``<folder>/metrics.json``."""
     write_json(metrics_path(folder, shard), metrics)
