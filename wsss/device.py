@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -169,6 +170,36 @@ def configure_threads(threads: int | None, processes: int = 1) -> int:
     cv2.setNumThreads(count)
     threadpool_limits(limits=count)
     return count
+
+
+# OpenCV's thread pool does not survive fork(): a child that changes the thread count (as every
+# DataLoader and pool worker of wsss does) waits forever for the parent's pool threads, which the
+# child does not have.  So the pool is stopped just before any fork (one thread) and restored in the
+# parent after it; the child starts without a pool.  Seen with opencv-python-headless 5.0 on a
+# GPU machine, where the bench's plain loops used OpenCV in the main process before a stage forked.
+_OPENCV_THREADS_BEFORE_FORK: list[int] = []
+
+
+def _stop_opencv_pool() -> None:
+    cv2 = sys.modules.get("cv2")
+    if cv2 is not None and hasattr(cv2, "setNumThreads"):
+        _OPENCV_THREADS_BEFORE_FORK.append(cv2.getNumThreads())
+        cv2.setNumThreads(1)
+
+
+def _restore_opencv_pool() -> None:
+    cv2 = sys.modules.get("cv2")
+    if cv2 is not None and _OPENCV_THREADS_BEFORE_FORK:
+        cv2.setNumThreads(_OPENCV_THREADS_BEFORE_FORK.pop())
+
+
+def _forget_opencv_pool() -> None:
+    _OPENCV_THREADS_BEFORE_FORK.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(before=_stop_opencv_pool, after_in_parent=_restore_opencv_pool,
+                        after_in_child=_forget_opencv_pool)
 
 
 def loader_worker_init(worker_id: int) -> None:

@@ -110,3 +110,44 @@ def test_two_process_evaluation_equals_one_process(tmp_path):
         assert record["val_cam_miou"] == pytest.approx(single_record["val_cam_miou"], abs=1e-9)
         assert record["val_ap"] == pytest.approx(single_record["val_ap"], abs=1e-6)
     assert sum(map(sum, single_matrix)) > 0
+
+
+# a parent that has used OpenCV's thread pool forks a worker that sets its thread count, as every
+# DataLoader worker does (wsss.device.loader_worker_init); without wsss's fork hook the child waits
+# forever for pool threads it does not have (opencv-python-headless 5.0)
+FORK_AFTER_OPENCV = """
+import os, sys, time
+import cv2, numpy as np
+from wsss.device import loader_worker_init
+cv2.setNumThreads(2)
+image = np.random.default_rng(0).integers(0, 255, (1500, 1500, 3), dtype=np.uint8)
+for _ in range(3):
+    cv2.resize(image, (1000, 1000))
+for attempt in range(2):
+    pid = os.fork()
+    if pid == 0:
+        loader_worker_init(0)
+        os._exit(0 if cv2.resize(image, (500, 500)).shape == (500, 500, 3) else 3)
+    for _ in range(200):
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        time.sleep(0.05)
+    else:
+        os.kill(pid, 9)
+        sys.exit("child hung")
+    if os.waitstatus_to_exitcode(status) != 0:
+        sys.exit("child failed")
+    cv2.resize(image, (1000, 1000))
+print("threads", cv2.getNumThreads())
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork")
+def test_workers_forked_after_opencv_used_its_threads_do_not_hang():
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", FORK_AFTER_OPENCV], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-500:]
+    assert done.stdout.split() == ["threads", "2"]  # the parent keeps its own thread count
