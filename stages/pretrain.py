@@ -272,6 +272,7 @@ def run(cfg: PretrainConfig) -> dict:
     seed_everything(cfg.seed)
     model = Pretext(cfg.backbone, cfg.method, temperature=cfg.temperature, queue=cfg.queue,
                     key_momentum=cfg.key_momentum, key_splits=cfg.key_splits).to(device)
+    model = precision.module(model)
     optimizer = torch.optim.SGD(model.parameter_groups(), lr=cfg.lr, momentum=cfg.momentum,
                                 weight_decay=cfg.weight_decay)
     trainee = Trainee(model, optimizer, cosine_scheduler(optimizer, spec.total_steps, cfg.warmup_epochs * per_epoch),

@@ -199,6 +199,7 @@ def run(cfg: TrainAffConfig) -> dict:
         torch.distributed.barrier()  # every rank trains on the labels rank 0 wrote
     seed_everything(cfg.seed)
     model = AffinityNet(cfg.backbone, "none" if checkpoint else cfg.weights, embed_dim=cfg.embed_dim).to(device)
+    model = precision.module(model)
     optimizer = sgd_with_head(*model.parameter_groups(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                               momentum=cfg.momentum, head_lr_mult=cfg.head_lr_mult)
     trainee = Trainee(model, optimizer, poly_scheduler(optimizer, spec.total_steps, power=cfg.poly_power),

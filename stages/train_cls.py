@@ -213,9 +213,8 @@ def run(cfg: TrainClsConfig) -> dict:
         return metrics
     seed_everything(cfg.seed)
     # a resumed model takes its weights from the checkpoint: no need to fetch ImageNet weights
-    model = CamNet(cfg.backbone, dataset.num_classes, "none" if checkpoint else cfg.weights, cfg.output_stride,
-                   freeze_bn=cfg.freeze_bn).to(device, memory_format=torch.channels_last if precision.channels_last
-                                                else torch.preserve_format)
+    model = precision.module(CamNet(cfg.backbone, dataset.num_classes, "none" if checkpoint else cfg.weights,
+                                    cfg.output_stride, freeze_bn=cfg.freeze_bn).to(device))
     optimizer = sgd_with_head(*model.parameter_groups(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                               momentum=cfg.momentum, head_lr_mult=cfg.head_lr_mult)
     trainee = Trainee(model, optimizer, poly_scheduler(optimizer, spec.total_steps, power=cfg.poly_power),

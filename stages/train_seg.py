@@ -262,7 +262,7 @@ def run(cfg: TrainSegConfig) -> dict:
     seed_everything(cfg.seed)
     # a resumed model gets its weights from the checkpoint: no need to fetch ImageNet weights again
     model = build_seg_model(cfg.model, dataset.num_classes, "none" if checkpoint else cfg.weights_backbone, stride)
-    model = (model.freeze_backbone_batchnorm() if cfg.freeze_bn else model).to(device)
+    model = precision.module((model.freeze_backbone_batchnorm() if cfg.freeze_bn else model).to(device))
     optimizer = sgd_with_head(*model.parameter_groups(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                               momentum=cfg.momentum, head_lr_mult=cfg.head_lr_mult)
     trainee = Trainee(model, optimizer, poly_scheduler(optimizer, total, power=cfg.poly_power),

@@ -74,6 +74,11 @@ class Precision:
         """An image batch [B, 3, H, W] in the memory layout the model expects."""
         return tensor.contiguous(memory_format=torch.channels_last) if self.channels_last else tensor
 
+    def module(self, model: torch.nn.Module) -> torch.nn.Module:
+        """``model`` (in place) with its weights in the memory layout of :meth:`images`: a channels-last
+        input with contiguous weights makes every convolution convert its weight at each call."""
+        return model.to(memory_format=torch.channels_last) if self.channels_last else model
+
 
 def resolve_precision(amp: str, device: torch.device) -> Precision:
     """Turn ``--amp`` into a :class:`Precision` for ``device``.
@@ -229,8 +234,8 @@ class LossMeter:
             value = value.detach().float()
             self._sums[name] = self._sums[name] + value if name in self._sums else value
         bad = ~torch.isfinite(terms["total"].detach())
-        self._first_bad = torch.where(bad & (self._first_bad < 0), torch.tensor(step, device=self.device),
-                                      self._first_bad)
+        # a Python number, not a new device tensor: copying one to the GPU would wait for the step
+        self._first_bad.masked_fill_(bad & (self._first_bad < 0), step)
         self._count += 1
 
     def read(self, info: DistInfo) -> dict[str, float]:

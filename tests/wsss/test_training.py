@@ -69,6 +69,31 @@ def test_loss_meter_pending_sums_continue_exactly_after_a_resume():
         bad.pending(DistInfo())
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")
+def test_loss_meter_add_does_not_wait_for_the_gpu():
+    cuda = torch.device("cuda")
+    meter = LossMeter(cuda)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any host-device synchronisation raises
+    try:
+        for step in range(3):
+            loss = torch.randn((), device=cuda)
+            meter.add({"total": loss.exp(), "cls": loss}, step)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert meter.read(DistInfo())["total"] > 0
+
+
+def test_precision_module_puts_weights_in_the_images_layout():
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Linear(5, 2))
+    assert resolve_precision("off", torch.device("cpu")).module(net) is net
+    assert net[0].weight.is_contiguous()
+    last = dataclasses.replace(resolve_precision("off", torch.device("cpu")), channels_last=True)
+    assert last.module(net) is net
+    assert net[0].weight.is_contiguous(memory_format=torch.channels_last) and not net[0].weight.is_contiguous()
+    assert net[2].weight.is_contiguous()  # 2-D weights keep their layout
+
+
 def test_precision_choices_on_cpu():
     cpu = torch.device("cpu")
     assert resolve_precision("auto", cpu).dtype is None  # full precision on the CPU
