@@ -19,8 +19,11 @@ Usage::
 
     .venv/bin/python bench/throughput.py --device cpu --images 16 --size 160 --backbone resnet18 \\
         --threads 2 --rounds 2 --json bench/throughput_cpu.json
-    python bench/throughput.py --device cuda --images 256 --size 500x375 --backbone resnet50 --rounds 3 \\
-        --json bench/throughput_cuda.json
+    python bench/throughput.py --device cuda --images 256 --size 500x375 --backbone resnet50 --crop 448 \\
+        --batch 16 --workers 8 --rounds 3 --warmup --json bench/throughput_cuda.json
+
+The JSON is rewritten after every stage, so a run cut short keeps the stages it finished; each
+round's line also gives every call's wall time (model build and loader start included).
 """
 
 from __future__ import annotations
@@ -108,14 +111,25 @@ class PlainCam(nn.Module):
 
 
 class PlainDeepLab(nn.Module):
+    """The DeepLab of ``wsss train-seg``'s defaults: torchvision's DeepLabV3 (output stride 8, ASPP
+    rates 12/24/36, no auxiliary head) for ResNet-50/101; ResNet-18 at output stride 16, rates 6/12/18."""
+
     def __init__(self, name: str):
         super().__init__()
+        from torchvision.models import segmentation
         from torchvision.models.segmentation.deeplabv3 import DeepLabHead
 
-        self.trunk = plain_trunk(name)
-        self.head = DeepLabHead(channels(name), NUM_CLASSES, atrous_rates=(6, 12, 18))
+        if name == "resnet18":
+            self.net = None
+            self.trunk = plain_trunk(name)
+            self.head = DeepLabHead(channels(name), NUM_CLASSES, atrous_rates=(6, 12, 18))
+        else:
+            self.net = getattr(segmentation, f"deeplabv3_{name}")(weights=None, weights_backbone=None,
+                                                                  num_classes=NUM_CLASSES, aux_loss=False)
 
     def forward(self, images):
+        if self.net is not None:
+            return self.net(images)["out"]
         return F.interpolate(self.head(self.trunk(images)), size=images.shape[-2:], mode="bilinear",
                              align_corners=False)
 
@@ -135,6 +149,13 @@ class CropSet(torch.utils.data.Dataset):
     def __getitem__(self, index):
         image = read_rgb(self.root / "images" / f"{self.ids[index]}.jpg")
         mask = cv2.imread(str(self.root / "masks" / f"{self.ids[index]}.png"), cv2.IMREAD_GRAYSCALE)
+        # smaller sides are padded up to the crop (torchvision's reference does the same), so every
+        # crop is crop x crop pixels: the mean colour for the image, 255 (ignored) for the mask
+        pad_h, pad_w = max(self.crop - image.shape[0], 0), max(self.crop - image.shape[1], 0)
+        if pad_h or pad_w:
+            fill = tuple(round(255 * float(m)) for m in MEAN.flatten())
+            image = cv2.copyMakeBorder(image, 0, pad_h, 0, pad_w, cv2.BORDER_CONSTANT, value=fill)
+            mask = cv2.copyMakeBorder(mask, 0, pad_h, 0, pad_w, cv2.BORDER_CONSTANT, value=255)
         top = np.random.randint(0, max(1, image.shape[0] - self.crop + 1))
         left = np.random.randint(0, max(1, image.shape[1] - self.crop + 1))
         image = image[top:top + self.crop, left:left + self.crop]
@@ -296,12 +317,19 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--stages", default="cls,seg,cam,predict")
     parser.add_argument("--warmup", action="store_true", help="one untimed run of each side first")
+    parser.add_argument("--plain", default=None,
+                        help="plain loops to time: fp32,bf16 (default: both on a GPU, fp32 on the CPU); the "
+                             "reference of the ratio must be among them")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     plain_modes = [False, True] if device.type == "cuda" else [False]
+    if args.plain:
+        plain_modes = [{"fp32": False, "bf16": True}[name] for name in args.plain.split(",")]
+    if (device.type == "cuda") not in plain_modes:
+        parser.error("--plain must include the reference loop (bf16 on a GPU, fp32 on the CPU)")
 
     from wsss.datasets.prepared import SplitSpec, write_prepared
 
@@ -312,32 +340,40 @@ def main() -> None:
     spec = SplitSpec(image_dir="images", image_ext=".jpg", mask_dir="masks")
     write_prepared(work / "data", "folder", classes, {"train": (spec, ids), "val": (spec, ids)}, labels)
 
+    title = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     names = {"cls": "train-cls", "seg": "train-seg", "cam": "make-cam", "predict": "predict"}
     rows = []
     for kind in args.stages.split(","):
         samples = {"wsss": [], **{("plain bf16" if bf16 else "plain fp32"): [] for bf16 in plain_modes}}
         for round_index in range(args.rounds + (1 if args.warmup else 0)):
+            started = time.perf_counter()
             measured = {"wsss": stage_throughput(kind, work / "data", args, device, work / f"out_{kind}")}
+            walls = {"wsss": time.perf_counter() - started}
             for bf16 in plain_modes:
+                started = time.perf_counter()
                 if kind in ("cls", "seg"):
                     value = plain_train(kind, work / "data", ids, labels, args, device, bf16)
                 else:
                     value = plain_infer(kind, work / "data", ids, labels, args, device, bf16, work / f"plain_{kind}")
                 measured["plain bf16" if bf16 else "plain fp32"] = value
+                walls["plain bf16" if bf16 else "plain fp32"] = time.perf_counter() - started
+            # the call's wall time (set-up included) beside the timed loop's images/s
+            print(f"{names[kind]} round {round_index}{' (warm-up)' if args.warmup and round_index == 0 else ''}: "
+                  + ", ".join(f"{k} {v:.2f} img/s ({walls[k]:.1f} s)" for k, v in measured.items()), flush=True)
             if args.warmup and round_index == 0:
                 continue
             for key, value in measured.items():
                 samples[key].append(value)
-            print(f"{names[kind]} round {round_index}: " + ", ".join(f"{k} {v:.2f} img/s" for k, v in measured.items()),
-                  flush=True)
         medians = {key: statistics.median(values) for key, values in samples.items()}
         reference = "plain bf16" if device.type == "cuda" else "plain fp32"
         rows.append({"stage": names[kind], **{key: round(value, 3) for key, value in medians.items()},
                      "ratio": round(medians["wsss"] / medians[reference], 3), "reference": reference,
                      "rounds": {key: [round(v, 3) for v in values] for key, values in samples.items()}})
+        if args.json:  # after every stage: a run cut short keeps the stages it finished
+            args.json.write_text(json.dumps({"device": title, "args": {k: str(v) for k, v in vars(args).items()},
+                                             "rows": rows}, indent=2) + "\n")
 
     goal = 0.8 if device.type == "cuda" else 0.9
-    title = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"\n{title}; {args.images} images {args.size}, {args.backbone}, crop {args.crop}, batch {args.batch}, "
           f"inference batch {args.infer_batch}; median of {args.rounds} rounds")
     columns = ["stage", "wsss"] + [key for key in rows[0] if key.startswith("plain")] + ["ratio"]
@@ -346,9 +382,6 @@ def main() -> None:
     print("|" + "---|" * (len(columns) + 1))
     for row in rows:
         print("| " + " | ".join(str(row[column]) for column in columns) + f" | >= {goal} vs {row['reference']} |")
-    if args.json:
-        args.json.write_text(json.dumps({"device": title, "args": {k: str(v) for k, v in vars(args).items()},
-                                         "rows": rows}, indent=2) + "\n")
 
 
 if __name__ == "__main__":
