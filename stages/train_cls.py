@@ -263,6 +263,10 @@ def run(cfg: TrainClsConfig) -> dict:
 @click.option("--weights", default="imagenet", show_default=True,
               help="Backbone initialisation: imagenet (torchvision download), none, or a state_dict file PATH "
                    "(e.g. `wsss pretrain`'s backbone.pth).")
+@click.option("--output-stride", type=click.Choice(["8", "16", "32"]), default="16", show_default=True,
+              callback=lambda _c, _p, v: int(v),
+              help="Input pixels per CAM cell: 16 dilates the last stage (IRN), 8 the last two (SEAM's ResNet-38 "
+                   "setting: 4x the cells, about 3x the compute).")
 @click.option("--freeze-bn", is_flag=True, help="Keep BatchNorm in eval mode with frozen parameters (small batches).")
 @click.option("--crop-size", type=click.IntRange(min=16), default=512, show_default=True)
 @click.option("--scale-range", default="0.5,1.5", show_default=True, callback=options.positive_pair,
@@ -312,7 +316,7 @@ def run(cfg: TrainClsConfig) -> dict:
 @options.workers_option
 @options.threads_option
 @options.overwrite_option
-def command(root, dataset, split, val_split, out_dir, backbone, weights, freeze_bn, crop_size, scale_range, jitter,
+def command(root, dataset, split, val_split, out_dir, backbone, weights, output_stride, freeze_bn, crop_size, scale_range, jitter,
             batch_size, epochs, stop_after, lr, head_lr_mult, weight_decay, momentum, poly_power, er_weight,
             er_scale_range, er_min_crop, er_target, er_view_cls, erase_weight, erase_thresh, erase_fill, erase_classes,
             reg_start, reg_ramp, val_cam_images, val_cam_threshold, select, amp, compile_model, device, seed, workers,
@@ -325,7 +329,7 @@ def command(root, dataset, split, val_split, out_dir, backbone, weights, freeze_
     cfg = TrainClsConfig(
         root=root, out_dir=out_dir, dataset=dataset, split=split,
         val_split=None if val_split.lower() == "none" else val_split, backbone=backbone, weights=weights,
-        freeze_bn=freeze_bn, crop_size=crop_size, scale_range=scale_range, jitter=jitter, batch_size=batch_size,
+        output_stride=output_stride, freeze_bn=freeze_bn, crop_size=crop_size, scale_range=scale_range, jitter=jitter, batch_size=batch_size,
         epochs=epochs, stop_after=stop_after, lr=lr, head_lr_mult=head_lr_mult, weight_decay=weight_decay,
         momentum=momentum, poly_power=poly_power, er_weight=er_weight, er_scale_range=er_scale_range,
         er_min_crop=er_min_crop, er_target=er_target, er_view_cls=er_view_cls, erase_weight=erase_weight,

@@ -154,3 +154,27 @@ def test_bad_input_is_a_one_line_error(tmp_path, root):
     result = train(root, tmp_path / "cls", "--epochs", "1", "--weights", str(tmp_path / "missing.pth"))
     assert result.exit_code == 1 and "missing.pth: file not found" in result.output
     assert "Traceback" not in result.output
+
+
+def test_output_stride_8_is_stored_and_used_by_make_cam(root, tmp_path):
+    out = tmp_path / "cls"
+    result = train(root, out, "--epochs", "1", "--output-stride", "8", "--er-weight", "1", "--crop-size", "40")
+    assert result.exit_code == 0, result.output
+    checkpoint = artifacts.load_checkpoint(artifacts.checkpoint_path(out, "last"))
+    assert checkpoint["arch"]["output_stride"] == 8
+    from wsss.models.classifier import load_classifier
+
+    model = load_classifier(checkpoint)
+    # 40 x 36 input: ceil(40 / 8) x ceil(36 / 8) cells (stride 16 would give 3 x 3)
+    assert model.class_maps(torch.zeros(1, 3, 40, 36)).shape == (1, 2, 5, 5)
+    assert json.loads(artifacts.metrics_path(out).read_text())["history"][0]["loss_er"] > 0
+    # make-cam rebuilds the stride-8 network from the checkpoint and writes full-resolution CAMs
+    result = CliRunner().invoke(cli, ["make-cam", "--root", str(root), "--checkpoint", str(out / "last.pth"),
+                                      "--out", str(tmp_path / "cams"), "--scales", "1.0", "--device", "cpu",
+                                      "--workers", "0"])
+    assert result.exit_code == 0, result.output
+    keys, cams = artifacts.read_cam(artifacts.cam_path(tmp_path / "cams", "t2"))
+    assert keys.tolist() == [1, 2] and cams.shape == (2, 40, 40)
+    # a stride the network cannot be built with is refused while parsing
+    result = train(root, tmp_path / "other", "--epochs", "1", "--output-stride", "4")
+    assert result.exit_code == 2 and "--output-stride" in result.output and "Traceback" not in result.output

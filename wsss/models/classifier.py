@@ -27,7 +27,7 @@ class CamNet(nn.Module):
         num_classes: number of dataset classes *including* background; the network
             has ``num_classes - 1`` outputs, one per foreground class.
         weights: ``imagenet``, ``none`` or a path to a backbone state_dict.
-        output_stride: 16 (last stage dilated) or 32.
+        output_stride: 16 (last stage dilated), 8 (last two stages dilated) or 32.
         freeze_bn: keep every BatchNorm of the backbone in eval mode with frozen
             affine parameters (IRN's setting for small batches).
     """
