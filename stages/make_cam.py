@@ -8,7 +8,7 @@ per class.  CAMs are kept for the classes in the image-level labels
 ``--score-thresh`` (``--classes pred``, for images without labels).
 
 ``--erase-steps N`` adds inference-time adversarial erasing
-(:func:`wsss.cam.erasing_cam`): N times, the pixels whose accumulated CAM
+(:func:`wsss.cam.erasing_cams`): N times, the pixels whose accumulated CAM
 reaches ``--erase-thresh`` are erased and the CAM of what remains is added.
 
 Speed: up to ``--batch-size`` images of one size share every forward pass
@@ -36,7 +36,7 @@ import torch
 
 from stages import options
 from wsss import artifacts, evaluation
-from wsss.cam import DEFAULT_SCALES, erasing_cam, max_normalize, multiscale_cam
+from wsss.cam import DEFAULT_SCALES, erasing_cams, max_normalize, multiscale_cam
 from wsss.datasets.prepared import PreparedDataset
 from wsss.device import DistInfo, default_workers, dist_info, shard, sum_over_ranks
 from wsss.errors import WsssError
@@ -188,11 +188,12 @@ def write_cams(model, dataset: PreparedDataset, cfg: MakeCamConfig, ids: list[st
             with torch.inference_mode(), precision.autocast(device):
                 cams, _ = multiscale_cam(model, inputs, remember, scales=cfg.scales, flip=cfg.flip)
                 if cfg.erase_steps > 0:
-                    cams = [erasing_cam(model, inputs[index], channels, erase_steps=cfg.erase_steps,
-                                        erase_thresh=cfg.erase_thresh, scales=cfg.scales, flip=cfg.flip,
-                                        first=cams[index]) if channels else cams[index]
-                            for index, channels in enumerate(chosen)]
-                normalised = torch.cat([max_normalize(cam) for cam in cams]).half().cpu().numpy()
+                    cams = erasing_cams(model, inputs, chosen, erase_steps=cfg.erase_steps,
+                                        erase_thresh=cfg.erase_thresh, scales=cfg.scales, flip=cfg.flip, first=cams,
+                                        chunk=cfg.batch_size)
+                else:
+                    cams = [max_normalize(cam) for cam in cams]
+                normalised = torch.cat(cams).half().cpu().numpy()
             offsets = np.cumsum([0] + [len(channels) for channels in chosen])
             for index, image_id in enumerate(batch_ids):
                 keys = np.asarray(chosen[index], dtype=np.int64) + 1

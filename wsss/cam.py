@@ -166,40 +166,52 @@ def multiscale_cam(model, images: torch.Tensor, channels: ChannelChoice = None, 
 
 
 @torch.inference_mode()
+def erasing_cams(model, images: torch.Tensor, channels: Sequence[Sequence[int]], *, erase_steps: int = 0,
+                 erase_thresh: float = 0.5, scales: Sequence[float] = DEFAULT_SCALES, flip: bool = True,
+                 first: Sequence[torch.Tensor] | None = None, chunk: int | None = None) -> list[torch.Tensor]:
+    """Multi-scale CAMs with inference-time adversarial erasing for a batch, max-normalised.
+
+    Step 0 is the plain multi-scale CAM.  At every further step, for each image and class the
+    pixels whose accumulated (max-normalised) CAM is ``>= erase_thresh`` are erased (set to 0,
+    the normalised mean colour), the CAM of the erased image is computed again and added to the
+    accumulated raw CAM, so regions the classifier uses only once the most discriminative part
+    is gone are collected too.  Every (image, class) pair gets its own erased copy; the copies of
+    the whole batch share the forward passes, ``chunk`` copies at a time (default: all at once).
+
+    Args:
+        images: float [B, 3, H, W], normalised, all of one size.
+        channels: per image, its foreground channels (0-based), K_b of them.
+        erase_steps: number of erasing steps (0 = plain CAM).
+        erase_thresh: threshold on the max-normalised accumulated CAM.
+        first: the already computed raw step-0 CAMs, ``first[b]`` [K_b, H, W] (saves one pass).
+        chunk: erased copies per forward pass.
+
+    Returns:
+        per image float [K_b, H, W] in [0, 1].
+    """
+    channels = [list(chosen) for chosen in channels]
+    if first is None:
+        first = multiscale_cam(model, images, channels, scales=scales, flip=flip)[0]
+    counts = [len(chosen) for chosen in channels]
+    accumulated = torch.cat(list(first))  # [sum K_b, H, W]
+    owner = torch.tensor([b for b, chosen in enumerate(channels) for _ in chosen], dtype=torch.long,
+                         device=images.device)
+    pairs = [[channel] for chosen in channels for channel in chosen]
+    chunk = max(1, chunk or len(pairs))
+    for _ in range(erase_steps if pairs else 0):
+        erased = erase_images(images[owner], max_normalize(accumulated) >= erase_thresh)
+        step = [torch.cat(multiscale_cam(model, erased[start:start + chunk], pairs[start:start + chunk],
+                                         scales=scales, flip=flip)[0]) for start in range(0, len(pairs), chunk)]
+        accumulated = accumulated + torch.cat(step)
+    return list(torch.split(max_normalize(accumulated), counts))
+
+
 def erasing_cam(model, image: torch.Tensor, channels: Sequence[int], *, erase_steps: int = 0,
                 erase_thresh: float = 0.5, scales: Sequence[float] = DEFAULT_SCALES, flip: bool = True,
                 first: torch.Tensor | None = None) -> torch.Tensor:
-    """Multi-scale CAMs with inference-time adversarial erasing, max-normalised.
-
-    Step 0 is the plain multi-scale CAM.  At every further step, for each class the
-    pixels whose accumulated (max-normalised) CAM is ``>= erase_thresh`` are erased
-    (set to 0, the normalised mean colour), the CAM of the erased image is computed
-    again and added to the accumulated raw CAM, so regions the classifier uses only
-    once the most discriminative part is gone are collected too.  The classes are
-    one batch (one erased copy per class).
-
-    Args:
-        image: float [3, H, W], normalised.
-        channels: foreground channels (0-based) to compute, K of them.
-        erase_steps: number of erasing steps (0 = plain CAM).
-        erase_thresh: threshold on the max-normalised accumulated CAM.
-        first: the already computed raw step-0 CAM [K, H, W] (saves one pass).
-
-    Returns:
-        float [K, H, W] in [0, 1].
-    """
-    channels = list(channels)
-    if first is None:
-        first = multiscale_cam(model, image[None], [channels], scales=scales, flip=flip)[0][0]
-    accumulated = first
-    for _ in range(erase_steps):
-        if not channels:
-            break
-        erased = erase_images(image[None].expand(len(channels), -1, -1, -1),
-                              max_normalize(accumulated) >= erase_thresh)
-        step_cams, _ = multiscale_cam(model, erased, [[channel] for channel in channels], scales=scales, flip=flip)
-        accumulated = accumulated + torch.cat(step_cams)
-    return max_normalize(accumulated)
+    """:func:`erasing_cams` of one image [3, H, W]: float [K, H, W] in [0, 1]."""
+    return erasing_cams(model, image[None], [channels], erase_steps=erase_steps, erase_thresh=erase_thresh,
+                        scales=scales, flip=flip, first=None if first is None else [first])[0]
 
 
 def erase_images(images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

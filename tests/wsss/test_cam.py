@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from wsss.cam import erase_images, erasing_cam, feature_to_image, max_normalize, multiscale_cam, resample
+from wsss.cam import erase_images, erasing_cam, erasing_cams, feature_to_image, max_normalize, multiscale_cam, resample
 from wsss.models.classifier import CamNet
 
 
@@ -133,6 +133,22 @@ def test_inference_erasing_by_hand():
     # accumulated: class 0 [0.2, 1, 0.6, 0] + [0.2, 0, 0, 0]; class 1 [0.5, .1, 0, .4] + [0, .1, 0, 0]
     torch.testing.assert_close(result[0, 0], torch.tensor([0.4, 1.0, 0.6, 0.0]))
     torch.testing.assert_close(result[1, 0], torch.tensor([1.0, 0.4, 0.0, 0.8]))
+
+
+@pytest.mark.parametrize("chunk", [None, 1, 2])
+def test_batched_erasing_equals_one_image_at_a_time(chunk):
+    torch.manual_seed(0)
+    net = CamNet("resnet18", num_classes=4).eval()
+    images = torch.randn(3, 3, 40, 48)
+    channels = [[0, 2], [], [1]]  # the second image has no class: it gets no erased copy
+    batched = erasing_cams(net, images, channels, erase_steps=2, erase_thresh=0.5, scales=(1.0, 0.5), chunk=chunk)
+    assert [cam.shape for cam in batched] == [(2, 40, 48), (0, 40, 48), (1, 40, 48)]
+    for image, chosen, cam in zip(images, channels, batched):
+        if chosen:
+            alone = erasing_cam(net, image, chosen, erase_steps=2, erase_thresh=0.5, scales=(1.0, 0.5))
+            torch.testing.assert_close(cam, alone, atol=1e-4, rtol=1e-4)
+    one_step = erasing_cams(net, images, channels, erase_steps=1, erase_thresh=0.5, scales=(1.0, 0.5), chunk=chunk)
+    assert (batched[0] - one_step[0]).abs().max() > 1e-3  # the second step added something
 
 
 def test_zero_erase_steps_is_the_plain_normalised_cam():
