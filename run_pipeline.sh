@@ -32,8 +32,11 @@ Options (each also settable through the environment variable in brackets):
   --seg-init cls|weights  DeepLab's trunk starts from the CAM classifier's (cls, when both are the same ResNet)
                         or from --weights [WSSS_SEG_INIT, default cls]
   --cls-opts "..."      extra options for train-cls (e.g. "--er-weight 1") [WSSS_CLS_OPTS]
+  --cam-opts "..."      extra options for make-cam (e.g. "--erase-steps 0") [WSSS_CAM_OPTS]
   --refine-opts "..."   extra options for refine [WSSS_REFINE_OPTS]
   --seg-opts "..."      extra options for train-seg [WSSS_SEG_OPTS]
+  --no-raw              plain cross-entropy on the pseudo-labels instead of weighting DeepLab's loss with
+                        refine's reliability maps (RAW, on by default) [WSSS_RAW=0]
   --no-pred-crf         predict without DeepLab-v2's dense-CRF post-processing (on by default: +9 val mIoU on
                         the demo, bench/ablation.md) [WSSS_PRED_CRF=0]
   --pred-opts "..."     extra options for predict (e.g. "--crf-scale 0.5") [WSSS_PRED_OPTS]
@@ -62,10 +65,12 @@ PRETRAIN=${WSSS_PRETRAIN:-}
 PRETRAINED=${WSSS_PRETRAINED:-}
 AFFINITY=${WSSS_AFFINITY:-0}
 UPPER_BOUND=${WSSS_UPPER_BOUND:-0}
+RAW=${WSSS_RAW:-1}
 UPPER_BOUND_DIR=${WSSS_UPPER_BOUND_DIR:-}
 STOP_AFTER=${WSSS_STOP_AFTER:-}
 SEG_INIT=${WSSS_SEG_INIT:-cls}
 USER_CLS_OPTS=${WSSS_CLS_OPTS:-}
+USER_CAM_OPTS=${WSSS_CAM_OPTS:-}
 USER_REFINE_OPTS=${WSSS_REFINE_OPTS:-}
 USER_SEG_OPTS=${WSSS_SEG_OPTS:-}
 PRED_CRF=${WSSS_PRED_CRF:-1}
@@ -95,10 +100,12 @@ while [ $# -gt 0 ]; do
         --pretrained) PRETRAINED=$2; shift 2 ;;
         --affinity) AFFINITY=1; shift ;;
         --upper-bound) UPPER_BOUND=1; shift ;;
+        --no-raw) RAW=0; shift ;;
         --upper-bound-dir) UPPER_BOUND=1; UPPER_BOUND_DIR=$2; shift 2 ;;
         --stop-after) STOP_AFTER=$2; shift 2 ;;
         --seg-init) SEG_INIT=$2; shift 2 ;;
         --cls-opts) USER_CLS_OPTS=$2; shift 2 ;;
+        --cam-opts) USER_CAM_OPTS=$2; shift 2 ;;
         --refine-opts) USER_REFINE_OPTS=$2; shift 2 ;;
         --seg-opts) USER_SEG_OPTS=$2; shift 2 ;;
         --no-pred-crf) PRED_CRF=0; shift ;;
@@ -167,6 +174,7 @@ else
 fi
 # split "--a 1 --b 2" into words (the options carry no spaces of their own)
 read -r -a CLS_EXTRA <<< "$USER_CLS_OPTS"
+read -r -a CAM_EXTRA <<< "$USER_CAM_OPTS"
 read -r -a REFINE_EXTRA <<< "$USER_REFINE_OPTS"
 read -r -a SEG_EXTRA <<< "$USER_SEG_OPTS"
 read -r -a PRED_EXTRA <<< "$USER_PRED_OPTS"
@@ -191,15 +199,18 @@ if [ "$DATASET" = demo ]; then
     PRE_OPTS=(--method "$PRETRAIN" --crop-size 64 --batch-size 60 --epochs "$PRETRAIN_EPOCHS" --warmup-epochs 2
               --workers 1)
     if [ "$PRETRAIN" = rotation ]; then PRE_OPTS+=(--lr 0.03); else PRE_OPTS+=(--lr 0.05 --temperature 0.2); fi
+    # output stride 8: 12 x 12 CAM cells on the demo's 96 px images (6 x 6 at 16), so the equivariance views
+    # (0.5-0.75 of the image) keep 6-9 cells a side; make-cam erases once by default (bench/ablation.md)
     CLS_OPTS=(--crop-size 80 --scale-range 0.7,1.3 --batch-size 8 --epochs "$EPOCHS" --lr 0.05 --val-cam-images 40
-              --workers 0)
+              --workers 0 --output-stride 8 --er-scale-range 0.5,0.75)
     CAM_OPTS=(--sweep 0.05:0.95:0.01 --workers 1)
     AFF_OPTS=(--crop-size 80 --batch-size 8 --epochs 6 --embed-dim 64 --workers 1)
     # the demo's 96 px images give 12 x 12-cell graphs: AffinityNet's 256 steps (for 56 x 56 cells) would
     # mix every cell with every other; fewer, sharper steps (chosen on the demo's train split)
     WALK_OPTS=(--rw-steps 16 --rw-beta 32)
+    # output stride 8: 10 x 10 logits on an 80 px crop (5 x 5 at 16); +14 val mIoU on seed 0, 2.4x the time
     SEG_OPTS=(--crop-size 80 --batch-size 8 --iterations "$ITERATIONS" --lr 0.05 --head-lr-mult 1 --eval-every 250
-              --workers 0)
+              --workers 0 --output-stride 8)
     PRED_OPTS=(--scales 0.75,1.0,1.25 --workers 0)
 else
     PRE_OPTS=(--method "$PRETRAIN"); CLS_OPTS=(); CAM_OPTS=(); AFF_OPTS=(); WALK_OPTS=(); SEG_OPTS=(); PRED_OPTS=()
@@ -224,7 +235,7 @@ done_with train-cls
 
 step "make-cam -> $RUN/cams"
 wsss make-cam "${DATA[@]}" --split "$TRAIN_SPLIT" --checkpoint "$RUN/cls/last.pth" --out "$RUN/cams" \
-    --device "$DEVICE" --eval ${CAM_OPTS[@]+"${CAM_OPTS[@]}"}
+    --device "$DEVICE" --eval ${CAM_OPTS[@]+"${CAM_OPTS[@]}"} ${CAM_EXTRA[@]+"${CAM_EXTRA[@]}"}
 done_with make-cam
 
 WALK=()
@@ -260,8 +271,12 @@ if [ "$UPPER_BOUND" = 1 ]; then
 fi
 
 step "train-seg -> $RUN/seg"
-"${TRAIN[@]}" train-seg "${DATA[@]}" --split "$TRAIN_SPLIT" --val-split "$VAL_SPLIT" --labels "$RUN/pseudo" --raw \
-    --out "$RUN/seg" --model "$SEG_MODEL" --weights-backbone "$SEG_WEIGHTS" --device "$DEVICE" --seed "$SEED" \
+RAW_OPTS=()
+if [ "$RAW" = 1 ]; then
+    RAW_OPTS=(--raw)
+fi
+"${TRAIN[@]}" train-seg "${DATA[@]}" --split "$TRAIN_SPLIT" --val-split "$VAL_SPLIT" --labels "$RUN/pseudo" \
+    ${RAW_OPTS[@]+"${RAW_OPTS[@]}"} --out "$RUN/seg" --model "$SEG_MODEL" --weights-backbone "$SEG_WEIGHTS" --device "$DEVICE" --seed "$SEED" \
     ${SEG_OPTS[@]+"${SEG_OPTS[@]}"} ${SEG_EXTRA[@]+"${SEG_EXTRA[@]}"} ${UPPER[@]+"${UPPER[@]}"}
 done_with train-seg
 

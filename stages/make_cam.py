@@ -64,8 +64,8 @@ class MakeCamConfig:
     flip: bool = True
     classes: str = "gt"
     score_thresh: float = 0.5
-    erase_steps: int = 0
-    erase_thresh: float = 0.5
+    erase_steps: int = 1
+    erase_thresh: float = 0.7
     batch_size: int = 8
     limit: int | None = None
     evaluate: bool = False
@@ -235,9 +235,10 @@ def _evaluate(cfg: MakeCamConfig, dataset: PreparedDataset, ids: list[str]) -> d
               help="gt: the image-level labels; pred: the classes the classifier predicts (unlabelled images).")
 @click.option("--score-thresh", type=options.FiniteFloat(0, 1), default=0.5, show_default=True,
               help="With --classes pred: keep classes with sigmoid score >= this.")
-@click.option("--erase-steps", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Inference-time adversarial erasing steps (0 = plain CAM).")
-@click.option("--erase-thresh", type=options.FiniteFloat(0, 1, min_open=True), default=0.5, show_default=True,
+@click.option("--erase-steps", type=click.IntRange(min=0), default=1, show_default=True,
+              help="Inference-time adversarial erasing steps (0 = plain CAM; each step costs about one CAM pass "
+                   "per class of the image).")
+@click.option("--erase-thresh", type=options.FiniteFloat(0, 1, min_open=True), default=0.7, show_default=True,
               help="Erase pixels whose accumulated normalised CAM is >= this.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
               help="Images of equal size per forward pass.")
