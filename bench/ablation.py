@@ -1,28 +1,35 @@
-"""Do equivariance, erasing and the GMM threshold earn their place?  The full pipeline, every combination.
+"""Do equivariance, erasing and the GMM threshold earn their place?  The full pipeline, variant by variant.
 
-{plain, ER, erasing, ER+erasing} x {from scratch, pretrained trunk (rotation)} x seeds, each a full
-``run_pipeline.sh`` run on the demo data (120 train / 40 val images, 96 px, ResNet-18; data seed 0)
-with ``--upper-bound-dir``: a DeepLab trained on the ground truth with the same recipe and seed,
-started from the *plain* variant's classifier trunk (the pipeline starts DeepLab from the
-classifier's trunk) and shared by the four variants, for the weak/full ratio.  Per run:
+Each variant is a ``run_pipeline.sh`` run on the demo data (120 train / 40 val images, 96 px, ResNet-18;
+data seed 0) with its train-cls and make-cam options, from scratch and on the rotation-pretrained trunk
+of the seed, with ``--upper-bound-dir``: a DeepLab trained on the ground truth with the same recipe and
+seed, started from the *plain* variant's classifier trunk and shared by the variants of its trunk and
+seed, for the weak/full ratio.  Everything not named by a variant is the pipeline's default (classifier
+at output stride 8, DeepLab at output stride 8 with RAW, GMM over classes + CRF), so the variants differ
+only in the method they switch.  Per run:
 
 * CAM mIoU (train, best background threshold; ``make-cam --eval``);
 * pseudo-label mIoU (train, 255 counted as background): the pipeline's (pooled GMM + CRF), and two
   references on the same CAMs -- a fixed threshold 0.20 + CRF (the literature's usual value) and the
   best fixed threshold of the CAM sweep + CRF (picked with the ground truth: an upper reference, not
   a method);
-* DeepLab val mIoU (``predict``, scales 0.75/1/1.25 + flip, ``last.pth``), without and with the
-  dense-CRF post-processing of DeepLab-v2 (``predict --crf``, the pipeline's default since it was
-  measured here), the best val mIoU seen during training (only to show whether the last checkpoint
-  lost ground) and weak/full: at one scale without CRF (train-seg's own figure), and with both
-  DeepLabs predicted alike (multi-scale + flip + CRF).
+* DeepLab val mIoU (``predict``, scales 0.75/1/1.25 + flip, ``last.pth``) without and with the dense-CRF
+  post-processing (the pipeline predicts with it), the best val mIoU seen during training (only to show
+  whether the last checkpoint lost ground) and weak/full with both DeepLabs predicted alike (scales +
+  flip + CRF);
+* DeepLab's train mIoU (the pipeline's predictions on the train split): how much of the pseudo-labels'
+  quality it keeps.
 
-The pretrained trunks are those of ``bench/pretrain_quality.py`` (same ``--work`` folder), made
-here if missing.  Writes ``bench/ablation.md`` and ``.json``.
+Variants whose row stops after refine (``STOP``), and every variant with ``--cam-only``, are CAM-level
+comparisons only.  The pretrained trunks
+are those of ``bench/pretrain_quality.py`` (same ``--work`` folder), made here if missing.  Writes
+``bench/ablation.md`` and ``.json``.
 
 Usage::
 
     .venv/bin/python bench/ablation.py --work work/bench --seeds 0,1,2 --jobs 2
+    # CAM and pseudo-label columns of two variants only (no DeepLab), as bench/ablation_cam.md:
+    .venv/bin/python bench/ablation.py --cam-only --variants "plain,ER+erasing (default)" --md bench/ablation_cam.md
 """
 
 from __future__ import annotations
@@ -32,20 +39,28 @@ import json
 from pathlib import Path
 
 from harness import (fmt, label_miou, per_seed, pipeline, predict_and_score, quality_arguments, read_json,
-                     refine_and_score)
+                     refine_and_score, score_folder)
 
-# train-cls options of each variant (the pipeline's recipe otherwise): the best settings found on seed 0
-# (bench/README.md): ER with the detached target at weight 0.3 on 0.5-0.75 views; erasing ramped in
-# after 30 % of the schedule (from the first step it lowered CAM mIoU)
-RAMP = "--reg-start 0.3 --reg-ramp 0.3"
-ER = "--er-weight 0.3 --er-scale-range 0.5,0.75"
+# per variant: (train-cls options, make-cam options, other pipeline options); the pipeline's demo recipe
+# otherwise (equivariance views 0.5-0.75 of the image, erasing threshold 0.7)
+NO_ER, ER = "--er-weight 0", "--er-weight 0.3"
 VARIANTS = {
-    "plain": "--er-weight 0 --erase-weight 0",
-    "ER": ER,
-    "erasing": f"--erase-weight 1 {RAMP}",
-    "ER+erasing": f"{ER} --erase-weight 1 {RAMP}",
+    "plain": (NO_ER, "--erase-steps 0", ()),
+    "ER": (ER, "--erase-steps 0", ()),
+    "erasing": (NO_ER, "--erase-steps 1", ()),
+    "ER+erasing (default)": (ER, "--erase-steps 1", ()),
+    "ER+erasing without RAW": (ER, "--erase-steps 1", ("--no-raw",)),
+    "erasing in training": (f"{NO_ER} --erase-weight 1 --reg-start 0.3 --reg-ramp 0.3", "--erase-steps 0", ()),
+    "ER+erasing in training": (f"{ER} --erase-weight 1 --reg-start 0.3 --reg-ramp 0.3", "--erase-steps 0", ()),
+    "plain at stride 16 (the earlier default)": (f"{NO_ER} --output-stride 16", "--erase-steps 0", ()),
 }
+# CAM and pseudo-label comparisons only: no DeepLab for these rows
+STOP = {"erasing in training", "ER+erasing in training", "plain at stride 16 (the earlier default)"}
 TRUNKS = {"from scratch": "scratch", "pretrained (rotation)": "pretrained"}
+
+
+def slug(variant: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in variant.split(" (")[0]).strip("_")
 
 
 def backbone_file(work: Path, seed: int) -> Path:
@@ -68,36 +83,49 @@ def fixed_crf(threshold: float) -> list[str]:
     return ["--threshold", "fixed", "--bg-thresh", f"{threshold:.2f}", "--crf"]
 
 
-def measure(work: Path, variant: str, trunk: str, seed: int) -> dict:
-    out = work / "ablation" / f"{variant.replace('+', '_')}_{TRUNKS[trunk]}" / f"seed{seed}"
+def run_dir_of(work: Path, variant: str, trunk: str, seed: int) -> Path:
+    return work / "ablation" / f"{slug(variant)}_{TRUNKS[trunk]}" / f"seed{seed}"
+
+
+def measure(work: Path, variant: str, trunk: str, seed: int, cam_only: bool = False) -> dict:
+    out = run_dir_of(work, variant, trunk, seed)
     gt_dir = work / "ablation" / f"gt_{TRUNKS[trunk]}" / f"seed{seed}"
-    pipeline(out, "--seed", str(seed), "--upper-bound-dir", str(gt_dir), "--cls-opts", VARIANTS[variant],
+    cls_options, cam_options, extra = VARIANTS[variant]
+    cam_only = cam_only or variant in STOP
+    stop = ["--stop-after", "refine"] if cam_only else ["--upper-bound-dir", str(gt_dir)]
+    pipeline(out, "--seed", str(seed), "--cls-opts", cls_options, "--cam-opts", cam_options, *extra, *stop,
              *trunk_options(work, trunk, seed))
     run_dir, root = out / "run", out / "data" / "VOC2012"
     cams = read_json(run_dir / "cams" / "metrics_eval_train.json")
-    seg = read_json(run_dir / "seg" / "metrics.json")
-    return {
+    result = {
         "cam_miou": cams["miou"], "cam_threshold": cams["best_threshold"],
         "pseudo_gmm_crf": label_miou(run_dir / "pseudo", "train"),
         "pseudo_fixed020_crf": refine_and_score(run_dir, root, "pseudo_fixed020", *fixed_crf(0.20)),
         "pseudo_bestfixed_crf": refine_and_score(run_dir, root, "pseudo_bestfixed",
                                                  *fixed_crf(cams["best_threshold"])),
+    }
+    if cam_only:
+        return result
+    seg = read_json(run_dir / "seg" / "metrics.json")
+    result.update({
         "deeplab_val": predict_and_score(run_dir / "seg" / "last.pth", root, run_dir / "bench_pred"),
-        "deeplab_val_crf": predict_and_score(run_dir / "seg" / "last.pth", root, run_dir / "bench_pred_crf", "--crf"),
+        "deeplab_val_crf": label_miou(run_dir / "pred", "val"),  # the pipeline's predict (scales + flip + CRF)
+        "deeplab_train_crf": score_folder(run_dir / "pred_train", root, "train"),  # the pipeline's, for the report
         "deeplab_last_1scale": seg["val_miou"], "deeplab_best_1scale": seg["best_val_miou"],
-        "weak_full": seg.get("weak_full_ratio"), "full_val_1scale": (seg.get("upper_bound") or {}).get("val_miou"),
+        "full_val_1scale": (seg.get("upper_bound") or {}).get("val_miou"),
         # the ground-truth DeepLab is shared by the variants: predicted once, by the plain run
         "full_val_crf": (predict_and_score(gt_dir / "last.pth", root, gt_dir / "bench_pred_crf", "--crf")
                          if variant == "plain" else None),
-    }
+    })
+    return result
 
 
 COLUMNS = [("cam_miou", "CAM"), ("pseudo_gmm_crf", "pseudo GMM+CRF"), ("pseudo_fixed020_crf", "fixed 0.20+CRF"),
            ("pseudo_bestfixed_crf", "best fixed+CRF (gt-picked)"), ("deeplab_val", "DeepLab val"),
-           ("deeplab_val_crf", "DeepLab val + CRF"), ("deeplab_last_1scale", "last (1 scale)"),
-           ("deeplab_best_1scale", "best seen (1 scale)"), ("weak_full", "weak/full (1 scale)"),
+           ("deeplab_val_crf", "DeepLab val + CRF"), ("deeplab_train_crf", "DeepLab train + CRF"),
+           ("deeplab_last_1scale", "last (1 scale)"), ("deeplab_best_1scale", "best seen (1 scale)"),
            ("weak_full_crf", "weak/full (+ CRF)")]
-RATIOS = ("weak_full", "weak_full_crf")
+RATIOS = ("weak_full_crf",)
 
 
 def main() -> None:
@@ -105,6 +133,8 @@ def main() -> None:
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ", ".join(VARIANTS))
     parser.add_argument("--scratch-variants", default=None, help="the variants run from scratch (default --variants)")
     parser.add_argument("--trunks", default="scratch,pretrained", help="comma-separated subset of scratch, pretrained")
+    parser.add_argument("--cam-only", action="store_true",
+                        help="every variant stops after refine: CAM and pseudo-label columns only, no DeepLab")
     args = parser.parse_args()
     seeds = args.seeds
     chosen = {"pretrained": args.variants, "scratch": args.scratch_variants or args.variants}
@@ -117,44 +147,58 @@ def main() -> None:
     # plain runs train the ground-truth DeepLab that the other variants of their trunk and seed share: they are
     # queued first, and a variant waits for its plain run (queued earlier, so already running or finished)
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        plain = {(trunk, seed): pool.submit(measure, args.work, "plain", trunk, seed)
+        plain = {(trunk, seed): pool.submit(measure, args.work, "plain", trunk, seed, args.cam_only)
                  for trunk in trunks for seed in seeds}
 
         def after_plain(variant: str, trunk: str, seed: int) -> dict:
             plain[(trunk, seed)].result()
-            return measure(args.work, variant, trunk, seed)
+            return measure(args.work, variant, trunk, seed, args.cam_only)
 
         others = {(variant, trunk, seed): pool.submit(after_plain, variant, trunk, seed)
                   for trunk in trunks for seed in seeds for variant in variants[trunk] if variant != "plain"}
         results = {("plain", *key): future.result() for key, future in plain.items()}
         results.update({key: future.result() for key, future in others.items()})
     for (variant, trunk, seed), result in results.items():
-        result["weak_full_crf"] = result["deeplab_val_crf"] / results[("plain", trunk, seed)]["full_val_crf"]
-    lines = ["# Ablation on the demo data: equivariance (ER), erasing, GMM threshold, DeepLab", "",
+        if "deeplab_val_crf" in result and "full_val_crf" in results[("plain", trunk, seed)]:
+            result["weak_full_crf"] = result["deeplab_val_crf"] / results[("plain", trunk, seed)]["full_val_crf"]
+    columns = COLUMNS[:4] if args.cam_only else COLUMNS
+    lines = ["# Ablation on the demo data: equivariance (ER), erasing, GMM threshold"
+             + ("" if args.cam_only else ", DeepLab"), "",
              f"Seeds {', '.join(map(str, seeds))}; mIoU % (weak/full as a ratio), mean ± sample std over seeds. "
-             "`bench/ablation.py`, see its docstring for the protocol.", "",
-             "| trunk | train-cls | " + " | ".join(title for _, title in COLUMNS) + " |",
-             "|---|---|" + "---|" * len(COLUMNS)]
+             "`bench/ablation.py`, see its docstring for the protocol; – : not measured for that row.", "",
+             "| trunk | variant | " + " | ".join(title for _, title in columns) + " |",
+             "|---|---|" + "---|" * len(columns)]
     for trunk in trunks:
         for variant in variants[trunk]:
             cells = []
-            for key, _ in COLUMNS:
-                values = [results[(variant, trunk, seed)][key] for seed in seeds]
+            for key, _ in columns:
+                values = [results[(variant, trunk, seed)].get(key) for seed in seeds]
                 cells.append(fmt(values, scale=1 if key in RATIOS else 100, digits=2 if key in RATIOS else 1))
             lines.append(f"| {trunk} | {variant} | " + " | ".join(cells) + " |")
-    lines += ["", "Per seed (CAM / pseudo GMM+CRF / DeepLab val / DeepLab val + CRF):", ""]
+    lines += ["", "Per seed (CAM / pseudo GMM+CRF / DeepLab val + CRF), and the change against plain of the same "
+              "trunk and seed:", ""]
     for trunk in trunks:
         for variant in variants[trunk]:
             row = [results[(variant, trunk, seed)] for seed in seeds]
-            lines.append(f"- {trunk}, {variant}: CAM {per_seed([r['cam_miou'] for r in row])}; pseudo "
-                         f"{per_seed([r['pseudo_gmm_crf'] for r in row])}; DeepLab "
-                         f"{per_seed([r['deeplab_val'] for r in row])}; + CRF "
-                         f"{per_seed([r['deeplab_val_crf'] for r in row])}")
+            base = [results[("plain", trunk, seed)] for seed in seeds]
+            text = (f"- {trunk}, {variant}: CAM {per_seed([r['cam_miou'] for r in row])}; pseudo "
+                    f"{per_seed([r['pseudo_gmm_crf'] for r in row])}")
+            if "deeplab_val_crf" in row[0]:
+                text += f"; DeepLab {per_seed([r['deeplab_val_crf'] for r in row])}"
+            if variant != "plain":
+                text += (f" — vs plain: CAM {fmt([r['cam_miou'] - b['cam_miou'] for r, b in zip(row, base)])}"
+                         f" ({per_seed([r['cam_miou'] - b['cam_miou'] for r, b in zip(row, base)])})")
+                if "deeplab_val_crf" in row[0]:
+                    text += f", DeepLab {fmt([r['deeplab_val_crf'] - b['deeplab_val_crf'] for r, b in zip(row, base)])}"
+            lines.append(text)
     full = {trunk: [results[("plain", trunk, seed)] for seed in seeds] for trunk in trunks}
-    lines += ["", "DeepLab on the ground truth, val mIoU per seed: " + "; ".join(
+    lines += [] if args.cam_only else ["", "DeepLab on the ground truth, val mIoU per seed: " + "; ".join(
         f"{trunk}: 1 scale {per_seed([r['full_val_1scale'] for r in full[trunk]])}, scales + flip + CRF "
         f"{per_seed([r['full_val_crf'] for r in full[trunk]])}" for trunk in trunks)]
-    lines += ["", "train-cls options per variant: " + "; ".join(f"{v}: `{options}`" for v, options in VARIANTS.items())]
+    lines += ["", "Options per variant (train-cls | make-cam | other pipeline options):", ""]
+    run = {variant for names in variants.values() for variant in names}
+    lines += [f"- {v}: `{c}` | `{m}`" + (f" | `{' '.join(extra)}`" if extra else "")
+              for v, (c, m, extra) in VARIANTS.items() if v in run]
     args.md.write_text("\n".join(lines) + "\n")
     args.md.with_suffix(".json").write_text(json.dumps({"seeds": seeds, "variants": VARIANTS, "results": [
         {"variant": v, "trunk": t, "seed": s, **r} for (v, t, s), r in results.items()]}, indent=2) + "\n")

@@ -77,14 +77,21 @@ def label_miou(folder: Path, split: str) -> float:
     return read_json(Path(folder) / f"metrics_eval_{split}.json")["miou"]
 
 
+def score_folder(folder: Path, root: Path, split: str) -> float:
+    """mIoU of a folder of label maps that a pipeline run wrote (``wsss eval`` once, then read)."""
+    folder = Path(folder)
+    if not (folder / f"metrics_eval_{split}.json").is_file():
+        run([wsss_command(), "-q", "eval", "--root", str(root), "--split", split, "--pred", str(folder),
+             "--workers", "1"], folder / "eval.log")
+    return label_miou(folder, split)
+
+
 def _scored(out: Path, root: Path, split: str, command: list[str], log_name: str) -> float:
     """mIoU of the label maps that ``command`` writes into ``out`` (``wsss eval`` on ``split``); a folder
     already scored is read, not redone."""
     if not (out / f"metrics_eval_{split}.json").is_file():
         run(command, out / log_name)
-        run([wsss_command(), "-q", "eval", "--root", str(root), "--split", split, "--pred", str(out),
-             "--workers", "1"], out / "eval.log")
-    return label_miou(out, split)
+    return score_folder(out, root, split)
 
 
 def refine_and_score(run_dir: Path, root: Path, name: str, *options: str) -> float:
