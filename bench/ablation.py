@@ -44,14 +44,15 @@ from harness import (fmt, label_miou, per_seed, pipeline, predict_and_score, qua
 # per variant: (train-cls options, make-cam options, other pipeline options); the pipeline's demo recipe
 # otherwise (equivariance views 0.5-0.75 of the image, erasing threshold 0.7)
 NO_ER, ER = "--er-weight 0", "--er-weight 0.3"
+TRAIN_ERASING = "--erase-weight 1 --reg-start 0.3 --reg-ramp 0.3"  # ramped in after 30 % of the schedule
 VARIANTS = {
     "plain": (NO_ER, "--erase-steps 0", ()),
     "ER": (ER, "--erase-steps 0", ()),
     "erasing": (NO_ER, "--erase-steps 1", ()),
     "ER+erasing (default)": (ER, "--erase-steps 1", ()),
     "ER+erasing without RAW": (ER, "--erase-steps 1", ("--no-raw",)),
-    "erasing in training": (f"{NO_ER} --erase-weight 1 --reg-start 0.3 --reg-ramp 0.3", "--erase-steps 0", ()),
-    "ER+erasing in training": (f"{ER} --erase-weight 1 --reg-start 0.3 --reg-ramp 0.3", "--erase-steps 0", ()),
+    "erasing in training": (f"{NO_ER} {TRAIN_ERASING}", "--erase-steps 0", ()),
+    "ER+erasing in training": (f"{ER} {TRAIN_ERASING}", "--erase-steps 0", ()),
     "plain at stride 16 (the earlier default)": (f"{NO_ER} --output-stride 16", "--erase-steps 0", ()),
 }
 # CAM and pseudo-label comparisons only: no DeepLab for these rows
