@@ -165,7 +165,8 @@ def main() -> None:
     columns = COLUMNS[:4] if args.cam_only else COLUMNS
     lines = ["# Ablation on the demo data: equivariance (ER), erasing, GMM threshold"
              + ("" if args.cam_only else ", DeepLab"), "",
-             f"Seeds {', '.join(map(str, seeds))}; mIoU % (weak/full as a ratio), mean ± sample std over seeds. "
+             f"Seeds {', '.join(map(str, seeds))}; mIoU %" + ("" if args.cam_only else " (weak/full as a ratio)")
+             + ", mean ± sample std over seeds. "
              "`bench/ablation.py`, see its docstring for the protocol; – : not measured for that row.", "",
              "| trunk | variant | " + " | ".join(title for _, title in columns) + " |",
              "|---|---|" + "---|" * len(columns)]
@@ -176,8 +177,8 @@ def main() -> None:
                 values = [results[(variant, trunk, seed)].get(key) for seed in seeds]
                 cells.append(fmt(values, scale=1 if key in RATIOS else 100, digits=2 if key in RATIOS else 1))
             lines.append(f"| {trunk} | {variant} | " + " | ".join(cells) + " |")
-    lines += ["", "Per seed (CAM / pseudo GMM+CRF / DeepLab val + CRF), and the change against plain of the same "
-              "trunk and seed:", ""]
+    lines += ["", "Per seed (CAM; pseudo GMM+CRF" + ("" if args.cam_only else "; DeepLab val + CRF")
+              + "), and the change against plain of the same trunk and seed:", ""]
     for trunk in trunks:
         for variant in variants[trunk]:
             row = [results[(variant, trunk, seed)] for seed in seeds]
