@@ -20,8 +20,8 @@ only in the method they switch.  Per run:
 * DeepLab's train mIoU (the pipeline's predictions on the train split): how much of the pseudo-labels'
   quality it keeps.
 
-Variants whose row stops after refine (``STOP``), and every variant with ``--cam-only``, are CAM-level
-comparisons only.  The pretrained trunks
+Variants whose row stops after refine (``STOP``, and those named by ``--cam-only-variants``), and every
+variant with ``--cam-only``, are CAM-level comparisons only.  The pretrained trunks
 are those of ``bench/pretrain_quality.py`` (same ``--work`` folder), made here if missing.  Writes
 ``bench/ablation.md`` and ``.json``.
 
@@ -88,11 +88,12 @@ def run_dir_of(work: Path, variant: str, trunk: str, seed: int) -> Path:
     return work / "ablation" / f"{slug(variant)}_{TRUNKS[trunk]}" / f"seed{seed}"
 
 
-def measure(work: Path, variant: str, trunk: str, seed: int, cam_only: bool = False) -> dict:
+def measure(work: Path, variant: str, trunk: str, seed: int, cam_only: bool = False,
+            stop_variants: frozenset[str] = frozenset(STOP)) -> dict:
     out = run_dir_of(work, variant, trunk, seed)
     gt_dir = work / "ablation" / f"gt_{TRUNKS[trunk]}" / f"seed{seed}"
     cls_options, cam_options, extra = VARIANTS[variant]
-    cam_only = cam_only or variant in STOP
+    cam_only = cam_only or variant in stop_variants
     stop = ["--stop-after", "refine"] if cam_only else ["--upper-bound-dir", str(gt_dir)]
     pipeline(out, "--seed", str(seed), "--cls-opts", cls_options, "--cam-opts", cam_options, *extra, *stop,
              *trunk_options(work, trunk, seed))
@@ -136,11 +137,14 @@ def main() -> None:
     parser.add_argument("--trunks", default="scratch,pretrained", help="comma-separated subset of scratch, pretrained")
     parser.add_argument("--cam-only", action="store_true",
                         help="every variant stops after refine: CAM and pseudo-label columns only, no DeepLab")
+    parser.add_argument("--cam-only-variants", default="",
+                        help="comma-separated variants that stop after refine as well (besides " + ", ".join(STOP) + ")")
     args = parser.parse_args()
     seeds = args.seeds
     chosen = {"pretrained": args.variants, "scratch": args.scratch_variants or args.variants}
     trunks = [t for t in TRUNKS if TRUNKS[t] in args.trunks.split(",")]
     variants = {t: [v for v in VARIANTS if v in chosen[TRUNKS[t]].split(",")] for t in trunks}
+    stop_variants = frozenset(STOP | {v for v in args.cam_only_variants.split(",") if v})
     if any("plain" not in names for names in variants.values()):
         parser.error("--variants must include plain (it trains the shared ground-truth DeepLab)")
     for seed in seeds if "pretrained (rotation)" in trunks else []:  # each run of a seed shares the trunk
@@ -148,12 +152,13 @@ def main() -> None:
     # plain runs train the ground-truth DeepLab that the other variants of their trunk and seed share: they are
     # queued first, and a variant waits for its plain run (queued earlier, so already running or finished)
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        plain = {(trunk, seed): pool.submit(measure, args.work, "plain", trunk, seed, args.cam_only)
+        plain = {(trunk, seed): pool.submit(measure, args.work, "plain", trunk, seed, args.cam_only,
+                                                   stop_variants)
                  for trunk in trunks for seed in seeds}
 
         def after_plain(variant: str, trunk: str, seed: int) -> dict:
             plain[(trunk, seed)].result()
-            return measure(args.work, variant, trunk, seed, args.cam_only)
+            return measure(args.work, variant, trunk, seed, args.cam_only, stop_variants)
 
         others = {(variant, trunk, seed): pool.submit(after_plain, variant, trunk, seed)
                   for trunk in trunks for seed in seeds for variant in variants[trunk] if variant != "plain"}
