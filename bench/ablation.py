@@ -5,7 +5,7 @@ data seed 0) with its train-cls and make-cam options, from scratch and on the ro
 of the seed, with ``--upper-bound-dir``: a DeepLab trained on the ground truth with the same recipe and
 seed, started from the *plain* variant's classifier trunk and shared by the variants of its trunk and
 seed, for the weak/full ratio.  Everything not named by a variant is the pipeline's default (classifier
-at output stride 8, DeepLab at output stride 8 with RAW, GMM over classes + CRF), so the variants differ
+at output stride 8, DeepLab at output stride 8 on plain cross-entropy, GMM over classes + CRF), so the variants differ
 only in the method they switch.  Per run:
 
 * CAM mIoU (train, best background threshold; ``make-cam --eval``);
@@ -23,13 +23,22 @@ only in the method they switch.  Per run:
 Variants whose row stops after refine (``STOP``, and those named by ``--cam-only-variants``), and every
 variant with ``--cam-only``, are CAM-level comparisons only.  The pretrained trunks
 are those of ``bench/pretrain_quality.py`` (same ``--work`` folder), made here if missing.  Writes
-``bench/ablation.md`` and ``.json``.
+``--md`` and the ``.json`` beside it; ``--from`` builds one table from earlier runs' ``.json`` files
+without running anything (``bench/ablation.md`` joins the two trunks, each measured in its own run).
 
 Usage::
 
-    .venv/bin/python bench/ablation.py --work work/bench --seeds 0,1,2 --jobs 2
-    # CAM and pseudo-label columns of two variants only (no DeepLab), as bench/ablation_cam.md:
-    .venv/bin/python bench/ablation.py --cam-only --variants "plain,ER+erasing (default)" --md bench/ablation_cam.md
+    # each trunk on its own (about 2 h each on 2 CPU cores), then the joint table
+    .venv/bin/python bench/ablation.py --work work/bench --jobs 2 --trunks pretrained \\
+        --variants "plain,ER,erasing,ER+erasing,ER+erasing without RAW (default)" \\
+        --cam-only-variants "ER,erasing" --md bench/ablation_pretrained.md
+    .venv/bin/python bench/ablation.py --work work/bench --jobs 2 --trunks scratch \\
+        --variants "plain,ER,erasing,ER+erasing,ER+erasing without RAW (default)" \\
+        --cam-only-variants "ER,erasing" --md bench/ablation_scratch.md
+    .venv/bin/python bench/ablation.py --from bench/ablation_scratch.json,bench/ablation_pretrained.json
+    # CAM and pseudo-label columns only (no DeepLab), as bench/ablation_cam.md:
+    .venv/bin/python bench/ablation.py --cam-only --trunks scratch --variants "plain,ER,erasing,ER+erasing" \\
+        --md bench/ablation_cam.md
 """
 
 from __future__ import annotations
@@ -45,12 +54,14 @@ from harness import (fmt, label_miou, per_seed, pipeline, predict_and_score, qua
 # otherwise (equivariance views 0.5-0.75 of the image, erasing threshold 0.7)
 NO_ER, ER = "--er-weight 0", "--er-weight 0.3"
 TRAIN_ERASING = "--erase-weight 1 --reg-start 0.3 --reg-ramp 0.3"  # ramped in after 30 % of the schedule
+# DeepLab of "plain" and "ER+erasing" weights its loss with refine's reliability maps (RAW, the pipeline's default
+# until this table showed no gain); the default pipeline is "ER+erasing without RAW"
 VARIANTS = {
-    "plain": (NO_ER, "--erase-steps 0", ()),
+    "plain": (NO_ER, "--erase-steps 0", ("--raw",)),
     "ER": (ER, "--erase-steps 0", ()),
     "erasing": (NO_ER, "--erase-steps 1", ()),
-    "ER+erasing (default)": (ER, "--erase-steps 1", ()),
-    "ER+erasing without RAW": (ER, "--erase-steps 1", ("--no-raw",)),
+    "ER+erasing": (ER, "--erase-steps 1", ("--raw",)),
+    "ER+erasing without RAW (default)": (ER, "--erase-steps 1", ()),
     "erasing in training": (f"{NO_ER} {TRAIN_ERASING}", "--erase-steps 0", ()),
     "ER+erasing in training": (f"{ER} {TRAIN_ERASING}", "--erase-steps 0", ()),
     "plain at stride 16 (the earlier default)": (f"{NO_ER} --output-stride 16", "--erase-steps 0", ()),
@@ -130,16 +141,8 @@ COLUMNS = [("cam_miou", "CAM"), ("pseudo_gmm_crf", "pseudo GMM+CRF"), ("pseudo_f
 RATIOS = ("weak_full_crf",)
 
 
-def main() -> None:
-    parser = quality_arguments(__doc__.split("\n")[0], "ablation.md")
-    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ", ".join(VARIANTS))
-    parser.add_argument("--scratch-variants", default=None, help="the variants run from scratch (default --variants)")
-    parser.add_argument("--trunks", default="scratch,pretrained", help="comma-separated subset of scratch, pretrained")
-    parser.add_argument("--cam-only", action="store_true",
-                        help="every variant stops after refine: CAM and pseudo-label columns only, no DeepLab")
-    parser.add_argument("--cam-only-variants", default="",
-                        help="comma-separated variants that stop after refine as well (besides " + ", ".join(STOP) + ")")
-    args = parser.parse_args()
+def run_variants(args, parser) -> dict:
+    """Run (or resume) the chosen variants; results keyed by (variant, trunk, seed)."""
     seeds = args.seeds
     chosen = {"pretrained": args.variants, "scratch": args.scratch_variants or args.variants}
     trunks = [t for t in TRUNKS if TRUNKS[t] in args.trunks.split(",")]
@@ -167,10 +170,38 @@ def main() -> None:
     for (variant, trunk, seed), result in results.items():
         if "deeplab_val_crf" in result and "full_val_crf" in results[("plain", trunk, seed)]:
             result["weak_full_crf"] = result["deeplab_val_crf"] / results[("plain", trunk, seed)]["full_val_crf"]
-    columns = COLUMNS[:4] if args.cam_only else COLUMNS
+    return results
+
+
+def read_results(paths: list[Path], parser) -> tuple[list[int], dict, dict]:
+    """Seeds, results and variant options of earlier runs' ``.json`` files, merged (``--from``)."""
+    seeds, results, options = None, {}, {}
+    for path in paths:
+        try:
+            saved = read_json(path)
+            rows = {(r["variant"], r["trunk"], r["seed"]):
+                    {k: v for k, v in r.items() if k not in ("variant", "trunk", "seed")} for r in saved["results"]}
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            parser.error(f"--from {path}: not a bench/ablation.py result file ({error})")
+        if seeds is not None and saved["seeds"] != seeds:
+            parser.error(f"--from {path}: seeds {saved['seeds']}, the other files have {seeds}")
+        if set(rows) & set(results):
+            parser.error(f"--from {path}: repeats rows of the files before it")
+        seeds = saved["seeds"]
+        results.update(rows)
+        options.update({name: tuple(value[:2]) + (tuple(value[2]),) for name, value in saved["variants"].items()})
+    return seeds, results, options
+
+
+def report(results: dict, seeds: list[int], options: dict) -> list[str]:
+    """The markdown table, per-seed lines and options of the results (rows in TRUNKS x VARIANTS order)."""
+    trunks = [t for t in TRUNKS if any(key[1] == t for key in results)]
+    variants = {t: [v for v in options if (v, t, seeds[0]) in results] for t in trunks}
+    with_deeplab = {v for (v, _, _), r in results.items() if "deeplab_val_crf" in r}
+    columns = COLUMNS if with_deeplab else COLUMNS[:4]
     lines = ["# Ablation on the demo data: equivariance (ER), erasing, GMM threshold"
-             + ("" if args.cam_only else ", DeepLab"), "",
-             f"Seeds {', '.join(map(str, seeds))}; mIoU %" + ("" if args.cam_only else " (weak/full as a ratio)")
+             + (", DeepLab" if with_deeplab else ""), "",
+             f"Seeds {', '.join(map(str, seeds))}; mIoU %" + (" (weak/full as a ratio)" if with_deeplab else "")
              + ", mean ± sample std over seeds. "
              "`bench/ablation.py`, see its docstring for the protocol; – : not measured for that row.", "",
              "| trunk | variant | " + " | ".join(title for _, title in columns) + " |",
@@ -182,7 +213,7 @@ def main() -> None:
                 values = [results[(variant, trunk, seed)].get(key) for seed in seeds]
                 cells.append(fmt(values, scale=1 if key in RATIOS else 100, digits=2 if key in RATIOS else 1))
             lines.append(f"| {trunk} | {variant} | " + " | ".join(cells) + " |")
-    lines += ["", "Per seed (CAM; pseudo GMM+CRF" + ("" if args.cam_only else "; DeepLab val + CRF")
+    lines += ["", "Per seed (CAM; pseudo GMM+CRF" + ("; DeepLab val + CRF" if with_deeplab else "")
               + "), and the change against plain of the same trunk and seed:", ""]
     for trunk in trunks:
         for variant in variants[trunk]:
@@ -195,19 +226,41 @@ def main() -> None:
             if variant != "plain":
                 text += (f" — vs plain: CAM {fmt([r['cam_miou'] - b['cam_miou'] for r, b in zip(row, base)])}"
                          f" ({per_seed([r['cam_miou'] - b['cam_miou'] for r, b in zip(row, base)])})")
-                if "deeplab_val_crf" in row[0]:
+                if "deeplab_val_crf" in row[0] and "deeplab_val_crf" in base[0]:
                     text += f", DeepLab {fmt([r['deeplab_val_crf'] - b['deeplab_val_crf'] for r, b in zip(row, base)])}"
             lines.append(text)
-    full = {trunk: [results[("plain", trunk, seed)] for seed in seeds] for trunk in trunks}
-    lines += [] if args.cam_only else ["", "DeepLab on the ground truth, val mIoU per seed: " + "; ".join(
-        f"{trunk}: 1 scale {per_seed([r['full_val_1scale'] for r in full[trunk]])}, scales + flip + CRF "
-        f"{per_seed([r['full_val_crf'] for r in full[trunk]])}" for trunk in trunks)]
+    full = {trunk: [results[("plain", trunk, seed)] for seed in seeds] for trunk in trunks
+            if "full_val_crf" in results[("plain", trunk, seeds[0])]}
+    lines += ["", "DeepLab on the ground truth, val mIoU per seed: " + "; ".join(
+        f"{trunk}: 1 scale {per_seed([r['full_val_1scale'] for r in rows])}, scales + flip + CRF "
+        f"{per_seed([r['full_val_crf'] for r in rows])}" for trunk, rows in full.items())] if full else []
     lines += ["", "Options per variant (train-cls | make-cam | other pipeline options):", ""]
     run = {variant for names in variants.values() for variant in names}
-    lines += [f"- {v}: `{c}` | `{m}`" + (f" | `{' '.join(extra)}`" if extra else "")
-              for v, (c, m, extra) in VARIANTS.items() if v in run]
+    lines += [f"- {v}: `{c}` | `{m}`" + (f" | `{' '.join(extra)}`" if extra and v in with_deeplab else "")
+              for v, (c, m, extra) in options.items() if v in run]
+    return lines
+
+
+def main() -> None:
+    parser = quality_arguments(__doc__.split("\n")[0], "ablation.md")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ", ".join(VARIANTS))
+    parser.add_argument("--scratch-variants", default=None, help="the variants run from scratch (default --variants)")
+    parser.add_argument("--trunks", default="scratch,pretrained", help="comma-separated subset of scratch, pretrained")
+    parser.add_argument("--cam-only", action="store_true",
+                        help="every variant stops after refine: CAM and pseudo-label columns only, no DeepLab")
+    parser.add_argument("--cam-only-variants", default="",
+                        help="comma-separated variants that stop after refine as well (besides " + ", ".join(STOP) + ")")
+    parser.add_argument("--from", dest="sources", type=lambda text: [Path(p) for p in text.split(",")], default=None,
+                        help="run nothing: one table from these earlier runs' .json files (comma-separated), "
+                             "e.g. each trunk measured on its own")
+    args = parser.parse_args()
+    if args.sources:
+        seeds, results, options = read_results(args.sources, parser)
+    else:
+        seeds, results, options = args.seeds, run_variants(args, parser), dict(VARIANTS)
+    lines = report(results, seeds, options)
     args.md.write_text("\n".join(lines) + "\n")
-    args.md.with_suffix(".json").write_text(json.dumps({"seeds": seeds, "variants": VARIANTS, "results": [
+    args.md.with_suffix(".json").write_text(json.dumps({"seeds": seeds, "variants": options, "results": [
         {"variant": v, "trunk": t, "seed": s, **r} for (v, t, s), r in results.items()]}, indent=2) + "\n")
     print("\n".join(lines))
 

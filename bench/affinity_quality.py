@@ -45,8 +45,9 @@ def measure(work: Path, seed: int) -> dict:
         raise SystemExit(f"{source}: run bench/ablation.py (its plain run with the pretrained trunk) first")
     out = work / "affinity" / f"seed{seed}"
     link_run(source, out)
-    pipeline(out, "--seed", str(seed), "--affinity", "--stop-after", "refine", "--cls-opts", VARIANTS["plain"],
-             "--pretrained", str(backbone_file(work, seed)))
+    cls_options, cam_options, _ = VARIANTS["plain"]  # the linked classifier and CAMs are the plain run's
+    pipeline(out, "--seed", str(seed), "--affinity", "--stop-after", "refine", "--cls-opts", cls_options,
+             "--cam-opts", cam_options, "--pretrained", str(backbone_file(work, seed)))
     run_dir, root = out / "run", out / "data" / "VOC2012"
     return {
         "cam": read_json(run_dir / "cams" / "metrics_eval_train.json")["miou"],
