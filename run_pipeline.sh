@@ -35,10 +35,10 @@ Options (each also settable through the environment variable in brackets):
   --cam-opts "..."      extra options for make-cam (e.g. "--erase-steps 0") [WSSS_CAM_OPTS]
   --refine-opts "..."   extra options for refine [WSSS_REFINE_OPTS]
   --seg-opts "..."      extra options for train-seg [WSSS_SEG_OPTS]
-  --no-raw              plain cross-entropy on the pseudo-labels instead of weighting DeepLab's loss with
-                        refine's reliability maps (RAW, on by default) [WSSS_RAW=0]
+  --raw                 weight DeepLab's cross-entropy with refine's reliability maps (RAW); off by default:
+                        no gain on the demo, bench/ablation.md (--no-raw: plain cross-entropy) [WSSS_RAW=1]
   --no-pred-crf         predict without DeepLab-v2's dense-CRF post-processing (on by default: +9 val mIoU on
-                        the demo, bench/ablation.md) [WSSS_PRED_CRF=0]
+                        the demo, bench/ablation_stride16.md) [WSSS_PRED_CRF=0]
   --pred-opts "..."     extra options for predict (e.g. "--crf-scale 0.5") [WSSS_PRED_OPTS]
   --device D            auto|cpu|cuda [WSSS_DEVICE, default auto]
   --gpus N              GPUs per machine; N > 1 runs the training stages under torchrun [WSSS_GPUS, default 1]
@@ -65,7 +65,7 @@ PRETRAIN=${WSSS_PRETRAIN:-}
 PRETRAINED=${WSSS_PRETRAINED:-}
 AFFINITY=${WSSS_AFFINITY:-0}
 UPPER_BOUND=${WSSS_UPPER_BOUND:-0}
-RAW=${WSSS_RAW:-1}
+RAW=${WSSS_RAW:-0}
 UPPER_BOUND_DIR=${WSSS_UPPER_BOUND_DIR:-}
 STOP_AFTER=${WSSS_STOP_AFTER:-}
 SEG_INIT=${WSSS_SEG_INIT:-cls}
@@ -100,6 +100,7 @@ while [ $# -gt 0 ]; do
         --pretrained) PRETRAINED=$2; shift 2 ;;
         --affinity) AFFINITY=1; shift ;;
         --upper-bound) UPPER_BOUND=1; shift ;;
+        --raw) RAW=1; shift ;;
         --no-raw) RAW=0; shift ;;
         --upper-bound-dir) UPPER_BOUND=1; UPPER_BOUND_DIR=$2; shift 2 ;;
         --stop-after) STOP_AFTER=$2; shift 2 ;;
