@@ -177,19 +177,21 @@ def read_results(paths: list[Path], parser) -> tuple[list[int], dict, dict]:
     """Seeds, results and variant options of earlier runs' ``.json`` files, merged (``--from``)."""
     seeds, results, options = None, {}, {}
     for path in paths:
-        try:
+        try:  # every key read here, so that a foreign file is a one-line error, not a traceback
             saved = read_json(path)
             rows = {(r["variant"], r["trunk"], r["seed"]):
                     {k: v for k, v in r.items() if k not in ("variant", "trunk", "seed")} for r in saved["results"]}
-        except (OSError, ValueError, KeyError, TypeError) as error:
-            parser.error(f"--from {path}: not a bench/ablation.py result file ({error})")
-        if seeds is not None and saved["seeds"] != seeds:
-            parser.error(f"--from {path}: seeds {saved['seeds']}, the other files have {seeds}")
+            file_seeds = saved["seeds"]
+            file_options = {name: tuple(value[:2]) + (tuple(value[2]),) for name, value in saved["variants"].items()}
+        except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError) as error:
+            parser.error(f"--from {path}: not a bench/ablation.py result file ({error!r})")
+        if seeds is not None and file_seeds != seeds:
+            parser.error(f"--from {path}: seeds {file_seeds}, the other files have {seeds}")
         if set(rows) & set(results):
             parser.error(f"--from {path}: repeats rows of the files before it")
-        seeds = saved["seeds"]
+        seeds = file_seeds
         results.update(rows)
-        options.update({name: tuple(value[:2]) + (tuple(value[2]),) for name, value in saved["variants"].items()})
+        options.update(file_options)
     return seeds, results, options
 
 
