@@ -62,6 +62,9 @@ VARIANTS = {
     "erasing": (NO_ER, "--erase-steps 1", ()),
     "ER+erasing": (ER, "--erase-steps 1", ("--raw",)),
     "ER+erasing without RAW (default)": (ER, "--erase-steps 1", ()),
+    # the CAM head at the backbone's learning rate instead of x10 (SEAM's and IRN's setting for ImageNet trunks)
+    "plain with head lr x1": (f"{NO_ER} --head-lr-mult 1", "--erase-steps 0", ()),
+    "ER+erasing with head lr x1": (f"{ER} --head-lr-mult 1", "--erase-steps 1", ()),
     "erasing in training": (f"{NO_ER} {TRAIN_ERASING}", "--erase-steps 0", ()),
     "ER+erasing in training": (f"{ER} {TRAIN_ERASING}", "--erase-steps 0", ()),
     "plain at stride 16 (the earlier default)": (f"{NO_ER} --output-stride 16", "--erase-steps 0", ()),
