@@ -172,6 +172,22 @@ def configure_threads(threads: int | None, processes: int = 1) -> int:
     return count
 
 
+def inference_loader_workers(workers: int, device) -> int:
+    """DataLoader workers for a pass of decode-then-forward over a split (make-cam, predict, validation).
+
+    On a GPU the workers keep the device fed, so ``workers`` is used as asked.  On the CPU the
+    network already runs one torch thread per core it was given (:func:`configure_threads`), and
+    decoding an image costs a fraction of a percent of its multi-scale forward: workers there only
+    take cores from the network (and cost a fork each pass).  So the CPU gets at most the cores left
+    over by torch's threads, none by default (``--threads 1 --workers 1`` on two cores decodes in a worker).
+    """
+    import torch
+
+    if getattr(device, "type", str(device)) != "cpu":
+        return workers
+    return max(0, min(workers, default_workers() - torch.get_num_threads()))
+
+
 # OpenCV's thread pool does not survive fork(): a child that changes the thread count (as every
 # DataLoader and pool worker of wsss does) waits forever for the parent's pool threads, which the
 # child does not have.  So the pool is stopped just before any fork (one thread) and restored in the

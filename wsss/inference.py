@@ -7,9 +7,10 @@ scores), so :func:`size_batches` reads every image's size from its file header a
 sizes into batches of at most ``batch_size``; VOC's images come in a handful of sizes.
 
 DataLoader workers decode the images (uint8, 4x less to copy than float32; pinned memory on
-CUDA); :func:`to_model_input` normalises them on the device.  Results are brought to the host
-once per batch in their final small dtype (uint8 labels, float16 CAMs), and
-:class:`BackgroundWriter` writes the files on a thread while the device computes the next batch.
+CUDA; on the CPU only on cores that torch's threads leave free); :func:`to_model_input`
+normalises them on the device.  Results are brought to the host once per batch in their final
+small dtype (uint8 labels, float16 CAMs), and :class:`BackgroundWriter` writes the files on a
+thread while the device computes the next batch.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from wsss.datasets.prepared import PreparedDataset
-from wsss.device import loader_worker_init, stop_loader_workers
+from wsss.device import inference_loader_workers, loader_worker_init, stop_loader_workers
 from wsss.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 # EXIF orientations that swap width and height (OpenCV applies the orientation when decoding)
@@ -95,8 +96,10 @@ def split_batches(dataset: PreparedDataset, split: str, ids: Sequence[str], *, b
     """Yield ``(ids, images uint8 [B, H, W, 3], masks uint8 [B, H, W] or None)`` on ``device``.
 
     Every batch holds images of one size, at most ``batch_size`` of them (see :func:`size_batches`).
+    ``workers`` DataLoader workers decode them, fewer on the CPU (:func:`inference_loader_workers`).
     """
     ids = list(ids)
+    workers = inference_loader_workers(workers, device)
     sizes = [header_size(dataset.image_path(split, image_id)) for image_id in ids]
     loader = DataLoader(_SplitImages(dataset, split, ids, masks), batch_sampler=size_batches(sizes, batch_size),
                         collate_fn=_collate, num_workers=workers, pin_memory=device.type == "cuda",

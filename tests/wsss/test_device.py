@@ -151,3 +151,44 @@ def test_workers_forked_after_opencv_used_its_threads_do_not_hang():
     done = subprocess.run([sys.executable, "-c", FORK_AFTER_OPENCV], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-500:]
     assert done.stdout.split() == ["threads", "2"]  # the parent keeps its own thread count
+
+
+def test_inference_loader_workers_leave_the_cpu_cores_to_the_network(monkeypatch):
+    import wsss.device
+    from wsss.device import inference_loader_workers
+
+    monkeypatch.setattr(wsss.device, "default_workers", lambda: 4)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(4)
+        assert inference_loader_workers(4, torch.device("cpu")) == 0  # every core runs a torch thread
+        torch.set_num_threads(1)
+        assert inference_loader_workers(2, torch.device("cpu")) == 2  # three cores free, two asked
+        assert inference_loader_workers(8, torch.device("cpu")) == 3  # never more than the free cores
+        assert inference_loader_workers(8, torch.device("cuda")) == 8  # a GPU gets what was asked
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_split_batches_on_a_busy_cpu_decodes_in_the_main_process(tmp_path, monkeypatch):
+    import wsss.device
+    import wsss.inference
+    from wsss.datasets.prepared import PreparedDataset
+
+    _evaluation_dataset(tmp_path / "data")
+    asked = []
+    real_loader = wsss.inference.DataLoader
+
+    def recording_loader(*args, **kwargs):
+        asked.append(kwargs["num_workers"])
+        return real_loader(*args, **kwargs)
+
+    monkeypatch.setattr(wsss.inference, "DataLoader", recording_loader)
+    monkeypatch.setattr(wsss.device, "default_workers", lambda: torch.get_num_threads())
+    dataset = PreparedDataset.load(tmp_path / "data")
+    ids = dataset.ids("val")
+    batches = list(wsss.inference.split_batches(dataset, "val", ids, batch_size=2, workers=2,
+                                                device=torch.device("cpu")))
+    assert asked == [0]
+    assert sorted(image_id for batch_ids, _, _ in batches for image_id in batch_ids) == sorted(ids)
+    assert sorted(tuple(images.shape[1:3]) for _, images, _ in batches) == [(33, 45), (40, 36), (40, 36)]
