@@ -11,6 +11,12 @@ Images/s and the ratio stage / plain loop are printed as a Markdown table and wr
 * On the CPU the plain loop runs in float32 and the stage with its defaults (``--amp auto`` =
   float32 there).  Goal: stage >= 0.9 of the plain loop.
 
+The plain loops are plain training and inference: no equivariance branch, no erasing.  So the
+stages run with those methods off too (``--er-weight 0`` for train-cls, ``--erase-steps 0`` for
+make-cam), and the ratio measures what the engine costs or saves on the same work.
+``--methods default`` times the stages with their default methods instead (train-cls's equivariance
+view, make-cam's inference-time erasing step): what the methods cost, not a like-for-like ratio.
+
 Each measurement runs once untimed for warm-up work that only the first call pays (cuDNN
 autotuning, allocator growth) only where ``--warmup`` is given; stage and plain loop alternate over
 ``--rounds`` and the median images/s is reported.
@@ -259,8 +265,10 @@ def stage_throughput(kind: str, root: Path, args, device, out: Path) -> float:
     from stages import make_cam, predict, train_cls, train_seg
 
     common = {"root": root, "device": device.type, "workers": args.workers, "threads": args.threads}
+    methods = args.methods == "default"
     if kind == "cls":
-        cfg = train_cls.TrainClsConfig(out_dir=out, backbone=args.backbone, weights="none", crop_size=args.crop,
+        same_work = {} if methods else {"er_weight": 0.0}
+        cfg = train_cls.TrainClsConfig(**same_work, out_dir=out, backbone=args.backbone, weights="none", crop_size=args.crop,
                                        batch_size=args.batch, epochs=args.epochs, val_split=None, jitter=False,
                                        scale_range=(1.0, 1.0), overwrite=True, **common)
         metrics = train_cls.run(cfg)
@@ -279,8 +287,9 @@ def stage_throughput(kind: str, root: Path, args, device, out: Path) -> float:
             train_cls.run(train_cls.TrainClsConfig(out_dir=cls_out, backbone=args.backbone, weights="none",
                                                    crop_size=args.crop, batch_size=2, epochs=1, val_split=None,
                                                    **common))
+        same_work = {} if methods else {"erase_steps": 0}
         cfg = make_cam.MakeCamConfig(checkpoint=cls_out / "last.pth", out_dir=out, scales=CAM_SCALES,
-                                     batch_size=args.infer_batch, overwrite=True, **common)
+                                     batch_size=args.infer_batch, overwrite=True, **same_work, **common)
         return make_cam.run(cfg)["images_per_second"]
     seg_out = out.parent / "seg_for_predict"
     if not (seg_out / "last.pth").is_file():
@@ -317,6 +326,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--stages", default="cls,seg,cam,predict")
     parser.add_argument("--warmup", action="store_true", help="one untimed run of each side first")
+    parser.add_argument("--methods", choices=["off", "default"], default="off",
+                        help="off: the stages without equivariance and erasing, the plain loops' work (the ratio); "
+                             "default: the stages' default methods (their cost)")
     parser.add_argument("--plain", default=None,
                         help="plain loops to time: fp32,bf16 (default: both on a GPU, fp32 on the CPU); the "
                              "reference of the ratio must be among them")
@@ -374,7 +386,7 @@ def main() -> None:
                                              "rows": rows}, indent=2) + "\n")
 
     goal = 0.8 if device.type == "cuda" else 0.9
-    print(f"\n{title}; {args.images} images {args.size}, {args.backbone}, crop {args.crop}, batch {args.batch}, "
+    print(f"\n{title}; stage methods {args.methods}; {args.images} images {args.size}, {args.backbone}, crop {args.crop}, batch {args.batch}, "
           f"inference batch {args.infer_batch}; median of {args.rounds} rounds")
     columns = ["stage", "wsss"] + [key for key in rows[0] if key.startswith("plain")] + ["ratio"]
     print("images/s (median of the rounds); ratio = wsss / the reference loop")
