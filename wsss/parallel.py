@@ -6,7 +6,10 @@
 * start with ``fork`` on Linux (no re-import of the command line) and ``spawn`` elsewhere;
 * run one BLAS/OpenMP/OpenCV thread each, so workers x threads stay within the cores;
 * end when their parent process dies (Linux ``PR_SET_PDEATHSIG``): a killed command leaves no
-  worker behind that goes on writing files.
+  worker behind that goes on writing files;
+* are never killed by wsss itself: after an error the work not yet started is dropped and the
+  running chunks finish (``multiprocessing.Pool.terminate`` could kill a worker holding the result
+  queue's lock and hang the parent for ever).
 
 An exception raised in a worker (e.g. a :class:`~wsss.errors.WsssError` naming a bad file) is
 raised again in the parent by :mod:`multiprocessing`, with its type and message.
@@ -14,9 +17,11 @@ raised again in the parent by :mod:`multiprocessing`, with its type and message.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import contextlib
 import functools
+import itertools
 import math
 import multiprocessing
 import os
@@ -93,20 +98,20 @@ def _forking_safely():
         cv2.setNumThreads(threads)
 
 
-def process_executor(workers: int) -> concurrent.futures.ProcessPoolExecutor:
+def process_executor(workers: int, initializer: Callable | None = None,
+                     initargs: tuple = ()) -> concurrent.futures.ProcessPoolExecutor:
     """A ``ProcessPoolExecutor`` of ``workers`` processes started now, under the policy above (fork on
     Linux with OpenCV quiet, one thread each, ending with their parent), for work submitted as it comes
     (e.g. predict's CRF on each batch's probabilities).  The caller shuts it down."""
     executor = concurrent.futures.ProcessPoolExecutor(workers, mp_context=pool_context(), initializer=_worker_start,
-                                                      initargs=(None, ()))
+                                                      initargs=(initializer, initargs))
     with _forking_safely():
         executor.submit(int).result()  # with fork, the first task starts every worker
     return executor
 
 
-def _indexed(func: Callable, item: tuple[int, Task]) -> tuple[int, Result]:
-    index, task = item
-    return index, func(task)
+def _run_chunk(func: Callable, chunk: list[tuple[int, Task]]) -> list[tuple[int, Result]]:
+    return [(index, func(task)) for index, task in chunk]
 
 
 def imap_images(func: Callable[[Task], Result], tasks: Sequence[Task], workers: int | None = None,
@@ -143,11 +148,29 @@ def imap_images(func: Callable[[Task], Result], tasks: Sequence[Task], workers: 
                 progress.update(weight)
         return
     chunksize = chunksize or max(1, min(64, math.ceil(len(tasks) / (workers * 8))))
-    with _forking_safely(), pool_context().Pool(workers, initializer=_worker_start,
-                                                initargs=(initializer, initargs)) as pool:
-        mapper = pool.imap if ordered else pool.imap_unordered
+    indexed = list(enumerate(tasks))
+    chunks = iter([indexed[start:start + chunksize] for start in range(0, len(indexed), chunksize)])
+    executor = process_executor(workers, initializer, initargs)
+    pending: collections.deque[concurrent.futures.Future] = collections.deque()
+    try:
         with with_bar() as progress:
-            for index, result in mapper(functools.partial(_indexed, func), list(enumerate(tasks)),
-                                        chunksize=chunksize):
-                yield result
-                progress.update(weights[index])
+            while True:
+                # a bounded window of chunks in flight: results are not held for the whole split
+                for chunk in itertools.islice(chunks, 4 * workers - len(pending)):
+                    pending.append(executor.submit(_run_chunk, func, chunk))
+                if not pending:
+                    break
+                if ordered:
+                    future = pending.popleft()
+                else:
+                    done, _ = concurrent.futures.wait(pending, return_when=concurrent.futures.FIRST_COMPLETED)
+                    future = next(future for future in pending if future in done)
+                    pending.remove(future)
+                for index, result in future.result():
+                    yield result
+                    progress.update(weights[index])
+    finally:
+        # after an error (or when the caller stops early) the chunks not started are dropped and the
+        # running ones finish: terminating workers mid-write (multiprocessing.Pool.terminate) could
+        # leave a queue lock held and hang the parent
+        executor.shutdown(wait=True, cancel_futures=True)
