@@ -268,9 +268,9 @@ def stage_throughput(kind: str, root: Path, args, device, out: Path) -> float:
     methods = args.methods == "default"
     if kind == "cls":
         same_work = {} if methods else {"er_weight": 0.0}
-        cfg = train_cls.TrainClsConfig(**same_work, out_dir=out, backbone=args.backbone, weights="none", crop_size=args.crop,
+        cfg = train_cls.TrainClsConfig(out_dir=out, backbone=args.backbone, weights="none", crop_size=args.crop,
                                        batch_size=args.batch, epochs=args.epochs, val_split=None, jitter=False,
-                                       scale_range=(1.0, 1.0), overwrite=True, **common)
+                                       scale_range=(1.0, 1.0), overwrite=True, **same_work, **common)
         metrics = train_cls.run(cfg)
         return metrics["step"] * args.batch / metrics["seconds"]
     if kind == "seg":
@@ -386,8 +386,8 @@ def main() -> None:
                                              "rows": rows}, indent=2) + "\n")
 
     goal = 0.8 if device.type == "cuda" else 0.9
-    print(f"\n{title}; stage methods {args.methods}; {args.images} images {args.size}, {args.backbone}, crop {args.crop}, batch {args.batch}, "
-          f"inference batch {args.infer_batch}; median of {args.rounds} rounds")
+    print(f"\n{title}; stage methods {args.methods}; {args.images} images {args.size}, {args.backbone}, "
+          f"crop {args.crop}, batch {args.batch}, inference batch {args.infer_batch}; median of {args.rounds} rounds")
     columns = ["stage", "wsss"] + [key for key in rows[0] if key.startswith("plain")] + ["ratio"]
     print("images/s (median of the rounds); ratio = wsss / the reference loop")
     print("| " + " | ".join(columns + ["goal"]) + " |")
