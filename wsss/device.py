@@ -172,7 +172,7 @@ def configure_threads(threads: int | None, processes: int = 1) -> int:
     return count
 
 
-def inference_loader_workers(workers: int, device) -> int:
+def inference_loader_workers(workers: int, device: torch.device) -> int:
     """DataLoader workers for a pass of decode-then-forward over a split (make-cam, predict, validation).
 
     On a GPU the workers keep the device fed, so ``workers`` is used as asked.  On the CPU the
@@ -183,7 +183,7 @@ def inference_loader_workers(workers: int, device) -> int:
     """
     import torch
 
-    if getattr(device, "type", str(device)) != "cpu":
+    if device.type != "cpu":
         return workers
     return max(0, min(workers, default_workers() - torch.get_num_threads()))
 

@@ -149,7 +149,7 @@ def imap_images(func: Callable[[Task], Result], tasks: Sequence[Task], workers: 
         return
     chunksize = chunksize or max(1, min(64, math.ceil(len(tasks) / (workers * 8))))
     indexed = list(enumerate(tasks))
-    chunks = iter([indexed[start:start + chunksize] for start in range(0, len(indexed), chunksize)])
+    chunks = (indexed[start:start + chunksize] for start in range(0, len(indexed), chunksize))
     executor = process_executor(workers, initializer, initargs)
     pending: collections.deque[concurrent.futures.Future] = collections.deque()
     try:
@@ -164,7 +164,7 @@ def imap_images(func: Callable[[Task], Result], tasks: Sequence[Task], workers: 
                     future = pending.popleft()
                 else:
                     done, _ = concurrent.futures.wait(pending, return_when=concurrent.futures.FIRST_COMPLETED)
-                    future = next(future for future in pending if future in done)
+                    future = done.pop()
                     pending.remove(future)
                 for index, result in future.result():
                     yield result
