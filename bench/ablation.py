@@ -36,6 +36,13 @@ Usage::
         --variants "plain,ER,erasing,ER+erasing,ER+erasing without RAW (default)" \\
         --cam-only-variants "ER,erasing" --md bench/ablation_scratch.md
     .venv/bin/python bench/ablation.py --from bench/ablation_scratch.json,bench/ablation_pretrained.json
+    # the classifier trained 30 epochs (bench/ablation_epochs.md); the ground-truth DeepLab's figures are read
+    # from the earlier table's runs instead of trained again
+    E30="ER+erasing with 30 classifier epochs"
+    .venv/bin/python bench/ablation.py --work work/bench --jobs 2 --trunks scratch \\
+        --full-from bench/ablation_scratch.json --md bench/ablation_epochs.md \\
+        --variants "plain,ER+erasing without RAW (default),plain with 30 classifier epochs,$E30" \\
+        --cam-only-variants "plain,ER+erasing without RAW (default)"
     # CAM and pseudo-label columns only (no DeepLab), as bench/ablation_cam.md:
     .venv/bin/python bench/ablation.py --cam-only --trunks scratch --variants "plain,ER,erasing,ER+erasing" \\
         --md bench/ablation_cam.md
@@ -68,9 +75,13 @@ VARIANTS = {
     "erasing in training": (f"{NO_ER} {TRAIN_ERASING}", "--erase-steps 0", ()),
     "ER+erasing in training": (f"{ER} {TRAIN_ERASING}", "--erase-steps 0", ()),
     "plain at stride 16 (the earlier default)": (f"{NO_ER} --output-stride 16", "--erase-steps 0", ()),
+    # the classifier trained 30 epochs instead of the pipeline's 12 (it underfits its training set: class_evidence.md)
+    "plain with 30 classifier epochs": (f"{NO_ER} --epochs 30", "--erase-steps 0", ()),
+    "ER+erasing with 30 classifier epochs": (f"{ER} --epochs 30", "--erase-steps 1", ()),
 }
 # CAM and pseudo-label comparisons only: no DeepLab for these rows
-STOP = {"erasing in training", "ER+erasing in training", "plain at stride 16 (the earlier default)"}
+STOP = {"erasing in training", "ER+erasing in training", "plain at stride 16 (the earlier default)",
+        "plain with 30 classifier epochs"}
 TRUNKS = {"from scratch": "scratch", "pretrained (rotation)": "pretrained"}
 
 
@@ -103,12 +114,13 @@ def run_dir_of(work: Path, variant: str, trunk: str, seed: int) -> Path:
 
 
 def measure(work: Path, variant: str, trunk: str, seed: int, cam_only: bool = False,
-            stop_variants: frozenset[str] = frozenset(STOP)) -> dict:
+            stop_variants: frozenset[str] = frozenset(STOP), upper_bound: bool = True) -> dict:
+    """One variant's run (resumed if it exists) and its figures; ``upper_bound=False``: no ground-truth DeepLab."""
     out = run_dir_of(work, variant, trunk, seed)
     gt_dir = work / "ablation" / f"gt_{TRUNKS[trunk]}" / f"seed{seed}"
     cls_options, cam_options, extra = VARIANTS[variant]
     cam_only = cam_only or variant in stop_variants
-    stop = ["--stop-after", "refine"] if cam_only else ["--upper-bound-dir", str(gt_dir)]
+    stop = ["--stop-after", "refine"] if cam_only else ["--upper-bound-dir", str(gt_dir)] if upper_bound else []
     pipeline(out, "--seed", str(seed), "--cls-opts", cls_options, "--cam-opts", cam_options, *extra, *stop,
              *trunk_options(work, trunk, seed))
     run_dir, root = out / "run", out / "data" / "VOC2012"
@@ -128,11 +140,14 @@ def measure(work: Path, variant: str, trunk: str, seed: int, cam_only: bool = Fa
         "deeplab_val_crf": label_miou(run_dir / "pred", "val"),  # the pipeline's predict (scales + flip + CRF)
         "deeplab_train_crf": score_folder(run_dir / "pred_train", root, "train"),  # the pipeline's, for the report
         "deeplab_last_1scale": seg["val_miou"], "deeplab_best_1scale": seg["best_val_miou"],
-        "full_val_1scale": (seg.get("upper_bound") or {}).get("val_miou"),
-        # the ground-truth DeepLab is shared by the variants: predicted once, by the plain run
-        "full_val_crf": (predict_and_score(gt_dir / "last.pth", root, gt_dir / "bench_pred_crf", "--crf")
-                         if variant == "plain" else None),
     })
+    if upper_bound:
+        result.update({
+            "full_val_1scale": (seg.get("upper_bound") or {}).get("val_miou"),
+            # the ground-truth DeepLab is shared by the variants: predicted once, by the plain run
+            "full_val_crf": (predict_and_score(gt_dir / "last.pth", root, gt_dir / "bench_pred_crf", "--crf")
+                             if variant == "plain" else None),
+        })
     return result
 
 
@@ -152,28 +167,41 @@ def run_variants(args, parser) -> dict:
     variants = {t: [v for v in VARIANTS if v in chosen[TRUNKS[t]].split(",")] for t in trunks}
     stop_variants = frozenset(STOP | {v for v in args.cam_only_variants.split(",") if v})
     if any("plain" not in names for names in variants.values()):
-        parser.error("--variants must include plain (it trains the shared ground-truth DeepLab)")
+        parser.error("--variants must include plain (the baseline; it trains the shared ground-truth DeepLab)")
+    full = read_full(args.full_from, parser) if args.full_from else None
+    upper_bound = full is None
     for seed in seeds if "pretrained (rotation)" in trunks else []:  # each run of a seed shares the trunk
         backbone_file(args.work, seed)
     # plain runs train the ground-truth DeepLab that the other variants of their trunk and seed share: they are
     # queued first, and a variant waits for its plain run (queued earlier, so already running or finished)
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         plain = {(trunk, seed): pool.submit(measure, args.work, "plain", trunk, seed, args.cam_only,
-                                                   stop_variants)
+                                            stop_variants, upper_bound)
                  for trunk in trunks for seed in seeds}
 
         def after_plain(variant: str, trunk: str, seed: int) -> dict:
             plain[(trunk, seed)].result()
-            return measure(args.work, variant, trunk, seed, args.cam_only, stop_variants)
+            return measure(args.work, variant, trunk, seed, args.cam_only, stop_variants, upper_bound)
 
         others = {(variant, trunk, seed): pool.submit(after_plain, variant, trunk, seed)
                   for trunk in trunks for seed in seeds for variant in variants[trunk] if variant != "plain"}
         results = {("plain", *key): future.result() for key, future in plain.items()}
         results.update({key: future.result() for key, future in others.items()})
     for (variant, trunk, seed), result in results.items():
-        if "deeplab_val_crf" in result and "full_val_crf" in results[("plain", trunk, seed)]:
-            result["weak_full_crf"] = result["deeplab_val_crf"] / results[("plain", trunk, seed)]["full_val_crf"]
+        reference = full.get((trunk, seed)) if full else results[("plain", trunk, seed)].get("full_val_crf")
+        if "deeplab_val_crf" in result and reference:
+            result["weak_full_crf"] = result["deeplab_val_crf"] / reference
     return results
+
+
+def read_full(path: Path, parser) -> dict:
+    """``{(trunk, seed): ground-truth DeepLab val mIoU (scales + flip + CRF)}`` of an earlier result file."""
+    _, results, _ = read_results([path], parser)
+    full = {(trunk, seed): row["full_val_crf"] for (variant, trunk, seed), row in results.items()
+            if variant == "plain" and row.get("full_val_crf")}
+    if not full:
+        parser.error(f"--full-from {path}: no plain run with a ground-truth DeepLab in it")
+    return full
 
 
 def read_results(paths: list[Path], parser) -> tuple[list[int], dict, dict]:
@@ -258,12 +286,18 @@ def main() -> None:
     parser.add_argument("--from", dest="sources", type=lambda text: [Path(p) for p in text.split(",")], default=None,
                         help="run nothing: one table from these earlier runs' .json files (comma-separated), "
                              "e.g. each trunk measured on its own")
+    parser.add_argument("--full-from", type=Path, default=None,
+                        help="train no ground-truth DeepLab: weak/full divides by that of the same trunk and seed "
+                             "in this earlier result file (same recipe; runs are deterministic under --seed)")
     args = parser.parse_args()
     if args.sources:
         seeds, results, options = read_results(args.sources, parser)
     else:
         seeds, results, options = args.seeds, run_variants(args, parser), dict(VARIANTS)
     lines = report(results, seeds, options)
+    if not args.sources and args.full_from:
+        lines += ["", "weak/full: against the ground-truth DeepLab (scales + flip + CRF) of "
+                  f"`{args.full_from}`'s plain runs of the same trunk and seed (same recipe), not trained again here."]
     args.md.write_text("\n".join(lines) + "\n")
     args.md.with_suffix(".json").write_text(json.dumps({"seeds": seeds, "variants": options, "results": [
         {"variant": v, "trunk": t, "seed": s, **r} for (v, t, s), r in results.items()]}, indent=2) + "\n")
