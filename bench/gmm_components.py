@@ -30,17 +30,20 @@ from pathlib import Path
 
 import numpy as np
 
+from ablation import fixed_crf as fixed_crf_options
+from ablation import run_dir_of
 from harness import fmt, in_parallel, label_miou, per_seed, quality_arguments, read_json, refine_and_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "wsss"))
 
-RUNS = {"plain": "plain_scratch", "ER+erasing (default)": "ER_erasing_without_RAW_scratch"}
+# table label -> the ablation variant whose runs are read
+RUNS = {"plain": "plain", "ER+erasing (default)": "ER+erasing without RAW (default)"}
 COMPONENTS = (2, 3, 4, 5)
 SWEEP = tuple(round(0.40 + 0.05 * i, 2) for i in range(7))  # fixed thresholds + CRF
 
 
 def run_dir(work: Path, variant: str, seed: int) -> Path:
-    return work / "ablation" / RUNS[variant] / f"seed{seed}"
+    return run_dir_of(work, RUNS[variant], "from scratch", seed)
 
 
 def measure(work: Path, variant: str, seed: int, components: int) -> dict:
@@ -61,7 +64,7 @@ def fixed_crf(work: Path, variant: str, seed: int, threshold: float) -> float:
     """Pseudo-label mIoU of a fixed threshold + CRF on one run's CAMs."""
     out = run_dir(work, variant, seed)
     return refine_and_score(out / "run", out / "data" / "VOC2012", f"pseudo_fixed{round(100 * threshold):03d}_crf",
-                            "--threshold", "fixed", "--bg-thresh", f"{threshold:.2f}", "--crf")
+                            *fixed_crf_options(threshold))
 
 
 def synthetic_thresholds() -> dict:
