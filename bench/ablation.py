@@ -43,6 +43,9 @@ Usage::
         --full-from bench/ablation_scratch.json --md bench/ablation_epochs.md \\
         --variants "plain,ER+erasing without RAW (default),plain with 30 classifier epochs,$E30" \\
         --cam-only-variants "plain,ER+erasing without RAW (default)"
+    # log-sum-exp pooling of the class maps instead of their mean (bench/ablation_pooling.md)
+    .venv/bin/python bench/ablation.py --work work/bench --jobs 2 --cam-only --trunks scratch \\
+        --variants "plain,plain with LSE pooling r 5,plain with LSE pooling r 1" --md bench/ablation_pooling.md
     # CAM and pseudo-label columns only (no DeepLab), as bench/ablation_cam.md:
     .venv/bin/python bench/ablation.py --cam-only --trunks scratch --variants "plain,ER,erasing,ER+erasing" \\
         --md bench/ablation_cam.md
@@ -78,6 +81,9 @@ VARIANTS = {
     # the classifier trained 30 epochs instead of the pipeline's 12 (it underfits its training set: class_evidence.md)
     "plain with 30 classifier epochs": (f"{NO_ER} --epochs 30", "--erase-steps 0", ()),
     "ER+erasing with 30 classifier epochs": (f"{ER} --epochs 30", "--erase-steps 1", ()),
+    # log-sum-exp pooling of the class maps instead of their mean (the bottle's map scores the scene, not the bottle)
+    "plain with LSE pooling r 5": (f"{NO_ER} --pooling lse --lse-r 5", "--erase-steps 0", ()),
+    "plain with LSE pooling r 1": (f"{NO_ER} --pooling lse --lse-r 1", "--erase-steps 0", ()),
 }
 # CAM and pseudo-label comparisons only: no DeepLab for these rows
 STOP = {"erasing in training", "ER+erasing in training", "plain at stride 16 (the earlier default)",

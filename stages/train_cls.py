@@ -45,7 +45,7 @@ from wsss.errors import WsssError, non_finite_field, option_name
 from wsss.inference import split_batches, to_model_input
 from wsss.losses import ER_TARGETS, ERASE_CLASSES, ERASE_FILLS, CamObjective, regulariser_ramp
 from wsss.metrics import ConfusionMatrix, average_precision, confusion_counts, mean_average_precision
-from wsss.models.classifier import ARCHS, CamNet
+from wsss.models.classifier import ARCHS, POOLINGS, CamNet, classifier_arch
 from wsss.optim import poly_scheduler, sgd_with_head
 from wsss.training import (Loop, Precision, RunSpec, Trainee, TrainState, find_resumable, finished_metrics, fit,
                            grad_scaler, maybe_compile, start_runtime, step_loader, steps_per_epoch, wrap_distributed)
@@ -54,8 +54,8 @@ from wsss.transforms import train_preset
 log = logging.getLogger(__name__)
 
 # Options that define the optimisation; a checkpoint can only be resumed when they agree.
-SCHEDULE_FIELDS = ("split", "backbone", "output_stride", "freeze_bn", "crop_size", "scale_range", "jitter",
-                   "batch_size", "epochs", "lr", "head_lr_mult", "weight_decay", "momentum", "poly_power",
+SCHEDULE_FIELDS = ("split", "backbone", "output_stride", "pooling", "lse_r", "freeze_bn", "crop_size", "scale_range",
+                   "jitter", "batch_size", "epochs", "lr", "head_lr_mult", "weight_decay", "momentum", "poly_power",
                    "er_weight", "er_scale_range", "er_min_crop", "er_target", "er_view_cls", "erase_weight",
                    "erase_thresh", "erase_fill", "erase_classes", "reg_start", "reg_ramp", "seed", "amp")
 SELECT_METRICS = {"map": "val_map", "cam-miou": "val_cam_miou", "last": None}
@@ -73,6 +73,8 @@ class TrainClsConfig:
     backbone: str = "resnet50"
     weights: str = "imagenet"
     output_stride: int = 16
+    pooling: str = "gap"
+    lse_r: float = 5.0
     freeze_bn: bool = False
     crop_size: int = 512
     scale_range: tuple[float, float] = (0.5, 1.5)
@@ -205,7 +207,7 @@ def run(cfg: TrainClsConfig) -> dict:
         raise WsssError(f"split {cfg.split!r} has {len(train_set)} image(s) per process; BatchNorm needs at "
                         "least 2 (or pass --freeze-bn)")
     per_epoch = steps_per_epoch(len(train_set), batch_size, info.world_size)
-    arch = {"backbone": cfg.backbone, "num_classes": dataset.num_classes, "output_stride": cfg.output_stride}
+    arch = classifier_arch(cfg.backbone, dataset.num_classes, cfg.output_stride, cfg.pooling, cfg.lse_r)
     spec = RunSpec(Path(cfg.out_dir), cfg, SCHEDULE_FIELDS, cfg.epochs * per_epoch, dataset.classes, arch,
                    cfg.overwrite)
     checkpoint = find_resumable(spec)
@@ -214,7 +216,8 @@ def run(cfg: TrainClsConfig) -> dict:
     seed_everything(cfg.seed)
     # a resumed model takes its weights from the checkpoint: no need to fetch ImageNet weights
     model = precision.module(CamNet(cfg.backbone, dataset.num_classes, "none" if checkpoint else cfg.weights,
-                                    cfg.output_stride, freeze_bn=cfg.freeze_bn).to(device))
+                                    cfg.output_stride, freeze_bn=cfg.freeze_bn, pooling=cfg.pooling,
+                                    lse_r=cfg.lse_r).to(device))
     optimizer = sgd_with_head(*model.parameter_groups(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                               momentum=cfg.momentum, head_lr_mult=cfg.head_lr_mult)
     trainee = Trainee(model, optimizer, poly_scheduler(optimizer, spec.total_steps, power=cfg.poly_power),
@@ -267,6 +270,11 @@ def run(cfg: TrainClsConfig) -> dict:
               callback=lambda _c, _p, v: int(v),
               help="Input pixels per CAM cell: 16 dilates the last stage (IRN), 8 the last two (SEAM's ResNet-38 "
                    "setting: 4x the cells, about 3x the compute).")
+@click.option("--pooling", type=click.Choice(POOLINGS), default="gap", show_default=True,
+              help="How class maps become logits: gap, their mean (CAM, IRN, SEAM); lse, log-sum-exp (Pinheiro & "
+                   "Collobert) with sharpness --lse-r, between the mean and the maximum.")
+@click.option("--lse-r", type=options.FiniteFloat(min=0, min_open=True), default=5.0, show_default=True,
+              help="Sharpness r of --pooling lse: (1/r) log mean exp(r x); small r is the mean, large r the maximum.")
 @click.option("--freeze-bn", is_flag=True, help="Keep BatchNorm in eval mode with frozen parameters (small batches).")
 @click.option("--crop-size", type=click.IntRange(min=16), default=512, show_default=True)
 @click.option("--scale-range", default="0.5,1.5", show_default=True, callback=options.positive_pair,
@@ -317,7 +325,7 @@ def run(cfg: TrainClsConfig) -> dict:
 @options.workers_option
 @options.threads_option
 @options.overwrite_option
-def command(root, dataset, split, val_split, out_dir, backbone, weights, output_stride, freeze_bn, crop_size, scale_range, jitter,
+def command(root, dataset, split, val_split, out_dir, backbone, weights, output_stride, pooling, lse_r, freeze_bn, crop_size, scale_range, jitter,
             batch_size, epochs, stop_after, lr, head_lr_mult, weight_decay, momentum, poly_power, er_weight,
             er_scale_range, er_min_crop, er_target, er_view_cls, erase_weight, erase_thresh, erase_fill, erase_classes,
             reg_start, reg_ramp, val_cam_images, val_cam_threshold, select, amp, compile_model, device, seed, workers,
@@ -330,7 +338,7 @@ def command(root, dataset, split, val_split, out_dir, backbone, weights, output_
     cfg = TrainClsConfig(
         root=root, out_dir=out_dir, dataset=dataset, split=split,
         val_split=None if val_split.lower() == "none" else val_split, backbone=backbone, weights=weights,
-        output_stride=output_stride, freeze_bn=freeze_bn, crop_size=crop_size, scale_range=scale_range, jitter=jitter, batch_size=batch_size,
+        output_stride=output_stride, pooling=pooling, lse_r=lse_r, freeze_bn=freeze_bn, crop_size=crop_size, scale_range=scale_range, jitter=jitter, batch_size=batch_size,
         epochs=epochs, stop_after=stop_after, lr=lr, head_lr_mult=head_lr_mult, weight_decay=weight_decay,
         momentum=momentum, poly_power=poly_power, er_weight=er_weight, er_scale_range=er_scale_range,
         er_min_crop=er_min_crop, er_target=er_target, er_view_cls=er_view_cls, erase_weight=erase_weight,

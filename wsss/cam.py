@@ -140,7 +140,7 @@ def multiscale_cam(model, images: torch.Tensor, channels: ChannelChoice = None, 
         scaled = resize_images(images, scale)
         inputs = torch.cat([scaled, scaled.flip(-1)]) if flip else scaled
         maps = model.class_maps(inputs).float()
-        logits = maps.mean(dim=(2, 3)).view(-1, batch, maps.shape[1]).sum(0)
+        logits = model.pool(maps).view(-1, batch, maps.shape[1]).sum(0)
         logits_sum = logits if logits_sum is None else logits_sum + logits
         maps = torch.relu(maps)
         views.append((maps[:batch], tuple(scaled.shape[-2:]), False))

@@ -178,3 +178,24 @@ def test_output_stride_8_is_stored_and_used_by_make_cam(root, tmp_path):
     # a stride the network cannot be built with is refused while parsing
     result = train(root, tmp_path / "other", "--epochs", "1", "--output-stride", "4")
     assert result.exit_code == 2 and "--output-stride" in result.output and "Traceback" not in result.output
+
+
+def test_lse_pooling_is_stored_and_make_cam_logits_use_it(root, tmp_path):
+    out = tmp_path / "cls"
+    result = train(root, out, "--epochs", "1", "--pooling", "lse", "--lse-r", "3")
+    assert result.exit_code == 0, result.output
+    checkpoint = artifacts.load_checkpoint(artifacts.checkpoint_path(out, "last"))
+    assert checkpoint["arch"]["pooling"] == "lse" and checkpoint["arch"]["lse_r"] == 3.0
+    assert json.loads((out / "config.json").read_text())["config"]["pooling"] == "lse"
+    from wsss.cam import multiscale_cam
+    from wsss.models.classifier import load_classifier, lse_pool
+
+    model = load_classifier(checkpoint)
+    images = torch.randn(1, 3, 40, 40)
+    _, logits = multiscale_cam(model, images, scales=(1.0,), flip=False)
+    torch.testing.assert_close(logits, lse_pool(model.class_maps(images), 3.0))
+    # resuming with another pooling is a changed schedule
+    result = train(root, out, "--epochs", "1", "--pooling", "gap")
+    assert result.exit_code == 1 and "--pooling" in result.output
+    result = train(root, tmp_path / "other", "--epochs", "1", "--pooling", "lse", "--lse-r", "0")
+    assert result.exit_code == 2 and "--lse-r" in result.output and "Traceback" not in result.output

@@ -5,7 +5,7 @@ from torch import nn
 from wsss import artifacts
 from wsss.errors import WsssError
 from wsss.models.backbones import fuse_conv_batchnorm, prepare_for_inference
-from wsss.models.classifier import ARCHS, CamNet, build_classifier, load_classifier
+from wsss.models.classifier import ARCHS, CamNet, build_classifier, load_classifier, lse_pool
 
 
 def test_archs_are_a_visible_dict_with_the_three_resnets():
@@ -36,6 +36,38 @@ def test_logits_are_the_mean_of_the_class_maps_and_cams_are_relu():
     torch.testing.assert_close(plain_logits, logits)
     torch.testing.assert_close(cams, maps.clamp_min(0))
     assert (maps < 0).any(), "a random head gives negative map values that ReLU must remove"
+
+
+def test_lse_pool_by_hand_runs_from_the_mean_to_the_maximum():
+    maps = torch.tensor([[[[0.0, 0.0], [0.0, 4.0]]]])  # one map: mean 1, maximum 4
+    # (1/r) log((3 + e^(4r)) / 4): r = 1 -> log((3 + e^4) / 4) = log(14.3995) = 2.6672
+    assert lse_pool(maps, 1.0).item() == pytest.approx(2.667196, abs=1e-5)
+    assert lse_pool(maps, 1e-4).item() == pytest.approx(1.0, abs=1e-3)  # r -> 0: the mean
+    assert lse_pool(maps, 200.0).item() == pytest.approx(4.0 - torch.log(torch.tensor(4.0)).item() / 200, abs=1e-6)
+    assert lse_pool(torch.full((1, 2, 3, 3), -2.5), 5.0)[0].tolist() == pytest.approx([-2.5, -2.5])  # constant
+    big = torch.tensor([[[[1000.0, -1000.0]]]])  # no overflow: (1/5) log((e^5000 + e^-5000) / 2)
+    assert lse_pool(big, 5.0).item() == pytest.approx(1000.0 - torch.log(torch.tensor(2.0)).item() / 5, abs=1e-3)
+
+
+def test_lse_logits_follow_the_strongest_cells_and_the_arch_keeps_the_pooling(tmp_path):
+    torch.manual_seed(0)
+    net = CamNet("resnet18", num_classes=3, pooling="lse", lse_r=2.0).eval()
+    assert net.arch == {"backbone": "resnet18", "num_classes": 3, "output_stride": 16, "pooling": "lse", "lse_r": 2.0}
+    images = torch.randn(2, 3, 48, 48)
+    with torch.inference_mode():
+        logits, maps = net(images, return_maps=True)
+    mean, peak = maps.mean(dim=(2, 3)), maps.amax(dim=(2, 3))
+    torch.testing.assert_close(logits, lse_pool(maps, 2.0))
+    assert (logits > mean).all() and (logits < peak).all()
+    path = tmp_path / "lse.pth"
+    artifacts.save_checkpoint(path, {"model": net.state_dict(), "config": {}, "classes": ["bg", "a", "b"],
+                                     "arch": net.arch})
+    loaded = load_classifier(artifacts.load_checkpoint(path), str(path))
+    assert loaded.pooling == "lse" and loaded.lse_r == 2.0
+    with pytest.raises(ValueError, match="lse_r"):
+        CamNet("resnet18", num_classes=3, pooling="lse", lse_r=0.0)
+    with pytest.raises(ValueError, match="pooling"):
+        CamNet("resnet18", num_classes=3, pooling="max")
 
 
 def test_classifier_is_a_1x1_conv_without_bias():

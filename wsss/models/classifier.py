@@ -3,11 +3,21 @@
 Because the classifier is linear and has no bias, classifying the globally
 average-pooled features is the same as average-pooling the per-class maps
 (``classifier(GAP(f)) == GAP(classifier(f))``).  The network therefore computes
-the class maps once and takes their spatial mean as logits, so one forward pass
-gives both the classification scores and the class activation maps (CAMs).
+the class maps once and pools them into logits, so one forward pass gives both
+the classification scores and the class activation maps (CAMs).
+
+Pooling (``pooling``): ``gap``, the spatial mean (CAM, IRN, SEAM); or ``lse``,
+the log-sum-exp of Pinheiro & Collobert (CVPR 2015),
+``(1 / r) * log(mean(exp(r * m)))`` over the cells of a class map ``m``, which
+runs from the mean (``r -> 0``) to the maximum (``r -> inf``).  With the mean
+every cell's score counts by its area, so a class can also be scored from the
+scene around it (its map high on background, low on other objects); the
+log-sum-exp lets the class's best cells decide.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
@@ -17,6 +27,27 @@ from wsss.models.backbones import BACKBONES, backbone_channels, build_resnet, fr
 
 # The classifier backbones one can choose with --backbone; a KeyError lists the valid names.
 ARCHS = BACKBONES
+POOLINGS = ("gap", "lse")
+
+
+def lse_pool(maps: torch.Tensor, r: float) -> torch.Tensor:
+    """Log-sum-exp pooling of class maps ``[B, K, h, w]`` -> ``[B, K]``: ``(1/r) log(mean(exp(r * maps)))``.
+
+    Computed as ``(logsumexp(r * maps) - log(h * w)) / r`` (no overflow).  It lies between the
+    mean and the maximum of each map and equals both for a constant map.
+    """
+    cells = maps.shape[-2] * maps.shape[-1]
+    return (torch.logsumexp(maps.flatten(2).float() * r, dim=2) - math.log(cells)) / r
+
+
+def classifier_arch(backbone: str, num_classes: int, output_stride: int, pooling: str = "gap",
+                    lse_r: float = 5.0) -> dict:
+    """The plain dict a checkpoint stores to rebuild a :class:`CamNet` (see :func:`build_classifier`);
+    the pooling is named only where it is not the mean, so mean-pooled checkpoints keep their old form."""
+    arch = {"backbone": backbone, "num_classes": num_classes, "output_stride": output_stride}
+    if pooling != "gap":
+        arch.update(pooling=pooling, lse_r=float(lse_r))
+    return arch
 
 
 class CamNet(nn.Module):
@@ -30,15 +61,19 @@ class CamNet(nn.Module):
         output_stride: 16 (last stage dilated), 8 (last two stages dilated) or 32.
         freeze_bn: keep every BatchNorm of the backbone in eval mode with frozen
             affine parameters (IRN's setting for small batches).
+        pooling: ``gap`` (spatial mean) or ``lse`` (log-sum-exp with sharpness ``lse_r`` > 0).
     """
 
     def __init__(self, backbone: str = "resnet50", num_classes: int = 21, weights: str = "none",
-                 output_stride: int = 16, freeze_bn: bool = False):
+                 output_stride: int = 16, freeze_bn: bool = False, pooling: str = "gap", lse_r: float = 5.0):
         super().__init__()
         if backbone not in ARCHS:
             raise KeyError(f"unknown backbone {backbone!r}; choose from {sorted(ARCHS)}")
         if num_classes < 2:
             raise ValueError(f"num_classes counts background and at least one class, got {num_classes}")
+        if pooling not in POOLINGS or not (math.isfinite(lse_r) and lse_r > 0):
+            raise ValueError(f"pooling must be one of {POOLINGS} and lse_r a finite number > 0, got {pooling!r}, {lse_r}")
+        self.pooling, self.lse_r = pooling, float(lse_r)
         self.backbone_name = backbone
         self.num_classes = num_classes
         self.output_stride = output_stride
@@ -54,7 +89,7 @@ class CamNet(nn.Module):
     @property
     def arch(self) -> dict:
         """The plain dict a checkpoint stores to rebuild this network (see :func:`build_classifier`)."""
-        return {"backbone": self.backbone_name, "num_classes": self.num_classes, "output_stride": self.output_stride}
+        return classifier_arch(self.backbone_name, self.num_classes, self.output_stride, self.pooling, self.lse_r)
 
     def train(self, mode: bool = True) -> "CamNet":
         super().train(mode)
@@ -89,8 +124,12 @@ class CamNet(nn.Module):
             logits float [B, C - 1]; with ``return_maps`` a tuple ``(logits, maps [B, C - 1, h, w])``.
         """
         maps = self.class_maps(images)
-        logits = maps.mean(dim=(2, 3))
+        logits = self.pool(maps)
         return (logits, maps) if return_maps else logits
+
+    def pool(self, maps: torch.Tensor) -> torch.Tensor:
+        """Logits ``[B, K]`` of class maps ``[B, K, h, w]`` (the network's pooling)."""
+        return maps.mean(dim=(2, 3)) if self.pooling == "gap" else lse_pool(maps, self.lse_r).to(maps.dtype)
 
     def cams(self, images: torch.Tensor) -> torch.Tensor:
         """Class activation maps: ReLU of the class maps, float [B, C - 1, h, w] at feature resolution."""
@@ -102,10 +141,12 @@ class CamNet(nn.Module):
 
 
 def build_classifier(arch: dict, weights: str = "none", freeze_bn: bool = False) -> CamNet:
-    """Build a :class:`CamNet` from a checkpoint's ``arch`` dict ``{backbone, num_classes, output_stride}``."""
+    """Build a :class:`CamNet` from a checkpoint's ``arch`` dict ``{backbone, num_classes, output_stride}``
+    (``pooling`` and ``lse_r`` where not the mean)."""
     try:
         return CamNet(backbone=arch["backbone"], num_classes=int(arch["num_classes"]), weights=weights,
-                      output_stride=int(arch.get("output_stride", 16)), freeze_bn=freeze_bn)
+                      output_stride=int(arch.get("output_stride", 16)), freeze_bn=freeze_bn,
+                      pooling=arch.get("pooling", "gap"), lse_r=float(arch.get("lse_r", 5.0)))
     except (KeyError, TypeError, ValueError) as err:
         raise WsssError(f"classifier arch {arch!r} is not usable ({err})") from None
 
