@@ -46,6 +46,9 @@ Usage::
     # log-sum-exp pooling of the class maps instead of their mean (bench/ablation_pooling.md)
     .venv/bin/python bench/ablation.py --work work/bench --jobs 2 --cam-only --trunks scratch \\
         --variants "plain,plain with LSE pooling r 5,plain with LSE pooling r 1" --md bench/ablation_pooling.md
+    # a bigger demo (400 train images instead of 120; the environment variable reaches run_pipeline.sh)
+    WSSS_NUM_TRAIN=400 .venv/bin/python bench/ablation.py --work work/big --jobs 2 --cam-only --trunks scratch \\
+        --variants "plain,ER+erasing without RAW (default)" --md bench/ablation_400.md
     # CAM and pseudo-label columns only (no DeepLab), as bench/ablation_cam.md:
     .venv/bin/python bench/ablation.py --cam-only --trunks scratch --variants "plain,ER,erasing,ER+erasing" \\
         --md bench/ablation_cam.md
@@ -55,6 +58,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import os
 from pathlib import Path
 
 from harness import (fmt, label_miou, per_seed, pipeline, predict_and_score, quality_arguments, read_json,
@@ -301,6 +305,9 @@ def main() -> None:
     else:
         seeds, results, options = args.seeds, run_variants(args, parser), dict(VARIANTS)
     lines = report(results, seeds, options)
+    if os.environ.get("WSSS_NUM_TRAIN"):  # run_pipeline.sh's demo size, passed through to every run
+        lines[2:2] = [f"Demo data with {os.environ['WSSS_NUM_TRAIN']} train images (`WSSS_NUM_TRAIN`), not the "
+                      "pipeline's 120; the same 40 val images.", ""]
     if not args.sources and args.full_from:
         lines += ["", "weak/full: against the ground-truth DeepLab (scales + flip + CRF) of "
                   f"`{args.full_from}`'s plain runs of the same trunk and seed (same recipe), not trained again here."]
