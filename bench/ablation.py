@@ -306,8 +306,10 @@ def main() -> None:
         seeds, results, options = args.seeds, run_variants(args, parser), dict(VARIANTS)
     lines = report(results, seeds, options)
     if os.environ.get("WSSS_NUM_TRAIN"):  # run_pipeline.sh's demo size, passed through to every run
-        lines[2:2] = [f"Demo data with {os.environ['WSSS_NUM_TRAIN']} train images (`WSSS_NUM_TRAIN`), not the "
-                      "pipeline's 120; the same 40 val images.", ""]
+        count = int(os.environ["WSSS_NUM_TRAIN"])
+        lines[2:2] = [f"Demo data with {count} train images (`WSSS_NUM_TRAIN`), not the pipeline's 120: the demo "
+                      f"numbers its images train first, so train holds the 120-image set's train and val images "
+                      f"and more, and val is 40 other images (ids {count}-{count + 39}).", ""]
     if not args.sources and args.full_from:
         lines += ["", "weak/full: against the ground-truth DeepLab (scales + flip + CRF) of "
                   f"`{args.full_from}`'s plain runs of the same trunk and seed (same recipe), not trained again here."]

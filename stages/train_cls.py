@@ -1,7 +1,8 @@
 """``wsss train-cls``: train the multi-label CAM classifier (stage 1).
 
 Recipe (IRN/SEAM): ResNet backbone with output stride 16, a 1x1 classifier
-without bias whose class maps are average-pooled into logits, multi-label soft
+without bias whose class maps are average-pooled into logits (``--pooling lse``:
+log-sum-exp instead, see :mod:`wsss.models.classifier`), multi-label soft
 margin loss, SGD with momentum, the head at 10x the learning rate and the poly
 schedule, stepped once per iteration.  Two optional regularisers
 (:class:`wsss.losses.CamObjective`):
@@ -208,8 +209,9 @@ def run(cfg: TrainClsConfig) -> dict:
                         "least 2 (or pass --freeze-bn)")
     per_epoch = steps_per_epoch(len(train_set), batch_size, info.world_size)
     arch = classifier_arch(cfg.backbone, dataset.num_classes, cfg.output_stride, cfg.pooling, cfg.lse_r)
-    spec = RunSpec(Path(cfg.out_dir), cfg, SCHEDULE_FIELDS, cfg.epochs * per_epoch, dataset.classes, arch,
-                   cfg.overwrite)
+    # --lse-r only shapes an lse run: a mean-pooled run resumes whatever it says
+    fields = SCHEDULE_FIELDS if cfg.pooling == "lse" else tuple(f for f in SCHEDULE_FIELDS if f != "lse_r")
+    spec = RunSpec(Path(cfg.out_dir), cfg, fields, cfg.epochs * per_epoch, dataset.classes, arch, cfg.overwrite)
     checkpoint = find_resumable(spec)
     if (metrics := finished_metrics(spec, checkpoint)) is not None:
         return metrics
@@ -273,8 +275,9 @@ def run(cfg: TrainClsConfig) -> dict:
 @click.option("--pooling", type=click.Choice(POOLINGS), default="gap", show_default=True,
               help="How class maps become logits: gap, their mean (CAM, IRN, SEAM); lse, log-sum-exp (Pinheiro & "
                    "Collobert) with sharpness --lse-r, between the mean and the maximum.")
-@click.option("--lse-r", type=options.FiniteFloat(min=0, min_open=True), default=5.0, show_default=True,
-              help="Sharpness r of --pooling lse: (1/r) log mean exp(r x); small r is the mean, large r the maximum.")
+@click.option("--lse-r", type=options.FiniteFloat(min=0.1), default=5.0, show_default=True,
+              help="Sharpness r of --pooling lse: (1/r) log mean exp(r x); small r is the mean, large r the maximum "
+                   "(at least 0.1: below, rounding swamps the difference to the mean).")
 @click.option("--freeze-bn", is_flag=True, help="Keep BatchNorm in eval mode with frozen parameters (small batches).")
 @click.option("--crop-size", type=click.IntRange(min=16), default=512, show_default=True)
 @click.option("--scale-range", default="0.5,1.5", show_default=True, callback=options.positive_pair,
@@ -325,11 +328,11 @@ def run(cfg: TrainClsConfig) -> dict:
 @options.workers_option
 @options.threads_option
 @options.overwrite_option
-def command(root, dataset, split, val_split, out_dir, backbone, weights, output_stride, pooling, lse_r, freeze_bn, crop_size, scale_range, jitter,
-            batch_size, epochs, stop_after, lr, head_lr_mult, weight_decay, momentum, poly_power, er_weight,
-            er_scale_range, er_min_crop, er_target, er_view_cls, erase_weight, erase_thresh, erase_fill, erase_classes,
-            reg_start, reg_ramp, val_cam_images, val_cam_threshold, select, amp, compile_model, device, seed, workers,
-            threads, overwrite):
+def command(root, dataset, split, val_split, out_dir, backbone, weights, output_stride, pooling, lse_r, freeze_bn,
+            crop_size, scale_range, jitter, batch_size, epochs, stop_after, lr, head_lr_mult, weight_decay, momentum,
+            poly_power, er_weight, er_scale_range, er_min_crop, er_target, er_view_cls, erase_weight, erase_thresh,
+            erase_fill, erase_classes, reg_start, reg_ramp, val_cam_images, val_cam_threshold, select, amp, compile_model,
+            device, seed, workers, threads, overwrite):
     """Train a ResNet CAM classifier on image-level labels (equivariance and erasing optional).
 
     Writes OUT/last.pth, OUT/best.pth, OUT/config.json and OUT/metrics.json; an
@@ -338,7 +341,8 @@ def command(root, dataset, split, val_split, out_dir, backbone, weights, output_
     cfg = TrainClsConfig(
         root=root, out_dir=out_dir, dataset=dataset, split=split,
         val_split=None if val_split.lower() == "none" else val_split, backbone=backbone, weights=weights,
-        output_stride=output_stride, pooling=pooling, lse_r=lse_r, freeze_bn=freeze_bn, crop_size=crop_size, scale_range=scale_range, jitter=jitter, batch_size=batch_size,
+        output_stride=output_stride, pooling=pooling, lse_r=lse_r, freeze_bn=freeze_bn, crop_size=crop_size,
+        scale_range=scale_range, jitter=jitter, batch_size=batch_size,
         epochs=epochs, stop_after=stop_after, lr=lr, head_lr_mult=head_lr_mult, weight_decay=weight_decay,
         momentum=momentum, poly_power=poly_power, er_weight=er_weight, er_scale_range=er_scale_range,
         er_min_crop=er_min_crop, er_target=er_target, er_view_cls=er_view_cls, erase_weight=erase_weight,

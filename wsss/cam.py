@@ -117,7 +117,7 @@ def multiscale_cam(model, images: torch.Tensor, channels: ChannelChoice = None, 
     The maps are summed in float32 also when the network runs under autocast.
 
     Args:
-        model: a :class:`~wsss.models.classifier.CamNet` (``class_maps`` and ``output_stride``), eval mode.
+        model: a :class:`~wsss.models.classifier.CamNet` (``class_maps``, ``pool`` and ``output_stride``), eval mode.
         images: float [B, 3, H, W], normalised, all of one size.
         channels: per image, the foreground channels (0-based, i.e. class index - 1) to return;
             or a function ``logits [B, C - 1] -> channels`` that picks them from the scores

@@ -131,6 +131,10 @@ def test_finished_run_is_not_trained_again_and_changed_schedule_refuses(root, tm
     result = train(root, out, "--epochs", "1")
     assert result.exit_code == 0 and "trained 1/1 epochs" in result.output
     assert_same_weights(before, weights(out))
+    # --lse-r does not shape a mean-pooled run: the finished run is found, not refused
+    result = train(root, out, "--epochs", "1", "--lse-r", "2")
+    assert result.exit_code == 0 and "trained 1/1 epochs" in result.output
+    assert_same_weights(before, weights(out))
     result = train(root, out, "--epochs", "1", "--er-weight", "1")
     assert result.exit_code == 1
     assert "last.pth: cannot resume, the run used different --er-weight" in result.output
@@ -197,5 +201,8 @@ def test_lse_pooling_is_stored_and_make_cam_logits_use_it(root, tmp_path):
     # resuming with another pooling is a changed schedule
     result = train(root, out, "--epochs", "1", "--pooling", "gap")
     assert result.exit_code == 1 and "--pooling" in result.output
-    result = train(root, tmp_path / "other", "--epochs", "1", "--pooling", "lse", "--lse-r", "0")
-    assert result.exit_code == 2 and "--lse-r" in result.output and "Traceback" not in result.output
+    result = train(root, out, "--epochs", "1", "--pooling", "lse", "--lse-r", "2")
+    assert result.exit_code == 1 and "--lse-r" in result.output
+    for bad in ("0", "0.05", "nan"):
+        result = train(root, tmp_path / "other", "--epochs", "1", "--pooling", "lse", "--lse-r", bad)
+        assert result.exit_code == 2 and "--lse-r" in result.output and "Traceback" not in result.output

@@ -64,6 +64,10 @@ def test_lse_logits_follow_the_strongest_cells_and_the_arch_keeps_the_pooling(tm
                                      "arch": net.arch})
     loaded = load_classifier(artifacts.load_checkpoint(path), str(path))
     assert loaded.pooling == "lse" and loaded.lse_r == 2.0
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the log-sum-exp stays float32 under autocast
+        half_logits, half_maps = net(images, return_maps=True)
+    assert half_maps.dtype == torch.bfloat16 and half_logits.dtype == torch.float32
+    torch.testing.assert_close(half_logits, lse_pool(half_maps.float(), 2.0))
     with pytest.raises(ValueError, match="lse_r"):
         CamNet("resnet18", num_classes=3, pooling="lse", lse_r=0.0)
     with pytest.raises(ValueError, match="pooling"):

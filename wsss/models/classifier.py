@@ -33,8 +33,9 @@ POOLINGS = ("gap", "lse")
 def lse_pool(maps: torch.Tensor, r: float) -> torch.Tensor:
     """Log-sum-exp pooling of class maps ``[B, K, h, w]`` -> ``[B, K]``: ``(1/r) log(mean(exp(r * maps)))``.
 
-    Computed as ``(logsumexp(r * maps) - log(h * w)) / r`` (no overflow).  It lies between the
-    mean and the maximum of each map and equals both for a constant map.
+    Computed in float32 as ``(logsumexp(r * maps) - log(h * w)) / r`` (no overflow).  It lies between
+    the mean and the maximum of each map and equals both for a constant map.  Its rounding error is
+    about ``1e-7 * log(h * w) / r``, which is why ``train-cls`` takes ``--lse-r`` >= 0.1.
     """
     cells = maps.shape[-2] * maps.shape[-1]
     return (torch.logsumexp(maps.flatten(2).float() * r, dim=2) - math.log(cells)) / r
@@ -128,8 +129,9 @@ class CamNet(nn.Module):
         return (logits, maps) if return_maps else logits
 
     def pool(self, maps: torch.Tensor) -> torch.Tensor:
-        """Logits ``[B, K]`` of class maps ``[B, K, h, w]`` (the network's pooling)."""
-        return maps.mean(dim=(2, 3)) if self.pooling == "gap" else lse_pool(maps, self.lse_r).to(maps.dtype)
+        """Logits ``[B, K]`` of class maps ``[B, K, h, w]`` (the network's pooling; the log-sum-exp in float32
+        also under autocast, the mean in the maps' dtype)."""
+        return maps.mean(dim=(2, 3)) if self.pooling == "gap" else lse_pool(maps, self.lse_r)
 
     def cams(self, images: torch.Tensor) -> torch.Tensor:
         """Class activation maps: ReLU of the class maps, float [B, C - 1, h, w] at feature resolution."""
