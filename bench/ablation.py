@@ -85,7 +85,7 @@ VARIANTS = {
     # the classifier trained 30 epochs instead of the pipeline's 12 (it underfits its training set: class_evidence.md)
     "plain with 30 classifier epochs": (f"{NO_ER} --epochs 30", "--erase-steps 0", ()),
     "ER+erasing with 30 classifier epochs": (f"{ER} --epochs 30", "--erase-steps 1", ()),
-    # log-sum-exp pooling of the class maps instead of their mean (the bottle's map scores the scene, not the bottle)
+    # log-sum-exp pooling of the class maps instead of their mean (so a class's strongest cells decide its score)
     "plain with LSE pooling r 5": (f"{NO_ER} --pooling lse --lse-r 5", "--erase-steps 0", ()),
     "plain with LSE pooling r 1": (f"{NO_ER} --pooling lse --lse-r 1", "--erase-steps 0", ()),
 }
@@ -306,10 +306,10 @@ def main() -> None:
         seeds, results, options = args.seeds, run_variants(args, parser), dict(VARIANTS)
     lines = report(results, seeds, options)
     if os.environ.get("WSSS_NUM_TRAIN"):  # run_pipeline.sh's demo size, passed through to every run
-        count = int(os.environ["WSSS_NUM_TRAIN"])
+        count, val = int(os.environ["WSSS_NUM_TRAIN"]), int(os.environ.get("WSSS_NUM_VAL", 40))
         lines[2:2] = [f"Demo data with {count} train images (`WSSS_NUM_TRAIN`), not the pipeline's 120: the demo "
                       f"numbers its images train first, so train holds the 120-image set's train and val images "
-                      f"and more, and val is 40 other images (ids {count}-{count + 39}).", ""]
+                      f"and more, and val is {val} other images (ids {count}-{count + val - 1}).", ""]
     if not args.sources and args.full_from:
         lines += ["", "weak/full: against the ground-truth DeepLab (scales + flip + CRF) of "
                   f"`{args.full_from}`'s plain runs of the same trunk and seed (same recipe), not trained again here."]

@@ -139,6 +139,6 @@ def fmt(values: Sequence[float] | None, scale: float = 100.0, digits: int = 1) -
     return f"{scale * mean:.{digits}f} ± {scale * std:.{digits}f}"
 
 
-def per_seed(values: Sequence[float], scale: float = 100.0) -> str:
+def per_seed(values: Sequence[float], scale: float = 100.0, digits: int = 1) -> str:
     """The seeds' values, ``"52.1 / 53.0 / 51.8"``."""
-    return " / ".join("–" if value is None else f"{scale * value:.1f}" for value in values)
+    return " / ".join("–" if value is None else f"{scale * value:.{digits}f}" for value in values)

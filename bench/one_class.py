@@ -51,19 +51,15 @@ def one_class_dataset(source: Path, index: int, name: str, out: Path) -> dict[st
     for split in ("train", "val"):
         ids = dataset.ids(split)
         for image_id in ids:
-            mask = dataset.read_mask(split, image_id)
-            relabelled = np.where(mask == artifacts.IGNORE_INDEX, artifacts.IGNORE_INDEX, (mask == index).astype(np.uint8))
             if not (out / "masks" / f"{image_id}.png").is_file():
+                mask = dataset.read_mask(split, image_id)
+                relabelled = np.where(mask == artifacts.IGNORE_INDEX, artifacts.IGNORE_INDEX, mask == index)
                 artifacts.write_image(out / "images" / f"{image_id}.png", dataset.read_image(split, image_id))
                 artifacts.write_label_png(out / "masks" / f"{image_id}.png", relabelled.astype(np.uint8))
             labels[image_id] = [1] if index in dataset.image_labels(image_id) else []
         splits[split] = (SplitSpec(image_dir="images", image_ext=".png", mask_dir="masks"), ids)
     write_prepared(out, "folder", ["background", name], splits, labels)
     return {split: float(np.mean([bool(labels[i]) for i in spec[1]])) for split, spec in splits.items()}
-
-
-def seeds(values: list[float], digits: int) -> str:
-    return " / ".join(f"{value:.{digits}f}" for value in values)
 
 
 def chance_loss(frequency: float) -> float:
@@ -103,9 +99,9 @@ def main() -> None:
              f"only the {args.name} labelled; the pipeline's plain demo classifier at lr {args.lr}. See the "
              "script's docstring.", "",
              "| measure | result | reference |", "|---|---|---|",
-             f"| training loss, last epoch | {fmt(column['loss'], 1, 3)} ({seeds(column['loss'], 3)}) | "
+             f"| training loss, last epoch | {fmt(column['loss'], 1, 3)} ({per_seed(column['loss'], 1, 3)}) | "
              f"chance {chance_loss(frequency['train']):.3f} (train frequency {frequency['train']:.2f}) |",
-             f"| val AP | {fmt(column['val_ap'], 1, 2)} ({seeds(column['val_ap'], 2)}) | "
+             f"| val AP | {fmt(column['val_ap'], 1, 2)} ({per_seed(column['val_ap'], 1, 2)}) | "
              f"random ranking {frequency['val']:.2f} |",
              f"| {args.name} CAM IoU % (train, threshold of the best mIoU) | {fmt(column['iou'])} "
              f"({per_seed(column['iou'])}) | |", ""]
