@@ -38,7 +38,9 @@ from harness import fmt, in_parallel, per_seed, quality_arguments, read_json, ru
 from wsss import artifacts
 from wsss.datasets.prepared import PreparedDataset, SplitSpec, write_prepared
 
-# the pipeline's demo recipe for train-cls (run_pipeline.sh), plain
+# the pipeline's demo recipe for train-cls (run_pipeline.sh), plain, as it was when one_class.md was made: train-cls's
+# default x10 head and colour jitter (the pipeline has since moved to --head-lr-mult 1 --no-jitter, with which
+# this run learns the bottle: bench/README.md, the classifier's step)
 CLS_OPTS = ["--backbone", "resnet18", "--weights", "none", "--crop-size", "80", "--scale-range", "0.7,1.3",
             "--batch-size", "8", "--epochs", "12", "--val-cam-images", "40", "--workers", "0", "--output-stride", "8",
             "--er-weight", "0"]
