@@ -3,10 +3,10 @@
 Each variant is a ``run_pipeline.sh`` run on the demo data (120 train / 40 val images, 96 px, ResNet-18;
 data seed 0) with its train-cls and make-cam options, from scratch and on the rotation-pretrained trunk
 of the seed, with ``--upper-bound-dir``: a DeepLab trained on the ground truth with the same recipe and
-seed, started from the *plain* variant's classifier trunk and shared by the variants of its trunk and
-seed, for the weak/full ratio.  Everything not named by a variant is the pipeline's default (classifier
-at output stride 8, DeepLab at output stride 8 on plain cross-entropy, GMM over classes + CRF), so the variants differ
-only in the method they switch.  Per run:
+seed, started from the baseline variant's classifier trunk (``--baseline``, plain unless named) and
+shared by the variants of its trunk and seed, for the weak/full ratio.  Everything not named by a
+variant is the pipeline's default (classifier at output stride 8, DeepLab at output stride 8 on plain
+cross-entropy, GMM over classes + CRF), so the variants differ only in the method they switch.  Per run:
 
 * CAM mIoU (train, best background threshold; ``make-cam --eval``);
 * pseudo-label mIoU (train, 255 counted as background): the pipeline's (pooled GMM + CRF), and two
@@ -49,6 +49,11 @@ Usage::
     # a bigger demo (400 train images instead of 120; the environment variable reaches run_pipeline.sh)
     WSSS_NUM_TRAIN=400 .venv/bin/python bench/ablation.py --work work/big --jobs 2 --cam-only --trunks scratch \\
         --variants "plain,ER+erasing without RAW (default)" --md bench/ablation_400.md
+    # the classifier's step (bench/ablation_step_full.md): plain and the default, both at the new step, through
+    # DeepLab, with plain at the new step as the baseline that trains the ground-truth DeepLab (exact weak/full)
+    P="plain with lr 0.1 head lr x1 no jitter"; E="ER+erasing with lr 0.1 head lr x1 no jitter"
+    .venv/bin/python bench/ablation.py --work work/bench --jobs 2 --trunks scratch --variants "$P,$E" \\
+        --baseline "$P" --md bench/ablation_step_full.md
     # CAM and pseudo-label columns only (no DeepLab), as bench/ablation_cam.md:
     .venv/bin/python bench/ablation.py --cam-only --trunks scratch --variants "plain,ER,erasing,ER+erasing" \\
         --md bench/ablation_cam.md
@@ -94,6 +99,8 @@ VARIANTS = {
     # bottle differs from the background's blobs by its saturation, which the jitter blurs)
     "plain with lr 0.1 head lr x1 no jitter": (f"{NO_ER} {STEP}", "--erase-steps 0", ()),
     "ER+erasing with lr 0.1 head lr x1 no jitter": (f"{ER} {STEP}", "--erase-steps 1", ()),
+    "ER with lr 0.1 head lr x1 no jitter": (f"{ER} {STEP}", "--erase-steps 0", ()),
+    "erasing with lr 0.1 head lr x1 no jitter": (f"{NO_ER} {STEP}", "--erase-steps 1", ()),
     # the step run_pipeline.sh used before ablation_step.md (the tables made before it are at this step)
     "plain with the earlier step": (f"{NO_ER} {EARLIER_STEP}", "--erase-steps 0", ()),
     "ER+erasing with the earlier step": (f"{ER} {EARLIER_STEP}", "--erase-steps 1", ()),
@@ -133,7 +140,8 @@ def run_dir_of(work: Path, variant: str, trunk: str, seed: int) -> Path:
 
 
 def measure(work: Path, variant: str, trunk: str, seed: int, cam_only: bool = False,
-            stop_variants: frozenset[str] = frozenset(STOP), upper_bound: bool = True) -> dict:
+            stop_variants: frozenset[str] = frozenset(STOP), upper_bound: bool = True,
+            baseline: str = "plain") -> dict:
     """One variant's run (resumed if it exists) and its figures; ``upper_bound=False``: no ground-truth DeepLab."""
     out = run_dir_of(work, variant, trunk, seed)
     gt_dir = work / "ablation" / f"gt_{TRUNKS[trunk]}" / f"seed{seed}"
@@ -163,9 +171,9 @@ def measure(work: Path, variant: str, trunk: str, seed: int, cam_only: bool = Fa
     if upper_bound:
         result.update({
             "full_val_1scale": (seg.get("upper_bound") or {}).get("val_miou"),
-            # the ground-truth DeepLab is shared by the variants: predicted once, by the plain run
+            # the ground-truth DeepLab is shared by the variants: predicted once, by the baseline's run
             "full_val_crf": (predict_and_score(gt_dir / "last.pth", root, gt_dir / "bench_pred_crf", "--crf")
-                             if variant == "plain" else None),
+                             if variant == baseline else None),
         })
     return result
 
@@ -185,29 +193,30 @@ def run_variants(args, parser) -> dict:
     trunks = [t for t in TRUNKS if TRUNKS[t] in args.trunks.split(",")]
     variants = {t: [v for v in VARIANTS if v in chosen[TRUNKS[t]].split(",")] for t in trunks}
     stop_variants = frozenset(STOP | {v for v in args.cam_only_variants.split(",") if v})
-    if any("plain" not in names for names in variants.values()):
-        parser.error("--variants must include plain (the baseline; it trains the shared ground-truth DeepLab)")
+    baseline = args.baseline
+    if any(baseline not in names for names in variants.values()):
+        parser.error(f"--variants must include the baseline {baseline!r} (it trains the shared ground-truth DeepLab)")
     full = read_full(args.full_from, parser) if args.full_from else None
     upper_bound = full is None
     for seed in seeds if "pretrained (rotation)" in trunks else []:  # each run of a seed shares the trunk
         backbone_file(args.work, seed)
-    # plain runs train the ground-truth DeepLab that the other variants of their trunk and seed share: they are
-    # queued first, and a variant waits for its plain run (queued earlier, so already running or finished)
+    # the baseline's runs train the ground-truth DeepLab that the other variants of their trunk and seed share:
+    # they are queued first, and a variant waits for its baseline run (queued earlier, so running or finished)
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        plain = {(trunk, seed): pool.submit(measure, args.work, "plain", trunk, seed, args.cam_only,
-                                            stop_variants, upper_bound)
-                 for trunk in trunks for seed in seeds}
+        base = {(trunk, seed): pool.submit(measure, args.work, baseline, trunk, seed, args.cam_only,
+                                           stop_variants, upper_bound, baseline)
+                for trunk in trunks for seed in seeds}
 
-        def after_plain(variant: str, trunk: str, seed: int) -> dict:
-            plain[(trunk, seed)].result()
-            return measure(args.work, variant, trunk, seed, args.cam_only, stop_variants, upper_bound)
+        def after_baseline(variant: str, trunk: str, seed: int) -> dict:
+            base[(trunk, seed)].result()
+            return measure(args.work, variant, trunk, seed, args.cam_only, stop_variants, upper_bound, baseline)
 
-        others = {(variant, trunk, seed): pool.submit(after_plain, variant, trunk, seed)
-                  for trunk in trunks for seed in seeds for variant in variants[trunk] if variant != "plain"}
-        results = {("plain", *key): future.result() for key, future in plain.items()}
+        others = {(variant, trunk, seed): pool.submit(after_baseline, variant, trunk, seed)
+                  for trunk in trunks for seed in seeds for variant in variants[trunk] if variant != baseline}
+        results = {(baseline, *key): future.result() for key, future in base.items()}
         results.update({key: future.result() for key, future in others.items()})
     for (variant, trunk, seed), result in results.items():
-        reference = full.get((trunk, seed)) if full else results[("plain", trunk, seed)].get("full_val_crf")
+        reference = full.get((trunk, seed)) if full else results[(baseline, trunk, seed)].get("full_val_crf")
         if "deeplab_val_crf" in result and reference:
             result["weak_full_crf"] = result["deeplab_val_crf"] / reference
     return results
@@ -215,17 +224,17 @@ def run_variants(args, parser) -> dict:
 
 def read_full(path: Path, parser) -> dict:
     """``{(trunk, seed): ground-truth DeepLab val mIoU (scales + flip + CRF)}`` of an earlier result file."""
-    _, results, _ = read_results([path], parser)
+    _, results, _, baseline = read_results([path], parser)
     full = {(trunk, seed): row["full_val_crf"] for (variant, trunk, seed), row in results.items()
-            if variant == "plain" and row.get("full_val_crf")}
+            if variant == baseline and row.get("full_val_crf")}
     if not full:
-        parser.error(f"--full-from {path}: no plain run with a ground-truth DeepLab in it")
+        parser.error(f"--full-from {path}: no {baseline} run with a ground-truth DeepLab in it")
     return full
 
 
-def read_results(paths: list[Path], parser) -> tuple[list[int], dict, dict]:
-    """Seeds, results and variant options of earlier runs' ``.json`` files, merged (``--from``)."""
-    seeds, results, options = None, {}, {}
+def read_results(paths: list[Path], parser) -> tuple[list[int], dict, dict, str]:
+    """Seeds, results, variant options and baseline of earlier runs' ``.json`` files, merged (``--from``)."""
+    seeds, results, options, baseline = None, {}, {}, None
     for path in paths:
         try:  # every key read here, so that a foreign file is a one-line error, not a traceback
             saved = read_json(path)
@@ -233,19 +242,22 @@ def read_results(paths: list[Path], parser) -> tuple[list[int], dict, dict]:
                     {k: v for k, v in r.items() if k not in ("variant", "trunk", "seed")} for r in saved["results"]}
             file_seeds = saved["seeds"]
             file_options = {name: tuple(value[:2]) + (tuple(value[2]),) for name, value in saved["variants"].items()}
+            file_baseline = str(saved.get("baseline", "plain"))  # files written before --baseline: plain
         except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError) as error:
             parser.error(f"--from {path}: not a bench/ablation.py result file ({error!r})")
         if seeds is not None and file_seeds != seeds:
             parser.error(f"--from {path}: seeds {file_seeds}, the other files have {seeds}")
         if set(rows) & set(results):
             parser.error(f"--from {path}: repeats rows of the files before it")
-        seeds = file_seeds
+        if baseline is not None and file_baseline != baseline:
+            parser.error(f"--from {path}: baseline {file_baseline!r}, the other files have {baseline!r}")
+        seeds, baseline = file_seeds, file_baseline
         results.update(rows)
         options.update(file_options)
-    return seeds, results, options
+    return seeds, results, options, baseline
 
 
-def report(results: dict, seeds: list[int], options: dict) -> list[str]:
+def report(results: dict, seeds: list[int], options: dict, baseline: str = "plain") -> list[str]:
     """The markdown table, per-seed lines and options of the results (rows in TRUNKS x VARIANTS order)."""
     trunks = [t for t in TRUNKS if any(key[1] == t for key in results)]
     variants = {t: [v for v in options if (v, t, seeds[0]) in results] for t in trunks}
@@ -266,23 +278,23 @@ def report(results: dict, seeds: list[int], options: dict) -> list[str]:
                 cells.append(fmt(values, scale=1 if key in RATIOS else 100, digits=2 if key in RATIOS else 1))
             lines.append(f"| {trunk} | {variant} | " + " | ".join(cells) + " |")
     lines += ["", "Per seed (CAM; pseudo GMM+CRF" + ("; DeepLab val + CRF" if with_deeplab else "")
-              + "), and the change against plain of the same trunk and seed:", ""]
+              + f"), and the change against {baseline} of the same trunk and seed:", ""]
     for trunk in trunks:
         for variant in variants[trunk]:
             row = [results[(variant, trunk, seed)] for seed in seeds]
-            base = [results[("plain", trunk, seed)] for seed in seeds]
+            base = [results[(baseline, trunk, seed)] for seed in seeds]
             text = (f"- {trunk}, {variant}: CAM {per_seed([r['cam_miou'] for r in row])}; pseudo "
                     f"{per_seed([r['pseudo_gmm_crf'] for r in row])}")
             if "deeplab_val_crf" in row[0]:
                 text += f"; DeepLab {per_seed([r['deeplab_val_crf'] for r in row])}"
-            if variant != "plain":
-                text += (f" — vs plain: CAM {fmt([r['cam_miou'] - b['cam_miou'] for r, b in zip(row, base)])}"
+            if variant != baseline:
+                text += (f" — vs {baseline}: CAM {fmt([r['cam_miou'] - b['cam_miou'] for r, b in zip(row, base)])}"
                          f" ({per_seed([r['cam_miou'] - b['cam_miou'] for r, b in zip(row, base)])})")
                 if "deeplab_val_crf" in row[0] and "deeplab_val_crf" in base[0]:
                     text += f", DeepLab {fmt([r['deeplab_val_crf'] - b['deeplab_val_crf'] for r, b in zip(row, base)])}"
             lines.append(text)
-    full = {trunk: [results[("plain", trunk, seed)] for seed in seeds] for trunk in trunks
-            if "full_val_crf" in results[("plain", trunk, seeds[0])]}
+    full = {trunk: [results[(baseline, trunk, seed)] for seed in seeds] for trunk in trunks
+            if "full_val_crf" in results[(baseline, trunk, seeds[0])]}
     lines += ["", "DeepLab on the ground truth, val mIoU per seed: " + "; ".join(
         f"{trunk}: 1 scale {per_seed([r['full_val_1scale'] for r in rows])}, scales + flip + CRF "
         f"{per_seed([r['full_val_crf'] for r in rows])}" for trunk, rows in full.items())] if full else []
@@ -305,15 +317,18 @@ def main() -> None:
     parser.add_argument("--from", dest="sources", type=lambda text: [Path(p) for p in text.split(",")], default=None,
                         help="run nothing: one table from these earlier runs' .json files (comma-separated), "
                              "e.g. each trunk measured on its own")
+    parser.add_argument("--baseline", default="plain",
+                        help="the variant the others are compared with; its runs train the ground-truth DeepLab "
+                             "(default plain)")
     parser.add_argument("--full-from", type=Path, default=None,
                         help="train no ground-truth DeepLab: weak/full divides by that of the same trunk and seed "
                              "in this earlier result file (same recipe; runs are deterministic under --seed)")
     args = parser.parse_args()
     if args.sources:
-        seeds, results, options = read_results(args.sources, parser)
+        seeds, results, options, baseline = read_results(args.sources, parser)
     else:
-        seeds, results, options = args.seeds, run_variants(args, parser), dict(VARIANTS)
-    lines = report(results, seeds, options)
+        seeds, results, options, baseline = args.seeds, run_variants(args, parser), dict(VARIANTS), args.baseline
+    lines = report(results, seeds, options, baseline)
     if os.environ.get("WSSS_NUM_TRAIN"):  # run_pipeline.sh's demo size, passed through to every run
         count, val = int(os.environ["WSSS_NUM_TRAIN"]), int(os.environ.get("WSSS_NUM_VAL", 40))
         lines[2:2] = [f"Demo data with {count} train images (`WSSS_NUM_TRAIN`), not the pipeline's 120: the demo "
@@ -321,9 +336,12 @@ def main() -> None:
                       f"and more, and val is {val} other images (ids {count}-{count + val - 1}).", ""]
     if not args.sources and args.full_from:
         lines += ["", "weak/full: against the ground-truth DeepLab (scales + flip + CRF) of "
-                  f"`{args.full_from}`'s plain runs of the same trunk and seed (same recipe), not trained again here."]
+                  f"`{args.full_from}`'s baseline runs of the same trunk and seed, not trained again here (the ratio "
+                  "is exact only where those runs had the same classifier recipe: `--seg-init cls` starts DeepLab "
+                  "from the baseline's classifier trunk)."]
     args.md.write_text("\n".join(lines) + "\n")
-    args.md.with_suffix(".json").write_text(json.dumps({"seeds": seeds, "variants": options, "results": [
+    args.md.with_suffix(".json").write_text(json.dumps({"seeds": seeds, "baseline": baseline, "variants": options,
+                                                        "results": [
         {"variant": v, "trunk": t, "seed": s, **r} for (v, t, s), r in results.items()]}, indent=2) + "\n")
     print("\n".join(lines))
 
