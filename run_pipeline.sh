@@ -201,12 +201,15 @@ if [ "$DATASET" = demo ]; then
               --workers 1)
     if [ "$PRETRAIN" = rotation ]; then PRE_OPTS+=(--lr 0.03); else PRE_OPTS+=(--lr 0.05 --temperature 0.2); fi
     # output stride 8: 12 x 12 CAM cells on the demo's 96 px images (6 x 6 at 16), so the equivariance views
-    # (0.5-0.75 of the image) keep 6-9 cells a side; make-cam erases once by default (bench/ablation.md)
+    # (0.5-0.75 of the image, with --cls-opts "--er-weight 0.3") keep 6-9 cells a side
     # lr 0.1 with the CAM head at the trunk's rate and no colour jitter: the bottle, which differs from the
     # background's blobs mainly by its saturation, is learned only so (bench/ablation_step.md)
+    # the plain CAM network, without equivariance or make-cam's erasing: at this step they raise the CAMs
+    # (+8.9 from scratch, +5.4 pretrained) but not the pseudo-labels (-2.5, -1.7) or DeepLab (-3.1 from
+    # scratch), 3 seeds each (bench/ablation_step_full.md, ablation_step_pretrained.md)
     CLS_OPTS=(--crop-size 80 --scale-range 0.7,1.3 --batch-size 8 --epochs "$EPOCHS" --lr 0.1 --head-lr-mult 1
-              --no-jitter --val-cam-images 40 --workers 0 --output-stride 8 --er-scale-range 0.5,0.75)
-    CAM_OPTS=(--sweep 0.05:0.95:0.01 --workers 1)
+              --no-jitter --val-cam-images 40 --workers 0 --output-stride 8 --er-weight 0 --er-scale-range 0.5,0.75)
+    CAM_OPTS=(--sweep 0.05:0.95:0.01 --workers 1 --erase-steps 0)
     AFF_OPTS=(--crop-size 80 --batch-size 8 --epochs 6 --embed-dim 64 --workers 1)
     # the demo's 96 px images give 12 x 12-cell graphs: AffinityNet's 256 steps (for 56 x 56 cells) would
     # mix every cell with every other; fewer, sharper steps (chosen on the demo's train split)
