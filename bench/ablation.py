@@ -76,7 +76,8 @@ STEP = "--lr 0.1 --head-lr-mult 1 --no-jitter"  # run_pipeline.sh's demo step si
 EARLIER_STEP = "--lr 0.05 --head-lr-mult 10 --jitter"
 TRAIN_ERASING = "--erase-weight 1 --reg-start 0.3 --reg-ramp 0.3"  # ramped in after 30 % of the schedule
 # DeepLab of "plain" and "ER+erasing" weights its loss with refine's reliability maps (RAW, the pipeline's default
-# until this table showed no gain); the default pipeline is "ER+erasing without RAW"
+# until this table showed no gain); "ER+erasing without RAW" was the demo's default until ablation_step_full.md, and
+# the demo now runs the plain CAM network at the new step ("plain with lr 0.1 head lr x1 no jitter" without RAW)
 VARIANTS = {
     "plain": (NO_ER, "--erase-steps 0", ("--raw",)),
     "ER": (ER, "--erase-steps 0", ()),

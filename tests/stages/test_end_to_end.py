@@ -65,7 +65,7 @@ def test_pipeline_runs_every_stage_and_resumes(tmp_path):
     # bench/ablation_step_full.md), DeepLab at output stride 8
     cls_config = json.loads(artifacts.config_path(run / "cls").read_text())
     assert cls_config["arch"]["output_stride"] == 8 and cls_config["config"]["er_weight"] == 0
-    assert cls_config["config"]["erase_weight"] == 0
+    assert cls_config["config"]["er_scale_range"] == [0.5, 0.75] and cls_config["config"]["erase_weight"] == 0
     # the classifier's step (bench/ablation_step.md): lr 0.1, the CAM head at the trunk's rate, no colour jitter
     assert (cls_config["config"]["lr"], cls_config["config"]["head_lr_mult"]) == (0.1, 1.0)
     assert cls_config["config"]["jitter"] is False
