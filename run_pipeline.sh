@@ -36,7 +36,7 @@ Options (each also settable through the environment variable in brackets):
   --refine-opts "..."   extra options for refine [WSSS_REFINE_OPTS]
   --seg-opts "..."      extra options for train-seg [WSSS_SEG_OPTS]
   --raw                 weight DeepLab's cross-entropy with refine's reliability maps (RAW); off by default:
-                        no gain on the demo, bench/ablation.md (--no-raw: plain cross-entropy) [WSSS_RAW=1]
+                        no gain on the demo, bench/ablation_earlier_step.md (--no-raw: plain cross-entropy) [WSSS_RAW=1]
   --no-pred-crf         predict without DeepLab-v2's dense-CRF post-processing (on by default: +9 val mIoU on
                         the demo, bench/ablation_stride16.md) [WSSS_PRED_CRF=0]
   --pred-opts "..."     extra options for predict (e.g. "--crf-scale 0.5") [WSSS_PRED_OPTS]
@@ -205,9 +205,8 @@ if [ "$DATASET" = demo ]; then
     # lr 0.1 with the CAM head at the trunk's rate and no colour jitter: the bottle, which differs from the
     # background's blobs mainly by its saturation, is learned only so (bench/ablation_step.md)
     # the plain CAM network, without equivariance or make-cam's erasing: at this step they raise the CAMs
-    # (+8.9 from scratch, +5.4 pretrained) but not the pseudo-labels (-2.5, -1.7) or, on the mean, DeepLab
-    # (-3.1 from scratch; +2.5 on the one pretrained seed measured), 3 seeds each (bench/ablation_step_full.md,
-    # ablation_step_pretrained.md)
+    # (+8.9 from scratch, +5.4 pretrained) but not the pseudo-labels (-2.5, -1.7) or DeepLab (-3.1 ± 10.5,
+    # -3.5 ± 7.7), 3 seeds each (bench/ablation.md)
     CLS_OPTS=(--crop-size 80 --scale-range 0.7,1.3 --batch-size 8 --epochs "$EPOCHS" --lr 0.1 --head-lr-mult 1
               --no-jitter --val-cam-images 40 --workers 0 --output-stride 8 --er-weight 0 --er-scale-range 0.5,0.75)
     CAM_OPTS=(--sweep 0.05:0.95:0.01 --workers 1 --erase-steps 0)

@@ -24,7 +24,7 @@ Variants whose row stops after refine (``STOP``, and those named by ``--cam-only
 variant with ``--cam-only``, are CAM-level comparisons only.  The pretrained trunks
 are those of ``bench/pretrain_quality.py`` (same ``--work`` folder), made here if missing.  Writes
 ``--md`` and the ``.json`` beside it; ``--from`` builds one table from earlier runs' ``.json`` files
-without running anything (``bench/ablation.md`` joins the two trunks, each measured in its own run).
+without running anything (``bench/ablation_earlier_step.md`` joins the two trunks, each measured in its own run).
 
 Usage::
 
@@ -35,7 +35,8 @@ Usage::
     .venv/bin/python bench/ablation.py --work work/bench --jobs 2 --trunks scratch \\
         --variants "plain,ER,erasing,ER+erasing,ER+erasing without RAW (default)" \\
         --cam-only-variants "ER,erasing" --md bench/ablation_scratch.md
-    .venv/bin/python bench/ablation.py --from bench/ablation_scratch.json,bench/ablation_pretrained.json
+    .venv/bin/python bench/ablation.py --from bench/ablation_scratch.json,bench/ablation_pretrained.json \\
+        --md bench/ablation_earlier_step.md
     # the classifier trained 30 epochs (bench/ablation_epochs.md); the ground-truth DeepLab's figures are read
     # from the earlier table's runs instead of trained again
     E30="ER+erasing with 30 classifier epochs"
@@ -54,6 +55,11 @@ Usage::
     P="plain with lr 0.1 head lr x1 no jitter"; E="ER+erasing with lr 0.1 head lr x1 no jitter"
     .venv/bin/python bench/ablation.py --work work/bench --jobs 2 --trunks scratch --variants "$P,$E" \\
         --baseline "$P" --md bench/ablation_step_full.md
+    # the current table (bench/ablation.md): the four methods at the new step on both trunks, the alone variants
+    # up to refine (its parts, each measured on its own first, are listed in bench/README.md)
+    A="ER with lr 0.1 head lr x1 no jitter"; B="erasing with lr 0.1 head lr x1 no jitter"
+    .venv/bin/python bench/ablation.py --work work/bench --jobs 2 --trunks scratch,pretrained --baseline "$P" \\
+        --variants "$P,$E,$A,$B" --cam-only-variants "$A,$B" --md bench/ablation.md
     # CAM and pseudo-label columns only (no DeepLab), as bench/ablation_cam.md:
     .venv/bin/python bench/ablation.py --cam-only --trunks scratch --variants "plain,ER,erasing,ER+erasing" \\
         --md bench/ablation_cam.md

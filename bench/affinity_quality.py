@@ -12,7 +12,7 @@ threshold and the CRF.  Then, on the same CAMs and walk:
 * the walk alone (GMM threshold, no CRF) and the walk + CRF (the pipeline's ``--affinity`` labels);
 * AffinityNet's own walk (256 steps, beta 8) + CRF, for reference.
 
-DeepLab is trained on the best of these in ``ablation.md`` (GMM + CRF, unless the walk wins).
+DeepLab is trained on the best of these in ``ablation_earlier_step.md`` (GMM + CRF, unless the walk wins).
 Pseudo-label mIoU on train, 255 counted as background.  Writes ``bench/affinity_quality.md`` and
 ``.json``.
 
@@ -70,7 +70,7 @@ def main() -> None:
             ("random walk, 16 steps, beta 32 (GMM, no CRF)", "walk"),
             ("random walk + CRF (`run_pipeline.sh --affinity`)", "walk_crf"),
             ("AffinityNet's walk, 256 steps, beta 8, + CRF", "walk_affinitynet_crf"),
-            ("DeepLab val, trained on GMM + CRF (ablation.md, plain)", "deeplab_val_gmm_crf")]
+            ("DeepLab val, trained on GMM + CRF (ablation_earlier_step.md, plain)", "deeplab_val_gmm_crf")]
     lines = ["# Affinity refinement on the demo data", "",
              f"Seeds {', '.join(map(str, seeds))}; mIoU %, mean ± sample std (per seed in brackets). "
              "`bench/affinity_quality.py`, see its docstring for the protocol.", "",

@@ -289,8 +289,8 @@ def run(cfg: TrainClsConfig) -> dict:
               help="Stop after this epoch (the schedule still spans --epochs); continue later with --resume.")
 @options.sgd_options(lr=0.1, head="Classifier")
 @click.option("--er-weight", type=options.FiniteFloat(min=0), default=0.3, show_default=True,
-              help="Weight of the equivariance regularisation (SEAM); 0 disables it (bench/ablation.md: +3 CAM "
-                   "mIoU on the demo when the views have several cells).")
+              help="Weight of the equivariance regularisation (SEAM); 0 disables it (bench/ablation.md: on the demo it "
+                   "raises the CAMs but not the pseudo-labels, so run_pipeline.sh's demo uses 0).")
 @click.option("--er-scale-range", default="0.3,0.7", show_default=True, callback=options.positive_pair,
               help="MIN,MAX rescale factor of the equivariance view (also flipped at random).")
 @click.option("--er-min-crop", type=options.FiniteFloat(0, 1, min_open=True), default=1.0, show_default=True,

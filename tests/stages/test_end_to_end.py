@@ -58,7 +58,7 @@ def test_pipeline_runs_every_stage_and_resumes(tmp_path):
     seg_metrics = json.loads(artifacts.metrics_path(run / "seg").read_text())
     assert seg_metrics["weak_full_ratio"] is not None
     # DeepLab trains on plain cross-entropy by default: weighting it with refine's reliability maps (RAW)
-    # showed no gain on the demo (bench/ablation.md); --raw turns it on
+    # showed no gain on the demo (bench/ablation_earlier_step.md); --raw turns it on
     assert seg_metrics["raw"] is False
     # the demo's recipe: the plain CAM network at output stride 8, without equivariance or make-cam's erasing
     # (at the classifier's new step they raise the CAMs but not the pseudo-labels or DeepLab:
