@@ -32,7 +32,7 @@ Options (each also settable through the environment variable in brackets):
   --seg-init cls|weights  DeepLab's trunk starts from the CAM classifier's (cls, when both are the same ResNet)
                         or from --weights [WSSS_SEG_INIT, default cls]
   --cls-opts "..."      extra options for train-cls (e.g. "--er-weight 1") [WSSS_CLS_OPTS]
-  --cam-opts "..."      extra options for make-cam (e.g. "--erase-steps 0") [WSSS_CAM_OPTS]
+  --cam-opts "..."      extra options for make-cam (e.g. "--erase-steps 1") [WSSS_CAM_OPTS]
   --refine-opts "..."   extra options for refine [WSSS_REFINE_OPTS]
   --seg-opts "..."      extra options for train-seg [WSSS_SEG_OPTS]
   --raw                 weight DeepLab's cross-entropy with refine's reliability maps (RAW); off by default:
@@ -206,7 +206,7 @@ if [ "$DATASET" = demo ]; then
     # background's blobs mainly by its saturation, is learned only so (bench/ablation_step.md)
     # the plain CAM network, without equivariance or make-cam's erasing: at this step they raise the CAMs
     # (+8.9 from scratch, +5.4 pretrained) but not the pseudo-labels (-2.5, -1.7) or DeepLab (-3.1 ± 10.5,
-    # -3.5 ± 7.7), 3 seeds each (bench/ablation.md)
+    # -3.5 ± 7.7), 3 seeds each (bench/ablation.md); train-cls's and make-cam's own defaults are off too
     CLS_OPTS=(--crop-size 80 --scale-range 0.7,1.3 --batch-size 8 --epochs "$EPOCHS" --lr 0.1 --head-lr-mult 1
               --no-jitter --val-cam-images 40 --workers 0 --output-stride 8 --er-weight 0 --er-scale-range 0.5,0.75)
     CAM_OPTS=(--sweep 0.05:0.95:0.01 --workers 1 --erase-steps 0)

@@ -7,9 +7,11 @@ per class.  CAMs are kept for the classes in the image-level labels
 (``--classes gt``) or for the classes whose score ``sigmoid(logit)`` reaches
 ``--score-thresh`` (``--classes pred``, for images without labels).
 
-``--erase-steps N`` adds inference-time adversarial erasing
+``--erase-steps N`` (default 0) adds inference-time adversarial erasing
 (:func:`wsss.cam.erasing_cams`): N times, the pixels whose accumulated CAM
 reaches ``--erase-thresh`` are erased and the CAM of what remains is added.
+It is off by default because ``bench/ablation.md`` measures no gain from it
+through DeepLab.
 
 Speed: up to ``--batch-size`` images of one size share every forward pass
 (:mod:`wsss.inference`), DataLoader workers decode, normalisation and max-normalisation
@@ -64,7 +66,7 @@ class MakeCamConfig:
     flip: bool = True
     classes: str = "gt"
     score_thresh: float = 0.5
-    erase_steps: int = 1
+    erase_steps: int = 0
     erase_thresh: float = 0.7
     batch_size: int = 8
     limit: int | None = None
@@ -235,9 +237,9 @@ def _evaluate(cfg: MakeCamConfig, dataset: PreparedDataset, ids: list[str]) -> d
               help="gt: the image-level labels; pred: the classes the classifier predicts (unlabelled images).")
 @click.option("--score-thresh", type=options.FiniteFloat(0, 1), default=0.5, show_default=True,
               help="With --classes pred: keep classes with sigmoid score >= this.")
-@click.option("--erase-steps", type=click.IntRange(min=0), default=1, show_default=True,
+@click.option("--erase-steps", type=click.IntRange(min=0), default=0, show_default=True,
               help="Inference-time adversarial erasing steps (0 = plain CAM; each step costs about one CAM pass "
-                   "per class of the image).")
+                   "per class of the image).  Off by default: bench/ablation.md measures no gain through DeepLab.")
 @click.option("--erase-thresh", type=options.FiniteFloat(0, 1, min_open=True), default=0.7, show_default=True,
               help="Erase pixels whose accumulated normalised CAM is >= this.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,

@@ -53,8 +53,8 @@ def make_cam(root, checkpoint, out, *extra):
 def test_gt_cams_at_full_resolution_match_the_library(setup, tmp_path):
     root, checkpoint, net = setup
     out = tmp_path / "cams"
-    # a folder means its best.pth; the plain CAM (inference-time erasing is tested below)
-    result = make_cam(root, checkpoint.parent, out, "--scales", "1.0,0.5", "--erase-steps", "0")
+    # a folder means its best.pth; the default is the plain CAM (inference-time erasing is tested below)
+    result = make_cam(root, checkpoint.parent, out, "--scales", "1.0,0.5")
     assert result.exit_code == 0, result.output
     dataset = PreparedDataset.load(root)
     for image_id, (height, width) in SIZES.items():
@@ -70,6 +70,7 @@ def test_gt_cams_at_full_resolution_match_the_library(setup, tmp_path):
     assert metrics["processed"] == 4 and metrics["skipped"] == 0 and metrics["images_per_second"] > 0
     config = json.loads(artifacts.config_path(out).read_text())
     assert config["config"]["scales"] == [1.0, 0.5] and config["checkpoint_file"].endswith("best.pth")
+    assert config["config"]["erase_steps"] == 0
 
 
 def test_finished_images_are_skipped_unless_overwrite(setup, tmp_path):

@@ -127,6 +127,11 @@ def test_resume_continues_the_schedule(root, tmp_path):
 def test_finished_run_is_not_trained_again_and_changed_schedule_refuses(root, tmp_path):
     out = tmp_path / "cls"
     assert train(root, out, "--epochs", "1").exit_code == 0
+    # the command's defaults are the plain classifier (bench/ablation.md: equivariance and erasing do not
+    # raise DeepLab), so the loss is the classification loss alone
+    assert json.loads(artifacts.config_path(out).read_text())["config"]["er_weight"] == 0.0
+    record = json.loads(artifacts.metrics_path(out).read_text())["history"][0]
+    assert record["loss"] == pytest.approx(record["loss_cls"], rel=1e-6)
     before = weights(out)
     result = train(root, out, "--epochs", "1")
     assert result.exit_code == 0 and "trained 1/1 epochs" in result.output
