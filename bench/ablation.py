@@ -55,11 +55,11 @@ Usage::
     P="plain with lr 0.1 head lr x1 no jitter"; E="ER+erasing with lr 0.1 head lr x1 no jitter"
     .venv/bin/python bench/ablation.py --work work/bench --jobs 2 --trunks scratch --variants "$P,$E" \\
         --baseline "$P" --md bench/ablation_step_full.md
-    # the current table (bench/ablation.md): the four methods at the new step on both trunks, the alone variants
-    # up to refine (its parts, each measured on its own first, are listed in bench/README.md)
+    # the current table (bench/ablation.md): the four methods at the new step on both trunks, all through DeepLab
+    # (its parts, each measured on its own first, are listed in bench/README.md)
     A="ER with lr 0.1 head lr x1 no jitter"; B="erasing with lr 0.1 head lr x1 no jitter"
     .venv/bin/python bench/ablation.py --work work/bench --jobs 2 --trunks scratch,pretrained --baseline "$P" \\
-        --variants "$P,$E,$A,$B" --cam-only-variants "$A,$B" --md bench/ablation.md
+        --variants "$P,$E,$A,$B" --md bench/ablation.md
     # CAM and pseudo-label columns only (no DeepLab), as bench/ablation_cam.md:
     .venv/bin/python bench/ablation.py --cam-only --trunks scratch --variants "plain,ER,erasing,ER+erasing" \\
         --md bench/ablation_cam.md
