@@ -169,7 +169,7 @@ RUN=$OUT/run
 # wsss/artifacts.py defines once (RUN_LAYOUT) and `wsss report` reads; keep the names below in step with it.
 DATA=(--dataset "$KIND" --root "$ROOT")
 if [ "$GPUS" -gt 1 ]; then
-    TRAIN=(torchrun --standalone --nproc_per_node "$GPUS" -m stages.cli)
+    TRAIN=(torchrun --standalone --nproc_per_node "$GPUS" -m wsss.stages.cli)
 else
     TRAIN=(wsss)
 fi

@@ -24,7 +24,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from stages.refine import RefineConfig, run  # noqa: E402
+from wsss.stages.refine import RefineConfig, run  # noqa: E402
 from wsss import artifacts  # noqa: E402
 from wsss.crf import CrfParams  # noqa: E402
 from wsss.datasets.prepared import SplitSpec, write_prepared  # noqa: E402

@@ -263,7 +263,7 @@ def plain_infer(kind: str, root: Path, ids, labels, args, device, bf16: bool, ou
 
 def stage_throughput(kind: str, root: Path, args, device, out: Path) -> float:
     """Images/s of the wsss stage over the same images (its own timing of the loop)."""
-    from stages import make_cam, predict, train_cls, train_seg
+    from wsss.stages import make_cam, predict, train_cls, train_seg
 
     common = {"root": root, "device": device.type, "workers": args.workers, "threads": args.threads}
     methods = args.methods == "on"

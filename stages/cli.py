@@ -14,17 +14,17 @@ from wsss.errors import WsssError
 # Every command, in pipeline order: name -> module exposing ``command``.  Modules are imported only
 # when their command runs (or --help lists them), so `wsss eval` does not pay for importing torch.
 COMMANDS = {
-    "demo-data": "stages.demo_data",
-    "prepare": "stages.prepare",
-    "pretrain": "stages.pretrain",
-    "train-cls": "stages.train_cls",
-    "make-cam": "stages.make_cam",
-    "train-aff": "stages.train_aff",
-    "refine": "stages.refine",
-    "train-seg": "stages.train_seg",
-    "predict": "stages.predict",
-    "eval": "stages.evaluate",
-    "report": "stages.report",
+    "demo-data": "wsss.stages.demo_data",
+    "prepare": "wsss.stages.prepare",
+    "pretrain": "wsss.stages.pretrain",
+    "train-cls": "wsss.stages.train_cls",
+    "make-cam": "wsss.stages.make_cam",
+    "train-aff": "wsss.stages.train_aff",
+    "refine": "wsss.stages.refine",
+    "train-seg": "wsss.stages.train_seg",
+    "predict": "wsss.stages.predict",
+    "eval": "wsss.stages.evaluate",
+    "report": "wsss.stages.report",
 }
 
 
@@ -100,5 +100,5 @@ def main() -> None:
     cli(prog_name="wsss")
 
 
-if __name__ == "__main__":  # torchrun -m stages.cli ...
+if __name__ == "__main__":  # torchrun -m wsss.stages.cli ...
     main()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from stages.options import seed_option
+from wsss.stages.options import seed_option
 from wsss.datasets import demo
 from wsss.errors import WsssError
 

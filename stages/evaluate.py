@@ -15,7 +15,7 @@ from pathlib import Path
 
 import click
 
-from stages.options import (allow_pickle_option, dataset_option, root_option, split_option, threshold_range,
+from wsss.stages.options import (allow_pickle_option, dataset_option, root_option, split_option, threshold_range,
                             workers_option)
 from wsss import artifacts, evaluation
 from wsss.datasets.prepared import PreparedDataset

@@ -36,7 +36,7 @@ import click
 import numpy as np
 import torch
 
-from stages import options
+from wsss.stages import options
 from wsss import artifacts, evaluation
 from wsss.cam import DEFAULT_SCALES, erasing_cams, max_normalize, multiscale_cam
 from wsss.datasets.prepared import PreparedDataset
@@ -231,7 +231,7 @@ def _evaluate(cfg: MakeCamConfig, dataset: PreparedDataset, ids: list[str]) -> d
               help="train-cls checkpoint (.pth), or its output folder (best.pth, else last.pth).")
 @options.out_option("Output folder for <id>.npz, config.json and metrics.json.")
 @click.option("--scales", default=",".join(str(s) for s in DEFAULT_SCALES), show_default=True,
-              callback=options.positive_scales, help="Comma-separated input scales.")
+              callback=options.old_positive_scales, help="Comma-separated input scales.")
 @click.option("--flip/--no-flip", default=True, show_default=True, help="Add the mirrored image at every scale.")
 @click.option("--classes", type=click.Choice(CLASS_SOURCES), default="gt", show_default=True,
               help="gt: the image-level labels; pred: the classes the classifier predicts (unlabelled images).")

@@ -1,18 +1,242 @@
-"""Options shared by several commands, defined once.
+"""The command line of a stage, built from its :class:`~wsss.settings.Settings` config.
 
-Each decorator adds one option with the same name, type and help text
-everywhere it is used.
+:func:`settings_command` makes one click option per config field (a group's fields with its
+prefix), with the field's help text, choices, range and default in the help; ``--config FILE``
+(TOML, or a ``config.json`` an earlier run wrote) supplies values, the command line wins over the
+file, and the config checks everything itself.  A command module is then the stage's library call
+minus option parsing: ``settings_command(MakeCamConfig)(report)`` where ``report(cfg)`` runs the
+stage and prints its summary.  ``-v``/``-q`` are accepted after the command name too.
 """
 
 from __future__ import annotations
 
-import math
+import dataclasses
+import logging
 from pathlib import Path
+from typing import Any, Callable
 
 import click
+import math
 
+from wsss import settings as S
+from wsss.device import AMP_MODES, DEVICES  # noqa: F401  (re-exported for the commands)
 from wsss.datasets.prepared import DATASET_KINDS
 
+# Help texts of the options that many commands share (each command's config declares the field).
+ROOT_HELP = "Dataset root prepared with `wsss prepare` (e.g. VOCdevkit/VOC2012)."
+DATASET_HELP = "Dataset kind; must match what `wsss prepare` wrote under --root (default: what it wrote)."
+CAMS_HELP = "Folder of CAM files <id>.npz from `wsss make-cam` (IRN-style <id>.npy with --allow-pickle)."
+DEVICE_HELP = "auto = cuda when available, else cpu."
+SEED_HELP = "Random seed (same seed, same device, same outputs)."
+OVERWRITE_HELP = "Redo finished outputs instead of skipping them (--resume skips them)."
+AMP_HELP = "Mixed precision: auto = bf16 on CUDA GPUs that support it, off on CPU."
+COMPILE_HELP = "torch.compile the network (slow start, faster steps on GPU)."
+THREADS_HELP = ("Threads for torch/OpenCV/BLAS in this process (default: the cores divided among the worker "
+                "processes).")
+LOADER_WORKERS_HELP = "DataLoader worker processes that decode images (default: min(cores, 4))."
+POOL_WORKERS_HELP = "Worker processes for the per-image work (default: all cores)."
+SHARD_HELP = ("Process only shard I of N of the split (0 <= I < N), e.g. one task of a job array; outputs merge by "
+              "file name.")
+ALLOW_PICKLE_HELP = "Allow IRN-style pickled .npy CAM dicts (unpickling runs code from the file)."
+LIMIT_HELP = "Only the first N images of the split (quick looks, benchmarks)."
+
+
+# Parsers of the text forms of settings (``parse=`` of :func:`wsss.settings.setting`); a ValueError says what
+# was expected, and the command line or the file reader names the option or key.
+
+def positive_pair(text: str) -> tuple[float, float]:
+    """``MIN,MAX`` with ``0 < MIN <= MAX`` (scale ranges)."""
+    values = S.from_text(text, tuple[float, ...])
+    if len(values) != 2 or not all(math.isfinite(v) for v in values) or not 0 < values[0] <= values[1]:
+        raise ValueError(f"expected MIN,MAX with 0 < MIN <= MAX, got {text!r}")
+    return values
+
+
+def positive_scales(text: str) -> tuple[float, ...]:
+    """Comma-separated positive scales (multi-scale inference)."""
+    values = S.from_text(text, tuple[float, ...])
+    if not values or not all(math.isfinite(v) and v > 0 for v in values):
+        raise ValueError(f"expected positive comma-separated scales, got {text!r}")
+    return values
+
+
+def shard_text(text: str) -> tuple[int, int]:
+    """``I/N`` (``0 <= I < N``) -> ``(I, N)``."""
+    from wsss.device import parse_shard
+
+    try:
+        return parse_shard(text)
+    except S.WsssError as err:
+        raise ValueError(str(err).split(": ", 1)[-1]) from None
+
+
+def sweep_text(text: str) -> tuple[float, float, float]:
+    """``start:stop:step`` (a threshold sweep, stop inclusive), checked before any work is done."""
+    from wsss.evaluation import threshold_range
+
+    parts = text.split(":")
+    try:
+        start, stop, step = (float(part) for part in parts)
+    except ValueError:
+        raise ValueError(f"expected start:stop:step, got {text!r}") from None
+    threshold_range(start, stop, step)
+    return start, stop, step
+
+
+CONFIG_HELP = ("Read options from a TOML file, or replay a run from the config.json it wrote; options given "
+               "on the command line win.")
+
+
+def _shown(value: Any) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, tuple):
+        return ",".join(_shown(item) for item in value)
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def _help(field: dataclasses.Field, default: Any) -> str:
+    text = field.metadata.get("help", "")
+    extra = []
+    rng = S.describe_range(field.metadata.get("range", (None,) * 4))
+    if rng:
+        extra.append(rng)
+    if default is not dataclasses.MISSING:
+        extra.append(f"default: {_shown(default)}")
+    else:
+        extra.append("required")
+    return f"{text} [{'; '.join(extra)}]".strip()
+
+
+def _default_of(field: dataclasses.Field, group_default: Any = dataclasses.MISSING) -> Any:
+    if group_default is not dataclasses.MISSING:
+        return getattr(group_default, field.name)
+    if field.default is not dataclasses.MISSING:
+        return field.default
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    return dataclasses.MISSING
+
+
+def cli_fields(cls: type, prefix: str = "", path: tuple[str, ...] = (),
+               group_default: Any = dataclasses.MISSING) -> list[tuple[tuple[str, ...], dataclasses.Field, Any, str, Any]]:
+    """Every option of a settings class: ``(path, field, type, option, default)``, groups flattened."""
+    rows = []
+    kinds = S.field_types(cls)
+    for field in dataclasses.fields(cls):
+        kind, default = kinds[field.name], _default_of(field, group_default)
+        if S.is_group(kind):
+            rows += cli_fields(kind, S.group_prefix(field, prefix), path + (field.name,), default)
+        else:
+            rows.append((path + (field.name,), field, kind, S.option_of(field, prefix), default))
+    return rows
+
+
+def _param_name(path: tuple[str, ...]) -> str:
+    return "__".join(path)
+
+
+def _text_parser(field: dataclasses.Field, kind: Any, option: str) -> Callable:
+    def convert(ctx, param, text):
+        if text is None:
+            return None
+        try:
+            return S.from_text(text, kind, field.metadata.get("parse"))
+        except (ValueError, S.WsssError) as err:
+            message = str(err)
+            if message.startswith(option + " "):  # a field's parser names the option itself
+                message = message[len(option) + 1:]
+            raise click.BadParameter(message) from None
+    return convert
+
+
+def _metavar(field: dataclasses.Field, kind: Any) -> str:
+    choices = field.metadata.get("choices")
+    if choices:
+        return "[" + "|".join(map(str, choices)) + "]"
+    inner = S.optional_inner(kind)[1]
+    if S.typing.get_origin(inner) is tuple:
+        element, length = S.typing.get_args(inner)[0], len(S.typing.get_args(inner))
+        name = {int: "N", float: "X"}.get(element, "V")
+        return f"{name},{name}" if S.typing.get_args(inner)[-1] is not Ellipsis and length == 2 else f"{name},..."
+    return {int: "INTEGER", float: "NUMBER", str: "TEXT", Path: "PATH"}.get(inner, "VALUE")
+
+
+def _option(path, field, kind, option, default) -> click.Parameter:
+    name = _param_name(path)
+    help_text = _help(field, default)
+    if field.metadata.get("argument"):
+        return click.Argument([name], required=False, default=None,
+                              callback=_text_parser(field, kind, option), metavar=option[2:].upper())
+    if S.optional_inner(kind)[1] is bool and field.metadata.get("parse") is None:
+        flag = field.metadata.get("flag") or f"{option}/--no-{option[2:]}"
+        if "/" in flag:
+            return click.Option([flag, name], default=None, help=help_text)
+        return click.Option([flag, name], is_flag=True, flag_value=True, default=None, help=help_text)
+    metavar = field.metadata.get("metavar") or _metavar(field, kind)
+    return click.Option([option, name], default=None, metavar=metavar, help=help_text,
+                        callback=_text_parser(field, kind, option))
+
+
+def _nest(flat: dict[tuple[str, ...], Any]) -> dict:
+    nested: dict = {}
+    for path, value in flat.items():
+        level = nested
+        for key in path[:-1]:
+            level = level.setdefault(key, {})
+        level[path[-1]] = value
+    return nested
+
+
+def _set_log_level(verbose: int, quiet: bool) -> None:
+    if verbose or quiet:
+        level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
+        logging.getLogger().setLevel(level)
+
+
+def settings_from_command_line(cls: type, values: dict[str, Any], config_file: Path | None = None):
+    """The config of ``cls`` from a command's parsed option values (None = not given) and an optional file."""
+    rows = {_param_name(path): path for path, *_ in cli_fields(cls)}
+    given = _nest({rows[name]: value for name, value in values.items() if name in rows and value is not None})
+    base = S.read_settings_file(config_file) if config_file is not None else {}
+    return S.build(cls, S.merge(base, given), where=str(config_file) if config_file is not None else "")
+
+
+def settings_command(cls: type, *, name: str | None = None, short_help: str | None = None):
+    """Decorate ``report(cfg)`` into the click command of the settings class ``cls``.
+
+    The command's help is ``report``'s docstring; its options are :func:`cli_fields` of ``cls``, plus
+    ``--config FILE`` and ``-v``/``-q``.
+    """
+    def decorate(report: Callable[[Any], Any]) -> click.Command:
+        params = [_option(*row) for row in cli_fields(cls)]
+        arguments = [param for param in params if isinstance(param, click.Argument)]
+        options = [param for param in params if not isinstance(param, click.Argument)]
+        extra = [
+            click.Option(["--config", "config_file"], type=click.Path(dir_okay=False, path_type=Path), default=None,
+                         help=CONFIG_HELP),
+            click.Option(["-v", "--verbose"], count=True, help="More log output (-vv for debug)."),
+            click.Option(["-q", "--quiet"], is_flag=True, default=False, help="Only warnings and errors."),
+        ]
+
+        def callback(config_file, verbose, quiet, **values):
+            _set_log_level(verbose, quiet)
+            try:
+                cfg = settings_from_command_line(cls, values, config_file)
+            except S.SettingError as err:  # a value out of range or choices: a usage error, like a typo
+                source = f" (in {config_file})" if config_file is not None else ""
+                raise click.BadParameter(err.reason + source, param_hint=f"'{err.option}'") from None
+            return report(cfg)
+
+        return click.Command(name or report.__name__, callback=callback, params=arguments + options + extra,
+                             help=report.__doc__, short_help=short_help,
+                             context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+    return decorate
+# --------------------------------------------------------------------------- old helpers (being retired)
 
 class FiniteFloat(click.FloatRange):
     """A float option that must be finite (``nan`` and ``inf`` are refused) and, optionally, in a range.
@@ -138,7 +362,7 @@ def parse_range(text: str) -> tuple[float, float, float]:
 
 # click callbacks built on the parsers above ------------------------------------------------------
 
-def positive_pair(ctx, param, text: str) -> tuple[float, float]:
+def old_positive_pair(ctx, param, text: str) -> tuple[float, float]:
     """``MIN,MAX`` with ``0 < MIN <= MAX`` (scale ranges)."""
     values = float_list(text)
     if len(values) != 2 or not 0 < values[0] <= values[1]:
@@ -146,7 +370,7 @@ def positive_pair(ctx, param, text: str) -> tuple[float, float]:
     return values
 
 
-def positive_scales(ctx, param, text: str) -> tuple[float, ...]:
+def old_positive_scales(ctx, param, text: str) -> tuple[float, ...]:
     """Comma-separated positive scales (multi-scale inference)."""
     values = float_list(text)
     if not values or min(values) <= 0:

@@ -32,7 +32,7 @@ import click
 import numpy as np
 import torch
 
-from stages import options
+from wsss.stages import options
 from wsss import artifacts
 from wsss.crf import POSTPROCESS_CRF, CrfParams
 from wsss.datasets.prepared import PreparedDataset
@@ -214,7 +214,7 @@ def run(cfg: PredictConfig) -> dict:
               help="best.pth or last.pth of `wsss train-seg`, or its output folder (best.pth, else last.pth).")
 @options.out_option("Output folder for <id>.png label maps, config.json and metrics.json.")
 @click.option("--scales", default=",".join(str(s) for s in DEFAULT_SCALES), show_default=True,
-              callback=options.positive_scales, help="Comma-separated test-time scales.")
+              callback=options.old_positive_scales, help="Comma-separated test-time scales.")
 @click.option("--flip/--no-flip", default=True, show_default=True, help="Also average the mirrored image.")
 @click.option("--crf/--no-crf", default=False, show_default=True, help="Dense-CRF post-processing.")
 @click.option("--crf-iterations", type=click.IntRange(min=1), default=POSTPROCESS_CRF.iterations, show_default=True)

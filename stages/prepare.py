@@ -14,7 +14,7 @@ from pathlib import Path
 
 import click
 
-from stages.options import overwrite_option, workers_option
+from wsss.stages.options import overwrite_option, workers_option
 from wsss import artifacts
 from wsss.datasets.coco import prepare_coco
 from wsss.datasets.folder import prepare_folder

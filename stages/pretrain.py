@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from stages import options
+from wsss.stages import options
 from wsss import artifacts
 from wsss.datasets.prepared import PreparedDataset
 from wsss.device import default_workers, dist_info, seed_everything

@@ -29,7 +29,7 @@ from pathlib import Path
 import click
 import numpy as np
 
-from stages import options
+from wsss.stages import options
 from wsss import artifacts
 from wsss.crf import PSEUDO_LABEL_CRF, CrfParams
 from wsss.datasets.prepared import PreparedDataset

@@ -28,7 +28,7 @@ from pathlib import Path
 import click
 import torch
 
-from stages import options
+from wsss.stages import options
 from wsss import artifacts
 from wsss.affinity import TARGET_KINDS, affinity_loss, pair_affinity, pair_offsets
 from wsss.crf import PSEUDO_LABEL_CRF
@@ -250,7 +250,7 @@ def run(cfg: TrainAffConfig) -> dict:
               show_default=True, help="With --confident fixed: background below this.")
 @click.option("--crf/--no-crf", default=True, show_default=True, help="Refine both labellings with the dense CRF.")
 @click.option("--crop-size", type=click.IntRange(min=32), default=448, show_default=True)
-@click.option("--scale-range", default="0.7,1.3", show_default=True, callback=options.positive_pair,
+@click.option("--scale-range", default="0.7,1.3", show_default=True, callback=options.old_positive_pair,
               help="MIN,MAX random rescale factors before cropping.")
 @click.option("--batch-size", type=click.IntRange(min=2), default=8, show_default=True)
 @click.option("--epochs", type=click.IntRange(min=1), default=8, show_default=True)

@@ -34,21 +34,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import click
-import numpy as np
-import torch
-
-from stages import options
+from wsss.stages.options import (AMP_HELP, AMP_MODES, COMPILE_HELP, DATASET_HELP, DEVICE_HELP, DEVICES, OVERWRITE_HELP,
+                                 LOADER_WORKERS_HELP, ROOT_HELP, SEED_HELP, THREADS_HELP, positive_pair,
+                                 settings_command)
 from wsss import artifacts
-from wsss.cam import max_normalize, multiscale_cam
-from wsss.datasets.prepared import PreparedDataset
+from wsss.datasets.prepared import DATASET_KINDS, PreparedDataset
 from wsss.datasets.torch_data import ClassificationDataset
-from wsss.device import DistInfo, default_workers, dist_info, seed_everything, shard, sum_array_over_ranks
-from wsss.errors import WsssError, non_finite_field, option_name
-from wsss.inference import split_batches, to_model_input
-from wsss.losses import ER_TARGETS, ERASE_CLASSES, ERASE_FILLS, CamObjective, regulariser_ramp
-from wsss.metrics import ConfusionMatrix, average_precision, confusion_counts, mean_average_precision
+from wsss.device import default_workers, dist_info, seed_everything
+from wsss.errors import WsssError
+from wsss.inference import validate_classifier
+from wsss.losses import ER_TARGETS, ERASE_CLASSES, ERASE_FILLS, ERASE_THRESH, CamObjective, regulariser_ramp
 from wsss.models.classifier import ARCHS, POOLINGS, CamNet, classifier_arch
-from wsss.optim import poly_scheduler, sgd_with_head
+from wsss.optim import Sgd, sgd_group
+from wsss.settings import Settings, setting
 from wsss.training import (Loop, Precision, RunSpec, Trainee, TrainState, find_resumable, finished_metrics, fit,
                            grad_scaler, maybe_compile, start_runtime, step_loader, steps_per_epoch, wrap_distributed)
 from wsss.transforms import train_preset
@@ -57,119 +55,77 @@ log = logging.getLogger(__name__)
 
 # Options that define the optimisation; a checkpoint can only be resumed when they agree.
 SCHEDULE_FIELDS = ("split", "backbone", "output_stride", "pooling", "lse_r", "freeze_bn", "crop_size", "scale_range",
-                   "jitter", "batch_size", "epochs", "lr", "head_lr_mult", "weight_decay", "momentum", "poly_power",
+                   "jitter", "batch_size", "epochs", "sgd",
                    "er_weight", "er_scale_range", "er_min_crop", "er_target", "er_view_cls", "erase_weight",
                    "erase_thresh", "erase_fill", "erase_classes", "reg_start", "reg_ramp", "seed", "amp")
 SELECT_METRICS = {"map": "val_map", "cam-miou": "val_cam_miou", "last": None}
 
 
 @dataclass(frozen=True)
-class TrainClsConfig:
+class TrainClsConfig(Settings):
     """Options of ``wsss train-cls`` (see ``wsss train-cls --help``); defaults follow IRN/SEAM."""
 
-    root: Path
-    out_dir: Path
-    dataset: str | None = None
-    split: str = "train"
-    val_split: str | None = "val"
-    backbone: str = "resnet50"
-    weights: str = "imagenet"
-    output_stride: int = 16
-    pooling: str = "gap"
-    lse_r: float = 5.0
-    freeze_bn: bool = False
-    crop_size: int = 512
-    scale_range: tuple[float, float] = (0.5, 1.5)
-    jitter: bool = True
-    batch_size: int = 16
-    epochs: int = 5
-    stop_after: int | None = None
-    lr: float = 0.1
-    head_lr_mult: float = 10.0
-    weight_decay: float = 1e-4
-    momentum: float = 0.9
-    poly_power: float = 0.9
-    er_weight: float = 0.0
-    er_scale_range: tuple[float, float] = (0.3, 0.7)
-    er_min_crop: float = 1.0
-    er_target: str = "detached"
-    er_view_cls: bool = True
-    erase_weight: float = 0.0
-    erase_thresh: float = 0.7
-    erase_fill: str = "blur"
-    erase_classes: str = "all"
-    reg_start: float = 0.0
-    reg_ramp: float = 0.0
-    val_cam_images: int = 100
-    val_cam_threshold: float = 0.15
-    select: str = "map"
-    amp: str = "auto"
-    compile_model: bool = False
-    device: str = "auto"
-    seed: int = 0
-    workers: int | None = None
-    threads: int | None = None
-    overwrite: bool = False
-
-
-def _check(cfg: TrainClsConfig) -> None:
-    if (name := non_finite_field(cfg)) is not None:
-        raise WsssError(f"{option_name(name)} {getattr(cfg, name)}: must be a finite number")
-    if cfg.backbone not in ARCHS:
-        raise WsssError(f"--backbone {cfg.backbone!r}: choose from {sorted(ARCHS)}")
-    if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.crop_size < 16:
-        raise WsssError(f"--epochs, --batch-size must be >= 1 and --crop-size >= 16 "
-                        f"(got {cfg.epochs}, {cfg.batch_size}, {cfg.crop_size})")
-    if not 0 < cfg.erase_thresh <= 1:
-        raise WsssError(f"--erase-thresh {cfg.erase_thresh}: must lie in (0, 1]")
-    if cfg.select not in SELECT_METRICS:
-        raise WsssError(f"--select {cfg.select!r}: choose from {', '.join(SELECT_METRICS)}")
-
-
-# --------------------------------------------------------------------------- validation
-
-
-@torch.no_grad()
-def validate(model: CamNet, dataset: PreparedDataset, split: str, device: torch.device, info: DistInfo, *,
-             precision: Precision = Precision(), cam_images: int = 100, cam_threshold: float = 0.15,
-             workers: int = 0) -> dict:
-    """Multi-label mAP on a split and, if it has masks, single-scale CAM mIoU on its first images.
-
-    Every process scores its share of the images; scores and confusion counts are summed over
-    processes, so the result does not depend on how many there are.
-
-    Returns:
-        ``{"val_map", "val_ap" (per class name), "val_cam_miou" (None without masks)}``.
-    """
-    from wsss.evaluation import cam_to_label_tensor
-
-    model.eval()
-    ids = dataset.ids(split)
-    position = {image_id: index for index, image_id in enumerate(ids)}
-    with_masks = dataset.has_masks(split) and cam_images > 0
-    scores = np.zeros((len(ids), dataset.num_classes - 1))
-    counts = torch.zeros(dataset.num_classes, dataset.num_classes, dtype=torch.int64, device=device)
-    for batch_ids, images, masks in split_batches(dataset, split, shard(ids, info), batch_size=8, workers=workers,
-                                                  device=device, masks=with_masks):
-        channels = [[label - 1 for label in dataset.image_labels(image_id)] for image_id in batch_ids]
-        with precision.autocast(device):
-            cams, logits = multiscale_cam(model, to_model_input(images), channels, scales=(1.0,), flip=False)
-        for index, image_id in enumerate(batch_ids):
-            if with_masks and position[image_id] < cam_images:
-                keys = torch.tensor(channels[index], device=device) + 1
-                label = cam_to_label_tensor(keys, max_normalize(cams[index]), cam_threshold)
-                counts += confusion_counts(masks[index], label, dataset.num_classes)
-        scores[[position[image_id] for image_id in batch_ids]] = logits.float().cpu().numpy()
-    scores = sum_array_over_ranks(scores, info, device)
-    matrix = ConfusionMatrix(dataset.num_classes).add_counts(sum_array_over_ranks(counts.cpu().numpy(), info, device))
-    targets = np.stack([dataset.multi_hot(image_id) for image_id in ids]) if ids else np.zeros((0, scores.shape[1]))
-    ap = average_precision(scores, targets) if ids else np.array([])
-    names = dataset.classes[1:]
-    return {
-        "val_map": mean_average_precision(scores, targets) if ids else None,
-        "val_ap": {names[k]: round(float(ap[k]), 6) for k in range(len(ap)) if np.isfinite(ap[k])},
-        "val_cam_miou": matrix.miou() if with_masks else None,
-    }
+    root: Path = setting(help=ROOT_HELP)
+    out_dir: Path = setting(help="Output folder for last.pth, best.pth, config.json and metrics.json.", option="--out")
+    dataset: str | None = setting(None, DATASET_HELP, choices=DATASET_KINDS)
+    split: str = setting("train", "Training split.")
+    val_split: str | None = setting("val", "Split for the per-epoch mAP (and CAM mIoU where it has masks); none "
+                                           "disables validation.")
+    backbone: str = setting("resnet50", "Classifier trunk (torchvision ResNet).", choices=tuple(sorted(ARCHS)))
+    weights: str = setting("imagenet", "Backbone initialisation: imagenet (torchvision download), none, or a "
+                                       "state_dict file PATH (e.g. `wsss pretrain`'s backbone.pth).")
+    output_stride: int = setting(16, "Input pixels per CAM cell: 16 dilates the last stage (IRN), 8 the last two "
+                                     "(SEAM's ResNet-38 setting: 4x the cells, about 3x the compute).",
+                                 choices=(8, 16, 32))
+    pooling: str = setting("gap", "How class maps become logits: gap, their mean (CAM, IRN, SEAM); lse, "
+                                  "log-sum-exp (Pinheiro & Collobert) with sharpness --lse-r.", choices=POOLINGS)
+    lse_r: float = setting(5.0, "Sharpness r of --pooling lse: (1/r) log mean exp(r x); small r is the mean, large "
+                                "r the maximum (below 0.1 rounding swamps the difference to the mean).", at_least=0.1)
+    freeze_bn: bool = setting(False, "Keep BatchNorm in eval mode with frozen parameters (small batches).")
+    crop_size: int = setting(512, "Side of the square training crop, in pixels.", at_least=16)
+    scale_range: tuple[float, float] = setting((0.5, 1.5), "MIN,MAX random rescale factors before cropping.",
+                                               above=0, parse=positive_pair)
+    jitter: bool = setting(True, "Colour jitter of the training images.")
+    batch_size: int = setting(16, "Images per optimiser step and process.", at_least=1)
+    epochs: int = setting(5, "Epochs of the schedule (passes over --split).", at_least=1)
+    stop_after: int | None = setting(None, "Stop after this epoch (the schedule still spans --epochs); continue "
+                                           "later with --resume.", at_least=1)
+    sgd: Sgd = sgd_group(lr=0.1)
+    er_weight: float = setting(0.0, "Weight of the equivariance regularisation (SEAM; its paper uses 1); 0 "
+                                    "disables it.", at_least=0)
+    er_scale_range: tuple[float, float] = setting((0.3, 0.7), "MIN,MAX rescale factor of the equivariance view "
+                                                              "(also flipped at random).", above=0, parse=positive_pair)
+    er_min_crop: float = setting(1.0, "The equivariance view is a random window of this..1 of each image side "
+                                      "(1 = whole image, as SEAM); a translation.", above=0, at_most=1)
+    er_target: str = setting("detached", "detached: the image's CAMs are the target of the view's (no gradient "
+                                         "into them); both: the gradient reaches both branches (SEAM).",
+                             choices=ER_TARGETS)
+    er_view_cls: bool = setting(True, "Also classify the equivariance view (SEAM classifies both branches).")
+    erase_weight: float = setting(0.0, "Weight of the adversarial-erasing classification loss; 0 disables it.",
+                                  at_least=0)
+    erase_thresh: float = setting(ERASE_THRESH, "Erase pixels whose CAM is >= this fraction of the class maximum.",
+                                  above=0, at_most=1)
+    erase_fill: str = setting("blur", "What replaces erased pixels: a blurred copy of the image (no sharp flat "
+                                      "patch to learn as a cue) or the mean colour.", choices=ERASE_FILLS)
+    erase_classes: str = setting("all", "Erase the regions of every present class, or of one random present class "
+                                        "per image.", choices=ERASE_CLASSES)
+    reg_start: float = setting(0.0, "Fraction of the schedule before equivariance and erasing start.",
+                               at_least=0, at_most=1)
+    reg_ramp: float = setting(0.0, "Fraction of the schedule over which they then rise linearly to full weight.",
+                              at_least=0, at_most=1)
+    val_cam_images: int = setting(100, "Validation images (first N of --val-split) scored for CAM mIoU each epoch.",
+                                  at_least=0)
+    val_cam_threshold: float = setting(0.15, "Background threshold of the per-epoch CAM mIoU.", at_least=0,
+                                       at_most=1)
+    select: str = setting("map", "What picks best.pth: val mAP (image-level labels only), val CAM mIoU (uses the "
+                                 "val masks), or the last epoch.", choices=tuple(SELECT_METRICS))
+    amp: str = setting("auto", AMP_HELP, choices=AMP_MODES)
+    compile_model: bool = setting(False, COMPILE_HELP, option="--compile")
+    device: str = setting("auto", DEVICE_HELP, choices=DEVICES)
+    seed: int = setting(0, SEED_HELP)
+    workers: int | None = setting(None, LOADER_WORKERS_HELP, at_least=0)
+    threads: int | None = setting(None, THREADS_HELP, at_least=1)
+    overwrite: bool = setting(False, OVERWRITE_HELP, flag="--overwrite/--resume")
 
 
 # --------------------------------------------------------------------------- training
@@ -198,7 +154,6 @@ def _summary(cfg: TrainClsConfig, state: TrainState, finished: bool) -> dict:
 
 def run(cfg: TrainClsConfig) -> dict:
     """Train (or resume) the CAM classifier; return the metrics written to ``<out>/metrics.json``."""
-    _check(cfg)
     runtime = start_runtime(cfg.device, cfg.threads, cfg.amp)
     device, info, precision = runtime.device, runtime.info, runtime.precision
     dataset, val_split = _training_data(cfg)
@@ -221,10 +176,8 @@ def run(cfg: TrainClsConfig) -> dict:
     model = precision.module(CamNet(cfg.backbone, dataset.num_classes, "none" if checkpoint else cfg.weights,
                                     cfg.output_stride, freeze_bn=cfg.freeze_bn, pooling=cfg.pooling,
                                     lse_r=cfg.lse_r).to(device))
-    optimizer = sgd_with_head(*model.parameter_groups(), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                              momentum=cfg.momentum, head_lr_mult=cfg.head_lr_mult)
-    trainee = Trainee(model, optimizer, poly_scheduler(optimizer, spec.total_steps, power=cfg.poly_power),
-                      grad_scaler(precision, device))
+    optimizer = cfg.sgd.optimizer(*model.parameter_groups())
+    trainee = Trainee(model, optimizer, cfg.sgd.scheduler(optimizer, spec.total_steps), grad_scaler(precision, device))
     state = trainee.restore(checkpoint) if checkpoint else TrainState()
     if info.is_main:
         artifacts.write_config(spec.out_dir, cfg, arch=arch, classes=dataset.classes, num_train_images=len(train_set),
@@ -243,7 +196,7 @@ def run(cfg: TrainClsConfig) -> dict:
         return objective(precision.images(images), targets, ramp)
 
     def validation() -> dict:
-        return validate(model, dataset, val_split, device, info, precision=precision, cam_images=cfg.val_cam_images,
+        return validate_classifier(model, dataset, val_split, device, info, precision=precision, cam_images=cfg.val_cam_images,
                         cam_threshold=cfg.val_cam_threshold, workers=workers)
 
     stop = spec.total_steps if cfg.stop_after is None else min(spec.total_steps, cfg.stop_after * per_epoch)
@@ -258,99 +211,13 @@ def run(cfg: TrainClsConfig) -> dict:
 # --------------------------------------------------------------------------- command line
 
 
-@click.command(short_help="Train the multi-label CAM classifier.")
-@options.root_option()
-@options.dataset_option()
-@options.split_option("train", "Training split.")
-@click.option("--val-split", default="val", show_default=True,
-              help="Split for the per-epoch mAP (and CAM mIoU where it has masks); 'none' disables validation.")
-@options.out_option("Output folder for last.pth, best.pth, config.json and metrics.json.")
-@click.option("--backbone", type=click.Choice(sorted(ARCHS)), default="resnet50", show_default=True)
-@click.option("--weights", default="imagenet", show_default=True,
-              help="Backbone initialisation: imagenet (torchvision download), none, or a state_dict file PATH "
-                   "(e.g. `wsss pretrain`'s backbone.pth).")
-@click.option("--output-stride", type=click.Choice(["8", "16", "32"]), default="16", show_default=True,
-              callback=lambda _c, _p, v: int(v),
-              help="Input pixels per CAM cell: 16 dilates the last stage (IRN), 8 the last two (SEAM's ResNet-38 "
-                   "setting: 4x the cells, about 3x the compute).")
-@click.option("--pooling", type=click.Choice(POOLINGS), default="gap", show_default=True,
-              help="How class maps become logits: gap, their mean (CAM, IRN, SEAM); lse, log-sum-exp (Pinheiro & "
-                   "Collobert) with sharpness --lse-r, between the mean and the maximum.")
-@click.option("--lse-r", type=options.FiniteFloat(min=0.1), default=5.0, show_default=True,
-              help="Sharpness r of --pooling lse: (1/r) log mean exp(r x); small r is the mean, large r the maximum "
-                   "(at least 0.1: below, rounding swamps the difference to the mean).")
-@click.option("--freeze-bn", is_flag=True, help="Keep BatchNorm in eval mode with frozen parameters (small batches).")
-@click.option("--crop-size", type=click.IntRange(min=16), default=512, show_default=True)
-@click.option("--scale-range", default="0.5,1.5", show_default=True, callback=options.positive_pair,
-              help="MIN,MAX random rescale factors before cropping.")
-@click.option("--jitter/--no-jitter", default=True, show_default=True, help="Colour jitter.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
-@click.option("--epochs", type=click.IntRange(min=1), default=5, show_default=True)
-@click.option("--stop-after", type=click.IntRange(min=1), default=None,
-              help="Stop after this epoch (the schedule still spans --epochs); continue later with --resume.")
-@options.sgd_options(lr=0.1, head="Classifier")
-@click.option("--er-weight", type=options.FiniteFloat(min=0), default=0.0, show_default=True,
-              help="Weight of the equivariance regularisation (SEAM; its paper uses 1); 0 disables it.  Off by "
-                   "default: bench/ablation.md measures that it raises the CAMs but not the pseudo-labels or DeepLab.")
-@click.option("--er-scale-range", default="0.3,0.7", show_default=True, callback=options.positive_pair,
-              help="MIN,MAX rescale factor of the equivariance view (also flipped at random).")
-@click.option("--er-min-crop", type=options.FiniteFloat(0, 1, min_open=True), default=1.0, show_default=True,
-              help="The equivariance view is a random window of this..1 of each image side (1 = whole image, as "
-                   "SEAM); the translation penalises maps anchored to the image frame.")
-@click.option("--er-target", type=click.Choice(ER_TARGETS), default="detached", show_default=True,
-              help="detached: the image's CAMs are the target of the view's (no gradient into them); both: "
-                   "the gradient reaches both branches (SEAM).")
-@click.option("--er-view-cls/--no-er-view-cls", default=True, show_default=True,
-              help="Also classify the equivariance view (SEAM classifies both branches).")
-@click.option("--erase-weight", type=options.FiniteFloat(min=0), default=0.0, show_default=True,
-              help="Weight of the adversarial-erasing classification loss; 0 disables it.")
-@click.option("--erase-thresh", type=options.FiniteFloat(0, 1, min_open=True), default=0.7, show_default=True,
-              help="Erase pixels whose CAM is >= this fraction of the class maximum.")
-@click.option("--erase-fill", type=click.Choice(ERASE_FILLS), default="blur", show_default=True,
-              help="What replaces erased pixels: a blurred copy of the image (no sharp flat patch to learn as a "
-                   "cue) or the mean colour.")
-@click.option("--erase-classes", type=click.Choice(ERASE_CLASSES), default="all", show_default=True,
-              help="Erase the regions of every present class, or of one random present class per image.")
-@click.option("--reg-start", type=options.FiniteFloat(0, 1), default=0.0, show_default=True,
-              help="Fraction of the schedule before equivariance and erasing start (the classifier learns first).")
-@click.option("--reg-ramp", type=options.FiniteFloat(0, 1), default=0.0, show_default=True,
-              help="Fraction of the schedule over which they then rise linearly to full weight.")
-@click.option("--val-cam-images", type=click.IntRange(min=0), default=100, show_default=True,
-              help="Validation images (first N of --val-split) scored for CAM mIoU each epoch.")
-@click.option("--val-cam-threshold", type=options.FiniteFloat(0, 1), default=0.15, show_default=True,
-              help="Background threshold of the per-epoch CAM mIoU.")
-@click.option("--select", type=click.Choice(sorted(SELECT_METRICS)), default="map", show_default=True,
-              help="What picks best.pth: val mAP (image-level labels only), val CAM mIoU (uses the val masks), "
-                   "or the last epoch.")
-@options.amp_option
-@options.compile_option
-@options.device_option
-@options.seed_option
-@options.workers_option
-@options.threads_option
-@options.overwrite_option
-def command(root, dataset, split, val_split, out_dir, backbone, weights, output_stride, pooling, lse_r, freeze_bn,
-            crop_size, scale_range, jitter, batch_size, epochs, stop_after, lr, head_lr_mult, weight_decay, momentum,
-            poly_power, er_weight, er_scale_range, er_min_crop, er_target, er_view_cls, erase_weight, erase_thresh,
-            erase_fill, erase_classes, reg_start, reg_ramp, val_cam_images, val_cam_threshold, select, amp, compile_model,
-            device, seed, workers, threads, overwrite):
+@settings_command(TrainClsConfig, name="train-cls", short_help="Train the multi-label CAM classifier.")
+def command(cfg: TrainClsConfig) -> None:
     """Train a ResNet CAM classifier on image-level labels (equivariance and erasing optional).
 
     Writes OUT/last.pth, OUT/best.pth, OUT/config.json and OUT/metrics.json; an
     existing OUT/last.pth is resumed unless --overwrite is given.
     """
-    cfg = TrainClsConfig(
-        root=root, out_dir=out_dir, dataset=dataset, split=split,
-        val_split=None if val_split.lower() == "none" else val_split, backbone=backbone, weights=weights,
-        output_stride=output_stride, pooling=pooling, lse_r=lse_r, freeze_bn=freeze_bn, crop_size=crop_size,
-        scale_range=scale_range, jitter=jitter, batch_size=batch_size,
-        epochs=epochs, stop_after=stop_after, lr=lr, head_lr_mult=head_lr_mult, weight_decay=weight_decay,
-        momentum=momentum, poly_power=poly_power, er_weight=er_weight, er_scale_range=er_scale_range,
-        er_min_crop=er_min_crop, er_target=er_target, er_view_cls=er_view_cls, erase_weight=erase_weight,
-        erase_thresh=erase_thresh, erase_fill=erase_fill, erase_classes=erase_classes, reg_start=reg_start,
-        reg_ramp=reg_ramp, val_cam_images=val_cam_images,
-        val_cam_threshold=val_cam_threshold, select=select, amp=amp, compile_model=compile_model, device=device,
-        seed=seed, workers=workers, threads=threads, overwrite=overwrite)
     metrics = run(cfg)
     if not dist_info().is_main:
         return

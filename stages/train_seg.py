@@ -42,7 +42,7 @@ from pathlib import Path
 import click
 import torch
 
-from stages import options
+from wsss.stages import options
 from wsss import artifacts
 from wsss.datasets.prepared import PreparedDataset
 from wsss.datasets.torch_data import SegmentationDataset
@@ -317,7 +317,7 @@ def run(cfg: TrainSegConfig) -> dict:
               help="Backbone initialisation: imagenet, none or a state_dict file (e.g. `wsss pretrain`'s "
                    "backbone.pth).")
 @click.option("--crop-size", type=click.IntRange(min=8), default=321, show_default=True)
-@click.option("--scale-range", default="0.5,1.5", show_default=True, callback=options.positive_pair,
+@click.option("--scale-range", default="0.5,1.5", show_default=True, callback=options.old_positive_pair,
               help="MIN,MAX random rescale factors.")
 @click.option("--jitter/--no-jitter", default=False, show_default=True, help="Colour jitter.")
 @click.option("--batch-size", type=click.IntRange(min=2), default=10, show_default=True)

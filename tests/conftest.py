@@ -21,7 +21,7 @@ def tiny_demo(tmp_path_factory):
     """
     from click.testing import CliRunner
 
-    from stages.cli import cli
+    from wsss.stages.cli import cli
 
     out = tmp_path_factory.mktemp("tiny_demo")
     runner = CliRunner()

@@ -234,22 +234,22 @@ def atomic_write(path: str | Path, mode: str = "wb") -> Iterator[io.IOBase]:
         raise
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
     """``value`` as JSON types; NaN and infinities become None (JSON has no such numbers)."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {field.name: _jsonable(getattr(value, field.name)) for field in dataclasses.fields(value)}
+        return {field.name: jsonable(getattr(value, field.name)) for field in dataclasses.fields(value)}
     if isinstance(value, dict):
-        return {str(key): _jsonable(item) for key, item in value.items()}
+        return {str(key): jsonable(item) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(item) for item in value]
+        return [jsonable(item) for item in value]
     if isinstance(value, Path):
         return str(value)
     if isinstance(value, np.generic):
-        return _jsonable(value.item())
+        return jsonable(value.item())
     if isinstance(value, np.ndarray):
-        return _jsonable(value.tolist())
+        return jsonable(value.tolist())
     return value
 
 
@@ -258,7 +258,7 @@ def write_json(path: str | Path, data: Any) -> None:
 
     A NaN or infinite number is written as ``null``: the file is always valid (strict) JSON.
     """
-    text = json.dumps(_jsonable(data), indent=2, sort_keys=False, allow_nan=False) + "\n"
+    text = json.dumps(jsonable(data), indent=2, sort_keys=False, allow_nan=False) + "\n"
     with atomic_write(path, "w") as handle:
         handle.write(text)
 
@@ -298,11 +298,11 @@ def provenance(config: Any, **extra: Any) -> dict:
         if module in sys.modules:
             versions[module] = str(getattr(sys.modules[module], "__version__", "unknown"))  # torch's is no plain str
     return {
-        "config": _jsonable(config),
+        "config": jsonable(config),
         "versions": versions,
         "command": sys.argv,
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        **_jsonable(extra),
+        **jsonable(extra),
     }
 
 

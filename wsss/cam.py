@@ -19,6 +19,10 @@ from typing import Callable, Sequence, Union
 import torch
 import torch.nn.functional as F
 
+#: Erasing threshold: a class's pixels at or above this fraction of its CAM maximum are its discriminative
+#: region (training-time erasing in :class:`wsss.losses.CamObjective`, inference-time in :func:`erasing_cams`).
+ERASE_THRESH = 0.7
+
 DEFAULT_SCALES = (1.0, 0.5, 1.5, 2.0)
 # per image a list of foreground channels, or a function of the logits returning that, or None (all)
 ChannelChoice = Union[Sequence[Sequence[int]], Callable[[torch.Tensor], Sequence[Sequence[int]]], None]
@@ -167,7 +171,7 @@ def multiscale_cam(model, images: torch.Tensor, channels: ChannelChoice = None, 
 
 @torch.inference_mode()
 def erasing_cams(model, images: torch.Tensor, channels: Sequence[Sequence[int]], *, erase_steps: int = 0,
-                 erase_thresh: float = 0.5, scales: Sequence[float] = DEFAULT_SCALES, flip: bool = True,
+                 erase_thresh: float = ERASE_THRESH, scales: Sequence[float] = DEFAULT_SCALES, flip: bool = True,
                  first: Sequence[torch.Tensor] | None = None, chunk: int | None = None) -> list[torch.Tensor]:
     """Multi-scale CAMs with inference-time adversarial erasing for a batch, max-normalised.
 
@@ -207,7 +211,7 @@ def erasing_cams(model, images: torch.Tensor, channels: Sequence[Sequence[int]],
 
 
 def erasing_cam(model, image: torch.Tensor, channels: Sequence[int], *, erase_steps: int = 0,
-                erase_thresh: float = 0.5, scales: Sequence[float] = DEFAULT_SCALES, flip: bool = True,
+                erase_thresh: float = ERASE_THRESH, scales: Sequence[float] = DEFAULT_SCALES, flip: bool = True,
                 first: torch.Tensor | None = None) -> torch.Tensor:
     """:func:`erasing_cams` of one image [3, H, W]: float [K, H, W] in [0, 1]."""
     return erasing_cams(model, image[None], [channels], erase_steps=erase_steps, erase_thresh=erase_thresh,

@@ -28,33 +28,27 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from wsss.errors import check_finite_fields
+from wsss.settings import Settings, setting
 
 
 @dataclass(frozen=True)
-class CrfParams:
-    """Dense-CRF settings; ``dense_crf(image, probs, **params.kwargs())``."""
+class CrfParams(Settings):
+    """Dense-CRF settings; ``dense_crf(image, probs, **params.kwargs())``.
 
-    iterations: int = 10
-    gaussian_sxy: float = 3.0
-    gaussian_compat: float = 3.0
-    bilateral_sxy: float = 50.0
-    bilateral_srgb: float = 5.0
-    bilateral_compat: float = 10.0
-    scale: float = 1.0
+    On the command line a stage's CRF group appears as ``--crf-iterations``, ``--crf-gaussian-sxy``, ...
+    """
 
-    def __post_init__(self) -> None:
-        check_finite_fields(self)
-        if self.iterations < 1:
-            raise ValueError(f"iterations must be at least 1, got {self.iterations}")
-        if min(self.gaussian_sxy, self.bilateral_sxy, self.bilateral_srgb) <= 0:
-            raise ValueError("CRF kernel widths (sxy, srgb) must be positive")
-        if min(self.gaussian_compat, self.bilateral_compat) < 0:
-            raise ValueError("CRF compatibilities must be non-negative")
-        if not 0.0 < self.scale <= 1.0:
-            raise ValueError(f"CRF scale must lie in (0, 1], got {self.scale}")
+    iterations: int = setting(10, "Mean-field iterations.", at_least=1)
+    gaussian_sxy: float = setting(3.0, "Smoothness kernel width, pixels.", above=0)
+    gaussian_compat: float = setting(3.0, "Smoothness kernel weight.", at_least=0)
+    bilateral_sxy: float = setting(50.0, "Appearance kernel width in position, pixels.", above=0)
+    bilateral_srgb: float = setting(5.0, "Appearance kernel width in colour, 0-255 levels.", above=0)
+    bilateral_compat: float = setting(10.0, "Appearance kernel weight.", at_least=0)
+    scale: float = setting(1.0, "Run the CRF at this fraction of the resolution (about 1/scale^2 faster).",
+                           above=0, at_most=1)
 
     def kwargs(self) -> dict:
+        """The settings as keyword arguments of :func:`dense_crf`."""
         return asdict(self)
 
 

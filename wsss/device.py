@@ -11,6 +11,11 @@ import numpy as np
 
 from wsss.errors import WsssError
 
+#: ``--device``: auto = CUDA when available, else the CPU.
+DEVICES = ("auto", "cpu", "cuda")
+#: ``--amp``: mixed precision (see :func:`wsss.training.resolve_precision`).
+AMP_MODES = ("auto", "bf16", "fp16", "off")
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -37,7 +42,7 @@ def resolve_device(name: str):
     """Return a ``torch.device`` for ``auto|cpu|cuda`` (``cuda`` picks this process's LOCAL_RANK GPU)."""
     import torch
 
-    if name not in ("auto", "cpu", "cuda"):
+    if name not in DEVICES:
         raise WsssError(f"--device {name!r}: choose auto, cpu or cuda")
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"

@@ -24,7 +24,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from wsss.datasets.prepared import PreparedDataset
-from wsss.device import inference_loader_workers, loader_worker_init, stop_loader_workers
+from wsss.device import (DistInfo, inference_loader_workers, loader_worker_init, shard, stop_loader_workers,
+                         sum_array_over_ranks)
 from wsss.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 # EXIF orientations that swap width and height (OpenCV applies the orientation when decoding)
@@ -164,3 +165,51 @@ class BackgroundWriter:
                     future.cancel()
         finally:
             self._executor.shutdown(wait=True)
+
+
+@torch.no_grad()
+def validate_classifier(model, dataset: PreparedDataset, split: str, device: torch.device, info: DistInfo, *,
+                        precision=None, cam_images: int = 100, cam_threshold: float = 0.15, workers: int = 0) -> dict:
+    """Multi-label mAP on a split and, if it has masks, single-scale CAM mIoU on its first images.
+
+    The per-epoch validation of ``wsss train-cls``.  Every process scores its share of the images;
+    scores and confusion counts are summed over processes, so the result does not depend on how
+    many there are.  ``precision``: a :class:`wsss.training.Precision` (default float32).
+
+    Returns:
+        ``{"val_map", "val_ap" (per class name), "val_cam_miou" (None without masks)}``.
+    """
+    from wsss.cam import max_normalize, multiscale_cam
+    from wsss.evaluation import cam_to_label_tensor
+    from wsss.metrics import ConfusionMatrix, average_precision, confusion_counts, mean_average_precision
+
+    from wsss.training import Precision
+
+    precision = precision or Precision()
+    model.eval()
+    ids = dataset.ids(split)
+    position = {image_id: index for index, image_id in enumerate(ids)}
+    with_masks = dataset.has_masks(split) and cam_images > 0
+    scores = np.zeros((len(ids), dataset.num_classes - 1))
+    counts = torch.zeros(dataset.num_classes, dataset.num_classes, dtype=torch.int64, device=device)
+    for batch_ids, images, masks in split_batches(dataset, split, shard(ids, info), batch_size=8, workers=workers,
+                                                  device=device, masks=with_masks):
+        channels = [[label - 1 for label in dataset.image_labels(image_id)] for image_id in batch_ids]
+        with precision.autocast(device):
+            cams, logits = multiscale_cam(model, to_model_input(images), channels, scales=(1.0,), flip=False)
+        for index, image_id in enumerate(batch_ids):
+            if with_masks and position[image_id] < cam_images:
+                keys = torch.tensor(channels[index], device=device) + 1
+                label = cam_to_label_tensor(keys, max_normalize(cams[index]), cam_threshold)
+                counts += confusion_counts(masks[index], label, dataset.num_classes)
+        scores[[position[image_id] for image_id in batch_ids]] = logits.float().cpu().numpy()
+    scores = sum_array_over_ranks(scores, info, device)
+    matrix = ConfusionMatrix(dataset.num_classes).add_counts(sum_array_over_ranks(counts.cpu().numpy(), info, device))
+    targets = np.stack([dataset.multi_hot(image_id) for image_id in ids]) if ids else np.zeros((0, scores.shape[1]))
+    ap = average_precision(scores, targets) if ids else np.array([])
+    names = dataset.classes[1:]
+    return {
+        "val_map": mean_average_precision(scores, targets) if ids else None,
+        "val_ap": {names[k]: round(float(ap[k]), 6) for k in range(len(ap)) if np.isfinite(ap[k])},
+        "val_cam_miou": matrix.miou() if with_masks else None,
+    }

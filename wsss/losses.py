@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from wsss.cam import feature_to_image, max_normalize, resample
+from wsss.cam import ERASE_THRESH, feature_to_image, max_normalize, resample
 
 
 def multilabel_soft_margin_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -266,7 +266,7 @@ class CamObjective(nn.Module):
 
     def __init__(self, model: nn.Module, *, er_weight: float = 0.0, er_scale_range: tuple[float, float] = (0.3, 0.7),
                  er_min_crop: float = 1.0, er_target: str = "detached", er_view_cls: bool = True,
-                 erase_weight: float = 0.0, erase_thresh: float = 0.7, erase_fill: str = "blur",
+                 erase_weight: float = 0.0, erase_thresh: float = ERASE_THRESH, erase_fill: str = "blur",
                  erase_classes: str = "all"):
         super().__init__()
         if er_target not in ER_TARGETS or erase_fill not in ERASE_FILLS or erase_classes not in ERASE_CLASSES:

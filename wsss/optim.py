@@ -2,9 +2,41 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Iterable
 
 import torch
+
+from wsss.settings import Settings, setting
+
+
+@dataclass(frozen=True)
+class Sgd(Settings):
+    """SGD with momentum, a faster head and the poly schedule: the optimiser of every training stage.
+
+    A stage holds one as its ``sgd`` group (options without a prefix: ``--lr``, ``--momentum``);
+    each stage sets its own learning rate, e.g. ``setting(factory=lambda: Sgd(lr=0.1), prefix="")``.
+    """
+
+    lr: float = setting(0.1, "Backbone learning rate (the head's is this times --head-lr-mult).", above=0)
+    head_lr_mult: float = setting(10.0, "Learning-rate factor of the new layers (the head).", above=0)
+    weight_decay: float = setting(1e-4, "L2 weight decay of every parameter.", at_least=0)
+    momentum: float = setting(0.9, "SGD momentum.", at_least=0, below=1)
+    poly_power: float = setting(0.9, "Poly schedule: lr = base lr x (1 - step / steps) ^ power.", at_least=0)
+
+    def optimizer(self, backbone_params: Iterable, head_params: Iterable) -> torch.optim.SGD:
+        """:func:`sgd_with_head` with these settings."""
+        return sgd_with_head(backbone_params, head_params, lr=self.lr, weight_decay=self.weight_decay,
+                             momentum=self.momentum, head_lr_mult=self.head_lr_mult)
+
+    def scheduler(self, optimizer: torch.optim.Optimizer, total_steps: int):
+        """:func:`poly_scheduler` with this power."""
+        return poly_scheduler(optimizer, total_steps, power=self.poly_power)
+
+
+def sgd_group(lr: float):
+    """A stage's ``sgd`` field: the :class:`Sgd` options at the top level, with the stage's learning rate."""
+    return setting(factory=lambda: Sgd(lr=lr), prefix="")
 
 
 def sgd_with_head(backbone_params: Iterable, head_params: Iterable, *, lr: float, weight_decay: float,

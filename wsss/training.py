@@ -40,13 +40,12 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from wsss import artifacts
-from wsss.device import DistInfo, derive_seed, loader_worker_init, stop_loader_workers, sum_over_ranks
+from wsss.device import AMP_MODES, DistInfo, derive_seed, loader_worker_init, stop_loader_workers, sum_over_ranks
 from wsss.errors import WsssError, option_name
 from wsss.progress import bar as progress_bar
 
 log = logging.getLogger(__name__)
 
-AMP_MODES = ("auto", "bf16", "fp16", "off")
 
 
 # --------------------------------------------------------------------------- precision
@@ -327,7 +326,7 @@ class TrainState:
 
 def plain_config(config: Any) -> dict:
     """A stage config as JSON types only (checkpoints are loaded with ``weights_only=True``)."""
-    return json.loads(json.dumps(dataclasses.asdict(config), default=str))
+    return json.loads(json.dumps(artifacts.jsonable(config), default=str))
 
 
 @dataclass
@@ -368,11 +367,18 @@ def find_resumable(spec: RunSpec) -> dict | None:
     checkpoint = artifacts.load_checkpoint(path)
     saved, current = checkpoint.get("config", {}), plain_config(spec.config)
     # an option added after the checkpoint was written counts as its default
-    defaults = {f.name: f.default for f in dataclasses.fields(spec.config)
-                if f.default is not dataclasses.MISSING}
-    defaults = json.loads(json.dumps(defaults, default=str))
-    changed = [option_name(name) for name in spec.schedule_fields
-               if saved.get(name, defaults.get(name)) != current.get(name)]
+    defaults = {f.name: f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+                for f in dataclasses.fields(spec.config)
+                if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING}
+    defaults = json.loads(json.dumps(artifacts.jsonable(defaults), default=str))
+    changed = []
+    for name in spec.schedule_fields:
+        before, now = saved.get(name, defaults.get(name)), current.get(name)
+        if isinstance(now, dict):  # a group of options (SGD): name the ones that changed
+            before = before if isinstance(before, dict) else {}
+            changed += [option_name(key) for key in now if before.get(key) != now[key]]
+        elif before != now:
+            changed.append(option_name(name))
     if checkpoint.get("total_steps", spec.total_steps) != spec.total_steps:
         changed.append(f"total steps ({checkpoint.get('total_steps')} -> {spec.total_steps})")
     if changed:

@@ -34,7 +34,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from stages.cli import cli
+from wsss.stages.cli import cli
 from wsss import artifacts
 from wsss.datasets.prepared import SplitSpec, meta_dir, write_prepared
 
@@ -53,7 +53,7 @@ class Case:
     code: int
     text: str
     creates: bool = False     # may leave complete, valid outputs in {out} (failed in the middle of the work)
-    subprocess: bool = False  # run `python -m stages.cli` instead of CliRunner
+    subprocess: bool = False  # run `python -m wsss.stages.cli` instead of CliRunner
 
     @property
     def id(self) -> str:
@@ -595,7 +595,7 @@ def _run(case: Case, args: list[str]) -> tuple[int, str]:
     if case.subprocess:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[2]),
                                                             os.environ.get("PYTHONPATH", "")])}
-        done = subprocess.run([sys.executable, "-m", "stages.cli", *args], capture_output=True, text=True, env=env,
+        done = subprocess.run([sys.executable, "-m", "wsss.stages.cli", *args], capture_output=True, text=True, env=env,
                               timeout=300)
         return done.returncode, done.stdout + done.stderr
     result = CliRunner().invoke(cli, args)
@@ -631,7 +631,7 @@ def test_bad_input(case: Case, world, tmp_path):
 
 
 def test_the_matrix_covers_every_command():
-    from stages.cli import COMMANDS
+    from wsss.stages.cli import COMMANDS
 
     covered = {case.command.split()[0] for case in CASES}
     assert set(COMMANDS) <= covered, sorted(set(COMMANDS) - covered)

@@ -6,7 +6,7 @@ import torch
 from click.testing import CliRunner
 
 from helpers import assert_one_line_error
-from stages.cli import COMMANDS, cli, one_line
+from wsss.stages.cli import COMMANDS, cli, one_line
 from wsss import __version__
 from wsss.errors import WsssError
 
@@ -27,7 +27,7 @@ def test_version():
 
 def test_wsss_error_becomes_one_line_without_traceback(tmp_path):
     # a real process, so that the console-script path (not only CliRunner) is checked
-    result = subprocess.run([sys.executable, "-m", "stages.cli", "eval", "--pred", str(tmp_path), "--root",
+    result = subprocess.run([sys.executable, "-m", "wsss.stages.cli", "eval", "--pred", str(tmp_path), "--root",
                              str(tmp_path / "nowhere")], capture_output=True, text=True)
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [f"Error: {tmp_path / 'nowhere'}: dataset root not found"]

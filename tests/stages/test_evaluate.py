@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from stages.cli import cli
+from wsss.stages.cli import cli
 from wsss import artifacts, evaluation
 from wsss.datasets.prepared import PreparedDataset, SplitSpec, write_prepared
 from wsss.metrics import ConfusionMatrix

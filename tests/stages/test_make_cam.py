@@ -6,7 +6,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from stages.cli import cli
+from wsss.stages.cli import cli
 from wsss import artifacts
 from wsss.cam import erasing_cam, max_normalize, multiscale_cam
 from wsss.datasets.prepared import PreparedDataset, SplitSpec, write_prepared

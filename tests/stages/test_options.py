@@ -4,7 +4,7 @@ import click
 import pytest
 from click.testing import CliRunner
 
-from stages import options
+from wsss.stages import options
 from wsss import evaluation
 
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from stages.cli import cli
-from stages.predict import PredictConfig, predict_label
+from wsss.stages.cli import cli
+from wsss.stages.predict import PredictConfig, predict_label
 from wsss import artifacts
 from wsss.crf import POSTPROCESS_CRF
 from wsss.datasets.prepared import PreparedDataset, SplitSpec, write_prepared

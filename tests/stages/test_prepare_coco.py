@@ -8,7 +8,7 @@ import numpy as np
 from click.testing import CliRunner
 from pycocotools import mask as mask_utils
 
-from stages.cli import cli
+from wsss.stages.cli import cli
 from wsss import artifacts
 from wsss.classes import builtin_classes
 from wsss.datasets.prepared import PreparedDataset

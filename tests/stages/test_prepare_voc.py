@@ -8,7 +8,7 @@ import scipy.io
 from click.testing import CliRunner
 from PIL import Image
 
-from stages.cli import cli
+from wsss.stages.cli import cli
 from wsss import artifacts
 from wsss.datasets.prepared import PreparedDataset
 from helpers import assert_one_line_error

@@ -8,7 +8,7 @@ import torchvision
 from click.testing import CliRunner
 
 from helpers import assert_one_line_error
-from stages.cli import cli
+from wsss.stages.cli import cli
 from wsss import artifacts
 from wsss.models.backbones import META_KEY
 from wsss.models.classifier import CamNet

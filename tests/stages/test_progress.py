@@ -6,7 +6,7 @@ import logging
 import pytest
 from click.testing import CliRunner
 
-from stages.cli import cli
+from wsss.stages.cli import cli
 from wsss import progress
 
 

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from stages.cli import cli
-from stages.refine import RefineConfig, image_seed, run
+from wsss.stages.cli import cli
+from wsss.stages.refine import RefineConfig, image_seed, run
 from wsss import artifacts
 from wsss.crf import CrfParams
 from wsss.datasets.prepared import SplitSpec, write_prepared
@@ -358,7 +358,7 @@ def test_pool_workers_stop_when_the_refine_process_is_killed(tmp_path):
         artifacts.write_cam(artifacts.cam_path(cam_dir, image_id), np.array([1]), cam[None])
     write_prepared(root, "folder", CLASSES, {"train": (SplitSpec(image_dir="images", image_ext=".png"), ids)},
                    {image_id: [1] for image_id in ids})
-    parent = subprocess.Popen([sys.executable, "-m", "stages.cli", "-q", "refine", "--cams", str(cam_dir), "--root",
+    parent = subprocess.Popen([sys.executable, "-m", "wsss.stages.cli", "-q", "refine", "--cams", str(cam_dir), "--root",
                                str(root), "--out", str(out), "--crf", "--workers", "2"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
@@ -387,7 +387,7 @@ def test_pool_workers_stop_when_the_refine_process_is_killed(tmp_path):
 
 
 def test_a_resume_with_other_settings_names_the_options():
-    from stages.refine import _changed_options, _params_json
+    from wsss.stages.refine import _changed_options, _params_json
 
     fixed = _params_json(RefineParams(threshold="fixed"))
     gmm = _params_json(RefineParams(bg_thresh=0.3, gmm=GmmParams(fallback_threshold=0.3)))

@@ -1,7 +1,7 @@
 import numpy as np
 from click.testing import CliRunner
 
-from stages.cli import cli
+from wsss.stages.cli import cli
 from wsss import artifacts
 from wsss.datasets import SplitSpec, write_prepared
 from wsss.visualize import cam_heatmap, colorize_label, grid, labelled_tile, overlay_label

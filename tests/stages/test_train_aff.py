@@ -8,7 +8,7 @@ import torch
 from click.testing import CliRunner
 
 from helpers import assert_one_line_error
-from stages.cli import cli
+from wsss.stages.cli import cli
 from wsss import artifacts
 from wsss.affinity import pair_offsets, walk_cams
 from wsss.datasets.prepared import PreparedDataset

@@ -5,7 +5,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from stages.cli import cli
+from wsss.stages.cli import cli
 from wsss import artifacts
 from wsss.datasets.prepared import SplitSpec, write_prepared
 

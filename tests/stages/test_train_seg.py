@@ -6,8 +6,8 @@ import torch
 from click.testing import CliRunner
 
 from helpers import assert_one_line_error
-from stages.cli import cli
-from stages.train_seg import TrainSegConfig, total_iterations
+from wsss.stages.cli import cli
+from wsss.stages.train_seg import TrainSegConfig, total_iterations
 from wsss import artifacts
 from wsss.datasets.prepared import SplitSpec, write_prepared
 from wsss.device import DistInfo
@@ -96,7 +96,7 @@ def test_gt_run_writes_checkpoints_and_val_miou(data, tmp_path):
     assert config["config"]["model"] == "deeplabv3_resnet18" and config["total_iterations"] == 3
 
     # the reported val mIoU is the final model's: recompute it from last.pth
-    from stages.train_seg import evaluate_model
+    from wsss.stages.train_seg import evaluate_model
     from wsss.datasets.prepared import PreparedDataset
     from wsss.models.deeplab import model_from_checkpoint
 
@@ -228,11 +228,11 @@ def test_total_iterations_from_epochs():
 
 
 def test_checkpoints_every_eval_every_also_without_a_val_split(data, tmp_path, monkeypatch):
-    import stages.train_seg
+    import wsss.stages.train_seg
 
     root, _, _ = data
     out = tmp_path / "run"
-    real_loss, calls = stages.train_seg.segmentation_loss, []
+    real_loss, calls = wsss.stages.train_seg.segmentation_loss, []
 
     def killed_at_the_third_step(*args):
         calls.append(1)
@@ -240,12 +240,12 @@ def test_checkpoints_every_eval_every_also_without_a_val_split(data, tmp_path, m
             raise KeyboardInterrupt  # stands in for a kill -9 during iteration 3
         return real_loss(*args)
 
-    monkeypatch.setattr(stages.train_seg, "segmentation_loss", killed_at_the_third_step)
+    monkeypatch.setattr(wsss.stages.train_seg, "segmentation_loss", killed_at_the_third_step)
     result = train(root, out, "--labels", "gt", "--iterations", "4", "--eval-every", "2", "--val-split", "none")
     assert result.exit_code != 0
     # the work of the first two iterations is kept (before, a run without a val split checkpointed only at the end)
     assert artifacts.load_checkpoint(artifacts.checkpoint_path(out, "last"))["step"] == 2
-    monkeypatch.setattr(stages.train_seg, "segmentation_loss", real_loss)
+    monkeypatch.setattr(wsss.stages.train_seg, "segmentation_loss", real_loss)
     assert train(root, out, "--labels", "gt", "--iterations", "4", "--eval-every", "2",
                  "--val-split", "none").exit_code == 0
     assert artifacts.load_checkpoint(artifacts.checkpoint_path(out, "last"))["step"] == 4

@@ -71,8 +71,8 @@ def _evaluation_dataset(root):
 
 def _evaluate_both(root, info):
     """train-cls validation and train-seg evaluation of fixed random networks on ``root``'s val split."""
-    from stages.train_cls import validate
-    from stages.train_seg import evaluate_model
+    from wsss.inference import validate_classifier as validate
+    from wsss.stages.train_seg import evaluate_model
     from wsss.datasets.prepared import PreparedDataset
     from wsss.models.classifier import CamNet
     from wsss.models.deeplab import build_seg_model
