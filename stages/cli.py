@@ -25,6 +25,7 @@ COMMANDS = {
     "predict": "wsss.stages.predict",
     "eval": "wsss.stages.evaluate",
     "report": "wsss.stages.report",
+    "pipeline": "wsss.stages.pipeline",
 }
 
 

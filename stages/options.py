@@ -230,11 +230,15 @@ def settings_command(cls: type, *, name: str | None = None, short_help: str | No
             except S.SettingError as err:  # a value out of range or choices: a usage error, like a typo
                 source = f" (in {config_file})" if config_file is not None else ""
                 raise click.BadParameter(err.reason + source, param_hint=f"'{err.option}'") from None
+            except S.WsssError as err:  # the settings file: unreadable, an unknown key, a wrong type
+                raise click.ClickException(str(err)) from None
             return report(cfg)
 
-        return click.Command(name or report.__name__, callback=callback, params=arguments + options + extra,
-                             help=report.__doc__, short_help=short_help,
-                             context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+        command = click.Command(name or report.__name__, callback=callback, params=arguments + options + extra,
+                                help=report.__doc__, short_help=short_help,
+                                context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+        command.config_class, command.run_config = cls, report  # `wsss pipeline` runs stages through these
+        return command
     return decorate
 # --------------------------------------------------------------------------- old helpers (being retired)
 

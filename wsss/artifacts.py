@@ -53,6 +53,8 @@ METRICS_FILE = "metrics.json"
 LAST_CHECKPOINT = "last.pth"
 BEST_CHECKPOINT = "best.pth"
 IGNORE_INDEX = 255
+#: ``wsss pretrain``'s output trunk, loadable by ``--weights PATH`` of the training stages.
+PRETRAINED_BACKBONE = "backbone.pth"
 # float16 rounding of a max-normalised CAM stays within this of [0, 1]
 _CAM_TOLERANCE = 1e-3
 # what numpy, zipfile and zlib raise for a truncated, empty or foreign .npz / .npy file
@@ -63,13 +65,14 @@ _ARRAY_FILE_ERRORS = (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFil
 
 @dataclasses.dataclass(frozen=True)
 class RunLayout:
-    """The stage folders of a pipeline run (``run_pipeline.sh``, ``wsss report``, ``bench/run_all.py``).
+    """The stage folders of a pipeline run (``wsss pipeline``, ``wsss report``, ``bench/``).
 
     ``<run>/<cls>`` holds train-cls's checkpoints, ``<run>/<cams>`` make-cam's CAMs (and their
     threshold sweep), ``<run>/<pseudo>`` refine's pseudo-labels and reliability maps,
     ``<run>/<seg>`` train-seg's checkpoints, ``<run>/<pred>`` predict's label maps of the
     validation split and ``<run>/pred_<split>`` those of another split; ``pretrain`` and ``aff``
-    are the optional self-supervised backbone and affinity network.  ``wsss report`` writes
+    are the optional self-supervised backbone and affinity network, ``seg_gt`` the optional DeepLab
+    trained on the ground truth with the same recipe (the upper bound of weak/full).  ``wsss report`` writes
     ``<run>/report.md`` with its figures in ``<run>/report/``.
     """
 
@@ -79,6 +82,7 @@ class RunLayout:
     aff: str = "aff"
     pseudo: str = "pseudo"
     seg: str = "seg"
+    seg_gt: str = "seg_gt"
     pred: str = "pred"
     report_file: str = "report.md"
     report_figures: str = "report"
@@ -158,6 +162,11 @@ def checkpoint_path(folder: str | Path, which: str = "last") -> Path:
     if which not in names:
         raise KeyError(f"unknown checkpoint {which!r}; choose from {sorted(names)}")
     return Path(folder) / names[which]
+
+
+def pretrained_backbone_path(folder: str | Path) -> Path:
+    """Return ``<folder>/backbone.pth``, the trunk that ``wsss pretrain`` writes (torchvision names)."""
+    return Path(folder) / PRETRAINED_BACKBONE
 
 
 def resolve_checkpoint(path: str | Path) -> Path:

@@ -226,6 +226,20 @@ def from_value(value: Any, kind: Any, parse: Callable[[str], Any] | None = None,
     raise TypeError(f"unsupported settings type {kind}")
 
 
+def _gather_unprefixed(fields: dict, kinds: dict, values: Mapping[str, Any]) -> dict:
+    """A group without an option prefix (SGD's ``--lr``) takes its keys at the top level too: ``lr = 0.1``
+    in a file means ``sgd.lr``, as ``--lr 0.1`` does on the command line."""
+    values = dict(values)
+    for name, field in fields.items():
+        if is_group(kinds[name]) and field.metadata.get("prefix") == "":
+            own = {key for key in (f.name for f in dataclasses.fields(kinds[name])) if key not in fields}
+            loose = {key: values.pop(key) for key in list(values) if key in own}
+            if loose:
+                table = values.get(name, {})
+                values[name] = merge(table, loose) if isinstance(table, Mapping) else table
+    return values
+
+
 def build(cls: type, values: Mapping[str, Any], *, where: str = "") -> Any:
     """An instance of the :class:`Settings` class ``cls`` from typed or text values keyed by field name.
 
@@ -235,6 +249,7 @@ def build(cls: type, values: Mapping[str, Any], *, where: str = "") -> Any:
     fields = {field.name: field for field in dataclasses.fields(cls)}
     kinds = field_types(cls)
     label = f"{where}: " if where else ""
+    values = _gather_unprefixed(fields, kinds, values)
     unknown = sorted(set(values) - set(fields))
     if unknown:
         raise WsssError(f"{label}unknown setting {unknown[0]!r} (known: {', '.join(fields)})")
@@ -282,6 +297,10 @@ def describe_range(bounds: tuple) -> str:
     return f"{low}, {high}"
 
 
+def _shown(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
 def _numbers(value: Any) -> list:
     if isinstance(value, numbers.Real) and not isinstance(value, bool):
         return [value]
@@ -300,8 +319,7 @@ class Settings:
             if value is None or isinstance(value, Settings):
                 continue
             option = option_of(field)
-            shown = ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value) \
-                if isinstance(value, tuple) else value
+            shown = ",".join(map(_shown, value)) if isinstance(value, tuple) else _shown(value)
             for number in _numbers(value):
                 if not math.isfinite(number):
                     raise SettingError(option, f"{shown}: must be a finite number")

@@ -1,4 +1,5 @@
-"""run_pipeline.sh end to end on a tiny demo dataset: every stage runs, the report is written, a rerun resumes."""
+"""run_pipeline.sh (the demo recipe of `wsss pipeline`) end to end on a tiny demo dataset: every stage runs, the
+report is written, a rerun resumes."""
 
 import json
 import os
@@ -16,9 +17,11 @@ REPO = Path(__file__).resolve().parents[2]
 
 def run_pipeline(out: Path) -> subprocess.CompletedProcess:
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", OMP_NUM_THREADS="1")
-    command = ["bash", str(REPO / "run_pipeline.sh"), "--out", str(out), "--num-train", "8", "--num-val", "4",
-               "--size", "48", "--pretrain-epochs", "1", "--epochs", "1", "--iterations", "4", "--upper-bound",
-               "--device", "cpu"]
+    sizes = {"demo-data.num_train": 8, "demo-data.num_val": 4, "demo-data.size": 48, "pretrain.epochs": 1,
+             "train-cls.epochs": 1, "train-seg.iterations": 4, "pipeline.upper_bound": "true", "pipeline.device": "cpu"}
+    command = ["bash", str(REPO / "run_pipeline.sh"), "--out", str(out)]
+    for key, value in sizes.items():
+        command += ["--set", f"{key}={value}"]
     return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -32,7 +35,7 @@ def test_pipeline_runs_every_stage_and_resumes(tmp_path):
     train_ids = (out / "data" / "VOC2012" / "ImageSets" / "Segmentation" / "train.txt").read_text().split()
     val_ids = (out / "data" / "VOC2012" / "ImageSets" / "Segmentation" / "val.txt").read_text().split()
     assert len(train_ids) == 8 and len(val_ids) == 4
-    for stage in ("pretrain", "cls", "cams", "pseudo", "seg_gt", "seg", "pred"):
+    for stage in ("pretrain", "cls", "cams", "pseudo", "seg_gt", "seg", "pred", "pred_train"):
         assert artifacts.config_path(run / stage).is_file(), stage
         assert artifacts.metrics_path(run / stage).is_file(), stage
     for image_id in train_ids:
@@ -67,12 +70,15 @@ def test_pipeline_runs_every_stage_and_resumes(tmp_path):
     assert cls_config["arch"]["output_stride"] == 8 and cls_config["config"]["er_weight"] == 0
     assert cls_config["config"]["er_scale_range"] == [0.5, 0.75] and cls_config["config"]["erase_weight"] == 0
     # the classifier's step (bench/ablation_step.md): lr 0.1, the CAM head at the trunk's rate, no colour jitter
-    assert (cls_config["config"]["lr"], cls_config["config"]["head_lr_mult"]) == (0.1, 1.0)
+    assert (cls_config["config"]["sgd"]["lr"], cls_config["config"]["sgd"]["head_lr_mult"]) == (0.1, 1.0)
+    assert cls_config["config"]["epochs"] == 1  # --set reached the stage
     assert cls_config["config"]["jitter"] is False
     assert json.loads(artifacts.config_path(run / "cams").read_text())["config"]["erase_steps"] == 0
     assert artifacts.load_checkpoint(artifacts.checkpoint_path(run / "seg", "last"))["arch"]["output_stride"] == 8
     # DeepLab's predictions are CRF post-processed by default (bench/ablation_stride16.md)
-    assert json.loads(artifacts.config_path(run / "pred").read_text())["config"]["crf"]["iterations"] == 10
+    pred_config = json.loads(artifacts.config_path(run / "pred").read_text())["config"]
+    assert pred_config["crf"] is True and pred_config["crf_params"]["iterations"] == 10
+    assert json.loads(artifacts.config_path(run / "seg").read_text())["config"]["upper_bound"].endswith("seg_gt")
     checkpoints = {stage: artifacts.checkpoint_path(run / stage, "last").stat().st_mtime_ns
                    for stage in ("pretrain", "cls", "seg_gt", "seg")}
     cam_time = artifacts.cam_path(run / "cams", train_ids[0]).stat().st_mtime_ns

@@ -1,0 +1,409 @@
+"""``wsss pipeline RECIPE``: every stage end to end, from a recipe file.
+
+A recipe is a TOML file: a ``[pipeline]`` table (:class:`PipelineSettings`: the dataset, its
+splits, which optional stages run) and one table per stage (``[train-cls]``, ``[refine]``, ...)
+whose keys are that stage's options, by their config field names (``wsss <stage> --help`` lists
+them; ``crop_size`` for ``--crop-size``).  The shipped recipes live in :mod:`wsss.recipes`
+(``wsss pipeline --list``); a user's recipe is any file of the same shape.  ``--set
+stage.key=value`` overrides one value, as text, like the command line.
+
+The pipeline sets what wires the stages together -- dataset root and kind, splits, output folders
+(:data:`wsss.artifacts.RUN_LAYOUT` under ``<out>/run``), checkpoints, CAM and label folders,
+seed, device -- so a recipe that sets one of those in a stage table is refused.  Every stage
+resumes, so running the same command again continues where it stopped.  Evaluations run only
+where the split has ground-truth masks.  With ``gpus > 1`` the training stages run under
+``torchrun`` (one process per GPU), each reading its resolved settings from a JSON file under
+``<out>/run/.pipeline``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import importlib.resources
+import logging
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import click
+
+from wsss import artifacts
+from wsss import settings as S
+from wsss.artifacts import RUN_LAYOUT
+from wsss.errors import WsssError
+from wsss.settings import Settings, setting
+from wsss.stages.options import DEVICE_HELP, DEVICES, SEED_HELP
+
+log = logging.getLogger(__name__)
+
+DATASETS = ("demo", "voc", "coco", "folder")
+#: The stages in the order they run; a recipe has one optional table per stage.
+STAGES = ("demo-data", "pretrain", "train-cls", "make-cam", "train-aff", "refine", "train-seg", "predict")
+#: Where ``--stop-after`` may stop.
+STOP_POINTS = ("pretrain", "train-cls", "make-cam", "train-aff", "refine", "train-seg", "predict")
+#: Stages trained under torchrun when ``gpus > 1``.
+TRAINING_STAGES = ("pretrain", "train-cls", "train-aff", "train-seg")
+#: Config fields the pipeline sets for each stage (a recipe may not): the wiring between stages.
+WIRED = {
+    "demo-data": ("out_dir",),
+    "pretrain": ("root", "dataset", "split", "probe_split", "out_dir", "backbone", "seed", "device"),
+    "train-cls": ("root", "dataset", "split", "val_split", "out_dir", "weights", "seed", "device"),
+    "make-cam": ("root", "dataset", "split", "checkpoint", "out_dir", "evaluate", "device"),
+    "train-aff": ("root", "dataset", "split", "cam_dir", "out_dir", "backbone", "weights", "seed", "device"),
+    "refine": ("root", "dataset", "split", "cam_dir", "out_dir", "random_walk", "evaluate", "seed", "device"),
+    "train-seg": ("root", "dataset", "split", "val_split", "labels", "out_dir", "weights_backbone", "upper_bound",
+                  "seed", "device"),
+    "predict": ("root", "dataset", "split", "checkpoint", "out_dir", "evaluate", "device"),
+}
+
+#: Stand-ins for the wiring, to check a recipe's tables before anything runs.
+PLACEHOLDER_WIRING = {"root": Path("."), "out_dir": Path("."), "checkpoint": Path("."), "cam_dir": Path("."),
+                      "labels": "pseudo", "run_dir": Path(".")}
+
+
+@dataclass(frozen=True)
+class PipelineSettings(Settings):
+    """The ``[pipeline]`` table of a recipe: the data and which optional stages run."""
+
+    dataset: str = setting("demo", "demo (generated under <out>/data), or a dataset prepared with `wsss prepare`.",
+                           choices=DATASETS)
+    root: Path | None = setting(None, "Prepared dataset root (voc: VOCdevkit/VOC2012, coco: its root, folder: its "
+                                      "root); demo: the folder the demo data is written to (default <out>/data; "
+                                      "the dataset is its VOC2012/).")
+    out: Path = setting(Path("work/demo"), "Output folder; the stage folders are under <out>/run.")
+    train_split: str | None = setting(None, "Split for the classifier, CAMs, pseudo-labels and DeepLab (default: "
+                                            "train, train2014 for coco; train_aug for VOC with SBD).")
+    val_split: str | None = setting(None, "Split for validation and the final mIoU (default: val, val2014 for "
+                                          "coco); skipped where the dataset has no such split.")
+    pretrain: bool = setting(False, "Self-supervised pretraining first ([pretrain] method); its backbone then "
+                                    "initialises the classifier (and DeepLab with seg_init = weights).")
+    pretrained: Path | None = setting(None, "A backbone file to start from instead of pretraining (e.g. shared by "
+                                            "several runs).")
+    weights: str = setting("imagenet", "Initialisation of both networks without pretraining: imagenet, none or a "
+                                       "state_dict PATH.")
+    affinity: bool = setting(False, "Train an affinity network and refine with a random walk on it.")
+    upper_bound: bool = setting(False, "Also train DeepLab on the ground truth with the same recipe; the report "
+                                       "shows weak/full.")
+    upper_bound_dir: Path | None = setting(None, "Where that ground-truth run lives (default <out>/run/seg_gt; "
+                                                 "runs with the same seed, trunk and weights can share one).")
+    seg_init: str = setting("cls", "DeepLab's trunk starts from the CAM classifier's (cls, when both are the same "
+                                   "ResNet) or from the weights above.", choices=("cls", "weights"))
+    predict_train: bool = setting(False, "Also predict the training split (the report's gallery shows "
+                                         "image | CAM | pseudo-label | prediction | truth).")
+    threads: int | None = setting(None, "Intra-op threads of every stage (OMP_NUM_THREADS); tiny images gain little "
+                                        "from more, and on a busy machine spinning threads slow training.",
+                                  at_least=1)
+    gpus: int = setting(1, "GPUs on this machine; more than 1 runs the training stages under torchrun.", at_least=1)
+    device: str = setting("auto", DEVICE_HELP, choices=DEVICES)
+    seed: int = setting(0, SEED_HELP)
+
+    def splits(self) -> tuple[str, str]:
+        """The (train, val) split names, with the dataset's defaults."""
+        coco = self.dataset == "coco"
+        return (self.train_split or ("train2014" if coco else "train"),
+                self.val_split or ("val2014" if coco else "val"))
+
+
+# --------------------------------------------------------------------------- recipes
+
+
+def shipped_recipes() -> dict[str, Path]:
+    """The recipes shipped in :mod:`wsss.recipes`, by name."""
+    folder = importlib.resources.files("wsss.recipes")
+    return {Path(entry.name).stem: Path(str(entry)) for entry in folder.iterdir() if entry.name.endswith(".toml")}
+
+
+def recipe_summary(path: Path) -> str:
+    """The first comment line of a recipe (what it is for)."""
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.startswith("#"):
+            return line.lstrip("# ").strip()
+    return ""
+
+
+def find_recipe(name: str) -> Path:
+    """A shipped recipe by name, or a recipe file by path."""
+    recipes = shipped_recipes()
+    if name in recipes:
+        return recipes[name]
+    path = Path(name)
+    if path.is_file():
+        return path
+    raise WsssError(f"{name}: no such recipe file, and no shipped recipe of that name "
+                    f"(shipped: {', '.join(sorted(recipes))})")
+
+
+def _stage_command(stage: str) -> click.Command:
+    from wsss.stages.cli import COMMANDS
+
+    if stage == "demo-data":
+        return importlib.import_module(COMMANDS["demo-data"]).command
+    return importlib.import_module(COMMANDS[stage]).command
+
+
+def _prepare_command(kind: str) -> click.Command:
+    from wsss.stages.cli import COMMANDS
+
+    return importlib.import_module(COMMANDS["prepare"]).command.commands[kind]
+
+
+def parse_overrides(pairs: tuple[str, ...]) -> dict[str, dict]:
+    """``("train-cls.epochs=3", "refine.crf_params.iterations=5")`` -> nested tables of text values."""
+    tables: dict[str, dict] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        parts = key.strip().split(".")
+        if not sep or len(parts) < 2 or not all(parts):
+            raise WsssError(f"--set {pair!r}: expected STAGE.KEY=VALUE, e.g. train-cls.epochs=3")
+        level = tables.setdefault(parts[0], {})
+        for part in parts[1:-1]:
+            level = level.setdefault(part, {})
+        level[parts[-1]] = value
+    return tables
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A resolved recipe: the pipeline's settings and each stage's own (unchecked) values."""
+
+    source: str
+    pipeline: PipelineSettings
+    stages: dict[str, dict]
+
+    @classmethod
+    def load(cls, path: Path, overrides: dict[str, dict] | None = None, **pipeline_values: Any) -> "Recipe":
+        """Read a recipe file, apply ``--set`` tables and the pipeline's own options (``out``, ``root``).
+
+        Raises:
+            WsssError: unknown table or key, a wrong type, NaN, a wired key set by the recipe (one line
+                naming the file and the key).
+        """
+        tables = S.merge(S.read_settings_file(path), overrides or {})
+        unknown = sorted(set(tables) - {"pipeline", *STAGES})
+        if unknown:
+            raise WsssError(f"{path}: unknown table [{unknown[0]}] (known: pipeline, {', '.join(STAGES)})")
+        for stage, values in tables.items():
+            if not isinstance(values, dict):
+                raise WsssError(f"{path}: {stage} must be a table ([{stage}])")
+            wired = sorted(set(values) & set(WIRED.get(stage, ())))
+            if wired:
+                raise WsssError(f"{path}: [{stage}] {wired[0]} is set by the pipeline (it wires the stages "
+                                "together); set it in [pipeline] or leave it out")
+        given = {key: value for key, value in pipeline_values.items() if value is not None}
+        try:
+            pipeline = S.build(PipelineSettings, S.merge(tables.get("pipeline", {}), given),
+                               where=f"{path}: [pipeline]")
+        except S.SettingError as err:
+            raise WsssError(f"{path}: [pipeline] {err}") from None
+        recipe = cls(str(path), pipeline, {stage: tables.get(stage, {}) for stage in STAGES})
+        for stage in STAGES:  # every table checked before any stage runs
+            recipe.config(stage, PLACEHOLDER_WIRING)
+        return recipe
+
+    def config(self, stage: str, wiring: dict[str, Any], command: click.Command | None = None):
+        """The checked config of ``stage``: the recipe's values over its defaults, then the wiring."""
+        command = command or _stage_command(stage)
+        fields = {field.name for field in dataclasses.fields(command.config_class)}
+        wiring = {key: value for key, value in wiring.items() if key in fields}
+        try:
+            return S.build(command.config_class, {**self.stages[stage], **wiring},
+                           where=f"{self.source}: [{stage}]")
+        except S.SettingError as err:
+            raise WsssError(f"{self.source}: [{stage}] {err}") from None
+
+
+# --------------------------------------------------------------------------- running
+
+
+@dataclass
+class PipelineRun:
+    """Runs the stages of one recipe in order (see the module docstring)."""
+
+    recipe: Recipe
+    stop_after: str | None = None
+
+    def __post_init__(self) -> None:
+        self.settings = self.recipe.pipeline
+        self.run_dir = Path(self.settings.out) / "run"
+        self.train_split, self.val_split = self.settings.splits()
+
+    # ----------------------------------------------------------------- helpers
+
+    def folder(self, stage: str) -> Path:
+        return RUN_LAYOUT.folder(self.run_dir, stage)
+
+    def common(self) -> dict[str, Any]:
+        return {"seed": self.settings.seed, "device": self.settings.device}
+
+    def step(self, stage: str, wiring: dict[str, Any], common: bool = True):
+        """Run one stage (in this process, or under torchrun); return its config."""
+        command = _stage_command(stage)
+        cfg = self.recipe.config(stage, {**(self.common() if common else {}), **wiring}, command)
+        click.echo(f"\n== {stage} -> {getattr(cfg, 'out_dir', '')}")
+        if self.settings.gpus > 1 and stage in TRAINING_STAGES:
+            self.torchrun(stage, cfg)
+        else:
+            command.run_config(cfg)
+        return cfg
+
+    def torchrun(self, stage: str, cfg: Settings) -> None:
+        settings_file = self.run_dir / ".pipeline" / f"{stage}.json"
+        artifacts.write_json(settings_file, cfg)
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                   str(self.settings.gpus), "-m", "wsss.stages.cli", stage, "--config", str(settings_file)]
+        log.info("%s", " ".join(command))
+        completed = subprocess.run(command, check=False)
+        if completed.returncode != 0:
+            raise WsssError(f"{stage} under torchrun failed (exit {completed.returncode}); its log is above")
+
+    def stop_here(self, stage: str) -> bool:
+        if self.stop_after == stage:
+            click.echo(f"\n== stopped after {stage} (--stop-after)")
+            return True
+        return False
+
+    # ----------------------------------------------------------------- the stages
+
+    def data(self):
+        """The prepared dataset (the demo's generated and prepared first)."""
+        from wsss.datasets.prepared import PreparedDataset
+
+        settings = self.settings
+        if settings.dataset == "demo":
+            parent = Path(settings.root or Path(settings.out) / "data")
+            root = parent / "VOC2012"
+            if not (root / "ImageSets" / "Segmentation" / f"{self.val_split}.txt").is_file():
+                self.step("demo-data", {"out_dir": parent}, common=False)  # [demo-data] seed: the images' own
+            prepare = _prepare_command("voc")
+            prepare.run_config(S.build(prepare.config_class, {"root": root}))
+            return PreparedDataset.load(root, "voc")
+        if settings.root is None:
+            raise WsssError(f"{self.recipe.source}: [pipeline] root is needed for dataset {settings.dataset} "
+                            f"(prepare it first with `wsss prepare {settings.dataset}`; then --root DIR)")
+        return PreparedDataset.load(settings.root, settings.dataset)
+
+    def run(self) -> None:
+        """Every stage in order, stopping after ``stop_after``."""
+        if self.settings.threads is not None:
+            os.environ["OMP_NUM_THREADS"] = str(self.settings.threads)
+            _set_torch_threads(self.settings.threads)
+        dataset = self.data()
+        kind, root, train, val = dataset.kind, dataset.root, self.train_split, self.val_split
+        data = {"root": root, "dataset": kind}
+        has_val = val in dataset.splits
+        masks = {split: split in dataset.splits and dataset.has_masks(split) for split in (train, val)}
+        cls_cfg = self.recipe.config("train-cls", {**data, "split": train, "out_dir": self.folder("cls")})
+
+        weights = self.settings.weights
+        if self.settings.pretrained is not None:
+            if not Path(self.settings.pretrained).is_file():
+                raise WsssError(f"{self.settings.pretrained}: pretrained backbone file not found ([pipeline] "
+                                "pretrained)")
+            weights = str(self.settings.pretrained)
+        elif self.settings.pretrain:
+            self.step("pretrain", {**data, "split": train, "probe_split": val if has_val else None,
+                                   "out_dir": self.folder("pretrain"), "backbone": cls_cfg.backbone})
+            weights = str(artifacts.pretrained_backbone_path(self.folder("pretrain")))
+        if self.stop_here("pretrain"):
+            return
+
+        self.step("train-cls", {**data, "split": train, "val_split": val if has_val else None,
+                                "out_dir": self.folder("cls"), "weights": weights})
+        if self.stop_here("train-cls"):
+            return
+        classifier = artifacts.checkpoint_path(self.folder("cls"), "last")
+
+        self.step("make-cam", {**data, "split": train, "checkpoint": classifier, "out_dir": self.folder("cams"),
+                               "evaluate": masks[train]})
+        if self.stop_here("make-cam"):
+            return
+
+        walk = None
+        if self.settings.affinity:
+            self.step("train-aff", {**data, "split": train, "cam_dir": self.folder("cams"),
+                                    "out_dir": self.folder("aff"), "backbone": cls_cfg.backbone,
+                                    "weights": str(classifier)})
+            walk = self.folder("aff")
+        if self.stop_here("train-aff"):
+            return
+
+        self.step("refine", {**data, "split": train, "cam_dir": self.folder("cams"), "out_dir": self.folder("pseudo"),
+                             "random_walk": walk, "evaluate": masks[train]})
+        if self.stop_here("refine"):
+            return
+
+        seg_cfg = self.recipe.config("train-seg", {**data, "split": train, "out_dir": self.folder("seg")})
+        seg_weights = weights
+        if self.settings.seg_init == "cls" and seg_cfg.model == f"deeplabv3_{cls_cfg.backbone}":
+            seg_weights = str(classifier)  # the trunk that learned these images' labels
+        seg = {**data, "split": train, "val_split": val if has_val else None, "weights_backbone": seg_weights}
+        upper = None
+        if self.settings.upper_bound:
+            if not masks[train]:
+                raise WsssError(f"[pipeline] upper_bound: split {train!r} of {root} has no masks to train on")
+            upper = Path(self.settings.upper_bound_dir or self.folder("seg_gt"))
+            self.step("train-seg", {**seg, "labels": "gt", "out_dir": upper})
+        self.step("train-seg", {**seg, "labels": str(self.folder("pseudo")), "out_dir": self.folder("seg"),
+                                "upper_bound": upper})
+        if self.stop_here("train-seg"):
+            return
+
+        segmenter = artifacts.checkpoint_path(self.folder("seg"), "last")
+        if has_val:
+            self.step("predict", {**data, "split": val, "checkpoint": segmenter,
+                                  "out_dir": RUN_LAYOUT.pred_folder(self.run_dir), "evaluate": masks[val]})
+        if self.settings.predict_train:
+            self.step("predict", {**data, "split": train, "checkpoint": segmenter,
+                                  "out_dir": RUN_LAYOUT.pred_folder(self.run_dir, train), "evaluate": False})
+        if self.stop_here("predict"):
+            return
+        report = _stage_command("report")
+        click.echo(f"\n== report -> {RUN_LAYOUT.folder(self.run_dir, 'report_file')}")
+        report.run_config(S.build(report.config_class, {"run_dir": self.run_dir}))
+
+
+def _set_torch_threads(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+# --------------------------------------------------------------------------- command line
+
+
+@click.command(short_help="Run every stage from a recipe (shipped name or TOML file).",
+               context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.argument("recipe", required=False)
+@click.option("--list", "list_recipes", is_flag=True, help="List the shipped recipes and exit.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Output folder (the recipe's [pipeline] out).")
+@click.option("--root", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Prepared dataset root (the recipe's [pipeline] root).")
+@click.option("--stop-after", type=click.Choice(STOP_POINTS), default=None, help="Stop after this stage.")
+@click.option("--gpus", type=click.IntRange(min=1), default=None, help="GPUs on this machine (torchrun for training).")
+@click.option("--set", "overrides", multiple=True, metavar="STAGE.KEY=VALUE",
+              help="Override one recipe value, e.g. --set train-cls.epochs=3 --set pipeline.seed=1 (repeatable).")
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+@click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")
+def command(recipe, list_recipes, out, root, stop_after, gpus, overrides, verbose, quiet):
+    """Run the whole pipeline from RECIPE: a shipped recipe's name (see --list) or a TOML file.
+
+    \b
+    Stages: [demo-data] -> [pretrain] -> train-cls -> make-cam -> [train-aff] -> refine
+            -> [train-seg on ground truth] -> train-seg -> predict -> report
+    Run it again and it resumes: every stage skips finished work.
+    """
+    if verbose or quiet:
+        logging.getLogger().setLevel(logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO))
+    if list_recipes:
+        for name, path in sorted(shipped_recipes().items()):
+            click.echo(f"{name:<10} {recipe_summary(path)}")
+        return
+    if recipe is None:
+        raise click.UsageError("give a RECIPE (a shipped name, see --list, or a TOML file)")
+    loaded = Recipe.load(find_recipe(recipe), parse_overrides(overrides), out=out, root=root, gpus=gpus)
+    PipelineRun(loaded, stop_after).run()
