@@ -83,6 +83,9 @@ def sweep_text(text: str) -> tuple[float, float, float]:
     return start, stop, step
 
 
+#: What an option's callback returns for the text ``none`` (None itself means "not given").
+EXPLICIT_NONE = object()
+
 CONFIG_HELP = ("Read options from a TOML file, or replay a run from the config.json it wrote; options given "
                "on the command line win.")
 
@@ -145,7 +148,8 @@ def _text_parser(field: dataclasses.Field, kind: Any, option: str) -> Callable:
         if text is None:
             return None
         try:
-            return S.from_text(text, kind, field.metadata.get("parse"))
+            value = S.from_text(text, kind, field.metadata.get("parse"))
+            return EXPLICIT_NONE if value is None else value
         except (ValueError, S.WsssError) as err:
             message = str(err)
             if message.startswith(option + " "):  # a field's parser names the option itself
@@ -201,7 +205,8 @@ def _set_log_level(verbose: int, quiet: bool) -> None:
 def settings_from_command_line(cls: type, values: dict[str, Any], config_file: Path | None = None):
     """The config of ``cls`` from a command's parsed option values (None = not given) and an optional file."""
     rows = {_param_name(path): path for path, *_ in cli_fields(cls)}
-    given = _nest({rows[name]: value for name, value in values.items() if name in rows and value is not None})
+    given = _nest({rows[name]: None if value is EXPLICIT_NONE else value
+                   for name, value in values.items() if name in rows and value is not None})
     base = S.read_settings_file(config_file) if config_file is not None else {}
     return S.build(cls, S.merge(base, given), where=str(config_file) if config_file is not None else "")
 

@@ -211,3 +211,29 @@ def test_lse_pooling_is_stored_and_make_cam_logits_use_it(root, tmp_path):
     for bad in ("0", "0.05", "nan"):
         result = train(root, tmp_path / "other", "--epochs", "1", "--pooling", "lse", "--lse-r", bad)
         assert result.exit_code == 2 and "--lse-r" in result.output and "Traceback" not in result.output
+
+
+def test_a_run_replays_from_its_config_json(root, tmp_path):
+    """`wsss train-cls --config <run>/config.json` is the same run: the same weights, elsewhere."""
+    first = tmp_path / "cls"
+    result = train(root, first, "--epochs", "1", "--er-weight", "0.5", "--scale-range", "0.8,1.2", "--no-jitter")
+    assert result.exit_code == 0, result.output
+    replay = tmp_path / "replay"
+    result = CliRunner().invoke(cli, ["train-cls", "--config", str(artifacts.config_path(first)), "--out", str(replay)])
+    assert result.exit_code == 0, result.output
+    assert_same_weights(weights(first), weights(replay))
+    before = json.loads(artifacts.config_path(first).read_text())["config"]
+    after = json.loads(artifacts.config_path(replay).read_text())["config"]
+    assert {**before, "out_dir": None} == {**after, "out_dir": None}
+    assert after["er_weight"] == 0.5 and after["scale_range"] == [0.8, 1.2] and after["sgd"]["lr"] == 0.01
+
+
+def test_a_toml_config_file_with_command_line_overrides(root, tmp_path):
+    settings = tmp_path / "cls.toml"
+    settings.write_text(f'root = "{root}"\nbackbone = "resnet18"\nweights = "none"\ncrop_size = 32\nbatch_size = 2\n'
+                        'device = "cpu"\nworkers = 0\nepochs = 3\nlr = 0.02\n')
+    result = CliRunner().invoke(cli, ["train-cls", "--config", str(settings), "--out", str(tmp_path / "cls"),
+                                      "--epochs", "1", "--val-split", "none"])
+    assert result.exit_code == 0, result.output
+    config = json.loads(artifacts.config_path(tmp_path / "cls").read_text())["config"]
+    assert config["epochs"] == 1 and config["sgd"]["lr"] == 0.02 and config["val_split"] is None
