@@ -1,6 +1,6 @@
 """Do equivariance, erasing and the GMM threshold earn their place?  The full pipeline, variant by variant.
 
-Each variant is a ``run_pipeline.sh`` run on the demo data (120 train / 40 val images, 96 px, ResNet-18;
+Each variant is a ``wsss pipeline demo`` run on the demo data (120 train / 40 val images, 96 px, ResNet-18;
 data seed 0) with its train-cls and make-cam options, from scratch and on the rotation-pretrained trunk
 of the seed, with ``--upper-bound-dir``: a DeepLab trained on the ground truth with the same recipe and
 seed, started from the baseline variant's classifier trunk (``--baseline``, plain unless named) and
@@ -73,44 +73,44 @@ import os
 from pathlib import Path
 
 from harness import (fmt, label_miou, per_seed, pipeline, predict_and_score, quality_arguments, read_json,
-                     refine_and_score, score_folder)
+                     recipe_set, refine_and_score, score_folder, stage_set)
 
-# per variant: (train-cls options, make-cam options, other pipeline options); the pipeline's demo recipe
+# per variant: (train-cls options, make-cam options, train-seg options); the pipeline's demo recipe
 # otherwise (equivariance views 0.5-0.75 of the image, erasing threshold 0.7)
 NO_ER, ER = "--er-weight 0", "--er-weight 0.3"
-STEP = "--lr 0.1 --head-lr-mult 1 --no-jitter"  # run_pipeline.sh's demo step since ablation_step.md
+STEP = "--lr 0.1 --head-lr-mult 1 --no-jitter"  # the demo recipe's step since ablation_step.md
 EARLIER_STEP = "--lr 0.05 --head-lr-mult 10 --jitter"
 TRAIN_ERASING = "--erase-weight 1 --reg-start 0.3 --reg-ramp 0.3"  # ramped in after 30 % of the schedule
 # DeepLab of "plain" and "ER+erasing" weights its loss with refine's reliability maps (RAW, the pipeline's default
 # until this table showed no gain); "ER+erasing without RAW" was the demo's default until ablation_step_full.md, and
 # the demo now runs the plain CAM network at the new step ("plain with lr 0.1 head lr x1 no jitter" without RAW)
 VARIANTS = {
-    "plain": (NO_ER, "--erase-steps 0", ("--raw",)),
-    "ER": (ER, "--erase-steps 0", ()),
-    "erasing": (NO_ER, "--erase-steps 1", ()),
-    "ER+erasing": (ER, "--erase-steps 1", ("--raw",)),
-    "ER+erasing without RAW (default)": (ER, "--erase-steps 1", ()),
+    "plain": (NO_ER, "--erase-steps 0", "--raw"),
+    "ER": (ER, "--erase-steps 0", ""),
+    "erasing": (NO_ER, "--erase-steps 1", ""),
+    "ER+erasing": (ER, "--erase-steps 1", "--raw"),
+    "ER+erasing without RAW (default)": (ER, "--erase-steps 1", ""),
     # the CAM head at the backbone's learning rate instead of x10 (SEAM's and IRN's setting for ImageNet trunks)
-    "plain with head lr x1": (f"{NO_ER} --head-lr-mult 1", "--erase-steps 0", ()),
-    "ER+erasing with head lr x1": (f"{ER} --head-lr-mult 1", "--erase-steps 1", ()),
-    "erasing in training": (f"{NO_ER} {TRAIN_ERASING}", "--erase-steps 0", ()),
-    "ER+erasing in training": (f"{ER} {TRAIN_ERASING}", "--erase-steps 0", ()),
-    "plain at stride 16 (the earlier default)": (f"{NO_ER} --output-stride 16", "--erase-steps 0", ()),
+    "plain with head lr x1": (f"{NO_ER} --head-lr-mult 1", "--erase-steps 0", ""),
+    "ER+erasing with head lr x1": (f"{ER} --head-lr-mult 1", "--erase-steps 1", ""),
+    "erasing in training": (f"{NO_ER} {TRAIN_ERASING}", "--erase-steps 0", ""),
+    "ER+erasing in training": (f"{ER} {TRAIN_ERASING}", "--erase-steps 0", ""),
+    "plain at stride 16 (the earlier default)": (f"{NO_ER} --output-stride 16", "--erase-steps 0", ""),
     # the classifier trained 30 epochs instead of the pipeline's 12 (it underfits its training set: class_evidence.md)
-    "plain with 30 classifier epochs": (f"{NO_ER} --epochs 30", "--erase-steps 0", ()),
-    "ER+erasing with 30 classifier epochs": (f"{ER} --epochs 30", "--erase-steps 1", ()),
+    "plain with 30 classifier epochs": (f"{NO_ER} --epochs 30", "--erase-steps 0", ""),
+    "ER+erasing with 30 classifier epochs": (f"{ER} --epochs 30", "--erase-steps 1", ""),
     # log-sum-exp pooling of the class maps instead of their mean (so a class's strongest cells decide its score)
-    "plain with LSE pooling r 5": (f"{NO_ER} --pooling lse --lse-r 5", "--erase-steps 0", ()),
-    "plain with LSE pooling r 1": (f"{NO_ER} --pooling lse --lse-r 1", "--erase-steps 0", ()),
+    "plain with LSE pooling r 5": (f"{NO_ER} --pooling lse --lse-r 5", "--erase-steps 0", ""),
+    "plain with LSE pooling r 1": (f"{NO_ER} --pooling lse --lse-r 1", "--erase-steps 0", ""),
     # the classifier's step: lr 0.1 with the CAM head at the trunk's rate and no colour jitter (the demo's
     # bottle differs from the background's blobs by its saturation, which the jitter blurs)
-    "plain with lr 0.1 head lr x1 no jitter": (f"{NO_ER} {STEP}", "--erase-steps 0", ()),
-    "ER+erasing with lr 0.1 head lr x1 no jitter": (f"{ER} {STEP}", "--erase-steps 1", ()),
-    "ER with lr 0.1 head lr x1 no jitter": (f"{ER} {STEP}", "--erase-steps 0", ()),
-    "erasing with lr 0.1 head lr x1 no jitter": (f"{NO_ER} {STEP}", "--erase-steps 1", ()),
-    # the step run_pipeline.sh used before ablation_step.md (the tables made before it are at this step)
-    "plain with the earlier step": (f"{NO_ER} {EARLIER_STEP}", "--erase-steps 0", ()),
-    "ER+erasing with the earlier step": (f"{ER} {EARLIER_STEP}", "--erase-steps 1", ()),
+    "plain with lr 0.1 head lr x1 no jitter": (f"{NO_ER} {STEP}", "--erase-steps 0", ""),
+    "ER+erasing with lr 0.1 head lr x1 no jitter": (f"{ER} {STEP}", "--erase-steps 1", ""),
+    "ER with lr 0.1 head lr x1 no jitter": (f"{ER} {STEP}", "--erase-steps 0", ""),
+    "erasing with lr 0.1 head lr x1 no jitter": (f"{NO_ER} {STEP}", "--erase-steps 1", ""),
+    # the step the demo used before ablation_step.md (the tables made before it are at this step)
+    "plain with the earlier step": (f"{NO_ER} {EARLIER_STEP}", "--erase-steps 0", ""),
+    "ER+erasing with the earlier step": (f"{ER} {EARLIER_STEP}", "--erase-steps 1", ""),
 }
 # CAM and pseudo-label comparisons only: no DeepLab for these rows
 STOP = {"erasing in training", "ER+erasing in training", "plain at stride 16 (the earlier default)",
@@ -127,14 +127,14 @@ def backbone_file(work: Path, seed: int) -> Path:
     out = work / "rotation" / f"seed{seed}"
     path = out / "run" / "pretrain" / "backbone.pth"
     if not path.is_file():
-        pipeline(out, "--seed", str(seed), "--pretrain", "rotation", "--stop-after", "pretrain")
+        pipeline(out, *recipe_set(seed=seed, pretrain=True), "--stop-after", "pretrain")
     return path
 
 
 def trunk_options(work: Path, trunk: str, seed: int) -> list[str]:
     if TRUNKS[trunk] == "scratch":
-        return ["--pretrain", "none", "--weights", "none"]
-    return ["--pretrained", str(backbone_file(work, seed))]
+        return recipe_set(pretrain=False, weights="none")
+    return recipe_set(pretrained=backbone_file(work, seed))
 
 
 def fixed_crf(threshold: float) -> list[str]:
@@ -152,11 +152,12 @@ def measure(work: Path, variant: str, trunk: str, seed: int, cam_only: bool = Fa
     """One variant's run (resumed if it exists) and its figures; ``upper_bound=False``: no ground-truth DeepLab."""
     out = run_dir_of(work, variant, trunk, seed)
     gt_dir = work / "ablation" / f"gt_{TRUNKS[trunk]}" / f"seed{seed}"
-    cls_options, cam_options, extra = VARIANTS[variant]
+    cls_options, cam_options, seg_options = VARIANTS[variant]
     cam_only = cam_only or variant in stop_variants
-    stop = ["--stop-after", "refine"] if cam_only else ["--upper-bound-dir", str(gt_dir)] if upper_bound else []
-    pipeline(out, "--seed", str(seed), "--cls-opts", cls_options, "--cam-opts", cam_options, *extra, *stop,
-             *trunk_options(work, trunk, seed))
+    stop = (["--stop-after", "refine"] if cam_only
+            else recipe_set(upper_bound=True, upper_bound_dir=gt_dir) if upper_bound else [])
+    pipeline(out, *recipe_set(seed=seed), *stage_set("train-cls", cls_options), *stage_set("make-cam", cam_options),
+             *stage_set("train-seg", seg_options), *stop, *trunk_options(work, trunk, seed))
     run_dir, root = out / "run", out / "data" / "VOC2012"
     cams = read_json(run_dir / "cams" / "metrics_eval_train.json")
     result = {
@@ -336,7 +337,7 @@ def main() -> None:
     else:
         seeds, results, options, baseline = args.seeds, run_variants(args, parser), dict(VARIANTS), args.baseline
     lines = report(results, seeds, options, baseline)
-    if os.environ.get("WSSS_NUM_TRAIN"):  # run_pipeline.sh's demo size, passed through to every run
+    if os.environ.get("WSSS_NUM_TRAIN"):  # the demo's size, passed through to every run (bench/harness.py)
         count, val = int(os.environ["WSSS_NUM_TRAIN"]), int(os.environ.get("WSSS_NUM_VAL", 40))
         lines[2:2] = [f"Demo data with {count} train images (`WSSS_NUM_TRAIN`), not the pipeline's 120: the demo "
                       f"numbers its images train first, so train holds the 120-image set's train and val images "

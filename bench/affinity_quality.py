@@ -2,7 +2,7 @@
 
 For every seed, on the CAMs of ``bench/ablation.py``'s *plain* run with the pretrained trunk (the
 default pipeline; same ``--work`` folder, made there first): its run folder is linked into
-``<work>/affinity/seed<N>`` and ``run_pipeline.sh --affinity --stop-after refine`` with the same
+``<work>/affinity/seed<N>`` and ``wsss pipeline demo --set pipeline.affinity=true --stop-after refine`` with the same
 options continues it (train-cls and make-cam are found finished), training the affinity network
 from the classifier's trunk on the CAMs' confident regions and walking the CAMs before the GMM
 threshold and the CRF.  Then, on the same CAMs and walk:
@@ -29,7 +29,8 @@ import shutil
 from pathlib import Path
 
 from ablation import VARIANTS, backbone_file
-from harness import fmt, in_parallel, label_miou, per_seed, pipeline, quality_arguments, read_json, refine_and_score
+from harness import (fmt, in_parallel, label_miou, per_seed, pipeline, quality_arguments, read_json, recipe_set,
+                     refine_and_score, stage_set)
 
 
 def link_run(source: Path, out: Path) -> None:
@@ -46,8 +47,8 @@ def measure(work: Path, seed: int) -> dict:
     out = work / "affinity" / f"seed{seed}"
     link_run(source, out)
     cls_options, cam_options, _ = VARIANTS["plain"]  # the linked classifier and CAMs are the plain run's
-    pipeline(out, "--seed", str(seed), "--affinity", "--stop-after", "refine", "--cls-opts", cls_options,
-             "--cam-opts", cam_options, "--pretrained", str(backbone_file(work, seed)))
+    pipeline(out, *recipe_set(seed=seed, affinity=True, pretrained=backbone_file(work, seed)), "--stop-after",
+             "refine", *stage_set("train-cls", cls_options), *stage_set("make-cam", cam_options))
     run_dir, root = out / "run", out / "data" / "VOC2012"
     return {
         "cam": read_json(run_dir / "cams" / "metrics_eval_train.json")["miou"],
@@ -68,7 +69,7 @@ def main() -> None:
     results = dict(zip(seeds, in_parallel([lambda seed=seed: measure(args.work, seed) for seed in seeds], args.jobs)))
     rows = [("CAM (best threshold, gt-picked)", "cam"), ("GMM + CRF (no walk; the default pipeline)", "gmm_crf"),
             ("random walk, 16 steps, beta 32 (GMM, no CRF)", "walk"),
-            ("random walk + CRF (`run_pipeline.sh --affinity`)", "walk_crf"),
+            ("random walk + CRF (the demo recipe with `affinity = true`)", "walk_crf"),
             ("AffinityNet's walk, 256 steps, beta 8, + CRF", "walk_affinitynet_crf"),
             ("DeepLab val, trained on GMM + CRF (ablation_earlier_step.md, plain)", "deeplab_val_gmm_crf")]
     lines = ["# Affinity refinement on the demo data", "",

@@ -1,9 +1,10 @@
 """What the quality benchmarks share: running the pipeline and wsss commands, reading results, seed statistics.
 
-Every benchmark measures the pipeline as users run it: ``run_pipeline.sh`` on the demo data with
-the options of the row (its recipe lives there only), each run in its own folder, resumable (run a
-benchmark again and finished runs are read, not redone).  Runs go ``--jobs`` at a time, each on one
-CPU thread.
+Every benchmark measures the pipeline as users run it: ``wsss pipeline demo`` (the recipe file
+``wsss/recipes/demo.toml``, never a copy of it) with the row's changes as ``--set`` overrides, each
+run in its own folder, resumable (run a benchmark again and finished runs are read, not redone).
+Runs go ``--jobs`` at a time, each on one CPU thread.  ``WSSS_NUM_TRAIN`` / ``WSSS_NUM_VAL`` in the
+environment change the demo's size for every run (``demo-data.num_train`` / ``num_val``).
 """
 
 from __future__ import annotations
@@ -51,9 +52,45 @@ def run(command: Sequence[str], log_file: Path) -> float:
     return seconds
 
 
-def pipeline(out: Path, *options: str) -> float:
-    """``run_pipeline.sh --out OUT OPTIONS...`` on the demo data (resumes a finished run at once)."""
-    return run(["bash", str(REPO / "run_pipeline.sh"), "--out", str(out), *options], out / "pipeline.log")
+def pipeline(out: Path, *options: str, recipe: str = "demo") -> float:
+    """``wsss pipeline RECIPE --out OUT OPTIONS...`` (resumes a finished run at once)."""
+    sizes = {"WSSS_NUM_TRAIN": "demo-data.num_train", "WSSS_NUM_VAL": "demo-data.num_val"}
+    for variable, key in sizes.items():
+        if os.environ.get(variable):
+            options = (*options, "--set", f"{key}={os.environ[variable]}")
+    return run([wsss_command(), "pipeline", recipe, "--out", str(out), *options], out / "pipeline.log")
+
+
+def recipe_set(**values: object) -> list[str]:
+    """``--set pipeline.KEY=VALUE`` for each keyword (booleans as true/false)."""
+    return [item for key, value in values.items()
+            for item in ("--set", f"pipeline.{key}={str(value).lower() if isinstance(value, bool) else value}")]
+
+
+def stage_set(stage: str, options: str) -> list[str]:
+    """A stage's command-line options as ``--set`` overrides of the recipe, read through the command itself:
+    ``stage_set("train-cls", "--er-weight 0.3 --no-jitter")`` -> ``--set train-cls.er_weight=0.3 --set
+    train-cls.jitter=false``."""
+    import importlib
+
+    from wsss.stages.cli import COMMANDS
+
+    command = importlib.import_module(COMMANDS[stage]).command
+    words, result = shlex.split(options), []
+    while words:
+        word = words.pop(0)
+        for param in command.params:
+            if word in param.opts or word in getattr(param, "secondary_opts", ()):
+                key = param.name.replace("__", ".")
+                if getattr(param, "is_flag", False) or param.secondary_opts:
+                    value = "false" if word in param.secondary_opts else "true"
+                else:
+                    value = words.pop(0)
+                result += ["--set", f"{stage}.{key}={value}"]
+                break
+        else:
+            raise SystemExit(f"{stage} has no option {word!r}")
+    return result
 
 
 def in_parallel(tasks: Iterable[Callable[[], object]], jobs: int) -> list:

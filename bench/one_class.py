@@ -38,12 +38,18 @@ from harness import fmt, in_parallel, per_seed, quality_arguments, read_json, ru
 from wsss import artifacts
 from wsss.datasets.prepared import PreparedDataset, SplitSpec, write_prepared
 
-# the pipeline's demo recipe for train-cls (run_pipeline.sh), plain, as it was when one_class.md was made: train-cls's
-# default x10 head and colour jitter (the pipeline has since moved to --head-lr-mult 1 --no-jitter, with which
-# this run learns the bottle: bench/README.md, the classifier's step)
-CLS_OPTS = ["--backbone", "resnet18", "--weights", "none", "--crop-size", "80", "--scale-range", "0.7,1.3",
-            "--batch-size", "8", "--epochs", "12", "--val-cam-images", "40", "--workers", "0", "--output-stride", "8",
-            "--er-weight", "0"]
+# the demo recipe's train-cls table (wsss/recipes/demo.toml), plain, with the step it had when one_class.md was made:
+# train-cls's default x10 head and colour jitter (the recipe has since moved to head_lr_mult 1 and no jitter, with
+# which this run learns the bottle: bench/README.md, the classifier's step); --weights none: from scratch
+def cls_settings(out: Path) -> Path:
+    """The classifier's settings as a file for ``wsss train-cls --config`` (the recipe's table, three changes)."""
+    from wsss.stages.pipeline import Recipe, find_recipe
+
+    table = {**Recipe.load(find_recipe("demo")).stages["train-cls"], "head_lr_mult": 10.0, "jitter": True,
+             "weights": "none"}
+    path = out / "train_cls_settings.json"
+    artifacts.write_json(path, table)
+    return path
 
 
 def one_class_dataset(source: Path, index: int, name: str, out: Path) -> dict[str, float]:
@@ -71,8 +77,8 @@ def chance_loss(frequency: float) -> float:
 
 def measure(root: Path, out: Path, seed: int, lr: float) -> dict:
     cls_dir, cam_dir = out / "cls", out / "cams"
-    run([wsss_command(), "-q", "train-cls", "--root", str(root), "--out", str(cls_dir), *CLS_OPTS, "--lr", str(lr),
-         "--seed", str(seed)], out / "train_cls.log")
+    run([wsss_command(), "-q", "train-cls", "--config", str(cls_settings(out)), "--root", str(root), "--out",
+         str(cls_dir), "--lr", str(lr), "--seed", str(seed)], out / "train_cls.log")
     if not (cam_dir / "metrics_eval_train.json").is_file():
         run([wsss_command(), "-q", "make-cam", "--root", str(root), "--split", "train", "--checkpoint",
              str(cls_dir / "last.pth"), "--out", str(cam_dir), "--eval", "--sweep", "0.05:0.95:0.01",

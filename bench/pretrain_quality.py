@@ -1,6 +1,6 @@
 """Does `wsss pretrain` help?  Linear-probe mAP and CAM mIoU from random init, rotation and contrastive trunks.
 
-For every seed, ``run_pipeline.sh`` on the demo data (120 train / 40 val images, 96 px, ResNet-18,
+For every seed, ``wsss pipeline demo`` on the demo data (120 train / 40 val images, 96 px, ResNet-18,
 data seed 0) up to ``make-cam`` (``--stop-after make-cam``), once per trunk:
 
 * random init (``--pretrain none --weights none``) with the pipeline's train-cls recipe, and, as
@@ -24,13 +24,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from harness import cam_miou, fmt, in_parallel, per_seed, pipeline, quality_arguments, read_json
+from harness import cam_miou, fmt, in_parallel, per_seed, pipeline, quality_arguments, read_json, recipe_set, stage_set
 
 ROWS = {
-    "random init": ["--pretrain", "none", "--weights", "none"],
-    "random init, train-cls lr 0.01": ["--pretrain", "none", "--weights", "none", "--cls-opts", "--lr 0.01"],
-    "rotation (40 epochs)": ["--pretrain", "rotation"],
-    "contrastive, SimCLR (60 epochs)": ["--pretrain", "contrastive", "--pretrain-epochs", "60"],
+    "random init": recipe_set(pretrain=False, weights="none"),
+    "random init, train-cls lr 0.01": [*recipe_set(pretrain=False, weights="none"), *stage_set("train-cls", "--lr 0.01")],
+    "rotation (40 epochs)": recipe_set(pretrain=True),
+    "contrastive, SimCLR (60 epochs)": [*recipe_set(pretrain=True), *stage_set("pretrain", "--method contrastive "
+                                                                                          "--epochs 60 --lr 0.05 "
+                                                                                          "--temperature 0.2")],
 }
 FOLDERS = {"random init": "scratch", "random init, train-cls lr 0.01": "scratch_lr01",
            "rotation (40 epochs)": "rotation", "contrastive, SimCLR (60 epochs)": "contrastive"}
@@ -42,7 +44,7 @@ def row_dir(work: Path, row: str, seed: int) -> Path:
 
 def measure(work: Path, row: str, seed: int) -> dict:
     out = row_dir(work, row, seed)
-    seconds = pipeline(out, "--seed", str(seed), "--stop-after", "make-cam", *ROWS[row])
+    seconds = pipeline(out, *recipe_set(seed=seed), "--stop-after", "make-cam", *ROWS[row])
     run = out / "run"
     result = {"cam_miou": cam_miou(run), "seconds": round(seconds, 1)}
     pretrain_metrics = run / "pretrain" / "metrics.json"

@@ -28,7 +28,6 @@ from wsss.stages.refine import RefineConfig, run  # noqa: E402
 from wsss import artifacts  # noqa: E402
 from wsss.crf import CrfParams  # noqa: E402
 from wsss.datasets.prepared import SplitSpec, write_prepared  # noqa: E402
-from wsss.refine import RefineParams  # noqa: E402
 
 WIDTH, HEIGHT = 500, 375
 CLASSES = ["background", "cat", "dog", "car"]
@@ -84,14 +83,14 @@ def main(argv: list[str] | None = None) -> dict:
         tmp = Path(tmp)
         root, cam_dir = make_dataset(tmp, args.images)
         settings = {
-            "GMM, no CRF": RefineParams(),
-            "GMM + CRF": RefineParams(crf=CrfParams(scale=args.crf_scale)),
+            "GMM, no CRF": {},
+            "GMM + CRF": {"crf": True, "crf_params": CrfParams(scale=args.crf_scale)},
         }
-        for name, params in settings.items():
+        for name, options in settings.items():
             base = None
             for workers in worker_counts:
                 out = tmp / f"out_{len(results)}"
-                metrics = run(RefineConfig(cam_dir=cam_dir, root=root, out_dir=out, params=params, workers=workers,
+                metrics = run(RefineConfig(cam_dir=cam_dir, root=root, out_dir=out, **options, workers=workers,
                                            overwrite=True, progress=False))
                 speed = metrics["refined"] / metrics["seconds"]
                 base = speed if workers == worker_counts[0] else base

@@ -1,6 +1,6 @@
 """Per-stage quality and throughput of the whole pipeline on the demo data, in one table.
 
-Runs ``run_pipeline.sh`` (which resumes, so a finished run is only read) and prints, for every
+Runs ``run_pipeline.sh`` (``wsss pipeline demo``, which resumes, so a finished run is only read) and prints, for every
 stage, the mIoU its output reaches and how fast it ran, from the stages' own ``metrics.json`` and
 ``metrics_eval_<split>.json`` files.
 
@@ -8,7 +8,7 @@ stage, the mIoU its output reaches and how fast it ran, from the stages' own ``m
     python bench/run_all.py --out work/bench --fresh
     python bench/run_all.py --no-run --out work/demo   # only read an existing run
 
-Extra arguments after ``--`` go to run_pipeline.sh (e.g. ``-- --num-train 40 --size 64``).
+Extra arguments after ``--`` go to run_pipeline.sh (e.g. ``-- --set demo-data.num_train=40 --set demo-data.size=64``).
 """
 
 from __future__ import annotations

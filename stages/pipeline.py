@@ -182,13 +182,18 @@ class Recipe:
             WsssError: unknown table or key, a wrong type, NaN, a wired key set by the recipe (one line
                 naming the file and the key).
         """
-        tables = S.merge(S.read_settings_file(path), overrides or {})
-        unknown = sorted(set(tables) - {"pipeline", *STAGES})
+        tables = S.read_settings_file(path)
+        unknown = sorted((set(tables) | set(overrides or {})) - {"pipeline", *STAGES})
         if unknown:
             raise WsssError(f"{path}: unknown table [{unknown[0]}] (known: pipeline, {', '.join(STAGES)})")
         for stage, values in tables.items():
             if not isinstance(values, dict):
                 raise WsssError(f"{path}: {stage} must be a table ([{stage}])")
+        for stage, values in (overrides or {}).items():  # gathered alike, so an override wins in either form
+            config_class = _stage_command(stage).config_class if stage != "pipeline" else PipelineSettings
+            tables[stage] = S.merge(S.gather_unprefixed(config_class, tables.get(stage, {})),
+                                    S.gather_unprefixed(config_class, values))
+        for stage, values in tables.items():
             wired = sorted(set(values) & set(WIRED.get(stage, ())))
             if wired:
                 raise WsssError(f"{path}: [{stage}] {wired[0]} is set by the pipeline (it wires the stages "
@@ -287,10 +292,24 @@ class PipelineRun:
         return PreparedDataset.load(settings.root, settings.dataset)
 
     def run(self) -> None:
-        """Every stage in order, stopping after ``stop_after``."""
-        if self.settings.threads is not None:
-            os.environ["OMP_NUM_THREADS"] = str(self.settings.threads)
-            _set_torch_threads(self.settings.threads)
+        """Every stage in order, stopping after ``stop_after`` (with ``threads``, restored afterwards)."""
+        if self.settings.threads is None:
+            return self.stages()
+        import torch
+
+        before = os.environ.get("OMP_NUM_THREADS"), torch.get_num_threads()
+        os.environ["OMP_NUM_THREADS"] = str(self.settings.threads)  # also the stages' worker processes
+        torch.set_num_threads(self.settings.threads)
+        try:
+            return self.stages()
+        finally:
+            if before[0] is None:
+                os.environ.pop("OMP_NUM_THREADS", None)
+            else:
+                os.environ["OMP_NUM_THREADS"] = before[0]
+            torch.set_num_threads(before[1])
+
+    def stages(self) -> None:
         dataset = self.data()
         kind, root, train, val = dataset.kind, dataset.root, self.train_split, self.val_split
         data = {"root": root, "dataset": kind}
@@ -364,12 +383,6 @@ class PipelineRun:
         report = _stage_command("report")
         click.echo(f"\n== report -> {RUN_LAYOUT.folder(self.run_dir, 'report_file')}")
         report.run_config(S.build(report.config_class, {"run_dir": self.run_dir}))
-
-
-def _set_torch_threads(threads: int) -> None:
-    import torch
-
-    torch.set_num_threads(threads)
 
 
 # --------------------------------------------------------------------------- command line

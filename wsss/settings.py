@@ -53,11 +53,20 @@ class SettingError(WsssError, ValueError):
         self.reason = message
 
 
+class MissingSetting(WsssError):
+    """A required setting was not given; ``option`` names it (``--root``, or ``RUN_DIR`` for an argument)."""
+
+    def __init__(self, option: str, label: str = "") -> None:
+        super().__init__(f"{label}missing {option} (required)")
+        self.option = option
+
+
 def setting(default: Any = _MISSING, help: str = "", *, factory: Callable[[], Any] | None = None,
             choices: tuple | None = None, at_least: float | None = None, above: float | None = None,
             at_most: float | None = None, below: float | None = None, option: str | None = None,
             flag: str | None = None, prefix: str | None = None, parse: Callable[[str], Any] | None = None,
-            metavar: str | None = None, argument: bool = False) -> Any:
+            metavar: str | None = None, argument: bool = False,
+            validate: Callable[[Any], str | None] | None = None) -> Any:
     """Declare one option of a :class:`Settings` dataclass.
 
     Args:
@@ -71,17 +80,22 @@ def setting(default: Any = _MISSING, help: str = "", *, factory: Callable[[], An
         parse: reads the text form (``"0/4"``) when a plain type conversion cannot.
         metavar: what the help shows for the value.
         argument: on the command line a positional argument instead of an option.
+        validate: a check of the value however it arrived (text, file, Python): returns what is wrong, or None.
     """
     metadata = {"help": help, "choices": choices, "range": (at_least, above, at_most, below), "option": option,
                 "flag": flag, "prefix": prefix, "parse": parse, "metavar": metavar,
-                "argument": argument}
+                "argument": argument,
+                "validate": validate}
     if factory is not None:
         return dataclasses.field(default_factory=factory, metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
 
 
 def option_of(field: dataclasses.Field, prefix: str = "") -> str:
-    """The command-line option of a field: ``--`` + prefix + name with dashes, unless the field names one."""
+    """The command-line option of a field: ``--`` + prefix + name with dashes, unless the field names one
+    (a positional argument: its name in capitals, ``RUN_DIR``)."""
+    if field.metadata.get("argument"):
+        return field.name.upper()
     return prefixed(field.metadata.get("option") or "--" + field.name.replace("_", "-"), prefix)
 
 
@@ -226,9 +240,17 @@ def from_value(value: Any, kind: Any, parse: Callable[[str], Any] | None = None,
     raise TypeError(f"unsupported settings type {kind}")
 
 
+def gather_unprefixed(cls: type, values: Mapping[str, Any]) -> dict:
+    """``values`` with the top-level keys of a group without an option prefix moved into its table.
+
+    Such a group (SGD's ``--lr``) takes its keys at the top level too: ``lr = 0.1`` in a file means
+    ``sgd.lr``, as ``--lr 0.1`` does on the command line.  Two sources of values are gathered first,
+    then merged, so neither form overrides the other by accident.
+    """
+    return _gather_unprefixed({field.name: field for field in dataclasses.fields(cls)}, field_types(cls), values)
+
+
 def _gather_unprefixed(fields: dict, kinds: dict, values: Mapping[str, Any]) -> dict:
-    """A group without an option prefix (SGD's ``--lr``) takes its keys at the top level too: ``lr = 0.1``
-    in a file means ``sgd.lr``, as ``--lr 0.1`` does on the command line."""
     values = dict(values)
     for name, field in fields.items():
         if is_group(kinds[name]) and field.metadata.get("prefix") == "":
@@ -238,6 +260,13 @@ def _gather_unprefixed(fields: dict, kinds: dict, values: Mapping[str, Any]) -> 
                 table = values.get(name, {})
                 values[name] = merge(table, loose) if isinstance(table, Mapping) else table
     return values
+
+
+def _field_default(field: dataclasses.Field) -> Any:
+    """A field's default value (a group's: its factory's), or None when it has none."""
+    if field.default is not _MISSING:
+        return field.default
+    return field.default_factory() if field.default_factory is not _MISSING else None
 
 
 def build(cls: type, values: Mapping[str, Any], *, where: str = "") -> Any:
@@ -256,6 +285,9 @@ def build(cls: type, values: Mapping[str, Any], *, where: str = "") -> Any:
     converted = {}
     for name, value in values.items():
         grouped = is_group(optional_inner(kinds[name])[1])
+        default = _field_default(fields[name])
+        if grouped and isinstance(value, Mapping) and isinstance(default, Settings):
+            value = merge(as_values(default), value)  # keys not given keep this field's default, not the class's
         try:
             converted[name] = from_value(value, kinds[name], fields[name].metadata.get("parse"),
                                          where=f"{where}.{name}" if where and grouped else where)
@@ -266,7 +298,7 @@ def build(cls: type, values: Mapping[str, Any], *, where: str = "") -> Any:
     missing = [name for name, field in fields.items() if name not in converted
                and field.default is _MISSING and field.default_factory is _MISSING]
     if missing:
-        raise WsssError(f"{label}missing {option_of(fields[missing[0]])} (required)")
+        raise MissingSetting(option_of(fields[missing[0]]), label)
     return cls(**converted)
 
 
@@ -329,6 +361,9 @@ class Settings:
             choices = field.metadata.get("choices")
             if choices is not None and value not in choices:
                 raise SettingError(option, f"{value!r}: choose from {', '.join(map(str, choices))}")
+            validate = field.metadata.get("validate")
+            if validate is not None and (problem := validate(value)):
+                raise SettingError(option, f"{shown}: {problem}")
         self.check()
 
     def check(self) -> None:

@@ -177,6 +177,17 @@ def world(tmp_path_factory) -> dict[str, Path]:
     w["empty_dir"].mkdir()
     w["file"] = base / "a_file"
     w["file"].write_text("a regular file")
+    # recipes and settings files, each broken in one place
+    for name, text in {"recipe_unknown_table": "[trian-cls]\nepochs = 1\n",
+                       "recipe_unknown_key": "[train-cls]\nepoch = 1\n",
+                       "recipe_wrong_type": '[train-cls]\nepochs = "many"\n',
+                       "recipe_nan": "[refine]\nbg_thresh = nan\n",
+                       "recipe_out_of_range": "[train-seg]\ncrop_size = 4\n",
+                       "recipe_wired": '[make-cam]\ncheckpoint = "x.pth"\n',
+                       "settings_unknown": 'colour = "red"\n',
+                       "settings_wrong_type": "epochs = 1.5\n"}.items():
+        w[name] = base / f"{name}.toml"
+        w[name].write_text(text)
 
     # CAMs of the train split, and broken copies
     cams = w["cams"] = base / "cams"
@@ -412,7 +423,8 @@ CASES = [
     Case("train-aff", "CAM keys outside the classes", AFF.replace("{cams}", "{cams_keys}"), 1, "t1.npz: CAM keys [7]",
          creates=True),
     Case("train-aff", "fg-thresh nan", AFF + " --fg-thresh nan", 2, "--fg-thresh"),
-    Case("train-aff", "bg above fg", AFF + " --fg-thresh 0.2 --bg-thresh 0.4", 1, "--bg-thresh 0.4 and --fg-thresh 0.2"),
+    Case("train-aff", "bg above fg", AFF + " --fg-thresh 0.2 --bg-thresh 0.4", 2,
+         "'--bg-thresh': 0.4: must not exceed --fg-thresh 0.2"),
     Case("train-aff", "radius 1", AFF + " --radius 1", 2, "--radius"),
     Case("train-aff", "crop size 8", AFF + " --crop-size 8", 2, "--crop-size"),
     Case("train-aff", "embed-dim 0", AFF + " --embed-dim 0", 2, "--embed-dim"),
@@ -485,10 +497,10 @@ CASES = [
     Case("refine", "pickled CAM without --allow-pickle", REFINE.replace("{cams}", "{cams_pickled}"), 1,
          "--allow-pickle"),
     Case("refine", "CAM folder missing", REFINE.replace("{cams}", "{base}/nowhere"), 1, "CAM folder not found"),
-    Case("refine", "CRF bilateral nan (was a segfault)", REFINE + " --crf --crf-bilateral nan,nan,nan", 2,
-         "'--crf-bilateral': expected finite numbers", subprocess=True),
-    Case("refine", "CRF gaussian width 0", REFINE + " --crf --crf-gaussian 0,3", 2, "SXY must be > 0"),
-    Case("refine", "CRF bilateral two numbers", REFINE + " --crf --crf-bilateral 50,5", 2, "SXY,SRGB,COMPAT"),
+    Case("refine", "CRF bilateral nan (was a segfault)", REFINE + " --crf --crf-bilateral-srgb nan", 2,
+         "'--crf-bilateral-srgb': nan: must be a finite number", subprocess=True),
+    Case("refine", "CRF gaussian width 0", REFINE + " --crf --crf-gaussian-sxy 0", 2, "'--crf-gaussian-sxy': 0: must be > 0"),
+    Case("refine", "CRF compat below 0", REFINE + " --crf --crf-bilateral-compat -1", 2, "must be >= 0"),
     Case("refine", "CRF scale 0", REFINE + " --crf --crf-scale 0", 2, "--crf-scale"),
     Case("refine", "CRF temperature nan", REFINE + " --crf-temperature nan", 2, "--crf-temperature"),
     Case("refine", "raw-beta nan", REFINE + " --raw-beta nan", 2, "--raw-beta"),
@@ -546,8 +558,8 @@ CASES = [
     Case("predict", "empty split", PRED + " --split empty", 1, "split 'empty' has no images"),
     Case("predict", "eval without masks", PRED + " --split nomask --eval", 1, "has no ground-truth masks"),
     Case("predict", "scales inf", PRED.replace("--scales 1.0", "--scales inf"), 2, "finite"),
-    Case("predict", "CRF bilateral nan (was a segfault)", PRED + " --crf --crf-bilateral nan,nan,nan", 2,
-         "'--crf-bilateral': expected finite numbers", subprocess=True),
+    Case("predict", "CRF bilateral nan (was a segfault)", PRED + " --crf --crf-bilateral-sxy nan", 2,
+         "'--crf-bilateral-sxy': nan: must be a finite number", subprocess=True),
     Case("predict", "CRF scale nan", PRED + " --crf --crf-scale nan", 2, "--crf-scale"),
     Case("predict", "overlay alpha 2", PRED + " --overlay --overlay-alpha 2", 2, "--overlay-alpha"),
     Case("predict", "shard 1/1", PRED + " --shard 1/1", 2, "0 <= I < N"),
@@ -585,6 +597,27 @@ CASES = [
     Case("report", "report.md is a folder", "report {run_report_folder}", 1, "report.md: is a folder"),
     Case("report", "metrics_eval is a folder", "report {run_eval_folder}", 1, "is a folder, expected a JSON file"),
     Case("report", "negative gallery rows", "report {run_list} --gallery-rows -1", 2, "--gallery-rows"),
+    # ---------------------------------------------------------------- settings files and recipes
+    Case("train-cls", "--config with an unknown key", "train-cls --config {settings_unknown} --root {root} --out {out}",
+         1, "settings_unknown.toml: unknown setting 'colour'"),
+    Case("train-cls", "--config with a fraction of an epoch", "train-cls --config {settings_wrong_type} --root {root} "
+         "--out {out}", 1, "epochs: expected a whole number, got 1.5"),
+    Case("refine", "--config file missing", REFINE + " --config {base}/nowhere.toml", 1, "settings file not found"),
+    Case("pipeline", "recipe with an unknown stage", "pipeline {recipe_unknown_table} --out {out}", 1,
+         "unknown table [trian-cls]"),
+    Case("pipeline", "recipe with an unknown key", "pipeline {recipe_unknown_key} --out {out}", 1,
+         "[train-cls]: unknown setting 'epoch'"),
+    Case("pipeline", "recipe with a wrong type", "pipeline {recipe_wrong_type} --out {out}", 1,
+         "[train-cls]: epochs: expected a whole number, got 'many'"),
+    Case("pipeline", "recipe with NaN", "pipeline {recipe_nan} --out {out}", 1, "bg_thresh = nan: must be a finite"),
+    Case("pipeline", "recipe out of range", "pipeline {recipe_out_of_range} --out {out}", 1,
+         "[train-seg] --crop-size 4: must be >= "),
+    Case("pipeline", "recipe sets a wired key", "pipeline {recipe_wired} --out {out}", 1,
+         "[make-cam] checkpoint is set by the pipeline"),
+    Case("pipeline", "recipe file missing", "pipeline {base}/nowhere.toml --out {out}", 1, "no such recipe file"),
+    Case("pipeline", "bad --set", "pipeline demo --out {out} --set train-cls.epochs", 1, "expected STAGE.KEY=VALUE"),
+    Case("pipeline", "--set NaN", "pipeline demo --out {out} --set train-cls.lr=nan", 1, "--lr nan: must be a finite"),
+    Case("pipeline", "dataset without --root", "pipeline voc --out {out}", 1, "root is needed for dataset voc"),
 ]
 
 #: (case id, exit code, everything it printed) of every row that ran, for the summary check

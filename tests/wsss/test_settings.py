@@ -168,3 +168,9 @@ def test_read_settings_file_refuses_bad_files(tmp_path, name, text, needle):
 
 def test_merge_keeps_tables_key_by_key():
     assert S.merge({"a": 1, "k": {"x": 1, "y": 2}}, {"k": {"y": 3}, "b": 2}) == {"a": 1, "k": {"x": 1, "y": 3}, "b": 2}
+
+
+def test_a_partly_given_group_keeps_the_fields_own_defaults():
+    # Toy's optim group defaults to lr 0.5 (the class's own default is 0.1): giving only the momentum keeps 0.5
+    assert S.build(Toy, {"out_dir": "o", "momentum": 0.5}).optim == Optim(lr=0.5, momentum=0.5)
+    assert S.build(Toy, {"out_dir": "o", "optim": {"momentum": 0.5}}).optim == Optim(lr=0.5, momentum=0.5)
