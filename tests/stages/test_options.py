@@ -171,7 +171,7 @@ def test_help_writes_defaults_as_a_user_types_them_and_file_values_meet_the_same
     settings = tmp_path / "cams.toml"
     settings.write_text('root = "r"\ncheckpoint = "c.pth"\nout_dir = "o"\nshard = [2, 2]\n')
     result = CliRunner().invoke(cli, ["make-cam", "--config", str(settings)])
-    assert result.exit_code == 2 and "'--shard': 2/2: expected I/N with 0 <= I < N" in result.output
+    assert result.exit_code == 2 and "'--shard': 2,2: expected I/N with 0 <= I < N" in result.output
     settings.write_text('root = "r"\ncheckpoint = "c.pth"\nout_dir = "o"\nsweep = [0.5, 0.1, 0.1]\n')
     result = CliRunner().invoke(cli, ["make-cam", "--config", str(settings)])
     assert result.exit_code == 2 and "'--sweep'" in result.output and "start <= stop" in result.output
