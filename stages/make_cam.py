@@ -27,7 +27,6 @@ takes its share of the ids.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,17 +35,18 @@ import click
 import numpy as np
 import torch
 
-from wsss.stages import options
 from wsss import artifacts, evaluation
-from wsss.cam import DEFAULT_SCALES, erasing_cams, max_normalize, multiscale_cam
-from wsss.datasets.prepared import PreparedDataset
+from wsss.cam import DEFAULT_SCALES, ERASE_THRESH, erasing_cams, max_normalize, multiscale_cam
+from wsss.datasets.prepared import DATASET_KINDS, PreparedDataset
 from wsss.device import DistInfo, default_workers, dist_info, shard, sum_over_ranks
 from wsss.errors import WsssError
-from wsss.inference import BackgroundWriter, split_batches, to_model_input
-from wsss.models.backbones import prepare_for_inference
-from wsss.models.classifier import load_classifier
+from wsss.inference import BackgroundWriter, load_cam_network, split_batches, to_model_input
 from wsss.progress import bar as progress_bar
-from wsss.training import Precision, maybe_compile, start_runtime
+from wsss.settings import Settings, fail, setting
+from wsss.stages.options import (AMP_HELP, AMP_MODES, COMPILE_HELP, DATASET_HELP, DEVICE_HELP, DEVICES, LIMIT_HELP,
+                                 LOADER_WORKERS_HELP, OVERWRITE_HELP, ROOT_HELP, THREADS_HELP,
+                                 positive_scales, settings_command, shard_setting, sweep_setting)
+from wsss.training import Precision, start_runtime
 
 log = logging.getLogger(__name__)
 
@@ -54,73 +54,50 @@ CLASS_SOURCES = ("gt", "pred")
 
 
 @dataclass(frozen=True)
-class MakeCamConfig:
+class MakeCamConfig(Settings):
     """Options of ``wsss make-cam`` (see ``wsss make-cam --help``)."""
 
-    root: Path
-    checkpoint: Path
-    out_dir: Path
-    dataset: str | None = None
-    split: str = "train"
-    scales: tuple[float, ...] = DEFAULT_SCALES
-    flip: bool = True
-    classes: str = "gt"
-    score_thresh: float = 0.5
-    erase_steps: int = 0
-    erase_thresh: float = 0.7
-    batch_size: int = 8
-    limit: int | None = None
-    evaluate: bool = False
-    sweep: tuple[float, float, float] = evaluation.DEFAULT_SWEEP
-    amp: str = "auto"
-    compile_model: bool = False
-    device: str = "auto"
-    workers: int | None = None
-    threads: int | None = None
-    shard: tuple[int, int] = (0, 1)
-    overwrite: bool = False
+    root: Path = setting(help=ROOT_HELP)
+    checkpoint: Path = setting(help="train-cls checkpoint (.pth), or its output folder (best.pth, else last.pth).")
+    out_dir: Path = setting(help="Output folder for <id>.npz, config.json and metrics.json.", option="--out")
+    dataset: str | None = setting(None, DATASET_HELP, choices=DATASET_KINDS)
+    split: str = setting("train", "Split to compute CAMs for (the CAM protocol scores VOC train).")
+    scales: tuple[float, ...] = setting(DEFAULT_SCALES, "Comma-separated input scales.", above=0,
+                                        parse=positive_scales)
+    flip: bool = setting(True, "Add the mirrored image at every scale.")
+    classes: str = setting("gt", "gt: the image-level labels; pred: the classes the classifier predicts "
+                                 "(unlabelled images).", choices=CLASS_SOURCES)
+    score_thresh: float = setting(0.5, "With --classes pred: keep classes with sigmoid score >= this.",
+                                  at_least=0, at_most=1)
+    erase_steps: int = setting(0, "Inference-time adversarial erasing steps (0 = plain CAM; each step costs about "
+                                  "one CAM pass per class of the image).  Off by default: bench/ablation.md "
+                                  "measures no gain through DeepLab.", at_least=0)
+    erase_thresh: float = setting(ERASE_THRESH, "Erase pixels whose accumulated normalised CAM is >= this.",
+                                  above=0, at_most=1)
+    batch_size: int = setting(8, "Images of equal size per forward pass.", at_least=1)
+    limit: int | None = setting(None, LIMIT_HELP, at_least=1)
+    evaluate: bool = setting(False, "Afterwards run the threshold sweep of `wsss eval --cams`.", option="--eval")
+    sweep: tuple[float, float, float] = sweep_setting(evaluation.DEFAULT_SWEEP, "With --eval: background "
+                                                      "thresholds start:stop:step (stop inclusive).")
+    amp: str = setting("auto", AMP_HELP, choices=AMP_MODES)
+    compile_model: bool = setting(False, COMPILE_HELP, option="--compile")
+    device: str = setting("auto", DEVICE_HELP, choices=DEVICES)
+    workers: int | None = setting(None, LOADER_WORKERS_HELP, at_least=0)
+    threads: int | None = setting(None, THREADS_HELP, at_least=1)
+    shard: tuple[int, int] = shard_setting()
+    overwrite: bool = setting(False, OVERWRITE_HELP, flag="--overwrite/--resume")
 
-
-def _check(cfg: MakeCamConfig) -> None:
-    if cfg.classes not in CLASS_SOURCES:
-        raise WsssError(f"--classes {cfg.classes!r}: choose gt or pred")
-    if not cfg.scales or not all(math.isfinite(scale) and scale > 0 for scale in cfg.scales):
-        raise WsssError(f"--scales {cfg.scales}: need at least one positive scale")
-    if not math.isfinite(cfg.score_thresh) or not 0 <= cfg.score_thresh <= 1:
-        raise WsssError(f"--score-thresh {cfg.score_thresh}: must lie in [0, 1]")
-    if cfg.erase_steps < 0 or not 0 < cfg.erase_thresh <= 1:
-        raise WsssError(f"--erase-steps must be >= 0 and --erase-thresh in (0, 1], got {cfg.erase_steps}, "
-                        f"{cfg.erase_thresh}")
-    if cfg.evaluate and cfg.shard[1] > 1:
-        raise WsssError("--eval scores the whole split: run `wsss eval --cams` once every --shard has finished")
-    if cfg.evaluate:
-        try:  # before any CAM is made, not after
-            evaluation.threshold_range(*cfg.sweep)
-        except ValueError as err:
-            raise WsssError(f"--sweep: {err}") from None
-
-
-def load_cam_network(checkpoint_file: Path, dataset: PreparedDataset, device: torch.device,
-                     compile_model: bool = False):
-    """The classifier of a train-cls checkpoint, ready for inference on ``device``.
-
-    Raises:
-        WsssError: the checkpoint was trained on other classes than ``dataset`` has.
-    """
-    checkpoint = artifacts.load_checkpoint(checkpoint_file)
-    if list(checkpoint.get("classes", [])) != list(dataset.classes):
-        raise WsssError(f"{checkpoint_file}: the classifier was trained on classes {checkpoint.get('classes')}, "
-                        f"but {dataset.root} has {dataset.classes}")
-    # folded BatchNorm and channels-last memory (the network converts its inputs itself)
-    model = prepare_for_inference(load_classifier(checkpoint, str(checkpoint_file)).to(device))
-    if compile_model:
-        model.class_maps = maybe_compile(model.class_maps, True)  # what every view runs
-    return model, checkpoint
+    def check(self) -> None:
+        if not self.scales:
+            fail("--scales", "none given: need at least one positive scale")
+        index, count = self.shard
+        if self.evaluate and count > 1:
+            fail("--eval", f"with --shard {index}/{count}: --eval scores the whole split; run `wsss eval --cams` "
+                           "once every --shard has finished")
 
 
 def run(cfg: MakeCamConfig) -> dict:
     """Write the CAMs of a split; return the metrics written to ``<out>/metrics.json``."""
-    _check(cfg)
     runtime = start_runtime(cfg.device, cfg.threads, cfg.amp)
     device, info, precision = runtime.device, runtime.info, runtime.precision
     dataset = PreparedDataset.load(cfg.root, cfg.dataset)
@@ -223,46 +200,11 @@ def _evaluate(cfg: MakeCamConfig, dataset: PreparedDataset, ids: list[str]) -> d
 # --------------------------------------------------------------------------- command line
 
 
-@click.command(short_help="Class activation maps of a split (multi-scale, flip, erasing).")
-@options.root_option()
-@options.dataset_option()
-@options.split_option("train", "Split to compute CAMs for (the CAM protocol scores VOC train).")
-@click.option("--checkpoint", type=click.Path(path_type=Path), required=True,
-              help="train-cls checkpoint (.pth), or its output folder (best.pth, else last.pth).")
-@options.out_option("Output folder for <id>.npz, config.json and metrics.json.")
-@click.option("--scales", default=",".join(str(s) for s in DEFAULT_SCALES), show_default=True,
-              callback=options.old_positive_scales, help="Comma-separated input scales.")
-@click.option("--flip/--no-flip", default=True, show_default=True, help="Add the mirrored image at every scale.")
-@click.option("--classes", type=click.Choice(CLASS_SOURCES), default="gt", show_default=True,
-              help="gt: the image-level labels; pred: the classes the classifier predicts (unlabelled images).")
-@click.option("--score-thresh", type=options.FiniteFloat(0, 1), default=0.5, show_default=True,
-              help="With --classes pred: keep classes with sigmoid score >= this.")
-@click.option("--erase-steps", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Inference-time adversarial erasing steps (0 = plain CAM; each step costs about one CAM pass "
-                   "per class of the image).  Off by default: bench/ablation.md measures no gain through DeepLab.")
-@click.option("--erase-thresh", type=options.FiniteFloat(0, 1, min_open=True), default=0.7, show_default=True,
-              help="Erase pixels whose accumulated normalised CAM is >= this.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
-              help="Images of equal size per forward pass.")
-@click.option("--limit", type=click.IntRange(min=1), default=None, help="Only the first N images of the split.")
-@click.option("--eval", "evaluate", is_flag=True, help="Afterwards run the threshold sweep of `wsss eval --cams`.")
-@click.option("--sweep", default="0.05:0.60:0.01", show_default=True, callback=options.threshold_range,
-              help="With --eval: background thresholds start:stop:step (stop inclusive).")
-@options.amp_option
-@options.compile_option
-@options.device_option
-@options.workers_option
-@options.threads_option
-@options.shard_option
-@options.overwrite_option
-def command(root, dataset, split, checkpoint, out_dir, scales, flip, classes, score_thresh, erase_steps, erase_thresh,
-            batch_size, limit, evaluate, sweep, amp, compile_model, device, workers, threads, shard, overwrite):
+@settings_command(MakeCamConfig, name="make-cam", short_help="Class activation maps of a split (multi-scale, flip, "
+                                                             "erasing).")
+def command(cfg: MakeCamConfig) -> None:
     """Write max-normalised CAMs <OUT>/<id>.npz for every image of a split."""
-    metrics = run(MakeCamConfig(root=root, checkpoint=checkpoint, out_dir=out_dir, dataset=dataset, split=split,
-                                scales=scales, flip=flip, classes=classes, score_thresh=score_thresh,
-                                erase_steps=erase_steps, erase_thresh=erase_thresh, batch_size=batch_size,
-                                limit=limit, evaluate=evaluate, sweep=sweep, amp=amp, compile_model=compile_model,
-                                device=device, workers=workers, threads=threads, shard=shard, overwrite=overwrite))
+    metrics = run(cfg)
     if not dist_info().is_main:
         return
     line = f"CAMs of {metrics['processed']} images ({metrics['skipped']} already done)"

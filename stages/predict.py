@@ -1,11 +1,11 @@
 """``wsss predict``: label maps of a split from a ``train-seg`` checkpoint.
 
 Every image is segmented at full resolution: the softmax probabilities of
-each scale (default 0.5, 0.75, 1.0, 1.25, 1.5) and of its mirror image are
-averaged, optionally refined by a dense CRF, and the argmax is written as a
-VOC palette PNG ``<out>/<id>.png`` (``--overlay`` adds a colour overlay
-``<out>/overlay/<id>.jpg``).  Finished images are skipped unless
-``--overwrite``; under ``torchrun`` every rank (and with ``--shard I/N`` every shard) predicts its share of the ids.
+each of ``--scales`` and of its mirror image are averaged, optionally refined by
+a dense CRF (``--crf``), and the argmax is written as a VOC palette PNG
+``<out>/<id>.png`` (``--overlay`` adds a colour overlay ``<out>/overlay/<id>.jpg``).
+Finished images are skipped unless ``--overwrite``; under ``torchrun`` every rank
+(and with ``--shard I/N`` every shard) predicts its share of the ids.
 Up to ``--batch-size`` images of one size share each forward pass; probabilities
 are averaged and the argmax taken on the device, and only the uint8 label map
 (the probabilities with ``--crf``) comes back to the host.  The CRF runs in
@@ -15,15 +15,13 @@ as ``wsss eval --pred <out>``).  ``--checkpoint`` is a ``.pth`` file or a
 train-seg output folder (its ``best.pth``, or ``last.pth`` when it was
 trained without validation).
 
-CRF defaults are DeepLab-v2's (ResNet-101) post-processing settings:
-Gaussian sxy 1 / compat 3, bilateral sxy 67 / srgb 3 / compat 4, 10 iterations.
+The ``--crf-*`` defaults are DeepLab-v2's post-processing settings
+(:data:`wsss.crf.POSTPROCESS_CRF`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,53 +30,82 @@ import click
 import numpy as np
 import torch
 
-from wsss.stages import options
 from wsss import artifacts
-from wsss.crf import POSTPROCESS_CRF, CrfParams
-from wsss.datasets.prepared import PreparedDataset
+from wsss.crf import POSTPROCESS_CRF, CrfParams, dense_crf
+from wsss.datasets.prepared import DATASET_KINDS, PreparedDataset
 from wsss.device import DistInfo, default_workers, dist_info, shard, sum_over_ranks
-from wsss.errors import WsssError, option_name
+from wsss.errors import WsssError
 from wsss.inference import BackgroundWriter, split_batches, to_model_input
 from wsss.models.backbones import prepare_for_inference
 from wsss.models.deeplab import model_from_checkpoint
 from wsss.progress import bar as progress_bar
-from wsss.segmentation import predict_probs, segment_batch
+from wsss.segmentation import segment_batch
+from wsss.settings import Settings, fail, setting
+from wsss.stages.options import (AMP_HELP, AMP_MODES, COMPILE_HELP, DATASET_HELP, DEVICE_HELP, DEVICES,
+                                 OVERWRITE_HELP, ROOT_HELP, THREADS_HELP, cli_fields, positive_scales,
+                                 settings_command, shard_setting)
 from wsss.training import Precision, maybe_compile, start_runtime
 from wsss.visualize import overlay_label
 
 log = logging.getLogger(__name__)
 
 OVERLAY_DIR = "overlay"
-DEFAULT_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5)
 
 
 @dataclass(frozen=True)
-class PredictConfig:
-    """Options of ``wsss predict`` (see ``wsss predict --help``); ``crf`` None = no CRF post-processing."""
+class PredictConfig(Settings):
+    """Options of ``wsss predict`` (see ``wsss predict --help``); :attr:`applied_crf` is the CRF that runs."""
 
-    root: Path
-    checkpoint: Path
-    out_dir: Path
-    dataset: str | None = None
-    split: str = "val"
-    scales: tuple[float, ...] = DEFAULT_SCALES
-    flip: bool = True
-    crf: CrfParams | None = None
-    overlay: bool = False
-    overlay_alpha: float = 0.5
-    evaluate: bool = False
-    batch_size: int = 4
-    amp: str = "auto"
-    compile_model: bool = False
-    device: str = "auto"
-    workers: int | None = None
-    threads: int | None = None
-    shard: tuple[int, int] = (0, 1)
-    overwrite: bool = False
+    root: Path = setting(help=ROOT_HELP)
+    checkpoint: Path = setting(help="best.pth or last.pth of `wsss train-seg`, or its output folder (best.pth, else "
+                                    "last.pth).")
+    out_dir: Path = setting(help="Output folder for <id>.png label maps, config.json and metrics.json.",
+                            option="--out")
+    dataset: str | None = setting(None, DATASET_HELP, choices=DATASET_KINDS)
+    split: str = setting("val", "Split to segment.")
+    scales: tuple[float, ...] = setting((0.5, 0.75, 1.0, 1.25, 1.5), "Comma-separated test-time scales.", above=0,
+                                        parse=positive_scales)
+    flip: bool = setting(True, "Also average the mirrored image.")
+    crf: bool = setting(False, "Dense-CRF post-processing with the --crf-* settings.")
+    crf_params: CrfParams = setting(factory=lambda: POSTPROCESS_CRF, prefix="crf",
+                                    help="The dense CRF of --crf (DeepLab-v2's post-processing values by default).")
+    overlay: bool = setting(False, "Also write colour overlays to <out>/overlay/<id>.jpg.")
+    overlay_alpha: float = setting(0.5, "Opacity of the label colours in the overlays.", at_least=0, at_most=1)
+    evaluate: bool = setting(False, "Score the predictions against ground truth afterwards.", option="--eval")
+    batch_size: int = setting(4, "Images of equal size per forward pass.", at_least=1)
+    amp: str = setting("auto", AMP_HELP, choices=AMP_MODES)
+    compile_model: bool = setting(False, COMPILE_HELP, option="--compile")
+    device: str = setting("auto", DEVICE_HELP, choices=DEVICES)
+    workers: int | None = setting(None, "DataLoader worker processes that decode images and, with --crf, processes "
+                                        "that run the CRF (default: min(cores, 4)).", at_least=0)
+    threads: int | None = setting(None, THREADS_HELP, at_least=1)
+    shard: tuple[int, int] = shard_setting()
+    overwrite: bool = setting(False, OVERWRITE_HELP, flag="--overwrite/--resume")
+
+    def check(self) -> None:
+        if not self.scales:
+            fail("--scales", "none given: need one or more positive factors")
+        index, count = self.shard
+        if self.evaluate and count > 1:
+            fail("--eval", f"with --shard {index}/{count}: --eval scores the whole split; run `wsss eval --pred` "
+                           "once every --shard has finished")
+
+    @property
+    def applied_crf(self) -> CrfParams | None:
+        """The CRF the label maps go through: :attr:`crf_params` with ``--crf``, else None."""
+        return self.crf_params if self.crf else None
 
 
-# what decides a label map besides the checkpoint: a folder predicted with other values is not resumed into
-OUTPUT_SETTINGS = ("scales", "flip", "crf")
+def _label_settings(config: dict) -> tuple[dict, dict | None]:
+    """What decides a label map besides the checkpoint, from the ``config`` of a config.json.
+
+    Returns:
+        ``({"scales", "flip"}, the CRF's parameters or None)``; a config.json written before ``--crf``
+        became a flag beside the ``--crf-*`` group held the parameters (or null) under ``crf``.
+    """
+    crf = config["crf"]
+    params = (config["crf_params"] if crf else None) if isinstance(crf, bool) else crf
+    return {"scales": config["scales"], "flip": config["flip"]}, params
 
 
 def _check_previous_run(cfg: PredictConfig, checkpoint_file: Path, step) -> None:
@@ -87,12 +114,17 @@ def _check_previous_run(cfg: PredictConfig, checkpoint_file: Path, step) -> None
     if previous is None:
         return
     try:
-        before = {key: previous["config"][key] for key in OUTPUT_SETTINGS}
+        before, crf_before = _label_settings(previous["config"])
         made_by = (previous["checkpoint_file"], previous["checkpoint_step"])
     except (KeyError, TypeError):
         return  # a config.json without the settings: nothing to compare
-    now = artifacts.provenance(cfg)["config"]
-    changed = [option_name(key) for key in OUTPUT_SETTINGS if before[key] != now[key]]
+    now, crf_now = _label_settings(artifacts.jsonable(cfg))
+    options = {path: option for path, _, _, option, _ in cli_fields(PredictConfig)}
+    changed = [options[(name,)] for name in now if before[name] != now[name]]
+    if (crf_before is None) != (crf_now is None):
+        changed.append(options[("crf",)])
+    elif crf_now is not None:
+        changed += [options[("crf_params", name)] for name in crf_now if crf_before.get(name) != crf_now[name]]
     if made_by != (str(checkpoint_file), step):
         changed.insert(0, "--checkpoint")
     if changed:
@@ -110,21 +142,11 @@ def _is_done(cfg: PredictConfig, image_id: str, num_classes: int | None = None) 
     return not cfg.overlay or artifacts.overlay_path(Path(cfg.out_dir) / OVERLAY_DIR, image_id).is_file()
 
 
-def predict_label(model, image: np.ndarray, cfg: PredictConfig, device) -> np.ndarray:
-    """Label map uint8 [H, W] of one RGB uint8 [H, W, 3] image (multi-scale, flip, optional CRF)."""
-    probs = predict_probs(model, image, scales=cfg.scales, flip=cfg.flip, device=device)
-    if cfg.crf is not None:
-        from wsss.crf import dense_crf
-
-        probs = dense_crf(image, probs, **cfg.crf.kwargs())
-    return probs.argmax(0).astype(np.uint8)
-
-
 def _write(cfg: PredictConfig, image_id: str, label: np.ndarray, image: np.ndarray | None) -> None:
-    if cfg.crf is not None:
-        from wsss.crf import dense_crf
-
-        label = dense_crf(image, label, **cfg.crf.kwargs()).argmax(0).astype(np.uint8)  # label holds probabilities
+    """Write one label map (and overlay); with a CRF, ``label`` holds the probabilities [C, H, W] it refines."""
+    crf = cfg.applied_crf
+    if crf is not None:
+        label = dense_crf(image, label, **crf.kwargs()).argmax(0).astype(np.uint8)
     artifacts.write_label_png(artifacts.label_path(cfg.out_dir, image_id), label)
     if cfg.overlay:
         artifacts.write_image(artifacts.overlay_path(Path(cfg.out_dir) / OVERLAY_DIR, image_id),
@@ -135,16 +157,17 @@ def write_predictions(model, dataset: PreparedDataset, cfg: PredictConfig, ids: 
                       precision: Precision, info: DistInfo) -> None:
     """Segment ``ids`` in size-bucketed batches and write their label maps (and overlays)."""
     workers = min(default_workers(), 4) if cfg.workers is None else cfg.workers
-    keep_images = cfg.overlay or cfg.crf is not None
+    with_crf = cfg.applied_crf is not None
+    keep_images = cfg.overlay or with_crf
     # the CRF (seconds per VOC image) runs in --workers processes, beside the network; plain writes on a thread
-    crf_processes = workers if cfg.crf is not None and len(ids) > 1 else 0
+    crf_processes = workers if with_crf and len(ids) > 1 else 0
     with BackgroundWriter(processes=crf_processes) as writer, \
             progress_bar(total=len(ids), desc=f"predict {cfg.split}", show=info.is_main) as bar:
         for batch_ids, images, _ in split_batches(dataset, cfg.split, ids, batch_size=cfg.batch_size,
                                                   workers=workers, device=device):
             probs = segment_batch(model, to_model_input(images), cfg.scales, cfg.flip, precision)
             # the CRF needs the probabilities; otherwise only the uint8 argmax leaves the device
-            results = probs.cpu().numpy() if cfg.crf is not None else probs.argmax(1).to(torch.uint8).cpu().numpy()
+            results = probs.cpu().numpy() if with_crf else probs.argmax(1).to(torch.uint8).cpu().numpy()
             pictures = images.cpu().numpy() if keep_images else [None] * len(batch_ids)
             for image_id, result, picture in zip(batch_ids, results, pictures):
                 writer.submit(_write, cfg, image_id, result, picture)
@@ -153,10 +176,6 @@ def write_predictions(model, dataset: PreparedDataset, cfg: PredictConfig, ids: 
 
 def run(cfg: PredictConfig) -> dict:
     """Predict every image of the split (skipping finished ones) and return the metrics written."""
-    if not cfg.scales or not all(math.isfinite(scale) and scale > 0 for scale in cfg.scales):
-        raise WsssError(f"--scales {cfg.scales}: need one or more positive factors")
-    if cfg.evaluate and cfg.shard[1] > 1:
-        raise WsssError("--eval scores the whole split: run `wsss eval --pred` once every --shard has finished")
     runtime = start_runtime(cfg.device, cfg.threads, cfg.amp)
     device, info, precision = runtime.device, runtime.info, runtime.precision
     dataset = PreparedDataset.load(cfg.root, cfg.dataset)
@@ -191,7 +210,7 @@ def run(cfg: PredictConfig) -> dict:
     metrics = {"split": cfg.split, "checkpoint": str(checkpoint_file), "num_images": len(ids),
                "predicted": predicted, "skipped": skipped, "seconds": round(seconds, 2),
                "images_per_second": round(len(todo) / seconds, 4) if todo and seconds > 0 else None,
-               "scales": list(cfg.scales), "flip": cfg.flip, "crf": cfg.crf is not None, "precision": precision.name}
+               "scales": list(cfg.scales), "flip": cfg.flip, "crf": cfg.crf, "precision": precision.name}
     if info.is_main and cfg.evaluate:
         from wsss.evaluation import evaluate_labels
 
@@ -206,55 +225,9 @@ def run(cfg: PredictConfig) -> dict:
 # --------------------------------------------------------------------------- command line
 
 
-@click.command(short_help="Segment a split with a train-seg checkpoint.")
-@options.root_option()
-@options.dataset_option()
-@options.split_option("val", "Split to segment.")
-@click.option("--checkpoint", type=click.Path(path_type=Path), required=True,
-              help="best.pth or last.pth of `wsss train-seg`, or its output folder (best.pth, else last.pth).")
-@options.out_option("Output folder for <id>.png label maps, config.json and metrics.json.")
-@click.option("--scales", default=",".join(str(s) for s in DEFAULT_SCALES), show_default=True,
-              callback=options.old_positive_scales, help="Comma-separated test-time scales.")
-@click.option("--flip/--no-flip", default=True, show_default=True, help="Also average the mirrored image.")
-@click.option("--crf/--no-crf", default=False, show_default=True, help="Dense-CRF post-processing.")
-@click.option("--crf-iterations", type=click.IntRange(min=1), default=POSTPROCESS_CRF.iterations, show_default=True)
-@click.option("--crf-gaussian", default="1,3", show_default=True,
-              callback=options.fixed_floats(2, "SXY,COMPAT", positive=(0,)),
-              help="Smoothness kernel SXY,COMPAT.")
-@click.option("--crf-bilateral", default="67,3,4", show_default=True,
-              callback=options.fixed_floats(3, "SXY,SRGB,COMPAT", positive=(0, 1)),
-              help="Appearance kernel SXY,SRGB,COMPAT.")
-@click.option("--crf-scale", type=options.FiniteFloat(0, 1, min_open=True), default=1.0, show_default=True,
-              help="Run the CRF at this fraction of the resolution (faster on large images).")
-@click.option("--overlay", is_flag=True, help="Also write colour overlays to <out>/overlay/<id>.jpg.")
-@click.option("--overlay-alpha", type=options.FiniteFloat(0, 1), default=0.5, show_default=True)
-@click.option("--eval", "evaluate", is_flag=True, help="Score the predictions against ground truth afterwards.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True,
-              help="Images of equal size per forward pass.")
-@options.amp_option
-@options.compile_option
-@options.device_option
-@options.workers_option
-@options.threads_option
-@options.shard_option
-@options.overwrite_option
-def command(root, dataset, split, checkpoint, out_dir, scales, flip, crf, crf_iterations, crf_gaussian, crf_bilateral,
-            crf_scale, overlay, overlay_alpha, evaluate, batch_size, amp, compile_model, device, workers, threads,
-            shard, overwrite):
+@settings_command(PredictConfig, name="predict", short_help="Segment a split with a train-seg checkpoint.")
+def command(cfg: PredictConfig) -> None:
     """Write label maps of a split with a train-seg checkpoint (multi-scale + flip, optional CRF)."""
-    crf_params = None
-    if crf:
-        try:
-            crf_params = dataclasses.replace(POSTPROCESS_CRF, iterations=crf_iterations, gaussian_sxy=crf_gaussian[0],
-                                             gaussian_compat=crf_gaussian[1], bilateral_sxy=crf_bilateral[0],
-                                             bilateral_srgb=crf_bilateral[1], bilateral_compat=crf_bilateral[2],
-                                             scale=crf_scale)
-        except ValueError as err:
-            raise click.UsageError(f"--crf-*: {err}") from None
-    cfg = PredictConfig(root=root, checkpoint=checkpoint, out_dir=out_dir, dataset=dataset, split=split, scales=scales,
-                        flip=flip, crf=crf_params, overlay=overlay, overlay_alpha=overlay_alpha, evaluate=evaluate,
-                        batch_size=batch_size, amp=amp, compile_model=compile_model, device=device, workers=workers,
-                        threads=threads, shard=shard, overwrite=overwrite)
     metrics = run(cfg)
     if not dist_info().is_main:
         return

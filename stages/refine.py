@@ -23,57 +23,96 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import click
 import numpy as np
 
-from wsss.stages import options
+from wsss.stages.options import (ALLOW_PICKLE_HELP, CAMS_HELP, DATASET_HELP, DEVICE_HELP, DEVICES, LIMIT_HELP,
+                                 OVERWRITE_HELP, POOL_WORKERS_HELP, ROOT_HELP, SEED_HELP,
+                                 settings_command, shard_setting)
 from wsss import artifacts
 from wsss.crf import PSEUDO_LABEL_CRF, CrfParams
-from wsss.datasets.prepared import PreparedDataset
+from wsss.datasets.prepared import DATASET_KINDS, PreparedDataset
 from wsss.errors import WsssError, option_name
 from wsss.gmm import FALLBACK_REASONS, GmmParams
 from wsss.parallel import imap_images
-from wsss.progress import bar as progress_bar
-from wsss.refine import RefineParams, SplitFits, image_seed, image_thresholds, pooled_fits, refine_image
-from wsss.reliability import LAMBDA_ALPHA, LAMBDA_BETA
+from wsss.refine import (THRESHOLD_MODES, RefineParams, SplitFits, image_seed, image_thresholds, pooled_fits,
+                         refine_image)
+from wsss.settings import Settings, setting
 
 log = logging.getLogger(__name__)
 
 
-
 @dataclass(frozen=True)
-class RefineConfig:
-    """Options of ``wsss refine`` (see ``wsss refine --help``).
+class RefineConfig(Settings):
+    """Options of ``wsss refine`` (see ``wsss refine --help``); the per-image ones default to
+    :class:`~wsss.refine.RefineParams`'s, and :attr:`params` builds that from them."""
 
-    Attributes:
-        cam_dir: folder of CAM files.
-        root: prepared dataset root (images for the CRF, ids, masks for ``evaluate``).
-        out_dir: output folder (PNG + NPY per image, config.json, metrics.json).
-        params: the per-image settings.
-        limit: only the first ``limit`` ids of the split (quick looks, benchmarks).
-    """
+    cam_dir: Path = setting(help=CAMS_HELP, option="--cams")
+    root: Path = setting(help=ROOT_HELP)
+    out_dir: Path = setting(help="Output folder for <id>.png pseudo-labels, <id>.npy reliability maps, config.json, "
+                                 "metrics.json.", option="--out")
+    dataset: str | None = setting(None, DATASET_HELP, choices=DATASET_KINDS)
+    split: str = setting("train", "Split to refine (pseudo-label quality is conventionally measured on VOC train).")
+    threshold: str = setting(RefineParams.threshold, "Background threshold: a Gaussian mixture of the scores pooled "
+                                                     "over the split (gmm), fitted per image (gmm-image), or the "
+                                                     "fixed --bg-thresh.", choices=THRESHOLD_MODES)
+    bg_thresh: float = setting(RefineParams.bg_thresh, "Fixed background threshold; also the GMM's fallback on "
+                                                       "degenerate images.", above=0, below=1)
+    fg_thresh: float | None = setting(None, "With --threshold fixed: confident foreground threshold; pixels between "
+                                            "--bg-thresh and --fg-thresh become 255 (IRN uses 0.30/0.05).",
+                                      above=0, below=1)
+    gmm_per_class: bool = setting(RefineParams.gmm_per_class, "One mixture per class (on that class's CAMs; a class "
+                                  f"in fewer than {RefineParams.gmm_min_images} images uses the overall one) or one on "
+                                  "the max over classes.", flag="--gmm-per-class/--gmm-overall")
+    gmm_samples: int = setting(GmmParams.max_samples, "Scores (seeded subsample) per GMM fit; pooled over the split "
+                                                      "with --threshold gmm.", at_least=100)
+    gmm_components: int = setting(GmmParams.components, "Gaussian components; the threshold lies between the two "
+                                                        "upper ones.", at_least=2, at_most=8)
+    confidence: float = setting(RefineParams.confidence, "GMM posterior below this -> 255 (0 = off; e.g. 0.9 hides "
+                                                         "the unsure band).", at_least=0, below=1)
+    crf: bool = setting(False, "Refine the labels with a dense CRF (the --crf-* options).")
+    crf_params: CrfParams = setting(factory=lambda: PSEUDO_LABEL_CRF, prefix="crf",
+                                    help="Dense-CRF settings of --crf (IRN's and SEAM's values).")
+    crf_temperature: float = setting(RefineParams.unary_temperature, "T in the CRF unary softmax([0, cam - "
+                                     "threshold] / T); lower trusts the CAM more.", above=0)
+    raw_alpha: float = setting(RefineParams.lambda_alpha, "RAW lambda_alpha.", above=0, below=1)
+    raw_beta: float = setting(RefineParams.lambda_beta, "RAW lambda_beta (perplexity exponent).", above=0)
+    random_walk: Path | None = setting(None, "A `wsss train-aff` output folder (or checkpoint): first spread the CAMs "
+                                             "over its learned affinities (written to <out>/walked/), then threshold "
+                                             "(and CRF) the walked CAMs.")
+    rw_beta: float = setting(8.0, "Affinities are raised to this power before the walk (AffinityNet 8, IRN 10).",
+                             above=0)
+    rw_steps: int = setting(256, "Random-walk steps (AffinityNet: 256 = 2^8).", at_least=1)
+    device: str = setting("auto", DEVICE_HELP + " Only --random-walk uses it.", choices=DEVICES)
+    limit: int | None = setting(None, LIMIT_HELP, at_least=1)
+    evaluate: bool = setting(False, "Score the pseudo-labels against ground truth afterwards.", option="--eval")
+    allow_pickle: bool = setting(False, ALLOW_PICKLE_HELP)
+    workers: int | None = setting(None, POOL_WORKERS_HELP, at_least=0)
+    seed: int = setting(0, SEED_HELP)
+    shard: tuple[int, int] = shard_setting()
+    overwrite: bool = setting(False, OVERWRITE_HELP, flag="--overwrite/--resume")
+    progress: bool = setting(True, "Show progress bars.")
 
-    cam_dir: Path
-    root: Path
-    out_dir: Path
-    dataset: str | None = None
-    split: str = "train"
-    params: RefineParams = field(default_factory=RefineParams)
-    limit: int | None = None
-    allow_pickle: bool = False
-    evaluate: bool = False
-    workers: int | None = None
-    seed: int = 0
-    shard: tuple[int, int] = (0, 1)
-    random_walk: Path | None = None
-    rw_beta: float = 8.0
-    rw_steps: int = 256
-    device: str = "auto"
-    overwrite: bool = False
-    progress: bool = True
+    def check(self) -> None:
+        """--fg-thresh needs --threshold fixed and must not be below --bg-thresh.
+
+        Those rules are :class:`~wsss.refine.RefineParams`' own: building it checks them, and its errors
+        name these options.
+        """
+        _ = self.params
+
+    @property
+    def params(self) -> RefineParams:
+        """The per-image settings of :func:`wsss.refine.refine_image` (the CRF's only with ``crf``)."""
+        return RefineParams(threshold=self.threshold, bg_thresh=self.bg_thresh, fg_thresh=self.fg_thresh,
+                            gmm_per_class=self.gmm_per_class, confidence=self.confidence,
+                            gmm=GmmParams(components=self.gmm_components, fallback_threshold=self.bg_thresh,
+                                          max_samples=self.gmm_samples),
+                            crf=self.crf_params if self.crf else None, unary_temperature=self.crf_temperature,
+                            lambda_alpha=self.raw_alpha, lambda_beta=self.raw_beta)
 
 
 def _is_done(out_dir: Path, image_id: str, num_classes: int | None = None) -> bool:
@@ -242,11 +281,10 @@ def _params_json(params: RefineParams) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(params)))
 
 
-# RefineParams fields (nested ones dotted) whose option is not "--" + the field with dashes, for messages
+# RefineParams fields (nested ones dotted) whose option is not "--" + the field with dashes ("crf.x" is
+# "--crf-x", the CRF group's), for messages
 _PARAM_OPTIONS = {"gmm.fallback_threshold": "--bg-thresh", "gmm.max_samples": "--gmm-samples",
-                  "crf.gaussian_sxy": "--crf-gaussian", "crf.gaussian_compat": "--crf-gaussian",
-                  "crf.bilateral_sxy": "--crf-bilateral", "crf.bilateral_srgb": "--crf-bilateral",
-                  "crf.bilateral_compat": "--crf-bilateral", "unary_temperature": "--crf-temperature",
+                  "gmm.components": "--gmm-components", "unary_temperature": "--crf-temperature",
                   "lambda_alpha": "--raw-alpha", "lambda_beta": "--raw-beta"}
 
 
@@ -285,9 +323,9 @@ def _check_previous_run(cfg: RefineConfig) -> None:
     previous = None if cfg.overwrite else artifacts.previous_config(cfg.out_dir, cfg.shard)
     if previous is None:
         return
-    try:
-        params = previous["config"]["params"]
-    except (KeyError, TypeError):
+    # config.json holds the per-image settings beside the options (runs before the options were flat: inside)
+    params = previous.get("params", (previous.get("config") or {}).get("params"))
+    if not isinstance(params, dict):
         return  # a config.json without the settings: nothing to compare
     if params != _params_json(cfg.params):
         changed = _changed_options(params, _params_json(cfg.params))
@@ -299,50 +337,16 @@ def _check_previous_run(cfg: RefineConfig) -> None:
 WALKED_DIR = "walked"
 
 
-def load_walk_network(cfg: RefineConfig):
-    """The affinity network of ``--random-walk`` (checked before anything is written) and its checkpoint."""
-    from wsss.models.affinity import load_affinity_net
-
-    checkpoint_file = artifacts.resolve_checkpoint(cfg.random_walk)
-    checkpoint = artifacts.load_checkpoint(checkpoint_file)
-    return load_affinity_net(checkpoint, str(checkpoint_file)), checkpoint, checkpoint_file
-
-
-def walk_split(cfg: RefineConfig, dataset: PreparedDataset, ids: list[str], network) -> RefineConfig:
-    """Random-walk the CAMs of ``ids`` into ``<out>/walked/`` (skipping finished ones); return the
-    config that refines those walked CAMs.
-
-    The walked CAMs are tied to the affinity checkpoint and the walk's settings: a folder made with
-    others is refused (``--overwrite`` redoes it).
-    """
-    import torch
-
-    from wsss.affinity import pair_offsets, walk_cams
+def _walk(cfg: RefineConfig, dataset: PreparedDataset, ids: list[str], network) -> RefineConfig:
+    """Random-walk the CAMs of ``ids`` into ``<out>/walked/`` (:func:`wsss.affinity.walk_split`); return the
+    config that refines those walked CAMs."""
+    from wsss.affinity import walk_split
     from wsss.device import resolve_device
-    from wsss.inference import BackgroundWriter, split_batches, to_model_input
 
-    folder = Path(cfg.out_dir) / WALKED_DIR
-    model, checkpoint, checkpoint_file = network
-    settings = {"checkpoint": str(checkpoint_file), "checkpoint_step": checkpoint.get("step"), "beta": cfg.rw_beta,
-                "steps": cfg.rw_steps, "cams": str(cfg.cam_dir)}
-    settings_file = artifacts.config_path(folder)
-    if settings_file.is_file() and not cfg.overwrite and artifacts.read_json(settings_file) != settings:
-        raise WsssError(f"{settings_file}: {folder} holds CAMs walked with other settings; pass --overwrite")
-    artifacts.write_json(settings_file, settings)
-    device = resolve_device(cfg.device)
-    model = model.to(device)
-    offsets = pair_offsets(int(checkpoint["arch"].get("radius", 5)))
-    todo = [image_id for image_id in ids
-            if cfg.overwrite or not artifacts.cam_is_complete(artifacts.cam_path(folder, image_id))]
-    with progress_bar(total=len(todo), desc="random walk", show=cfg.progress) as bar, BackgroundWriter() as writer:
-        for (image_id,), images, _ in split_batches(dataset, cfg.split, todo, batch_size=1, workers=0, device=device):
-            keys, cams = artifacts.read_cam(artifacts.find_cam(cfg.cam_dir, image_id), allow_pickle=cfg.allow_pickle,
-                                            num_classes=dataset.num_classes)
-            walked = walk_cams(model, to_model_input(images)[0], torch.from_numpy(cams).to(device), offsets,
-                               beta=cfg.rw_beta, steps=cfg.rw_steps)
-            writer.submit(artifacts.write_cam, artifacts.cam_path(folder, image_id), keys, walked.cpu().numpy())
-            bar.update(1)
-    return dataclasses.replace(cfg, cam_dir=folder, allow_pickle=False)
+    folder = walk_split(network, dataset, cfg.split, ids, cfg.cam_dir, Path(cfg.out_dir) / WALKED_DIR,
+                        beta=cfg.rw_beta, steps=cfg.rw_steps, device=resolve_device(cfg.device),
+                        allow_pickle=cfg.allow_pickle, overwrite=cfg.overwrite, progress=cfg.progress)
+    return cfg.replace(cam_dir=folder, allow_pickle=False)
 
 
 def _split_ids(cfg: RefineConfig, dataset: PreparedDataset) -> list[str]:
@@ -366,15 +370,20 @@ def run(cfg: RefineConfig) -> dict:
     dataset = PreparedDataset.load(cfg.root, cfg.dataset)
     split_ids = _split_ids(cfg, dataset)
     ids = shard(split_ids, part=cfg.shard)
-    network = load_walk_network(cfg) if cfg.random_walk is not None else None
+    network = None
+    if cfg.random_walk is not None:  # torch is imported for the walk only; its checkpoint is checked before any write
+        from wsss.affinity import load_walk_network
+
+        network = load_walk_network(cfg.random_walk)
     _check_previous_run(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
     workers = default_workers() if cfg.workers is None else max(1, cfg.workers)
-    artifacts.write_config(out_dir, cfg, shard=cfg.shard, workers=workers)
+    artifacts.write_config(out_dir, cfg, shard=cfg.shard, workers=workers, params=cfg.params)
 
     started = time.perf_counter()
     if cfg.random_walk is not None:
-        cfg = walk_split(cfg, dataset, split_ids if cfg.params.threshold == "gmm" else ids, network)
+        # the pooled GMM fits every image of the split: walk them all, not only this shard's
+        cfg = _walk(cfg, dataset, split_ids if cfg.threshold == "gmm" else ids, network)
     split_fits = fit_split_thresholds(cfg, split_ids, workers, dataset.num_classes)
     results = _run_all(cfg, dataset, ids, workers, split_fits)
     seconds = time.perf_counter() - started
@@ -382,7 +391,7 @@ def run(cfg: RefineConfig) -> dict:
     if refined < len(results):
         log.info("skipped %d finished images (pass --overwrite to redo them)", len(results) - refined)
     metrics = {"split": cfg.split, "num_images": len(ids), "refined": refined, "skipped": len(results) - refined,
-               "workers": workers, "crf": cfg.params.crf is not None, "seconds": round(seconds, 3),
+               "workers": workers, "crf": cfg.crf, "seconds": round(seconds, 3),
                "images_per_second": round(refined / seconds, 3) if refined and seconds > 0 else None,
                **summarise(results, cfg.params, split_fits)}
     if split_fits is not None:
@@ -402,88 +411,13 @@ def run(cfg: RefineConfig) -> dict:
 # --------------------------------------------------------------------------- command line
 
 
-@click.command(short_help="CAMs -> pseudo-labels + reliability (GMM threshold, dense CRF).")
-@options.cams_option()
-@options.root_option()
-@options.dataset_option()
-@options.split_option("train", "Split to refine (pseudo-label quality is conventionally measured on VOC train).")
-@options.out_option("Output folder for <id>.png pseudo-labels, <id>.npy reliability maps, config.json, metrics.json.")
-@click.option("--threshold", "threshold_mode", type=click.Choice(["gmm", "gmm-image", "fixed"]), default="gmm",
-              show_default=True, help="Background threshold: a Gaussian mixture of the scores pooled over the split "
-                                      "(gmm), fitted per image (gmm-image), or the fixed --bg-thresh.")
-@click.option("--bg-thresh", type=options.FiniteFloat(0, 1, min_open=True, max_open=True), default=0.20,
-              show_default=True, help="Fixed background threshold; also the GMM's fallback on degenerate images.")
-@click.option("--fg-thresh", type=options.FiniteFloat(0, 1, min_open=True, max_open=True), default=None,
-              help="With --threshold fixed: confident foreground threshold; pixels between --bg-thresh and "
-                   "--fg-thresh become 255 (IRN uses 0.30/0.05).")
-@click.option("--gmm-per-class/--gmm-overall", default=RefineParams.gmm_per_class, show_default=True,
-              help="One mixture per class (on that class's CAMs; a class in fewer than 10 images uses the overall "
-                   "one) or one on the max over classes.")
-@click.option("--gmm-samples", type=click.IntRange(min=100), default=GmmParams().max_samples, show_default=True,
-              help="Scores (seeded subsample) per GMM fit; pooled over the split with --threshold gmm.")
-@click.option("--gmm-components", type=click.IntRange(min=2, max=8), default=GmmParams().components,
-              show_default=True, help="Gaussian components; the threshold lies between the two upper ones.")
-@click.option("--confidence", type=options.FiniteFloat(0, 1, max_open=True), default=RefineParams.confidence,
-              show_default=True, help="GMM posterior below this -> 255 (0 = off; e.g. 0.9 hides the unsure band).")
-@click.option("--crf/--no-crf", default=False, show_default=True, help="Refine the labels with a dense CRF.")
-@click.option("--crf-iterations", type=click.IntRange(min=1), default=PSEUDO_LABEL_CRF.iterations, show_default=True,
-              help="Mean-field iterations.")
-@click.option("--crf-gaussian", default="3,3", show_default=True,
-              callback=options.fixed_floats(2, "SXY,COMPAT", positive=(0,)),
-              help="Smoothness kernel SXY,COMPAT.")
-@click.option("--crf-bilateral", default="50,5,10", show_default=True,
-              callback=options.fixed_floats(3, "SXY,SRGB,COMPAT", positive=(0, 1)),
-              help="Appearance kernel SXY,SRGB,COMPAT.")
-@click.option("--crf-scale", type=options.FiniteFloat(0, 1, min_open=True), default=1.0, show_default=True,
-              help="Run the CRF at this fraction of the resolution (about 1/scale^2 faster).")
-@click.option("--crf-temperature", type=options.FiniteFloat(0, min_open=True), default=1.0, show_default=True,
-              help="T in the CRF unary softmax([0, cam - threshold] / T); lower trusts the CAM more.")
-@click.option("--raw-alpha", type=options.FiniteFloat(0, 1, min_open=True, max_open=True), default=LAMBDA_ALPHA,
-              show_default=True, help="RAW lambda_alpha (must stay in (0, 1)).")
-@click.option("--raw-beta", type=options.FiniteFloat(0, min_open=True), default=LAMBDA_BETA, show_default=True,
-              help="RAW lambda_beta (perplexity exponent).")
-@click.option("--random-walk", "random_walk", type=click.Path(path_type=Path), default=None,
-              help="A `wsss train-aff` output folder (or checkpoint): first spread the CAMs over its learned "
-                   "affinities (written to <out>/walked/), then threshold (and CRF) the walked CAMs.")
-@click.option("--rw-beta", type=options.FiniteFloat(0, min_open=True), default=8.0, show_default=True,
-              help="Affinities are raised to this power before the walk (AffinityNet 8, IRN 10).")
-@click.option("--rw-steps", type=click.IntRange(min=1), default=256, show_default=True,
-              help="Random-walk steps (AffinityNet: 256 = 2^8).")
-@options.device_option
-@click.option("--limit", type=click.IntRange(min=1), default=None, help="Only the first N images of the split.")
-@click.option("--eval", "evaluate", is_flag=True, help="Score the pseudo-labels against ground truth afterwards.")
-@options.allow_pickle_option
-@options.workers_option
-@options.seed_option
-@options.shard_option
-@options.overwrite_option
-def command(cam_dir, root, dataset, split, out_dir, threshold_mode, bg_thresh, fg_thresh, gmm_per_class, gmm_samples,
-            gmm_components, confidence, crf, crf_iterations, crf_gaussian, crf_bilateral, crf_scale, crf_temperature,
-            raw_alpha, raw_beta, random_walk, rw_beta, rw_steps, device, limit, evaluate, allow_pickle, workers, seed, shard,
-            overwrite):
+@settings_command(RefineConfig, name="refine", short_help="CAMs -> pseudo-labels + reliability (GMM threshold, "
+                                                           "dense CRF).")
+def command(cfg: RefineConfig) -> None:
     """Turn CAMs into pseudo-labels (<id>.png) and RAW reliability maps (<id>.npy)."""
-    if fg_thresh is not None and threshold_mode != "fixed":
-        raise click.UsageError("--fg-thresh needs --threshold fixed (confident regions use two fixed thresholds)")
-    if fg_thresh is not None and fg_thresh < bg_thresh:
-        raise click.UsageError(f"--fg-thresh {fg_thresh} must not be below --bg-thresh {bg_thresh}")
-    try:
-        crf_params = CrfParams(iterations=crf_iterations, gaussian_sxy=crf_gaussian[0], gaussian_compat=crf_gaussian[1],
-                               bilateral_sxy=crf_bilateral[0], bilateral_srgb=crf_bilateral[1],
-                               bilateral_compat=crf_bilateral[2], scale=crf_scale) if crf else None
-        params = RefineParams(threshold=threshold_mode, bg_thresh=bg_thresh, fg_thresh=fg_thresh,
-                              gmm_per_class=gmm_per_class, confidence=confidence,
-                              gmm=GmmParams(components=gmm_components, fallback_threshold=bg_thresh,
-                                            max_samples=gmm_samples), crf=crf_params,
-                              unary_temperature=crf_temperature, lambda_alpha=raw_alpha, lambda_beta=raw_beta)
-    except ValueError as err:
-        raise click.UsageError(str(err)) from None
-    cfg = RefineConfig(cam_dir=cam_dir, root=root, out_dir=out_dir, dataset=dataset, split=split, params=params,
-                       limit=limit, allow_pickle=allow_pickle, evaluate=evaluate, workers=workers, seed=seed,
-                       shard=shard, random_walk=random_walk, rw_beta=rw_beta, rw_steps=rw_steps, device=device,
-                       overwrite=overwrite)
     metrics = run(cfg)
     threshold = metrics["threshold"]
-    click.echo(f"{metrics['refined']} refined, {metrics['skipped']} skipped -> {out_dir}")
+    click.echo(f"{metrics['refined']} refined, {metrics['skipped']} skipped -> {cfg.out_dir}")
     if threshold.get("count"):
         click.echo(f"threshold median {threshold['median']:.3f} "
                    f"(p25 {threshold['p25']:.3f}, p75 {threshold['p75']:.3f}); "
@@ -491,6 +425,6 @@ def command(cam_dir, root, dataset, split, out_dir, threshold_mode, bg_thresh, f
                    f"ignore {metrics['ignore_ratio']['pixels']:.3f}")
     if metrics.get("eval"):
         report = metrics["eval"]
-        click.echo(f"{split} pseudo-label mIoU {report['miou']:.4f} (255 as background); labelled pixels: "
+        click.echo(f"{cfg.split} pseudo-label mIoU {report['miou']:.4f} (255 as background); labelled pixels: "
                    f"mIoU {report['miou_labelled']:.4f}, precision {report['precision_labelled']:.4f}, "
                    f"255 share {report['ignore_share']:.4f}")

@@ -8,12 +8,20 @@ from pathlib import Path
 import click
 
 from wsss.report import write_report
+from wsss.settings import Settings, fail, setting
+from wsss.stages.options import settings_command
 
 
 @dataclass(frozen=True)
-class ReportConfig:
-    run_dir: Path
-    gallery_rows: int = 6
+class ReportConfig(Settings):
+    """Options of ``wsss report`` (see ``wsss report --help``)."""
+
+    run_dir: Path = setting(help="The run folder run_pipeline.sh writes (e.g. work/demo/run).", argument=True)
+    gallery_rows: int = setting(6, "Images in the gallery figure.", at_least=0)
+
+    def check(self) -> None:
+        if self.run_dir.is_file():
+            fail("RUN_DIR", f"{self.run_dir}: is a file, not a run folder")
 
 
 def run(cfg: ReportConfig) -> dict:
@@ -21,13 +29,10 @@ def run(cfg: ReportConfig) -> dict:
     return write_report(cfg.run_dir, gallery_rows=cfg.gallery_rows)
 
 
-@click.command()
-@click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--gallery-rows", type=click.IntRange(min=0), default=6, show_default=True,
-              help="Images in the gallery figure.")
-def command(run_dir: Path, gallery_rows: int) -> None:
+@settings_command(ReportConfig, name="report", short_help="Summarise a pipeline run into report.md.")
+def command(cfg: ReportConfig) -> None:
     """Summarise a pipeline run (the folder run_pipeline.sh writes, e.g. work/demo/run)."""
-    summary = run(ReportConfig(run_dir=run_dir, gallery_rows=gallery_rows))
+    summary = run(cfg)
     click.echo(f"{'stage':<16} {'split':<10} mIoU")
     for stage in summary["stages"]:
         miou = "–" if stage["miou"] is None else f"{stage['miou']:.4f}"

@@ -28,19 +28,22 @@ from pathlib import Path
 import click
 import torch
 
-from wsss.stages import options
+from wsss.stages.options import (ALLOW_PICKLE_HELP, AMP_HELP, AMP_MODES, CAMS_HELP, DATASET_HELP, DEVICE_HELP,
+                                 DEVICES, OVERWRITE_HELP, ROOT_HELP, SEED_HELP, THREADS_HELP, positive_pair,
+                                 settings_command)
 from wsss import artifacts
 from wsss.affinity import TARGET_KINDS, affinity_loss, pair_affinity, pair_offsets
 from wsss.crf import PSEUDO_LABEL_CRF
-from wsss.datasets.prepared import PreparedDataset
+from wsss.datasets.prepared import DATASET_KINDS, PreparedDataset
 from wsss.datasets.torch_data import AffinityDataset
 from wsss.device import default_workers, dist_info, seed_everything
 from wsss.errors import WsssError
 from wsss.models.affinity import AffinityNet
 from wsss.models.backbones import BACKBONES
-from wsss.optim import poly_scheduler, sgd_with_head
+from wsss.optim import Sgd, sgd_group
 from wsss.parallel import imap_images
-from wsss.refine import RefineParams, SplitFits, confident_label, pooled_fits
+from wsss.refine import RefineParams, confident_label, confident_thresholds, pooled_fits
+from wsss.settings import Settings, fail, setting
 from wsss.training import (Loop, RunSpec, Trainee, TrainState, find_resumable, finished_metrics, fit, grad_scaler,
                            start_runtime, step_loader, steps_per_epoch, wrap_distributed)
 from wsss.transforms import train_preset
@@ -49,59 +52,57 @@ log = logging.getLogger(__name__)
 
 CONFIDENT_DIR = "confident"
 CONFIDENT_SOURCES = ("gmm", "fixed")
+# Options that define the optimisation; a checkpoint can only be resumed when they agree.
 SCHEDULE_FIELDS = ("cam_dir", "split", "backbone", "embed_dim", "radius", "confident", "fg_thresh", "bg_thresh",
-                   "crf", "crop_size", "scale_range", "batch_size", "epochs", "lr", "head_lr_mult", "weight_decay",
-                   "momentum", "poly_power", "seed", "amp")
+                   "crf", "crop_size", "scale_range", "batch_size", "epochs", "sgd", "seed", "amp")
 
 
 @dataclass(frozen=True)
-class TrainAffConfig:
+class TrainAffConfig(Settings):
     """Options of ``wsss train-aff`` (see ``wsss train-aff --help``); defaults follow AffinityNet."""
 
-    cam_dir: Path
-    root: Path
-    out_dir: Path
-    dataset: str | None = None
-    split: str = "train"
-    backbone: str = "resnet50"
-    weights: str = "imagenet"
-    embed_dim: int = 448
-    radius: int = 5
-    confident: str = "gmm"
-    fg_thresh: float = 0.30
-    bg_thresh: float = 0.05
-    crf: bool = True
-    crop_size: int = 448
-    scale_range: tuple[float, float] = (0.7, 1.3)
-    batch_size: int = 8
-    epochs: int = 8
-    stop_after: int | None = None
-    lr: float = 0.01
-    head_lr_mult: float = 10.0
-    weight_decay: float = 1e-4
-    momentum: float = 0.9
-    poly_power: float = 0.9
-    allow_pickle: bool = False
-    amp: str = "auto"
-    device: str = "auto"
-    seed: int = 0
-    workers: int | None = None
-    threads: int | None = None
-    overwrite: bool = False
+    cam_dir: Path = setting(help=CAMS_HELP, option="--cams")
+    root: Path = setting(help=ROOT_HELP)
+    out_dir: Path = setting(help="Output folder for confident/<id>.png, last.pth, config.json and metrics.json.",
+                            option="--out")
+    dataset: str | None = setting(None, DATASET_HELP, choices=DATASET_KINDS)
+    split: str = setting("train", "Training split (its CAMs make the labels).")
+    backbone: str = setting("resnet50", "Trunk of the affinity network (torchvision ResNet).",
+                            choices=tuple(sorted(BACKBONES)))
+    weights: str = setting("imagenet", "Trunk initialisation: imagenet, none, a state_dict file (e.g. `wsss "
+                                       "pretrain`'s backbone.pth) or a train-cls checkpoint.")
+    embed_dim: int = setting(448, "Channels of the affinity embedding.", at_least=8)
+    radius: int = setting(5, "Pairs of stride-8 cells closer than this are labelled and learned.", at_least=2)
+    confident: str = setting("gmm", "Confident-region thresholds: the pooled GMM of `wsss refine`, or "
+                                    "--fg-thresh/--bg-thresh.", choices=CONFIDENT_SOURCES)
+    fg_thresh: float = setting(0.30, "With --confident fixed: foreground above this.", above=0, below=1)
+    bg_thresh: float = setting(0.05, "With --confident fixed: background below this (at most --fg-thresh).",
+                               above=0, below=1)
+    crf: bool = setting(True, "Refine both labellings with the dense CRF (`wsss refine`'s --crf values).")
+    crop_size: int = setting(448, "Side of the square training crop, in pixels.", at_least=32)
+    scale_range: tuple[float, float] = setting((0.7, 1.3), "MIN,MAX random rescale factors before cropping.",
+                                               above=0, parse=positive_pair)
+    batch_size: int = setting(8, "Images per optimiser step and process.", at_least=2)
+    epochs: int = setting(8, "Epochs of the schedule (passes over --split).", at_least=1)
+    stop_after: int | None = setting(None, "Stop after this many epochs (the schedule still spans --epochs); "
+                                           "continue later with --resume.", at_least=1)
+    sgd: Sgd = sgd_group(lr=0.01)
+    allow_pickle: bool = setting(False, ALLOW_PICKLE_HELP)
+    amp: str = setting("auto", AMP_HELP, choices=AMP_MODES)
+    device: str = setting("auto", DEVICE_HELP, choices=DEVICES)
+    seed: int = setting(0, SEED_HELP)
+    workers: int | None = setting(None, "Worker processes that make the confident labels (default: all cores) and "
+                                        "DataLoader workers (default: min(cores, 4)).", at_least=0)
+    threads: int | None = setting(None, THREADS_HELP, at_least=1)
+    overwrite: bool = setting(False, OVERWRITE_HELP, flag="--overwrite/--resume")
+
+    def check(self) -> None:
+        """The fixed confident regions need --bg-thresh <= --fg-thresh."""
+        if self.bg_thresh > self.fg_thresh:
+            fail("--bg-thresh", f"{self.bg_thresh:g}: must not exceed --fg-thresh {self.fg_thresh:g}")
 
 
 # --------------------------------------------------------------------------- confident labels
-
-
-def confident_thresholds(fits: SplitFits | None, cfg: TrainAffConfig) -> dict:
-    """``{"fg": {class: threshold} or float, "bg": float}`` for the confident regions."""
-    if fits is None:
-        return {"fg": cfg.fg_thresh, "bg": cfg.bg_thresh}
-    fg = {key: fits.for_class(key).threshold for key in fits.per_class}
-    fg["default"] = fits.overall.threshold
-    low = fits.overall.fit.lower_crossing() if fits.overall.fit is not None else None
-    bg = low if low is not None and len(fits.overall.fit.means) > 2 else 0.5 * fits.overall.threshold
-    return {"fg": fg, "bg": float(min(bg, min(fg.values())))}
 
 
 _STATE: dict = {}
@@ -131,7 +132,7 @@ def write_confident_labels(cfg: TrainAffConfig, dataset: PreparedDataset, ids: l
         # the confident regions use each class's own pooled mixture (as measured in bench/affinity_quality.md)
         fits = pooled_fits(files, RefineParams(gmm_per_class=True), seed=cfg.seed, workers=workers,
                            allow_pickle=cfg.allow_pickle, num_classes=dataset.num_classes)
-    thresholds = confident_thresholds(fits, cfg)
+    thresholds = confident_thresholds(fits, cfg.fg_thresh, cfg.bg_thresh)
     folder = Path(cfg.out_dir) / CONFIDENT_DIR
     todo = [image_id for image_id in ids if cfg.overwrite or not _readable(artifacts.label_path(folder, image_id))]
     list(imap_images(_label_one, todo, workers, "confident labels", initializer=_init_labeller,
@@ -150,15 +151,8 @@ def _readable(path: Path) -> bool:
 # --------------------------------------------------------------------------- the stage
 
 
-def _check(cfg: TrainAffConfig, dataset: PreparedDataset) -> list[str]:
-    if cfg.backbone not in BACKBONES:
-        raise WsssError(f"--backbone {cfg.backbone!r}: choose from {sorted(BACKBONES)}")
-    if cfg.confident not in CONFIDENT_SOURCES:
-        raise WsssError(f"--confident {cfg.confident!r}: choose gmm or fixed")
-    if not 0 < cfg.bg_thresh <= cfg.fg_thresh < 1:
-        raise WsssError(f"--bg-thresh {cfg.bg_thresh} and --fg-thresh {cfg.fg_thresh}: need 0 < bg <= fg < 1")
-    if cfg.radius < 2 or cfg.crop_size < 32 or cfg.batch_size < 2:
-        raise WsssError("--radius must be >= 2, --crop-size >= 32 and --batch-size >= 2")
+def _training_ids(cfg: TrainAffConfig, dataset: PreparedDataset) -> list[str]:
+    """The ids of the training split, every one with a CAM file that may be opened; checked before any work."""
     ids = dataset.ids(cfg.split)
     if not Path(cfg.cam_dir).is_dir() or ids:
         artifacts.require_cams(cfg.cam_dir, ids, cfg.split, cfg.allow_pickle)
@@ -178,7 +172,7 @@ def run(cfg: TrainAffConfig) -> dict:
     runtime = start_runtime(cfg.device, cfg.threads, cfg.amp)
     device, info, precision = runtime.device, runtime.info, runtime.precision
     dataset = PreparedDataset.load(cfg.root, cfg.dataset)
-    ids = _check(cfg, dataset)
+    ids = _training_ids(cfg, dataset)
     offsets = pair_offsets(cfg.radius)
     arch = {"kind": "affinity", "backbone": cfg.backbone, "embed_dim": cfg.embed_dim, "radius": cfg.radius,
             "stride": AffinityNet.stride}
@@ -200,10 +194,8 @@ def run(cfg: TrainAffConfig) -> dict:
     seed_everything(cfg.seed)
     model = AffinityNet(cfg.backbone, "none" if checkpoint else cfg.weights, embed_dim=cfg.embed_dim).to(device)
     model = precision.module(model)
-    optimizer = sgd_with_head(*model.parameter_groups(), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                              momentum=cfg.momentum, head_lr_mult=cfg.head_lr_mult)
-    trainee = Trainee(model, optimizer, poly_scheduler(optimizer, spec.total_steps, power=cfg.poly_power),
-                      grad_scaler(precision, device))
+    optimizer = cfg.sgd.optimizer(*model.parameter_groups())
+    trainee = Trainee(model, optimizer, cfg.sgd.scheduler(optimizer, spec.total_steps), grad_scaler(precision, device))
     state = trainee.restore(checkpoint) if checkpoint else TrainState()
     if info.is_main:
         state.extra["confident"] = {"source": cfg.confident, "thresholds": thresholds}
@@ -228,53 +220,10 @@ def run(cfg: TrainAffConfig) -> dict:
 # --------------------------------------------------------------------------- command line
 
 
-@click.command(short_help="Learn pixel affinities from the CAMs' confident regions.")
-@options.cams_option()
-@options.root_option()
-@options.dataset_option()
-@options.split_option("train", "Training split (its CAMs make the labels).")
-@options.out_option("Output folder for confident/<id>.png, last.pth, config.json and metrics.json.")
-@click.option("--backbone", type=click.Choice(sorted(BACKBONES)), default="resnet50", show_default=True)
-@click.option("--weights", default="imagenet", show_default=True,
-              help="Trunk initialisation: imagenet, none, a state_dict file (e.g. `wsss pretrain`'s backbone.pth) "
-                   "or a train-cls checkpoint.")
-@click.option("--embed-dim", type=click.IntRange(min=8), default=448, show_default=True,
-              help="Channels of the affinity embedding.")
-@click.option("--radius", type=click.IntRange(min=2), default=5, show_default=True,
-              help="Pairs of stride-8 cells closer than this are labelled and learned.")
-@click.option("--confident", type=click.Choice(CONFIDENT_SOURCES), default="gmm", show_default=True,
-              help="Confident-region thresholds: the pooled GMM of `wsss refine`, or --fg-thresh/--bg-thresh.")
-@click.option("--fg-thresh", type=options.FiniteFloat(0, 1, min_open=True, max_open=True), default=0.30,
-              show_default=True, help="With --confident fixed: foreground above this.")
-@click.option("--bg-thresh", type=options.FiniteFloat(0, 1, min_open=True, max_open=True), default=0.05,
-              show_default=True, help="With --confident fixed: background below this.")
-@click.option("--crf/--no-crf", default=True, show_default=True, help="Refine both labellings with the dense CRF.")
-@click.option("--crop-size", type=click.IntRange(min=32), default=448, show_default=True)
-@click.option("--scale-range", default="0.7,1.3", show_default=True, callback=options.old_positive_pair,
-              help="MIN,MAX random rescale factors before cropping.")
-@click.option("--batch-size", type=click.IntRange(min=2), default=8, show_default=True)
-@click.option("--epochs", type=click.IntRange(min=1), default=8, show_default=True)
-@click.option("--stop-after", type=click.IntRange(min=1), default=None,
-              help="Stop after this epoch (the schedule still spans --epochs); continue later with --resume.")
-@options.sgd_options(lr=0.01, head="Affinity head")
-@options.allow_pickle_option
-@options.amp_option
-@options.device_option
-@options.seed_option
-@options.workers_option
-@options.threads_option
-@options.overwrite_option
-def command(cam_dir, root, dataset, split, out_dir, backbone, weights, embed_dim, radius, confident, fg_thresh,
-            bg_thresh, crf, crop_size, scale_range, batch_size, epochs, stop_after, lr, head_lr_mult, weight_decay,
-            momentum, poly_power, allow_pickle, amp, device, seed, workers, threads, overwrite):
+@settings_command(TrainAffConfig, name="train-aff", short_help="Learn pixel affinities from the CAMs' confident "
+                                                                "regions.")
+def command(cfg: TrainAffConfig) -> None:
     """Train an affinity network on the confident regions of the CAMs (for `wsss refine --random-walk`)."""
-    cfg = TrainAffConfig(cam_dir=cam_dir, root=root, out_dir=out_dir, dataset=dataset, split=split, backbone=backbone,
-                         weights=weights, embed_dim=embed_dim, radius=radius, confident=confident,
-                         fg_thresh=fg_thresh, bg_thresh=bg_thresh, crf=crf, crop_size=crop_size,
-                         scale_range=scale_range, batch_size=batch_size, epochs=epochs, stop_after=stop_after, lr=lr,
-                         head_lr_mult=head_lr_mult, weight_decay=weight_decay, momentum=momentum,
-                         poly_power=poly_power, allow_pickle=allow_pickle, amp=amp, device=device, seed=seed,
-                         workers=workers, threads=threads, overwrite=overwrite)
     metrics = run(cfg)
     if not dist_info().is_main:
         return

@@ -47,7 +47,7 @@ from wsss.losses import ER_TARGETS, ERASE_CLASSES, ERASE_FILLS, ERASE_THRESH, Ca
 from wsss.models.classifier import ARCHS, POOLINGS, CamNet, classifier_arch
 from wsss.optim import Sgd, sgd_group
 from wsss.settings import Settings, setting
-from wsss.training import (Loop, Precision, RunSpec, Trainee, TrainState, find_resumable, finished_metrics, fit,
+from wsss.training import (Loop, RunSpec, Trainee, TrainState, find_resumable, finished_metrics, fit,
                            grad_scaler, maybe_compile, start_runtime, step_loader, steps_per_epoch, wrap_distributed)
 from wsss.transforms import train_preset
 

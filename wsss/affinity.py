@@ -27,6 +27,9 @@ stops at boundaries.
    background plane, :func:`add_background`) are then averaged over the graph
    ``t`` times, ``x <- T x`` (:func:`random_walk`); the argmax over classes is the
    refined label.
+5. **A split's CAM files** (``wsss refine --random-walk``): :func:`load_walk_network` reads a
+   ``wsss train-aff`` checkpoint, :func:`walk_split` walks each image's CAMs (:func:`walk_cams`)
+   into a folder of CAM files that refine then thresholds like any other.
 
 Geometry.  As in :mod:`wsss.cam`, feature cell ``(i, j)`` of a stride-``s`` grid is
 centred on input pixel ``(s * i, s * j)`` and the grid has ``ceil(H / s)`` rows.
@@ -54,7 +57,9 @@ time.
 from __future__ import annotations
 
 import warnings
-from typing import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -361,3 +366,86 @@ def walk_cams(model, image: torch.Tensor, cams: torch.Tensor, offsets, *, beta: 
     walked = random_walk(scores, transition_matrix(affinity, offsets, beta), steps)
     full = feature_to_image(walked[None], tuple(cams.shape[-2:]), stride=stride)[0]
     return max_normalize(full.clamp_min(0.0))
+
+
+# --------------------------------------------------------------------------- walking a split's CAM files
+
+
+@dataclass(frozen=True)
+class WalkNetwork:
+    """A trained affinity network and where it came from (what a walked folder is tied to).
+
+    Attributes:
+        model: the :class:`~wsss.models.affinity.AffinityNet`, in eval mode.
+        checkpoint_file: the checkpoint it was read from.
+        step: the optimiser step of that checkpoint (None when it holds none).
+        radius: the pair radius it was trained with (:func:`pair_offsets`).
+    """
+
+    model: torch.nn.Module
+    checkpoint_file: Path
+    step: int | None
+    radius: int
+
+
+def load_walk_network(path: str | Path) -> WalkNetwork:
+    """The affinity network of a ``wsss train-aff`` output folder or checkpoint file.
+
+    Raises:
+        WsssError: no checkpoint there, or not a train-aff checkpoint (checked before a stage writes anything).
+    """
+    from wsss import artifacts
+    from wsss.models.affinity import load_affinity_net
+
+    checkpoint_file = artifacts.resolve_checkpoint(path)
+    checkpoint = artifacts.load_checkpoint(checkpoint_file)
+    model = load_affinity_net(checkpoint, str(checkpoint_file))
+    return WalkNetwork(model, checkpoint_file, checkpoint.get("step"), int(checkpoint["arch"].get("radius", 5)))
+
+
+def walk_split(network: WalkNetwork, dataset, split: str, ids: Sequence[str], cam_dir: str | Path,
+               folder: str | Path, *, beta: float, steps: int, device: torch.device, allow_pickle: bool = False,
+               overwrite: bool = False, progress: bool = True) -> Path:
+    """Random-walk the CAM files of ``ids`` (:func:`walk_cams`) into ``folder``; return ``folder``.
+
+    One image at a time on ``device``, so memory does not grow with the split; the writes run in the
+    background.  Finished CAM files are kept unless ``overwrite``.  ``folder/config.json`` records the
+    checkpoint and the walk's settings: walked CAMs are tied to them, so a folder walked with others is
+    refused (``overwrite`` redoes it).
+
+    Args:
+        network: from :func:`load_walk_network`.
+        dataset: the :class:`~wsss.datasets.prepared.PreparedDataset` whose images the CAMs belong to.
+        split, ids: the images to walk.
+        cam_dir: the folder of the CAMs to walk (IRN-style pickled files only with ``allow_pickle``).
+        folder: where the walked CAMs ``<id>.npz`` go.
+        beta, steps: the walk's affinity power and step count (:func:`transition_matrix`, :func:`random_walk`).
+
+    Raises:
+        WsssError: ``folder`` holds CAMs walked with other settings, or a CAM file is unreadable.
+    """
+    from wsss import artifacts
+    from wsss.errors import WsssError
+    from wsss.inference import BackgroundWriter, split_batches, to_model_input
+    from wsss.progress import bar as progress_bar
+
+    folder = Path(folder)
+    settings = {"checkpoint": str(network.checkpoint_file), "checkpoint_step": network.step, "beta": beta,
+                "steps": steps, "cams": str(cam_dir)}
+    settings_file = artifacts.config_path(folder)
+    if settings_file.is_file() and not overwrite and artifacts.read_json(settings_file) != settings:
+        raise WsssError(f"{settings_file}: {folder} holds CAMs walked with other settings; pass --overwrite")
+    artifacts.write_json(settings_file, settings)
+    model = network.model.to(device)
+    offsets = pair_offsets(network.radius)
+    todo = [image_id for image_id in ids
+            if overwrite or not artifacts.cam_is_complete(artifacts.cam_path(folder, image_id))]
+    with progress_bar(total=len(todo), desc="random walk", show=progress) as bar, BackgroundWriter() as writer:
+        for (image_id,), images, _ in split_batches(dataset, split, todo, batch_size=1, workers=0, device=device):
+            keys, cams = artifacts.read_cam(artifacts.find_cam(cam_dir, image_id), allow_pickle=allow_pickle,
+                                            num_classes=dataset.num_classes)
+            walked = walk_cams(model, to_model_input(images)[0], torch.from_numpy(cams).to(device), offsets,
+                               beta=beta, steps=steps)
+            writer.submit(artifacts.write_cam, artifacts.cam_path(folder, image_id), keys, walked.cpu().numpy())
+            bar.update(1)
+    return folder

@@ -61,49 +61,33 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from wsss.errors import check_finite_fields
+from wsss.settings import Settings, setting
 
 FALLBACK_REASONS = ("no_classes", "empty", "flat", "one_mode", "full_frame", "no_crossing")
 
 
 @dataclass(frozen=True)
-class GmmParams:
+class GmmParams(Settings):
     """Settings of the GMM threshold (defaults documented in the module docstring and README).
 
-    Attributes:
-        components: K, the number of Gaussian components (CoSA: 3; 2 is the classic split).
-        fallback_threshold: ξ used when a rule declares the sample degenerate.
-        max_samples: at most this many scores (drawn without replacement, seeded) enter one fit.
-        min_score: scores at or below this are left out of the fit (CoSA's 0.05).
-        min_samples: fewer scores above ``min_score`` than this -> ``empty``.
-        flat_std: standard deviation below this -> ``flat``.
-        min_weight: one of the upper two components lighter than this -> ``one_mode``.
-        max_background_mean: lowest component mean at or above this -> ``full_frame``.
-        reg_covar: variance added by EM for numerical stability (a floor of σ ≈ 0.01).
-        max_iter: EM iterations.
+    A :class:`~wsss.settings.Settings` group: every value is checked when it is made, and a bad one is a
+    :class:`~wsss.settings.SettingError` (a ValueError) naming the field, e.g. ``--reg-covar 0: must be > 0``.
     """
 
-    components: int = 3
-    fallback_threshold: float = 0.20
-    max_samples: int = 200_000
-    min_score: float = 0.05
-    min_samples: int = 50
-    flat_std: float = 0.01
-    min_weight: float = 0.01
-    max_background_mean: float = 0.40
-    reg_covar: float = 1e-4
-    max_iter: int = 200
-
-    def __post_init__(self) -> None:
-        check_finite_fields(self)
-        if self.components < 2:
-            raise ValueError(f"components must be at least 2, got {self.components}")
-        if not 0.0 <= self.fallback_threshold <= 1.0:
-            raise ValueError(f"fallback_threshold must lie in [0, 1], got {self.fallback_threshold}")
-        if self.max_samples < 2 or self.min_samples < 2:
-            raise ValueError("max_samples and min_samples must be at least 2")
-        if self.reg_covar <= 0:
-            raise ValueError("reg_covar must be positive")
+    components: int = setting(3, "K, the number of Gaussian components (CoSA: 3; 2 is the classic split).",
+                              at_least=2)
+    fallback_threshold: float = setting(0.20, "The threshold used when a rule declares the sample degenerate.",
+                                        at_least=0, at_most=1)
+    max_samples: int = setting(200_000, "At most this many scores (drawn without replacement, seeded) enter one "
+                                        "fit.", at_least=2)
+    min_score: float = setting(0.05, "Scores at or below this are left out of the fit (CoSA's 0.05).")
+    min_samples: int = setting(50, "Fewer scores above min_score than this: 'empty'.", at_least=2)
+    flat_std: float = setting(0.01, "A standard deviation below this: 'flat'.", at_least=0)
+    min_weight: float = setting(0.01, "One of the upper two components lighter than this: 'one_mode'.", at_least=0)
+    max_background_mean: float = setting(0.40, "The lowest component's mean at or above this: 'full_frame'.")
+    reg_covar: float = setting(1e-4, "Variance added by EM for numerical stability (a floor of sigma ~ 0.01).",
+                               above=0)
+    max_iter: int = setting(200, "EM iterations.", at_least=1)
 
 
 @dataclass(frozen=True)

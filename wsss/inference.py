@@ -23,9 +23,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from wsss import artifacts
 from wsss.datasets.prepared import PreparedDataset
 from wsss.device import (DistInfo, inference_loader_workers, loader_worker_init, shard, stop_loader_workers,
                          sum_array_over_ranks)
+from wsss.errors import WsssError
+from wsss.models.backbones import prepare_for_inference
+from wsss.models.classifier import CamNet, load_classifier
 from wsss.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 # EXIF orientations that swap width and height (OpenCV applies the orientation when decoding)
@@ -213,3 +217,33 @@ def validate_classifier(model, dataset: PreparedDataset, split: str, device: tor
         "val_ap": {names[k]: round(float(ap[k]), 6) for k in range(len(ap)) if np.isfinite(ap[k])},
         "val_cam_miou": matrix.miou() if with_masks else None,
     }
+
+
+def load_cam_network(checkpoint_file: Path, dataset: PreparedDataset, device: torch.device,
+                     compile_model: bool = False) -> tuple[CamNet, dict]:
+    """The classifier of a train-cls checkpoint, ready for CAM inference on ``device``.
+
+    Args:
+        checkpoint_file: a ``.pth`` file of ``wsss train-cls`` (resolved, not a folder).
+        dataset: the dataset whose images it will see; its classes must be the checkpoint's.
+        device: where the network runs.
+        compile_model: ``torch.compile`` the class-map branch, which is what every view runs.
+
+    Returns:
+        ``(model, checkpoint)``: the :class:`~wsss.models.classifier.CamNet` in eval mode with
+        BatchNorm folded and channels-last weights, and the loaded checkpoint dict.
+
+    Raises:
+        WsssError: the file is no train-cls checkpoint, or it was trained on other classes than ``dataset`` has.
+    """
+    from wsss.training import maybe_compile
+
+    checkpoint = artifacts.load_checkpoint(checkpoint_file)
+    if list(checkpoint.get("classes", [])) != list(dataset.classes):
+        raise WsssError(f"{checkpoint_file}: the classifier was trained on classes {checkpoint.get('classes')}, "
+                        f"but {dataset.root} has {dataset.classes}")
+    # the network converts its inputs to channels-last itself
+    model = prepare_for_inference(load_classifier(checkpoint, str(checkpoint_file)).to(device))
+    if compile_model:
+        model.class_maps = maybe_compile(model.class_maps, True)
+    return model, checkpoint

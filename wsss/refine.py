@@ -38,74 +38,56 @@ from pathlib import Path
 import numpy as np
 
 from wsss import artifacts
-
+from wsss.artifacts import IGNORE_INDEX
 from wsss.crf import CrfParams, dense_crf
-from wsss.errors import check_finite_fields
 from wsss.gmm import GmmParams, GmmThreshold, gmm_threshold, no_class_threshold, sample_scores
 from wsss.parallel import imap_images
 from wsss.reliability import LAMBDA_ALPHA, LAMBDA_BETA, reliability_map
+from wsss.settings import Settings, fail, setting
 
-IGNORE_INDEX = 255
 THRESHOLD_MODES = ("gmm", "gmm-image", "fixed")
 IMAGE_SAMPLES = 10_000  # scores per fit with threshold="gmm-image"
 
 
 @dataclass(frozen=True)
-class RefineParams:
+class RefineParams(Settings):
     """Everything that decides one image's pseudo-label (see the module docstring).
 
-    Attributes:
-        threshold: ``"gmm"`` (one mixture pooled over the split), ``"gmm-image"`` (one per image)
-            or ``"fixed"``.
-        bg_thresh: the fixed background threshold, and the GMM's fallback value.
-        fg_thresh: with ``threshold="fixed"``, IRN-style confident foreground threshold
-            (pixels between ``bg_thresh`` and ``fg_thresh`` become 255); None = off.
-        gmm_per_class: one GMM per class (on that class's CAMs) instead of one on the max over
-            classes (ignored with ``threshold="fixed"``).
-        gmm_min_images: with ``threshold="gmm"``, a class seen in fewer images of the split uses
-            the overall fit (too few images to trust a mixture of its own).
-        confidence: GMM posterior below this -> 255 (0 disables).
-        gmm: GMM rules; its ``fallback_threshold`` is replaced by ``bg_thresh``.
-        crf: dense-CRF settings, or None to skip the CRF.
-        unary_temperature: T in the unary softmax([0, cam − ξ] / T).
-        lambda_alpha, lambda_beta: RAW constants.
+    A :class:`~wsss.settings.Settings` group: values are checked when it is made (a
+    :class:`~wsss.settings.SettingError`, which is a ValueError, names the field as an option:
+    ``--fg-thresh 0.3: needs --threshold fixed ...``).  ``wsss refine`` builds one from its options.
     """
 
-    threshold: str = "gmm"
-    bg_thresh: float = 0.20
-    fg_thresh: float | None = None
+    threshold: str = setting("gmm", "Background threshold: a Gaussian mixture of the scores pooled over the split "
+                                    "(gmm), fitted per image (gmm-image), or the fixed bg_thresh.",
+                             choices=THRESHOLD_MODES)
+    bg_thresh: float = setting(0.20, "The fixed background threshold; also the GMM's fallback value.", above=0,
+                               below=1)
+    fg_thresh: float | None = setting(None, "With threshold='fixed': IRN-style confident foreground threshold "
+                                            "(pixels between bg_thresh and fg_thresh become 255); None = off.",
+                                      above=0, below=1)
     # one mixture over classes and no 255 band: on the demo CAMs, 3 seeds x 2 trunks, the per-class
     # mixtures and the band gave no DeepLab gain and lower pseudo-labels (bench/threshold_choice.md)
-    gmm_per_class: bool = False
-    gmm_min_images: int = 10
-    confidence: float = 0.0
-    gmm: GmmParams = field(default_factory=GmmParams)
-    crf: CrfParams | None = None
-    unary_temperature: float = 1.0
-    lambda_alpha: float = LAMBDA_ALPHA
-    lambda_beta: float = LAMBDA_BETA
+    gmm_per_class: bool = setting(False, "One GMM per class (on that class's CAMs) instead of one on the max over "
+                                         "classes (ignored with threshold='fixed').")
+    gmm_min_images: int = setting(10, "With threshold='gmm': a class seen in fewer images of the split uses the "
+                                      "overall fit (too few images to trust a mixture of its own).", at_least=1)
+    confidence: float = setting(0.0, "GMM posterior below this -> 255 (0 disables).", at_least=0, below=1)
+    gmm: GmmParams = setting(factory=GmmParams, help="GMM rules; their fallback_threshold is replaced by bg_thresh.")
+    crf: CrfParams | None = setting(None, "Dense-CRF settings, or None to skip the CRF.")
+    unary_temperature: float = setting(1.0, "T in the CRF unary softmax([0, cam - threshold] / T).", above=0)
+    lambda_alpha: float = setting(LAMBDA_ALPHA, "RAW lambda_alpha.", above=0, below=1)
+    lambda_beta: float = setting(LAMBDA_BETA, "RAW lambda_beta (perplexity exponent).", above=0)
 
-    def __post_init__(self) -> None:
-        check_finite_fields(self)
-        if self.threshold not in THRESHOLD_MODES:
-            raise ValueError(f"threshold must be one of {THRESHOLD_MODES}, got {self.threshold!r}")
-        if not 0.0 < self.bg_thresh < 1.0:
-            raise ValueError(f"bg_thresh must lie in (0, 1), got {self.bg_thresh}")
-        if self.fg_thresh is not None:
-            if self.threshold != "fixed":
-                raise ValueError("fg_thresh (confident foreground/background) needs threshold='fixed'")
-            if not self.bg_thresh <= self.fg_thresh < 1.0:
-                raise ValueError(f"fg_thresh must lie in [bg_thresh, 1), got {self.fg_thresh}")
-        numbers = (self.bg_thresh, self.confidence, self.unary_temperature, self.lambda_alpha, self.lambda_beta,
-                   *(() if self.fg_thresh is None else (self.fg_thresh,)))
-        if not all(math.isfinite(value) for value in numbers):
-            raise ValueError("refine settings must be finite numbers")
-        if not 0.0 <= self.confidence < 1.0:
-            raise ValueError(f"confidence must lie in [0, 1), got {self.confidence}")
-        if self.unary_temperature <= 0:
-            raise ValueError(f"unary_temperature must be positive, got {self.unary_temperature}")
-        if not 0.0 < self.lambda_alpha < 1.0 or self.lambda_beta <= 0:
-            raise ValueError("lambda_alpha must lie in (0, 1) and lambda_beta must be positive")
+    def check(self) -> None:
+        """Confident regions (``fg_thresh``) need two fixed thresholds, the upper one not below the lower."""
+        if self.fg_thresh is None:
+            return
+        if self.threshold != "fixed":
+            fail("--fg-thresh", f"{self.fg_thresh:g}: needs --threshold fixed (confident regions use two fixed "
+                                "thresholds)")
+        if self.fg_thresh < self.bg_thresh:
+            fail("--fg-thresh", f"{self.fg_thresh:g}: must not be below --bg-thresh {self.bg_thresh:g}")
 
     @property
     def gmm_params(self) -> GmmParams:
@@ -254,6 +236,32 @@ class SplitFits:
         name = (lambda key: classes[key]) if classes else str
         return {"overall": self.overall.as_json(),
                 "per_class": {name(key): fit.as_json() for key, fit in sorted(self.per_class.items())}}
+
+
+def confident_thresholds(fits: SplitFits | None, fg_thresh: float, bg_thresh: float) -> dict:
+    """The two thresholds of the confident regions (the labels ``wsss train-aff`` learns affinities from).
+
+    Without pooled fits the fixed pair is used.  With them (CoSA's low/high pair), the high threshold of a
+    class is its own pooled boundary (:meth:`SplitFits.for_class`; ``"default"``: the overall one, for a
+    class without a fit), and the low one is the boundary between the two *lowest* components of the
+    overall fit (:meth:`wsss.gmm.GmmFit.lower_crossing`), or half the overall threshold when that fit has
+    only two components or none; the low threshold never exceeds any high one.
+
+    Args:
+        fits: the split's pooled fits (``gmm_per_class``), or None for the fixed pair.
+        fg_thresh, bg_thresh: the fixed pair.
+
+    Returns:
+        ``{"fg": float or {class index: float, "default": float}, "bg": float}``.
+    """
+    if fits is None:
+        return {"fg": fg_thresh, "bg": bg_thresh}
+    fg = {key: fits.for_class(key).threshold for key in fits.per_class}
+    fg["default"] = fits.overall.threshold
+    overall = fits.overall.fit
+    low = overall.lower_crossing() if overall is not None else None
+    bg = low if low is not None and len(overall.means) > 2 else 0.5 * fits.overall.threshold
+    return {"fg": fg, "bg": float(min(bg, min(fg.values())))}
 
 
 def split_samples(keys: np.ndarray, cams: np.ndarray, params: RefineParams, count: int, *,

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from wsss.artifacts import IGNORE_INDEX
+from wsss.crf import CrfParams, dense_crf
 from wsss.transforms import normalize_image
 
 
@@ -117,3 +118,18 @@ def predict_probs(model: nn.Module, image: np.ndarray, scales: Sequence[float] =
     finally:
         model.train(was_training)
     return probs[0].cpu().numpy().astype(np.float32)
+
+
+def predict_label(model: nn.Module, image: np.ndarray, scales: Sequence[float] = (1.0,), flip: bool = True,
+                  crf: CrfParams | None = None, device: torch.device | str = "cpu") -> np.ndarray:
+    """Label map of one RGB uint8 [H, W, 3] image: :func:`predict_probs`, then a dense CRF when ``crf`` is given.
+
+    The one-image form of what ``wsss predict`` computes in batches.
+
+    Returns:
+        uint8 [H, W] class indices (the argmax of the, optionally CRF-refined, probabilities).
+    """
+    probs = predict_probs(model, image, scales=scales, flip=flip, device=device)
+    if crf is not None:
+        probs = dense_crf(image, probs, **crf.kwargs())
+    return probs.argmax(0).astype(np.uint8)

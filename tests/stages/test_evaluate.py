@@ -10,6 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from wsss.stages.cli import cli
+from wsss.stages.evaluate import EvalConfig
 from wsss import artifacts, evaluation
 from wsss.datasets.prepared import PreparedDataset, SplitSpec, write_prepared
 from wsss.metrics import ConfusionMatrix
@@ -155,6 +156,17 @@ def test_workers_one_and_two_give_identical_matrices(dataset_root: Path, tmp_pat
 
 # --------------------------------------------------------------------------- command line
 
+def test_config_takes_exactly_one_folder_and_a_valid_sweep(tmp_path: Path):
+    cfg = EvalConfig(root=tmp_path, pred_dir=tmp_path / "pred")
+    assert cfg.sweep == evaluation.DEFAULT_SWEEP
+    with pytest.raises(ValueError, match="^--cams .*exactly one"):
+        cfg.replace(cam_dir=tmp_path / "cams")
+    with pytest.raises(ValueError, match="^--pred .*exactly one"):
+        cfg.replace(pred_dir=None)
+    with pytest.raises(ValueError, match="^--sweep .*at most 10000"):  # a list from a file skips the text parser
+        cfg.replace(sweep=(0.0, 1.0, 1e-9))
+
+
 def test_identical_predictions_score_one(dataset_root: Path, tmp_path: Path):
     pred_dir = _copy_masks(dataset_root, sorted(_val_masks()), tmp_path / "pred")
     result = _invoke("--pred", str(pred_dir), "--dataset", "folder", "--root", str(dataset_root), "--split", "val",
@@ -247,8 +259,12 @@ def test_bad_cam_and_option_errors(dataset_root: Path, tmp_path: Path):
     assert accepted.exit_code == 0, accepted.output
     assert "best threshold 0.25 mIoU 1.0000" in accepted.output.splitlines()
     both = _invoke("--cams", str(pickled), "--pred", str(pickled), *base)
-    assert both.exit_code != 0 and "exactly one" in both.output
+    assert both.exit_code == 2 and "Invalid value for '--cams'" in both.output and "exactly one" in both.output
+    neither = _invoke(*base)
+    assert neither.exit_code == 2 and "Invalid value for '--pred'" in neither.output and "exactly one" in neither.output
     bad_sweep = _invoke("--cams", str(pickled), *base, "--sweep", "0.5:0.1:0.1")
-    assert bad_sweep.exit_code != 0 and "--sweep" in bad_sweep.output
+    assert bad_sweep.exit_code == 2 and "Invalid value for '--sweep'" in bad_sweep.output
+    out_folder = _invoke("--cams", str(pickled), *base, "--out", str(tmp_path))
+    assert out_folder.exit_code == 2 and "is a directory" in out_folder.output
     wrong_kind = _invoke("--cams", str(pickled), *base, "--dataset", "voc")
     assert wrong_kind.exit_code != 0 and "prepared as 'folder'" in wrong_kind.output

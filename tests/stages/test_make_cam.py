@@ -8,9 +8,10 @@ from click.testing import CliRunner
 
 from wsss.stages.cli import cli
 from wsss import artifacts
-from wsss.cam import erasing_cam, max_normalize, multiscale_cam
+from wsss.cam import ERASE_THRESH, erasing_cam, max_normalize, multiscale_cam
 from wsss.datasets.prepared import PreparedDataset, SplitSpec, write_prepared
 from wsss.models.classifier import CamNet
+from wsss.stages.make_cam import MakeCamConfig
 from wsss.transforms import normalize_image
 
 
@@ -170,6 +171,20 @@ def test_two_shards_write_the_files_of_one_unsharded_run(setup, tmp_path):
                 == artifacts.cam_path(tmp_path / "whole", image_id).read_bytes()), image_id
     result = make_cam(root, checkpoint, tmp_path / "x", "--shard", "2/2")
     assert result.exit_code == 2 and "--shard" in result.output
+    result = make_cam(root, checkpoint, tmp_path / "x", "--shard", "0/2", "--eval")
+    assert result.exit_code == 2 and "Invalid value for '--eval'" in result.output and "every --shard" in result.output
+    assert not (tmp_path / "x").exists()
+
+
+def test_config_owns_its_defaults_and_checks(tmp_path):
+    cfg = MakeCamConfig(root=tmp_path, checkpoint=tmp_path / "best.pth", out_dir=tmp_path / "cams")
+    assert cfg.erase_thresh == ERASE_THRESH and cfg.erase_steps == 0 and cfg.classes == "gt"
+    # what the command line's parsers refuse is refused when the config comes from Python or a file, too
+    for changes, option in (({"scales": ()}, "--scales"), ({"sweep": (0.5, 0.1, 0.1)}, "--sweep"),
+                            ({"shard": (2, 2)}, "--shard"), ({"erase_thresh": 0.0}, "--erase-thresh"),
+                            ({"classes": "all"}, "--classes"), ({"score_thresh": float("nan")}, "--score-thresh")):
+        with pytest.raises(ValueError, match=f"^{option} "):
+            cfg.replace(**changes)
 
 
 def test_bf16_autocast_on_cpu_stays_close_to_float32(setup, tmp_path):

@@ -1,4 +1,3 @@
-import dataclasses
 import json
 
 import numpy as np
@@ -7,12 +6,13 @@ import torch
 from click.testing import CliRunner
 
 from wsss.stages.cli import cli
-from wsss.stages.predict import PredictConfig, predict_label
+from wsss.stages.predict import PredictConfig, _label_settings
 from wsss import artifacts
 from wsss.crf import POSTPROCESS_CRF
 from wsss.datasets.prepared import PreparedDataset, SplitSpec, write_prepared
 from wsss.metrics import ConfusionMatrix
 from wsss.models.deeplab import build_seg_model
+from wsss.segmentation import predict_label
 
 torch.set_num_threads(1)
 
@@ -53,14 +53,13 @@ def test_prediction_png_size_equals_image_size_for_odd_sizes(setup, tmp_path):
     assert result.exit_code == 0, result.output
     dataset = PreparedDataset.load(root)
     expected_matrix = ConfusionMatrix(len(CLASSES))
-    cfg = PredictConfig(root=root, checkpoint=checkpoint, out_dir=out, scales=(1.0, 0.75))
     for image_id, size in SIZES.items():
         label = artifacts.read_label_png(artifacts.label_path(out, image_id))
         assert label.shape == size
         overlay = artifacts.read_image(artifacts.overlay_path(out / "overlay", image_id))
         assert overlay.shape == (*size, 3)
         image = dataset.read_image("val", image_id)
-        np.testing.assert_array_equal(label, predict_label(model.eval(), image, cfg, "cpu"))
+        np.testing.assert_array_equal(label, predict_label(model.eval(), image, scales=(1.0, 0.75)))
         expected_matrix.update(dataset.read_mask("val", image_id), label)
     metrics = json.loads(artifacts.metrics_path(out).read_text())
     assert metrics["predicted"] == 3 and metrics["skipped"] == 0 and metrics["scales"] == [1.0, 0.75]
@@ -101,6 +100,43 @@ def test_resume_refuses_a_folder_predicted_with_other_settings_or_checkpoint(set
     result = predict(root, checkpoint, out, "--overwrite")
     assert result.exit_code == 0 and "3 predicted, 0 skipped" in result.output
     assert "0 predicted, 3 skipped" in predict(root, checkpoint, out).output  # same settings: resumed
+    # CRF settings without --crf do not touch the label maps
+    assert "0 predicted, 3 skipped" in predict(root, checkpoint, out, "--crf-iterations", "3").output
+    # the run replayed from its config.json has the same settings, so it resumes
+    replayed = CliRunner().invoke(cli, ["predict", "--config", str(artifacts.config_path(out))])
+    assert replayed.exit_code == 0 and "0 predicted, 3 skipped" in replayed.output, replayed.output
+
+
+def test_resume_names_the_crf_options_that_changed(setup, tmp_path):
+    pytest.importorskip("pydensecrf")
+    root, checkpoint, _ = setup
+    out = tmp_path / "pred"
+    crf = ("--crf", "--crf-iterations", "1", "--crf-scale", "0.5")
+    assert predict(root, checkpoint, out, *crf).exit_code == 0
+    result = predict(root, checkpoint, out, *crf, "--crf-bilateral-srgb", "5", "--crf-iterations", "2")
+    assert result.exit_code == 1 and "other settings (--crf-iterations, --crf-bilateral-srgb)" in result.output
+    assert "0 predicted, 3 skipped" in predict(root, checkpoint, out, *crf).output
+
+
+def test_applied_crf_is_the_crf_group_only_with_crf(tmp_path):
+    plain = PredictConfig(root=tmp_path, checkpoint=tmp_path / "best.pth", out_dir=tmp_path / "pred")
+    assert plain.applied_crf is None and plain.crf_params == POSTPROCESS_CRF
+    assert plain.replace(crf=True).applied_crf == POSTPROCESS_CRF
+    # a config.json of the older form, whose crf held the parameters or null, reads the same
+    assert _label_settings({"scales": [1.0], "flip": True, "crf": None}) == ({"scales": [1.0], "flip": True}, None)
+    assert _label_settings({"scales": [1.0], "flip": True, "crf": {"iterations": 2}})[1] == {"iterations": 2}
+    assert _label_settings({"scales": [1.0], "flip": True, "crf": True, "crf_params": {"iterations": 2}})[1] == {
+        "iterations": 2}
+    assert _label_settings({"scales": [1.0], "flip": True, "crf": False, "crf_params": {"iterations": 2}})[1] is None
+
+
+def test_crf_options_are_checked_before_any_work(setup, tmp_path):
+    root, checkpoint, _ = setup
+    for option, value, why in (("--crf-gaussian-sxy", "0", "must be > 0"), ("--crf-bilateral-srgb", "nan", "finite"),
+                               ("--crf-iterations", "0", "must be >= 1"), ("--crf-scale", "1.5", "must be <= 1")):
+        result = predict(root, checkpoint, tmp_path / "pred", "--crf", option, value)
+        assert result.exit_code == 2 and f"Invalid value for '{option}'" in result.output and why in result.output
+        assert not (tmp_path / "pred").exists()
 
 
 def test_crf_post_processing_writes_full_size_labels(setup, tmp_path):
@@ -110,15 +146,16 @@ def test_crf_post_processing_writes_full_size_labels(setup, tmp_path):
     result = predict(root, checkpoint, out, "--crf", "--crf-iterations", "2", "--no-flip")
     assert result.exit_code == 0, result.output
     dataset = PreparedDataset.load(root)
-    cfg = PredictConfig(root=root, checkpoint=checkpoint, out_dir=out, scales=(1.0, 0.75), flip=False,
-                        crf=dataclasses.replace(POSTPROCESS_CRF, iterations=2))
+    crf = POSTPROCESS_CRF.replace(iterations=2)  # the other --crf-* options keep DeepLab's values
     for image_id, size in SIZES.items():
         label = artifacts.read_label_png(artifacts.label_path(out, image_id))
         assert label.shape == size
         # the CRF of the one-image path (float rounding of the folded network may move a rare pixel)
-        expected = predict_label(model.eval(), dataset.read_image("val", image_id), cfg, "cpu")
+        expected = predict_label(model.eval(), dataset.read_image("val", image_id), scales=(1.0, 0.75), flip=False,
+                                 crf=crf)
         assert (label == expected).mean() > 0.99
     assert json.loads(artifacts.metrics_path(out).read_text())["crf"] is True
+    assert json.loads(artifacts.config_path(out).read_text())["config"]["crf_params"] == crf.kwargs()
     # with --workers 2 the CRF runs in two processes: the same files
     parallel = tmp_path / "crf_parallel"
     result = predict(root, checkpoint, parallel, "--crf", "--crf-iterations", "2", "--no-flip", "--workers", "2")
@@ -149,4 +186,4 @@ def test_two_shards_write_the_files_of_one_unsharded_run(setup, tmp_path):
         assert (artifacts.label_path(tmp_path / "sharded", image_id).read_bytes()
                 == artifacts.label_path(tmp_path / "whole", image_id).read_bytes()), image_id
     result = predict(root, checkpoint, tmp_path / "x", "--shard", "1/2", "--eval")
-    assert result.exit_code == 1 and "every --shard" in result.output
+    assert result.exit_code == 2 and "Invalid value for '--eval'" in result.output and "every --shard" in result.output

@@ -1,4 +1,4 @@
-"""Tests of wsss/refine.py (one image) and stages/refine.py (``wsss refine``) on a tiny synthetic dataset."""
+"""Tests of stages/refine.py (``wsss refine``) on a tiny synthetic dataset (wsss/refine.py: tests/wsss/test_refine.py)."""
 
 from __future__ import annotations
 
@@ -16,160 +16,16 @@ import pytest
 from click.testing import CliRunner
 
 from wsss.stages.cli import cli
-from wsss.stages.refine import RefineConfig, image_seed, run
+from wsss.stages.refine import RefineConfig, run
 from wsss import artifacts
-from wsss.crf import CrfParams
+from wsss.crf import PSEUDO_LABEL_CRF, CrfParams
 from wsss.datasets.prepared import SplitSpec, write_prepared
 from wsss.gmm import GmmParams
-from wsss.refine import RefineParams, fit_split, image_thresholds, refine_image, split_samples
+from wsss.refine import RefineParams
+from wsss.settings import SettingError
 
 CLASSES = ["background", "cat", "dog"]
 HEIGHT, WIDTH = 40, 56
-
-
-# --------------------------------------------------------------------------- one image
-
-def test_fixed_threshold_hand_worked():
-    # two CAM planes (cat = 1, dog = 2) on a 2x3 image, ξ = 0.3
-    cams = np.array([[[0.9, 0.2, 0.1], [0.5, 0.31, 0.0]],
-                     [[0.1, 0.8, 0.2], [0.6, 0.0, 0.29]]], dtype=np.float32)
-    label, reliability, info = refine_image(None, [1, 2], cams, RefineParams(threshold="fixed", bg_thresh=0.3))
-    np.testing.assert_array_equal(label, [[1, 2, 0], [2, 1, 0]])
-    assert label.dtype == np.uint8
-    assert info["thresholds"] == [0.3] and info["fits"] == 0 and info["ignore_ratio"] == 0.0
-    # RAW: fg d = (m-0.3)/0.7, bg d = (0.3-m)/0.3; P = -log(0.5 d); weights = (1/P) / mean(1/P)
-    m = np.array([[0.9, 0.8, 0.2], [0.6, 0.31, 0.29]])
-    fg = label != 0
-    d = np.where(fg, (m - 0.3) / 0.7, (0.3 - m) / 0.3)
-    reciprocal = 1.0 / -np.log(0.5 * d)
-    np.testing.assert_allclose(reliability, reciprocal / reciprocal.mean(), rtol=1e-5)
-
-
-def test_confident_regions_leave_255_between_the_thresholds():
-    cams = np.array([[[0.9, 0.2, 0.04, 0.35]]], dtype=np.float32)
-    params = RefineParams(threshold="fixed", bg_thresh=0.05, fg_thresh=0.3)
-    label, reliability, info = refine_image(None, [2], cams, params)
-    np.testing.assert_array_equal(label, [[2, 255, 0, 2]])
-    assert reliability[0, 1] == 0.0 and info["thresholds"] == [0.05, 0.3]
-    assert info["ignore_ratio"] == pytest.approx(0.25)
-
-
-def _blob_cams(rng: np.random.Generator, centre=(20, 18), radius=11) -> tuple[np.ndarray, np.ndarray]:
-    """One class CAM: ~0.8 inside a disc, ~0.1 outside, a soft rim, noise; returns (cams [1,H,W], disc mask)."""
-    yy, xx = np.mgrid[:HEIGHT, :WIDTH]
-    distance = np.sqrt((yy - centre[0]) ** 2 + (xx - centre[1]) ** 2)
-    disc = distance <= radius
-    cam = 0.1 + 0.7 / (1.0 + np.exp((distance - radius) / 1.0)) + rng.normal(0, 0.05, disc.shape)
-    return np.clip(cam, 0, 1).astype(np.float32)[None], disc
-
-
-# one image's own two-mode mixture (--threshold gmm-image --gmm-components 2 --gmm-overall)
-IMAGE_GMM = RefineParams(threshold="gmm-image", gmm_per_class=False, gmm=GmmParams(components=2))
-
-
-def test_gmm_threshold_segments_a_blob_and_marks_uncertain_pixels():
-    rng = np.random.default_rng(0)
-    cams, disc = _blob_cams(rng)
-    label, reliability, info = refine_image(None, [1], cams, dataclasses.replace(IMAGE_GMM, confidence=0.0), seed=3)
-    assert info["fits"] == 1 and info["fallbacks"] == []
-    xi = info["thresholds"][0]
-    assert 0.15 < xi < 0.6
-    # without CRF and uncertainty the label is exactly the thresholded CAM
-    np.testing.assert_array_equal(label, np.where(cams[0] >= np.float32(xi), 1, 0))
-    assert (label[disc] == 1).mean() > 0.99
-    assert info["ignore_ratio"] == 0.0
-
-    strict, _, strict_info = refine_image(None, [1], cams, dataclasses.replace(IMAGE_GMM, confidence=0.99), seed=3)
-    uncertain = strict == 255
-    assert 0 < uncertain.sum() < uncertain.size * 0.5
-    # the uncertain pixels are the scores of one interval around the threshold
-    assert strict_info["thresholds"] == info["thresholds"]
-    low, high = cams[0][uncertain].min(), cams[0][uncertain].max()
-    assert low <= xi <= high
-    certain = cams[0][~uncertain]
-    assert not np.any((certain > low) & (certain < high))
-    # labelled pixels keep the labels of the lenient run
-    np.testing.assert_array_equal(strict[~uncertain], label[~uncertain])
-
-
-def test_per_class_gmm_gives_one_threshold_per_class():
-    rng = np.random.default_rng(1)
-    first, disc1 = _blob_cams(rng, centre=(12, 12), radius=8)
-    second, disc2 = _blob_cams(rng, centre=(28, 42), radius=9)
-    cams = np.concatenate([first, second * 0.7])  # the dog CAM is weaker
-    params = dataclasses.replace(IMAGE_GMM, gmm_per_class=True, confidence=0.0)
-    label, _, info = refine_image(None, [1, 2], cams, params, seed=0)
-    assert info["fits"] == 2 and len(info["thresholds"]) == 2
-    assert info["thresholds"][1] < info["thresholds"][0]  # the weaker CAM gets a lower threshold
-    assert (label[disc1] == 1).mean() > 0.97 and (label[disc2] == 2).mean() > 0.97
-
-
-def test_pooled_fits_give_every_image_the_split_threshold_and_per_class_needs_enough_images():
-    rng = np.random.default_rng(4)
-    images = []
-    for index in range(12):  # class 1 in every image, class 2 in the first three only
-        first, _ = _blob_cams(rng, centre=(12 + index, 14), radius=8)
-        keys = [1, 2] if index < 3 else [1]
-        cams = np.concatenate([first, _blob_cams(rng, centre=(28, 40), radius=9)[0] * 0.6]) if index < 3 else first
-        images.append((np.array(keys), cams))
-    params = RefineParams(gmm=GmmParams(components=2), confidence=0.0, gmm_per_class=True)  # per class, pooled
-    samples = [split_samples(keys, cams, params, 500, seed=index) for index, (keys, cams) in enumerate(images)]
-    assert all(sample["all"].size <= 500 and (sample["all"] > 0.05).all() for sample in samples)
-    fits = fit_split(samples, params, seed=0)
-    # class 2 was seen in 3 images (< gmm_min_images = 10): it has no fit of its own and uses the overall one
-    assert set(fits.per_class) == {1} and fits.for_class(2) is fits.overall
-    assert fits.overall.fallback is None and 0.15 < fits.overall.threshold < 0.7
-    first_label, _, first_info = refine_image(None, *images[0], params, split_fits=fits)
-    _, _, other_info = refine_image(None, *images[5], params, split_fits=fits)
-    assert first_info["thresholds"] == pytest.approx([fits.per_class[1].threshold, fits.overall.threshold], abs=1e-6)
-    assert other_info["thresholds"] == pytest.approx([fits.per_class[1].threshold], abs=1e-6)
-    # the split's fits are counted once by the stage, not once per image
-    assert first_info["fits"] == 0 and first_info["fallbacks"] == []
-    # the labels follow the per-class thresholds exactly (no CRF, no uncertainty)
-    keys, cams = images[0]
-    margins = cams - np.array(first_info["thresholds"], np.float32)[:, None, None]
-    expected = np.where(margins.max(0) >= 0, np.array(keys)[margins.argmax(0)], 0)
-    np.testing.assert_array_equal(first_label, expected)
-
-
-def test_no_class_cam_is_background_and_counted():
-    label, reliability, info = refine_image(None, [], np.zeros((0, 4, 5), np.float32), RefineParams())
-    np.testing.assert_array_equal(label, np.zeros((4, 5), np.uint8))
-    np.testing.assert_array_equal(reliability, np.ones((4, 5), np.float32))
-    assert info["fallbacks"] == ["no_classes"] and info["fits"] == 1
-
-
-def test_crf_follows_the_colour_edge():
-    rng = np.random.default_rng(2)
-    image = np.full((HEIGHT, WIDTH, 3), 200, dtype=np.uint8)
-    image[:, :28] = (30, 40, 150)  # object on the left 28 columns
-    cam = np.full((HEIGHT, WIDTH), 0.05, dtype=np.float32)
-    cam[:, :22] = 0.9
-    cam[:, 22:34] = 0.45  # the CAM fades out across the edge
-    cams = np.clip(cam + rng.normal(0, 0.02, cam.shape), 0, 1).astype(np.float32)[None]
-    params = RefineParams(threshold="fixed", bg_thresh=0.3, confidence=0.0)
-    plain, _, _ = refine_image(image, [1], cams, params)
-    assert (plain[:, 28:34] == 1).all()  # without the CRF the label overshoots the edge
-    refined, _, _ = refine_image(image, [1], cams, RefineParams(threshold="fixed", bg_thresh=0.3, crf=CrfParams()))
-    assert (refined[:, :28] == 1).mean() > 0.99 and (refined[:, 28:] == 0).mean() > 0.99
-
-
-def test_params_are_checked():
-    with pytest.raises(ValueError, match="fg_thresh"):
-        RefineParams(threshold="gmm", fg_thresh=0.3)
-    with pytest.raises(ValueError, match="fg_thresh"):
-        RefineParams(threshold="fixed", bg_thresh=0.4, fg_thresh=0.3)
-    with pytest.raises(ValueError, match="finite"):
-        RefineParams(threshold="fixed", bg_thresh=0.3, unary_temperature=float("nan"))
-    with pytest.raises(ValueError, match="pooled fits"):
-        refine_image(None, [1], np.zeros((1, 4, 4), np.float32), RefineParams())  # gmm needs fit_split
-    with pytest.raises(ValueError, match="image"):
-        refine_image(None, [1], np.zeros((1, 4, 4), np.float32), RefineParams(crf=CrfParams()))
-    for name in ("bg_thresh", "confidence", "unary_temperature", "lambda_alpha", "lambda_beta"):
-        with pytest.raises(ValueError, match=f"{name} must be a finite number"):
-            RefineParams(**{name: float("nan")})
-    with pytest.raises(ValueError, match="max_background_mean must be a finite number"):
-        GmmParams(max_background_mean=float("inf"))
 
 
 # --------------------------------------------------------------------------- the stage
@@ -210,9 +66,9 @@ def _outputs(folder):
 
 def test_one_and_two_workers_give_identical_outputs(tiny):
     root, cam_dir, tmp = tiny
-    params = RefineParams(crf=CrfParams(iterations=3))
-    one = run(RefineConfig(cam_dir=cam_dir, root=root, out_dir=tmp / "w1", params=params, workers=1, progress=False))
-    two = run(RefineConfig(cam_dir=cam_dir, root=root, out_dir=tmp / "w2", params=params, workers=2, progress=False))
+    crf = {"crf": True, "crf_params": CrfParams(iterations=3)}
+    one = run(RefineConfig(cam_dir=cam_dir, root=root, out_dir=tmp / "w1", **crf, workers=1, progress=False))
+    two = run(RefineConfig(cam_dir=cam_dir, root=root, out_dir=tmp / "w2", **crf, workers=2, progress=False))
     assert _outputs(tmp / "w1") == _outputs(tmp / "w2")
     assert one["threshold"] == two["threshold"] and one["refined"] == two["refined"] == len(IDS)
     assert one["workers"] == 1 and two["workers"] == 2
@@ -220,9 +76,9 @@ def test_one_and_two_workers_give_identical_outputs(tiny):
 
 def test_two_shards_write_the_files_of_one_unsharded_run(tiny):
     root, cam_dir, tmp = tiny
-    params = RefineParams(crf=CrfParams(iterations=3))
-    run(RefineConfig(cam_dir=cam_dir, root=root, out_dir=tmp / "whole", params=params, workers=1, progress=False))
-    done = [run(RefineConfig(cam_dir=cam_dir, root=root, out_dir=tmp / "sharded", params=params, workers=1,
+    crf = {"crf": True, "crf_params": CrfParams(iterations=3)}
+    run(RefineConfig(cam_dir=cam_dir, root=root, out_dir=tmp / "whole", **crf, workers=1, progress=False))
+    done = [run(RefineConfig(cam_dir=cam_dir, root=root, out_dir=tmp / "sharded", **crf, workers=1,
                              shard=(index, 2), progress=False))["refined"] for index in (0, 1)]
     assert done == [3, 2]
     assert _outputs(tmp / "sharded") == _outputs(tmp / "whole")
@@ -232,8 +88,8 @@ def test_two_shards_write_the_files_of_one_unsharded_run(tiny):
 def test_stage_outputs_metrics_resume_and_eval(tiny):
     root, cam_dir, tmp = tiny
     out = tmp / "pseudo"
-    cfg = RefineConfig(cam_dir=cam_dir, root=root, out_dir=out, params=RefineParams(confidence=0.0), evaluate=True,
-                       workers=1, seed=4, progress=False)
+    cfg = RefineConfig(cam_dir=cam_dir, root=root, out_dir=out, confidence=0.0, evaluate=True, workers=1, seed=4,
+                       progress=False)
     metrics = run(cfg)
     # the files re-opened from disk
     for image_id in IDS:
@@ -249,7 +105,8 @@ def test_stage_outputs_metrics_resume_and_eval(tiny):
     assert set(written["fallbacks"]["by_reason"]) >= {"empty", "flat", "one_mode", "full_frame", "no_crossing"}
     assert written["eval"]["miou"] > 0.5 and written["eval"]["ignore_share"] == 0.0
     config = json.loads(artifacts.config_path(out).read_text())
-    assert config["config"]["params"]["threshold"] == "gmm" and config["config"]["seed"] == 4
+    assert config["config"]["threshold"] == "gmm" and config["config"]["seed"] == 4
+    assert config["params"] == json.loads(json.dumps(dataclasses.asdict(cfg.params)))
 
     # resume: nothing is redone, the statistics are the same, files untouched
     before = {image_id: artifacts.label_path(out, image_id).stat().st_mtime_ns for image_id in IDS}
@@ -265,8 +122,7 @@ def test_stage_outputs_metrics_resume_and_eval(tiny):
     # resuming with other settings is refused
     from wsss.errors import WsssError
     with pytest.raises(WsssError, match="other settings"):
-        run(RefineConfig(cam_dir=cam_dir, root=root, out_dir=out, params=RefineParams(threshold="fixed"),
-                         workers=1, progress=False))
+        run(RefineConfig(cam_dir=cam_dir, root=root, out_dir=out, threshold="fixed", workers=1, progress=False))
 
 
 def test_pseudo_labels_beat_the_cam_at_the_fixed_threshold(tiny):
@@ -275,21 +131,9 @@ def test_pseudo_labels_beat_the_cam_at_the_fixed_threshold(tiny):
 
     root, cam_dir, tmp = tiny
     metrics = run(RefineConfig(cam_dir=cam_dir, root=root, out_dir=tmp / "crf", evaluate=True, workers=1,
-                               params=RefineParams(crf=CrfParams(), confidence=0.0), progress=False))
+                               crf=True, confidence=0.0, progress=False))
     _, matrices = evaluate_cams(PreparedDataset.load(root), "train", cam_dir, [0.2], progress=False)
     assert metrics["eval"]["miou"] > matrices[0].miou()
-
-
-def test_image_seed_depends_on_id_and_seed_only():
-    assert image_seed(0, "a1") == image_seed(0, "a1")
-    assert image_seed(0, "a1") != image_seed(0, "b2") and image_seed(0, "a1") != image_seed(1, "a1")
-
-
-def test_thresholds_only_agree_with_refine(tiny):
-    root, cam_dir, _ = tiny
-    keys, cams = artifacts.read_cam(artifacts.cam_path(cam_dir, "b2"))
-    _, _, info = refine_image(None, keys, cams, IMAGE_GMM, seed=9)
-    assert image_thresholds(keys, cams, IMAGE_GMM, seed=9).reported == pytest.approx(info["thresholds"], abs=1e-6)
 
 
 # --------------------------------------------------------------------------- command line
@@ -305,7 +149,7 @@ def test_cli_refine_with_crf_and_eval(tiny):
     metrics = json.loads(artifacts.metrics_path(out).read_text())
     assert metrics["crf"] is True and metrics["refined"] == len(IDS)
     config = json.loads(artifacts.config_path(out).read_text())
-    assert config["config"]["params"]["crf"]["scale"] == 0.5
+    assert config["config"]["crf_params"]["scale"] == 0.5 and config["params"]["crf"]["scale"] == 0.5
     assert all(artifacts.label_path(out, image_id).is_file() for image_id in IDS)
     # the defaults: one mixture over classes and no band of unsure pixels (bench/threshold_choice.md); the band
     # of --confidence 0.9 marks the blurry CAMs' rims 255
@@ -338,9 +182,17 @@ def test_cli_errors_name_the_problem(tiny):
     assert result.exit_code == 0, result.output
 
     result = runner.invoke(cli, base + ["--out", str(tmp / "z"), "--fg-thresh", "0.3"])
-    assert result.exit_code == 2 and "--threshold fixed" in result.output
-    result = runner.invoke(cli, base + ["--out", str(tmp / "z"), "--crf-bilateral", "50,5"])
-    assert result.exit_code == 2 and "SXY,SRGB,COMPAT" in result.output
+    assert result.exit_code == 2 and "Invalid value for '--fg-thresh': 0.3: needs --threshold fixed" in result.output
+    result = runner.invoke(cli, base + ["--out", str(tmp / "z"), "--threshold", "fixed", "--bg-thresh", "0.4",
+                                        "--fg-thresh", "0.3"])
+    assert result.exit_code == 2 and "'--fg-thresh': 0.3: must not be below --bg-thresh 0.4" in result.output
+    result = runner.invoke(cli, base + ["--out", str(tmp / "z"), "--crf-bilateral-sxy", "0"])
+    assert result.exit_code == 2 and "Invalid value for '--crf-bilateral-sxy': 0: must be > 0" in result.output
+    result = runner.invoke(cli, base + ["--out", str(tmp / "z"), "--crf-gaussian-compat", "nan"])
+    assert result.exit_code == 2 and "'--crf-gaussian-compat': nan: must be a finite number" in result.output
+    result = runner.invoke(cli, base + ["--out", str(tmp / "z"), "--gmm-components", "9"])
+    assert result.exit_code == 2 and "'--gmm-components': 9: must be <= 8" in result.output
+    assert not (tmp / "z").exists()
     result = runner.invoke(cli, base + ["--out", str(cam_dir)])
     assert result.exit_code == 1 and "--out must differ" in result.output
 
@@ -396,4 +248,39 @@ def test_a_resume_with_other_settings_names_the_options():
     assert _changed_options(fixed, _params_json(RefineParams(threshold="fixed", crf=CrfParams()))) == ["--crf"]
     assert _changed_options(_params_json(RefineParams(crf=CrfParams(iterations=3, bilateral_srgb=3.0))),
                             _params_json(RefineParams(crf=CrfParams(), lambda_beta=2.0))) == \
-        ["--crf-bilateral", "--crf-iterations", "--raw-beta"]
+        ["--crf-bilateral-srgb", "--crf-iterations", "--raw-beta"]
+    assert _changed_options(_params_json(RefineParams()), _params_json(RefineParams(gmm=GmmParams(components=2)))) \
+        == ["--gmm-components"]
+
+
+# --------------------------------------------------------------------------- the config
+
+def test_config_defaults_are_the_librarys_and_build_the_params(tmp_path):
+    cfg = RefineConfig(cam_dir=tmp_path / "cams", root=tmp_path, out_dir=tmp_path / "out")
+    assert cfg.params == RefineParams()  # the options' defaults are the library's
+    assert cfg.crf_params == PSEUDO_LABEL_CRF
+    cfg = cfg.replace(threshold="fixed", bg_thresh=0.05, fg_thresh=0.3, gmm_components=2, gmm_samples=500, crf=True,
+                      crf_params=CrfParams(scale=0.5), crf_temperature=0.5, raw_alpha=0.3, raw_beta=2.0)
+    assert cfg.params == RefineParams(threshold="fixed", bg_thresh=0.05, fg_thresh=0.3,
+                                      gmm=GmmParams(components=2, fallback_threshold=0.05, max_samples=500),
+                                      crf=CrfParams(scale=0.5), unary_temperature=0.5, lambda_alpha=0.3,
+                                      lambda_beta=2.0)
+    assert cfg.replace(crf=False).params.crf is None  # the CRF's settings count only with --crf
+    with pytest.raises(SettingError, match="--fg-thresh 0.3: needs --threshold fixed"):
+        cfg.replace(threshold="gmm")
+
+
+def test_config_json_replays_the_run(tiny):
+    root, cam_dir, tmp = tiny
+    out = tmp / "replayed"
+    first = CliRunner().invoke(cli, ["-q", "refine", "--cams", str(cam_dir), "--root", str(root), "--out", str(out),
+                                     "--threshold", "fixed", "--bg-thresh", "0.3", "--crf", "--crf-iterations", "2",
+                                     "--crf-bilateral-srgb", "7", "--workers", "1", "--no-progress"])
+    assert first.exit_code == 0, first.output
+    # the same options from the config.json it wrote: a resume of the same settings (nothing redone)
+    again = CliRunner().invoke(cli, ["refine", "--config", str(artifacts.config_path(out))])
+    assert again.exit_code == 0, again.output
+    assert "0 refined, 5 skipped" in again.output
+    # an option on the command line wins over the file, and the resume check names it
+    other = CliRunner().invoke(cli, ["refine", "--config", str(artifacts.config_path(out)), "--crf-scale", "0.5"])
+    assert other.exit_code == 1 and "other settings (--crf-scale)" in other.output

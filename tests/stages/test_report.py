@@ -64,6 +64,14 @@ def test_report_without_evaluations_is_a_clear_error(tmp_path):
     assert "Traceback" not in result.output
 
 
+def test_report_of_a_file_or_bad_rows_is_a_usage_error(tmp_path):
+    (tmp_path / "run.txt").write_text("not a run")
+    result = CliRunner().invoke(cli, ["report", str(tmp_path / "run.txt")])
+    assert result.exit_code == 2 and "Invalid value for 'RUN_DIR'" in result.output and "is a file" in result.output
+    result = CliRunner().invoke(cli, ["report", str(tmp_path), "--gallery-rows", "-1"])
+    assert result.exit_code == 2 and "Invalid value for '--gallery-rows'" in result.output
+
+
 def test_colorize_and_overlay_use_the_voc_palette():
     label = np.array([[0, 1], [255, 12]], np.uint8)
     colours = colorize_label(label)

@@ -1,4 +1,7 @@
-"""wsss train-aff and refine --random-walk: confident labels, training and resume, the walk of one image."""
+"""wsss train-aff and refine --random-walk: confident labels, training and resume, the walk of the split.
+
+The maths: tests/wsss/test_affinity.py (the walk of one image) and tests/wsss/test_refine.py (confident labels).
+"""
 
 import json
 
@@ -10,46 +13,9 @@ from click.testing import CliRunner
 from helpers import assert_one_line_error
 from wsss.stages.cli import cli
 from wsss import artifacts
-from wsss.affinity import pair_offsets, walk_cams
 from wsss.datasets.prepared import PreparedDataset
 from wsss.models.classifier import CamNet
 from wsss.refine import confident_label
-
-
-def test_confident_label_by_hand():
-    cams = np.array([[[0.9, 0.5, 0.1, 0.0],
-                      [0.8, 0.2, 0.04, 0.0]],
-                     [[0.1, 0.6, 0.7, 0.2],
-                      [0.0, 0.1, 0.02, 0.03]]], np.float32)
-    # class 3 above 0.8, class 5 above 0.65; background where every CAM is below 0.05; 255 between
-    label = confident_label(None, [3, 5], cams, fg_thresholds=[0.8, 0.65], bg_thresholds=[0.05, 0.05])
-    expected = np.array([[3, 255, 5, 255],
-                         [3, 255, 0, 0]], np.uint8)
-    np.testing.assert_array_equal(label, expected)
-    assert confident_label(None, [], np.zeros((0, 2, 4), np.float32), [], []).tolist() == [[0] * 4] * 2
-
-
-class TwoRegions(torch.nn.Module):
-    """A stand-in affinity network: cells of the left half embed to 0, of the right half to 10."""
-
-    stride = 8
-
-    def forward(self, images):
-        height, width = -(-images.shape[-2] // 8), -(-images.shape[-1] // 8)
-        embedding = torch.zeros(1, 4, height, width)
-        embedding[..., width // 2:] = 10.0
-        return embedding
-
-
-def test_walk_spreads_a_seed_over_its_region_and_not_across_the_edge():
-    cams = torch.zeros(1, 32, 48)  # a 4 x 6 cell grid; cell (1, 1) is centred on pixel (8, 8)
-    cams[0, 8, 8] = 1.0
-    walked = walk_cams(TwoRegions(), torch.zeros(3, 32, 48), cams, pair_offsets(3), beta=8, steps=64)
-    cells = walked[0, ::8, ::8]
-    assert cells.shape == (4, 6)
-    assert (cells[:, :3] > 0.5).all()    # the whole left region, from one seed cell
-    assert (cells[:, 3:] < 1e-3).all()   # nothing crosses the edge
-    assert walked.max() == pytest.approx(1.0) and walked.min() >= 0.0
 
 
 @pytest.fixture(scope="module")
@@ -97,6 +63,9 @@ def test_train_aff_labels_trains_resumes_and_feeds_the_walk(tiny_demo, cams, tmp
     resumed_model = artifacts.load_checkpoint(artifacts.checkpoint_path(resumed, "last"))["model"]
     for name, tensor in checkpoint["model"].items():
         assert torch.equal(resumed_model[name], tensor), name
+    # the SGD group is part of the schedule: another --lr cannot resume the run
+    assert_one_line_error(train_aff(tiny_demo, cams / "cams", resumed, "--epochs", "2", "--lr", "0.02"),
+                          "cannot resume", "--lr")
 
     out = tmp_path / "pseudo"
     command = ["-q", "refine", "--cams", str(cams / "cams"), "--root", str(tiny_demo), "--out", str(out),
@@ -122,6 +91,13 @@ def test_train_aff_labels_trains_resumes_and_feeds_the_walk(tiny_demo, cams, tmp
 def test_train_aff_errors(tiny_demo, tmp_path):
     result = train_aff(tiny_demo, tmp_path / "nowhere", tmp_path / "out")
     assert_one_line_error(result, "nowhere", "make-cam")
+    # option checks come before any work: exit code 2, the option named
+    result = train_aff(tiny_demo, tmp_path / "nowhere", tmp_path / "out", "--fg-thresh", "0.2", "--bg-thresh", "0.4")
+    assert result.exit_code == 2 and "Invalid value for '--bg-thresh': 0.4: must not exceed --fg-thresh 0.2" \
+        in result.output
+    result = train_aff(tiny_demo, tmp_path / "nowhere", tmp_path / "out", "--momentum", "1")
+    assert result.exit_code == 2 and "'--momentum': 1: must be < 1" in result.output
+    assert not (tmp_path / "out").exists()
     result = CliRunner().invoke(cli, ["-q", "refine", "--cams", str(tmp_path), "--root", str(tiny_demo), "--out",
                                       str(tmp_path / "p"), "--random-walk", str(tmp_path / "missing")])
     assert result.exit_code == 1 and "Traceback" not in result.output

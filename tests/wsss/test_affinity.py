@@ -4,8 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from wsss.affinity import (add_background, affinity_loss, affinity_targets, label_at_stride, pair_affinity,
-                           pair_offsets, random_walk, transition_matrix)
+from wsss import artifacts
+from wsss.affinity import (WalkNetwork, add_background, affinity_loss, affinity_targets, label_at_stride,
+                           pair_affinity, pair_offsets, random_walk, transition_matrix, walk_cams, walk_split)
+from wsss.datasets.prepared import PreparedDataset, SplitSpec, write_prepared
+from wsss.errors import WsssError
 from wsss.cam import resample
 from wsss.models.affinity import AffinityNet, upsample_cells
 from wsss.refine import RefineParams, refine_image
@@ -196,6 +199,64 @@ def test_random_walk_equals_the_dense_matrix_power(device):
         squared = squared @ squared
     torch.testing.assert_close(walked, (squared @ scores.reshape(3, -1).t()).t().reshape(3, 5, 6))
     torch.testing.assert_close(random_walk(scores, transition, steps=0), scores)
+
+
+class TwoRegions(torch.nn.Module):
+    """A stand-in affinity network: cells of the left half embed to 0, of the right half to 10."""
+
+    stride = 8
+
+    def forward(self, images):
+        height, width = -(-images.shape[-2] // 8), -(-images.shape[-1] // 8)
+        embedding = torch.zeros(1, 4, height, width)
+        embedding[..., width // 2:] = 10.0
+        return embedding
+
+
+def test_walk_spreads_a_seed_over_its_region_and_not_across_the_edge():
+    cams = torch.zeros(1, 32, 48)  # a 4 x 6 cell grid; cell (1, 1) is centred on pixel (8, 8)
+    cams[0, 8, 8] = 1.0
+    walked = walk_cams(TwoRegions(), torch.zeros(3, 32, 48), cams, pair_offsets(3), beta=8, steps=64)
+    cells = walked[0, ::8, ::8]
+    assert cells.shape == (4, 6)
+    assert (cells[:, :3] > 0.5).all()    # the whole left region, from one seed cell
+    assert (cells[:, 3:] < 1e-3).all()   # nothing crosses the edge
+    assert walked.max() == pytest.approx(1.0) and walked.min() >= 0.0
+
+
+def test_walk_split_writes_resumes_and_refuses_other_settings(tmp_path):
+    root, cam_dir, folder = tmp_path / "data", tmp_path / "cams", tmp_path / "walked"
+    ids = ["a", "b"]
+    for image_id in ids:
+        artifacts.write_image(root / "images" / f"{image_id}.png", np.zeros((32, 48, 3), np.uint8))
+        cams = np.zeros((1, 32, 48), np.float32)
+        cams[0, 8, 8] = 1.0  # one seed cell in the left region
+        artifacts.write_cam(artifacts.cam_path(cam_dir, image_id), np.array([1]), cams)
+    write_prepared(root, "folder", ["background", "cat"], {"train": (SplitSpec("images", ".png"), ids)},
+                   {image_id: [1] for image_id in ids})
+    dataset = PreparedDataset.load(root)
+    network = WalkNetwork(TwoRegions(), tmp_path / "aff" / "last.pth", step=7, radius=3)
+
+    def walk(steps: int = 64, **options):
+        return walk_split(network, dataset, "train", ids, cam_dir, folder, beta=8.0, steps=steps,
+                          device=torch.device("cpu"), progress=False, **options)
+
+    assert walk() == folder
+    for image_id in ids:
+        keys, walked = artifacts.read_cam(artifacts.cam_path(folder, image_id))
+        assert keys.tolist() == [1] and walked.shape == (1, 32, 48)
+        assert (walked[0, ::8, :24:8] > 0.5).all() and (walked[0, ::8, 24::8] < 1e-3).all()
+    assert artifacts.read_json(artifacts.config_path(folder)) == {
+        "checkpoint": str(network.checkpoint_file), "checkpoint_step": 7, "beta": 8.0, "steps": 64,
+        "cams": str(cam_dir)}
+    # finished files are kept; other settings in the same folder are refused unless overwrite
+    before = artifacts.cam_path(folder, "a").stat().st_mtime_ns
+    walk()
+    assert artifacts.cam_path(folder, "a").stat().st_mtime_ns == before
+    with pytest.raises(WsssError, match="walked with other settings; pass --overwrite"):
+        walk(steps=8)
+    walk(steps=8, overwrite=True)
+    assert artifacts.read_json(artifacts.config_path(folder))["steps"] == 8
 
 
 def test_add_background_by_hand():

@@ -160,10 +160,12 @@ def test_spike_of_zeros_does_not_pull_the_threshold_to_zero():
 
 
 def test_params_are_checked():
-    with pytest.raises(ValueError, match="fallback_threshold"):
+    with pytest.raises(ValueError, match="--fallback-threshold 1.5: must be <= 1"):
         GmmParams(fallback_threshold=1.5)
-    with pytest.raises(ValueError, match="reg_covar"):
+    with pytest.raises(ValueError, match="--reg-covar 0: must be > 0"):
         GmmParams(reg_covar=0.0)
+    with pytest.raises(ValueError, match="--components 1: must be >= 2"):
+        GmmParams(components=1)
 
 
 # --------------------------------------------------------------------------- real CAM histograms

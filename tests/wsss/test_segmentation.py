@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from wsss.segmentation import predict_probs, segmentation_loss
+from wsss.segmentation import predict_label, predict_probs, segmentation_loss
 
 torch.set_num_threads(1)
 
@@ -99,3 +99,19 @@ def test_predict_probs_keeps_odd_image_size_over_scales():
     probs = predict_probs(model, image, scales=(0.5, 1.0, 1.5), flip=True)
     assert probs.shape == (3, 37, 23)
     np.testing.assert_allclose(probs.sum(0), 1.0, atol=1e-5)
+
+
+def test_predict_label_is_the_argmax_and_the_crf_refines_it():
+    image = np.zeros((3, 5, 3), np.uint8)
+    model = _Ramp()
+    # class 1 wins where its logit x > 0; the flipped view averages sigmoid(x) with sigmoid(4 - x): > 1/2 everywhere
+    np.testing.assert_array_equal(predict_label(model, image, flip=False), [[0, 1, 1, 1, 1]] * 3)
+    np.testing.assert_array_equal(predict_label(model, image, flip=True), np.ones((3, 5)))
+    pytest.importorskip("pydensecrf")
+    from wsss.crf import POSTPROCESS_CRF, dense_crf
+
+    crf = POSTPROCESS_CRF.replace(iterations=2)
+    probs = predict_probs(model, image, flip=False)
+    label = predict_label(model, image, flip=False, crf=crf)
+    assert label.dtype == np.uint8 and label.shape == (3, 5)
+    np.testing.assert_array_equal(label, dense_crf(image, probs, **crf.kwargs()).argmax(0))
