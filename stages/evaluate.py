@@ -18,7 +18,8 @@ import click
 from wsss import artifacts, evaluation
 from wsss.datasets.prepared import DATASET_KINDS, PreparedDataset
 from wsss.settings import Settings, fail, setting
-from wsss.stages.options import (ALLOW_PICKLE_HELP, DATASET_HELP, POOL_WORKERS_HELP, ROOT_HELP, settings_command, sweep_setting)
+from wsss.stages.options import (ALLOW_PICKLE_HELP, DATASET_HELP, POOL_WORKERS_HELP, ROOT_HELP, folder_problem,
+                                 settings_command, sweep_setting)
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +28,7 @@ log = logging.getLogger(__name__)
 class EvalConfig(Settings):
     """Options of ``wsss eval`` (see ``wsss eval --help``); exactly one of ``pred_dir`` and ``cam_dir`` is set."""
 
-    root: Path = setting(help=ROOT_HELP)
+    root: Path = setting(help=ROOT_HELP, validate=folder_problem)
     split: str = setting("val", "Split whose ground-truth masks are used.")
     pred_dir: Path | None = setting(None, "Folder of label PNGs <id>.png (pseudo-labels or predictions).",
                                     option="--pred")

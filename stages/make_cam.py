@@ -43,8 +43,8 @@ from wsss.errors import WsssError
 from wsss.inference import BackgroundWriter, load_cam_network, split_batches, to_model_input
 from wsss.progress import bar as progress_bar
 from wsss.settings import Settings, fail, setting
-from wsss.stages.options import (AMP_HELP, AMP_MODES, COMPILE_HELP, DATASET_HELP, DEVICE_HELP, DEVICES, LIMIT_HELP,
-                                 LOADER_WORKERS_HELP, OVERWRITE_HELP, ROOT_HELP, THREADS_HELP,
+from wsss.stages.options import (AMP_HELP, AMP_MODES, COMPILE_HELP, DATASET_HELP, DEVICES, DEVICE_HELP, LIMIT_HELP,
+                                 LOADER_WORKERS_HELP, OVERWRITE_HELP, ROOT_HELP, THREADS_HELP, folder_problem,
                                  positive_scales, settings_command, shard_setting, sweep_setting)
 from wsss.training import Precision, start_runtime
 
@@ -57,9 +57,10 @@ CLASS_SOURCES = ("gt", "pred")
 class MakeCamConfig(Settings):
     """Options of ``wsss make-cam`` (see ``wsss make-cam --help``)."""
 
-    root: Path = setting(help=ROOT_HELP)
+    root: Path = setting(help=ROOT_HELP, validate=folder_problem)
     checkpoint: Path = setting(help="train-cls checkpoint (.pth), or its output folder (best.pth, else last.pth).")
-    out_dir: Path = setting(help="Output folder for <id>.npz, config.json and metrics.json.", option="--out")
+    out_dir: Path = setting(help="Output folder for <id>.npz, config.json and metrics.json.", option="--out",
+                            validate=folder_problem)
     dataset: str | None = setting(None, DATASET_HELP, choices=DATASET_KINDS)
     split: str = setting("train", "Split to compute CAMs for (the CAM protocol scores VOC train).")
     scales: tuple[float, ...] = setting(DEFAULT_SCALES, "Comma-separated input scales.", above=0,

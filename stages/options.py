@@ -59,6 +59,16 @@ def positive_scales(text: str) -> tuple[float, ...]:
     return values
 
 
+def folder_problem(path: Path) -> str | None:
+    """What is wrong with a folder option (a dataset root, an output folder) before any work, or None."""
+    return "is a file, expected a folder" if Path(path).is_file() else None
+
+
+def file_problem(path: Path) -> str | None:
+    """What is wrong with a file option (a labels list, a class list) before any work, or None."""
+    return "is a folder, expected a file" if Path(path).is_dir() else None
+
+
 def shard_problem(value: tuple[int, int]) -> str | None:
     """What is wrong with a shard ``(I, N)``, or None."""
     return None if len(value) == 2 and 0 <= value[0] < value[1] else "expected I/N with 0 <= I < N"
@@ -121,7 +131,7 @@ def _shown(value: Any) -> str:
     if isinstance(value, bool):
         return "on" if value else "off"
     if isinstance(value, tuple):
-        return ",".join(_shown(item) for item in value)
+        return ",".join(_shown(item) for item in value) if value else "none"
     if isinstance(value, float):
         return f"{value:g}"
     return str(value)
@@ -156,8 +166,11 @@ def _default_of(field: dataclasses.Field, group_default: Any = dataclasses.MISSI
     return dataclasses.MISSING
 
 
+CliField = tuple[tuple[str, ...], dataclasses.Field, Any, str, Any]
+
+
 def cli_fields(cls: type, prefix: str = "", path: tuple[str, ...] = (),
-               group_default: Any = dataclasses.MISSING) -> list[tuple[tuple[str, ...], dataclasses.Field, Any, str, Any]]:
+               group_default: Any = dataclasses.MISSING) -> list[CliField]:
     """Every option of a settings class: ``(path, field, type, option, default)``, groups flattened."""
     rows = []
     kinds = S.field_types(cls)
@@ -206,14 +219,23 @@ def _option(path, field, kind, option, default) -> click.Parameter:
     help_text = _help(field, default)
     if field.metadata.get("argument"):
         return click.Argument([name], required=False, default=None,
-                              callback=_text_parser(field, kind, option), metavar=option[2:].upper())
+                              callback=_text_parser(field, kind, option), metavar=option)
+    aliases = list(field.metadata.get("aliases", ()))
+    if field.metadata.get("repeat"):
+        element = S.typing.get_args(S.optional_inner(kind)[1])[0]
+
+        def repeated(ctx, param, texts):
+            parse = _text_parser(field, element, option)
+            return tuple(parse(ctx, param, text) for text in texts) or None
+        return click.Option([option, *aliases, name], multiple=True, default=None, callback=repeated,
+                            metavar=field.metadata.get("metavar") or _metavar(field, element), help=help_text)
     if S.optional_inner(kind)[1] is bool and field.metadata.get("parse") is None:
         flag = field.metadata.get("flag") or f"{option}/--no-{option[2:]}"
         if "/" in flag:
             return click.Option([flag, name], default=None, help=help_text)
         return click.Option([flag, name], is_flag=True, flag_value=True, default=None, help=help_text)
     metavar = field.metadata.get("metavar") or _metavar(field, kind)
-    return click.Option([option, name], default=None, metavar=metavar, help=help_text,
+    return click.Option([option, *aliases, name], default=None, metavar=metavar, help=help_text,
                         callback=_text_parser(field, kind, option))
 
 

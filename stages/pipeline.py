@@ -36,7 +36,7 @@ from wsss import settings as S
 from wsss.artifacts import RUN_LAYOUT
 from wsss.errors import WsssError
 from wsss.settings import Settings, setting
-from wsss.stages.options import DEVICE_HELP, DEVICES, SEED_HELP
+from wsss.stages.options import DEVICES, DEVICE_HELP, SEED_HELP
 
 log = logging.getLogger(__name__)
 
@@ -355,7 +355,9 @@ class PipelineRun:
         if self.stop_here("refine"):
             return
 
-        seg_cfg = self.recipe.config("train-seg", {**data, "split": train, "out_dir": self.folder("seg")})
+        pseudo = str(self.folder("pseudo"))
+        seg_cfg = self.recipe.config("train-seg", {**data, "split": train, "labels": pseudo,
+                                                   "out_dir": self.folder("seg")})
         seg_weights = weights
         if self.settings.seg_init == "cls" and seg_cfg.model == f"deeplabv3_{cls_cfg.backbone}":
             seg_weights = str(classifier)  # the trunk that learned these images' labels
@@ -365,9 +367,9 @@ class PipelineRun:
             if not masks[train]:
                 raise WsssError(f"[pipeline] upper_bound: split {train!r} of {root} has no masks to train on")
             upper = Path(self.settings.upper_bound_dir or self.folder("seg_gt"))
-            self.step("train-seg", {**seg, "labels": "gt", "out_dir": upper})
-        self.step("train-seg", {**seg, "labels": str(self.folder("pseudo")), "out_dir": self.folder("seg"),
-                                "upper_bound": upper})
+            # the same recipe on the ground truth: no reliability weighting, there are no pseudo-labels to weight
+            self.step("train-seg", {**seg, "labels": "gt", "raw": False, "reliability_dir": None, "out_dir": upper})
+        self.step("train-seg", {**seg, "labels": pseudo, "out_dir": self.folder("seg"), "upper_bound": upper})
         if self.stop_here("train-seg"):
             return
 

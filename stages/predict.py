@@ -41,9 +41,9 @@ from wsss.models.deeplab import model_from_checkpoint
 from wsss.progress import bar as progress_bar
 from wsss.segmentation import segment_batch
 from wsss.settings import Settings, fail, setting
-from wsss.stages.options import (AMP_HELP, AMP_MODES, COMPILE_HELP, DATASET_HELP, DEVICE_HELP, DEVICES,
-                                 OVERWRITE_HELP, ROOT_HELP, THREADS_HELP, cli_fields, positive_scales,
-                                 settings_command, shard_setting)
+from wsss.stages.options import (AMP_HELP, AMP_MODES, COMPILE_HELP, DATASET_HELP, DEVICES, DEVICE_HELP, OVERWRITE_HELP,
+                                 ROOT_HELP, THREADS_HELP, cli_fields, folder_problem, positive_scales, settings_command,
+                                 shard_setting)
 from wsss.training import Precision, maybe_compile, start_runtime
 from wsss.visualize import overlay_label
 
@@ -56,11 +56,11 @@ OVERLAY_DIR = "overlay"
 class PredictConfig(Settings):
     """Options of ``wsss predict`` (see ``wsss predict --help``); :attr:`applied_crf` is the CRF that runs."""
 
-    root: Path = setting(help=ROOT_HELP)
+    root: Path = setting(help=ROOT_HELP, validate=folder_problem)
     checkpoint: Path = setting(help="best.pth or last.pth of `wsss train-seg`, or its output folder (best.pth, else "
                                     "last.pth).")
     out_dir: Path = setting(help="Output folder for <id>.png label maps, config.json and metrics.json.",
-                            option="--out")
+                            option="--out", validate=folder_problem)
     dataset: str | None = setting(None, DATASET_HELP, choices=DATASET_KINDS)
     split: str = setting("val", "Split to segment.")
     scales: tuple[float, ...] = setting((0.5, 0.75, 1.0, 1.25, 1.5), "Comma-separated test-time scales.", above=0,

@@ -14,48 +14,54 @@ from pathlib import Path
 
 import click
 
-from wsss.stages.options import overwrite_option, workers_option
+from wsss.stages.options import OVERWRITE_HELP, POOL_WORKERS_HELP, file_problem, folder_problem, settings_command
 from wsss import artifacts
 from wsss.datasets.coco import prepare_coco
 from wsss.datasets.folder import prepare_folder
 from wsss.datasets.prepared import meta_dir
 from wsss.datasets.voc import prepare_voc
+from wsss.settings import Settings, setting
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class VocPrepareConfig:
+class VocPrepareConfig(Settings):
     """Options of ``wsss prepare voc``."""
 
-    root: Path
-    sbd_root: Path | None = None
-    split_files: tuple[Path, ...] = ()
-    workers: int | None = None
-    overwrite: bool = False
+    root: Path = setting(help="PASCAL VOC 2012 folder (VOCdevkit/VOC2012).", validate=folder_problem)
+    sbd_root: Path | None = setting(None, "SBD dataset folder (benchmark_RELEASE/dataset): adds train_aug and "
+                                          "SegmentationClassAug/.")
+    split_files: tuple[Path, ...] = setting((), "Extra split list (e.g. ImageSets/Main/trainval.txt), named after its "
+                                                "file stem. Repeatable.", option="--split-file", metavar="PATH",
+                                                repeat=True)
+    workers: int | None = setting(None, POOL_WORKERS_HELP, at_least=0)
+    overwrite: bool = setting(False, OVERWRITE_HELP, flag="--overwrite/--resume")
 
 
 @dataclass(frozen=True)
-class CocoPrepareConfig:
+class CocoPrepareConfig(Settings):
     """Options of ``wsss prepare coco``."""
 
-    root: Path
-    split: str
-    workers: int | None = None
-    overwrite: bool = False
+    root: Path = setting(help="COCO folder holding annotations/ and the image folders.", validate=folder_problem)
+    split: str = setting(help="train2014 or val2014 (reads annotations/instances_<split>.json).")
+    workers: int | None = setting(None, POOL_WORKERS_HELP, at_least=0)
+    overwrite: bool = setting(False, OVERWRITE_HELP, flag="--overwrite/--resume")
 
 
 @dataclass(frozen=True)
-class FolderPrepareConfig:
+class FolderPrepareConfig(Settings):
     """Options of ``wsss prepare folder``."""
 
-    images: Path
-    labels: Path
-    classes: Path
-    masks: Path | None = None
-    split: str = "train"
-    root: Path | None = None
-    workers: int | None = None
+    images: Path = setting(help="Folder of the images.", validate=folder_problem)
+    labels: Path = setting(help="CSV with header image,labels (labels separated by ';').", validate=file_problem)
+    classes: Path = setting(help="Class names, one per line (background is prepended if the first line is not "
+                                 "'background').", validate=file_problem)
+    masks: Path | None = setting(None, "Folder of <image stem>.png masks (optional, for eval).",
+                                 validate=folder_problem)
+    split: str = setting("train", "Name of the split written.")
+    root: Path | None = setting(None, "Dataset root for wsss/ (none: the parent of --images).", validate=folder_problem)
+    workers: int | None = setting(None, POOL_WORKERS_HELP, at_least=0)
 
 
 def summary_path(root: str | Path, kind: str) -> Path:
@@ -89,8 +95,7 @@ def run(cfg: VocPrepareConfig | CocoPrepareConfig | FolderPrepareConfig) -> dict
     return summary
 
 
-_dir = click.Path(file_okay=False, path_type=Path)
-_file = click.Path(dir_okay=False, path_type=Path)
+# --------------------------------------------------------------------------- command line
 
 
 @click.group()
@@ -98,56 +103,37 @@ def command() -> None:
     """Prepare a dataset once: split lists and image-level labels under <root>/wsss/."""
 
 
-@command.command("voc")
-@click.option("--root", type=_dir, required=True, help="PASCAL VOC 2012 folder (VOCdevkit/VOC2012).")
-@click.option("--sbd-root", type=_dir, default=None,
-              help="SBD dataset folder (benchmark_RELEASE/dataset): adds train_aug and SegmentationClassAug/.")
-@click.option("--split-file", "split_files", type=_file, multiple=True,
-              help="Extra split list (e.g. ImageSets/Main/trainval.txt), named after its file stem. Repeatable.")
-@workers_option
-@overwrite_option
-def voc_command(root: Path, sbd_root: Path | None, split_files: tuple[Path, ...], workers: int | None,
-                overwrite: bool) -> None:
+@settings_command(VocPrepareConfig, name="voc", short_help="PASCAL VOC 2012, optionally with SBD's train_aug.")
+def voc_command(cfg: VocPrepareConfig) -> None:
     """PASCAL VOC 2012, optionally with SBD's train_aug (10,582 images).
 
     Labels come from Annotations/*.xml (difficult objects count); masks that
     disagree are listed in <root>/wsss/label_disagreements.json.
     """
-    summary = run(VocPrepareConfig(root=root, sbd_root=sbd_root, split_files=split_files, workers=workers,
-                                   overwrite=overwrite))
+    summary = run(cfg)
     for name, split in summary["splits"].items():
         click.echo(f"voc {name}: {split['images']} images, {split['with_masks']} with masks")
 
 
-@command.command("coco")
-@click.option("--root", type=_dir, required=True, help="COCO folder holding annotations/ and the image folders.")
-@click.option("--split", required=True, help="train2014 or val2014 (reads annotations/instances_<split>.json).")
-@workers_option
-@overwrite_option
-def coco_command(root: Path, split: str, workers: int | None, overwrite: bool) -> None:
+@settings_command(CocoPrepareConfig, name="coco", short_help="MS-COCO 2014: masks and labels from the instances JSON.")
+def coco_command(cfg: CocoPrepareConfig) -> None:
     """MS-COCO 2014: class-index masks and labels from the instances JSON.
 
     Writes one PNG per image to <root>/SegmentationClass/<split>/; crowd
     regions become 255 (ignore); images without a non-crowd object are left out.
     """
-    summary = run(CocoPrepareConfig(root=root, split=split, workers=workers, overwrite=overwrite))
-    click.echo(f"coco {split}: {summary['images']} images, {summary['images']} with masks "
+    summary = run(cfg)
+    click.echo(f"coco {cfg.split}: {summary['images']} images, {summary['images']} with masks "
                f"({summary['dropped_without_labels']} without labels left out)")
 
 
-@command.command("folder")
-@click.option("--images", type=_dir, required=True, help="Folder of the images.")
-@click.option("--labels", type=_file, required=True, help="CSV with header image,labels (labels separated by ';').")
-@click.option("--classes", type=_file, required=True,
-              help="Class names, one per line (background is prepended if the first line is not 'background').")
-@click.option("--masks", type=_dir, default=None, help="Folder of <image stem>.png masks (optional, for eval).")
-@click.option("--split", default="train", show_default=True, help="Name of the split written.")
-@click.option("--root", type=_dir, default=None, help="Dataset root for wsss/ [default: parent of --images].")
-@workers_option
-def folder_command(images: Path, labels: Path, classes: Path, masks: Path | None, split: str, root: Path | None,
-                   workers: int | None) -> None:
+@settings_command(FolderPrepareConfig, name="folder", short_help="Your own images with image-level labels from a CSV.")
+def folder_command(cfg: FolderPrepareConfig) -> None:
     """Your own images with image-level labels from a CSV."""
-    summary = run(FolderPrepareConfig(images=images, labels=labels, classes=classes, masks=masks, split=split,
-                                      root=root, workers=workers))
-    click.echo(f"folder {split}: {summary['images']} images, {summary['with_masks']} with masks "
+    summary = run(cfg)
+    click.echo(f"folder {cfg.split}: {summary['images']} images, {summary['with_masks']} with masks "
                f"({summary['classes']} classes with background)")
+
+
+for subcommand in (voc_command, coco_command, folder_command):
+    command.add_command(subcommand)

@@ -29,8 +29,8 @@ from pathlib import Path
 import click
 import numpy as np
 
-from wsss.stages.options import (ALLOW_PICKLE_HELP, CAMS_HELP, DATASET_HELP, DEVICE_HELP, DEVICES, LIMIT_HELP,
-                                 OVERWRITE_HELP, POOL_WORKERS_HELP, ROOT_HELP, SEED_HELP,
+from wsss.stages.options import (ALLOW_PICKLE_HELP, CAMS_HELP, DATASET_HELP, DEVICES, DEVICE_HELP, LIMIT_HELP,
+                                 OVERWRITE_HELP, POOL_WORKERS_HELP, ROOT_HELP, SEED_HELP, folder_problem,
                                  settings_command, shard_setting)
 from wsss import artifacts
 from wsss.crf import PSEUDO_LABEL_CRF, CrfParams
@@ -51,9 +51,9 @@ class RefineConfig(Settings):
     :class:`~wsss.refine.RefineParams`'s, and :attr:`params` builds that from them."""
 
     cam_dir: Path = setting(help=CAMS_HELP, option="--cams")
-    root: Path = setting(help=ROOT_HELP)
+    root: Path = setting(help=ROOT_HELP, validate=folder_problem)
     out_dir: Path = setting(help="Output folder for <id>.png pseudo-labels, <id>.npy reliability maps, config.json, "
-                                 "metrics.json.", option="--out")
+                                 "metrics.json.", option="--out", validate=folder_problem)
     dataset: str | None = setting(None, DATASET_HELP, choices=DATASET_KINDS)
     split: str = setting("train", "Split to refine (pseudo-label quality is conventionally measured on VOC train).")
     threshold: str = setting(RefineParams.threshold, "Background threshold: a Gaussian mixture of the scores pooled "

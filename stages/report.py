@@ -9,14 +9,15 @@ import click
 
 from wsss.report import write_report
 from wsss.settings import Settings, fail, setting
-from wsss.stages.options import settings_command
+from wsss.stages.options import folder_problem, settings_command
 
 
 @dataclass(frozen=True)
 class ReportConfig(Settings):
     """Options of ``wsss report`` (see ``wsss report --help``)."""
 
-    run_dir: Path = setting(help="The run folder run_pipeline.sh writes (e.g. work/demo/run).", argument=True)
+    run_dir: Path = setting(help="The run folder run_pipeline.sh writes (e.g. work/demo/run).", argument=True,
+                            validate=folder_problem)
     gallery_rows: int = setting(6, "Images in the gallery figure.", at_least=0)
 
     def check(self) -> None:

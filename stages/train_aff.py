@@ -28,8 +28,8 @@ from pathlib import Path
 import click
 import torch
 
-from wsss.stages.options import (ALLOW_PICKLE_HELP, AMP_HELP, AMP_MODES, CAMS_HELP, DATASET_HELP, DEVICE_HELP,
-                                 DEVICES, OVERWRITE_HELP, ROOT_HELP, SEED_HELP, THREADS_HELP, positive_pair,
+from wsss.stages.options import (ALLOW_PICKLE_HELP, AMP_HELP, AMP_MODES, CAMS_HELP, DATASET_HELP, DEVICES, DEVICE_HELP,
+                                 OVERWRITE_HELP, ROOT_HELP, SEED_HELP, THREADS_HELP, folder_problem, positive_pair,
                                  settings_command)
 from wsss import artifacts
 from wsss.affinity import TARGET_KINDS, affinity_loss, pair_affinity, pair_offsets
@@ -62,9 +62,9 @@ class TrainAffConfig(Settings):
     """Options of ``wsss train-aff`` (see ``wsss train-aff --help``); defaults follow AffinityNet."""
 
     cam_dir: Path = setting(help=CAMS_HELP, option="--cams")
-    root: Path = setting(help=ROOT_HELP)
+    root: Path = setting(help=ROOT_HELP, validate=folder_problem)
     out_dir: Path = setting(help="Output folder for confident/<id>.png, last.pth, config.json and metrics.json.",
-                            option="--out")
+                            option="--out", validate=folder_problem)
     dataset: str | None = setting(None, DATASET_HELP, choices=DATASET_KINDS)
     split: str = setting("train", "Training split (its CAMs make the labels).")
     backbone: str = setting("resnet50", "Trunk of the affinity network (torchvision ResNet).",

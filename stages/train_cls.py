@@ -34,9 +34,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import click
-from wsss.stages.options import (AMP_HELP, AMP_MODES, COMPILE_HELP, DATASET_HELP, DEVICE_HELP, DEVICES, OVERWRITE_HELP,
-                                 LOADER_WORKERS_HELP, ROOT_HELP, SEED_HELP, THREADS_HELP, positive_pair,
-                                 settings_command)
+from wsss.stages.options import (AMP_HELP, AMP_MODES, COMPILE_HELP, DATASET_HELP, DEVICES, DEVICE_HELP,
+                                 LOADER_WORKERS_HELP, OVERWRITE_HELP, ROOT_HELP, SEED_HELP, THREADS_HELP,
+                                 folder_problem, positive_pair, settings_command)
 from wsss import artifacts
 from wsss.datasets.prepared import DATASET_KINDS, PreparedDataset
 from wsss.datasets.torch_data import ClassificationDataset
@@ -65,8 +65,9 @@ SELECT_METRICS = {"map": "val_map", "cam-miou": "val_cam_miou", "last": None}
 class TrainClsConfig(Settings):
     """Options of ``wsss train-cls`` (see ``wsss train-cls --help``); defaults follow IRN/SEAM."""
 
-    root: Path = setting(help=ROOT_HELP)
-    out_dir: Path = setting(help="Output folder for last.pth, best.pth, config.json and metrics.json.", option="--out")
+    root: Path = setting(help=ROOT_HELP, validate=folder_problem)
+    out_dir: Path = setting(help="Output folder for last.pth, best.pth, config.json and metrics.json.", option="--out",
+                            validate=folder_problem)
     dataset: str | None = setting(None, DATASET_HELP, choices=DATASET_KINDS)
     split: str = setting("train", "Training split.")
     val_split: str | None = setting("val", "Split for the per-epoch mAP (and CAM mIoU where it has masks); none "
@@ -196,8 +197,8 @@ def run(cfg: TrainClsConfig) -> dict:
         return objective(precision.images(images), targets, ramp)
 
     def validation() -> dict:
-        return validate_classifier(model, dataset, val_split, device, info, precision=precision, cam_images=cfg.val_cam_images,
-                        cam_threshold=cfg.val_cam_threshold, workers=workers)
+        return validate_classifier(model, dataset, val_split, device, info, precision=precision,
+                                   cam_images=cfg.val_cam_images, cam_threshold=cfg.val_cam_threshold, workers=workers)
 
     stop = spec.total_steps if cfg.stop_after is None else min(spec.total_steps, cfg.stop_after * per_epoch)
     loop = Loop(step_loss, round_steps=per_epoch, summarize=lambda s, done: _summary(cfg, s, done),

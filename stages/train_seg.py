@@ -14,7 +14,7 @@ checkpoint (default; choosing by validation mIoU uses the val masks, i.e.
 ground truth, so it is only done when asked with ``--select val-miou``).
 
 The loop, checkpoints, resume and mixed precision are the shared engine's
-(:mod:`wsss.training`): a run stopped (``--stop-at`` or killed after a
+(:mod:`wsss.training`): a run stopped (``--stop-after`` or killed after a
 checkpoint) and resumed from ``last.pth`` follows the same schedule as an
 uninterrupted one.
 
@@ -42,17 +42,20 @@ from pathlib import Path
 import click
 import torch
 
-from wsss.stages import options
+from wsss.stages.options import (AMP_HELP, AMP_MODES, COMPILE_HELP, DATASET_HELP, DEVICES, DEVICE_HELP,
+                                 LOADER_WORKERS_HELP, OVERWRITE_HELP, ROOT_HELP, SEED_HELP, THREADS_HELP,
+                                 folder_problem, positive_pair, settings_command)
 from wsss import artifacts
-from wsss.datasets.prepared import PreparedDataset
+from wsss.datasets.prepared import DATASET_KINDS, PreparedDataset
 from wsss.datasets.torch_data import SegmentationDataset
 from wsss.device import DistInfo, default_workers, dist_info, seed_everything, shard, sum_array_over_ranks
-from wsss.errors import WsssError, non_finite_field, option_name
+from wsss.errors import WsssError
 from wsss.inference import split_batches, to_model_input
 from wsss.metrics import ConfusionMatrix, confusion_counts
 from wsss.models.deeplab import SEG_MODELS, build_seg_model
-from wsss.optim import poly_scheduler, sgd_with_head
+from wsss.optim import Sgd, sgd_group
 from wsss.segmentation import segment_batch, segmentation_loss
+from wsss.settings import Settings, fail, setting
 from wsss.training import (Loop, Precision, RunSpec, Trainee, TrainState, find_resumable, finished_metrics, fit,
                            grad_scaler, maybe_compile, start_runtime, step_loader, wrap_distributed)
 from wsss.transforms import train_preset
@@ -60,51 +63,93 @@ from wsss.transforms import train_preset
 log = logging.getLogger(__name__)
 
 GT_LABELS = "gt"
+# The schedule's length when --epochs does not set it (common DeepLabV3 recipes; see the module docstring).
+ITERATIONS = 20000
 # Options that define the optimisation; a checkpoint can only be resumed when they agree.
-SCHEDULE_FIELDS = ("labels", "reliability_dir", "split", "model", "output_stride", "crop_size", "scale_range", "jitter",
-                   "batch_size", "lr", "head_lr_mult", "weight_decay", "momentum", "poly_power", "freeze_bn", "seed",
-                   "amp")
+SCHEDULE_FIELDS = ("labels", "reliability_dir", "raw", "split", "model", "output_stride", "crop_size", "scale_range",
+                   "jitter", "batch_size", "sgd", "freeze_bn", "seed", "amp")
 SELECT_METRICS = {"last": None, "val-miou": "val_miou"}
 
 
 @dataclass(frozen=True)
-class TrainSegConfig:
+class TrainSegConfig(Settings):
     """Options of ``wsss train-seg`` (see ``wsss train-seg --help``)."""
 
-    root: Path
-    out_dir: Path
-    labels: str = GT_LABELS  # "gt" or a folder of pseudo-label PNGs
-    reliability_dir: Path | None = None
-    dataset: str | None = None
-    split: str = "train"
-    val_split: str | None = "val"
-    model: str = "deeplabv3_resnet50"
-    output_stride: int | None = None  # None = the model's own (8 for ResNet-50/101, 16 for ResNet-18)
-    weights_backbone: str = "imagenet"
-    crop_size: int = 321
-    scale_range: tuple[float, float] = (0.5, 1.5)
-    jitter: bool = False
-    batch_size: int = 10
-    iterations: int | None = 20000
-    epochs: float | None = None
-    stop_at: int | None = None
-    lr: float = 0.001
-    head_lr_mult: float = 10.0
-    weight_decay: float = 1e-4
-    momentum: float = 0.9
-    poly_power: float = 0.9
-    freeze_bn: bool = False
-    eval_every: int = 2000
-    log_every: int = 50
-    select: str = "last"
-    upper_bound: Path | None = None
-    amp: str = "auto"
-    compile_model: bool = False
-    device: str = "auto"
-    seed: int = 0
-    workers: int | None = None
-    threads: int | None = None
-    overwrite: bool = False
+    root: Path = setting(help=ROOT_HELP, validate=folder_problem)
+    out_dir: Path = setting(help="Output folder for last.pth, best.pth, config.json and metrics.json.", option="--out",
+                            validate=folder_problem)
+    labels: str = setting(help=f"Folder of pseudo-label PNGs from `wsss refine`, or '{GT_LABELS}' for the "
+                               "ground-truth upper bound.", metavar=f"DIR|{GT_LABELS}")
+    reliability_dir: Path | None = setting(None, "Folder of reliability maps (<id>.npy) that weight the per-pixel "
+                                                 "loss (RAW).", option="--reliability", metavar="DIR")
+    raw: bool = setting(False, "RAW weighting with the reliability maps stored beside the pseudo-labels (same as "
+                               "--reliability LABELS).", flag="--raw")
+    dataset: str | None = setting(None, DATASET_HELP, choices=DATASET_KINDS)
+    split: str = setting("train", "Training split (use train_aug for the VOC protocol).")
+    val_split: str | None = setting("val", "Split with ground truth for validation mIoU; none disables validation.")
+    model: str = setting("deeplabv3_resnet50", "Segmentation network.", choices=tuple(sorted(SEG_MODELS)))
+    output_stride: int | None = setting(None, "Input pixels per logit cell: 8 (dense, about 2.5x the compute) or 16 "
+                                              "(none: the model's own, 8 for ResNet-50/101, 16 for ResNet-18).",
+                                        choices=tuple(sorted({stride for spec in SEG_MODELS.values()
+                                                              for stride in spec.output_strides})))
+    weights_backbone: str = setting("imagenet", "Backbone initialisation: imagenet, none or a state_dict file (e.g. "
+                                                "`wsss pretrain`'s backbone.pth).", aliases=("--weights",))
+    crop_size: int = setting(321, "Side of the square training crop, in pixels.", at_least=8)
+    scale_range: tuple[float, float] = setting((0.5, 1.5), "MIN,MAX random rescale factors.", above=0,
+                                               parse=positive_pair)
+    jitter: bool = setting(False, "Colour jitter.")
+    batch_size: int = setting(10, "Images per optimiser step and process (BatchNorm needs at least 2).", at_least=2)
+    iterations: int | None = setting(ITERATIONS, "Training iterations (the schedule's length); --epochs replaces "
+                                                 "them.", at_least=1)
+    epochs: float | None = setting(None, "Train for this many passes over the split instead of --iterations.",
+                                   above=0)
+    stop_after: int | None = setting(None, "Stop after this many iterations (the schedule still spans --iterations); "
+                                           "continue later with --resume.", at_least=1)
+    sgd: Sgd = sgd_group(lr=0.001)
+    freeze_bn: bool = setting(False, "Freeze the backbone's BatchNorm (small batches).")
+    eval_every: int = setting(2000, "Validate and checkpoint every K iterations (also without a --val-split); 0 = "
+                                    "only at the end.", at_least=0)
+    log_every: int = setting(50, "Record the mean loss every K iterations in metrics.json.", at_least=1)
+    select: str = setting("last", "What best.pth is: the last checkpoint, or the best val mIoU (uses the val masks: "
+                                  "ground truth).", choices=tuple(sorted(SELECT_METRICS)))
+    upper_bound: Path | None = setting(None, f"Output folder of a finished --labels {GT_LABELS} run; metrics.json "
+                                             "then records weak/full.", metavar="DIR")
+    amp: str = setting("auto", AMP_HELP, choices=AMP_MODES)
+    compile_model: bool = setting(False, COMPILE_HELP, option="--compile")
+    device: str = setting("auto", DEVICE_HELP, choices=DEVICES)
+    seed: int = setting(0, SEED_HELP)
+    workers: int | None = setting(None, LOADER_WORKERS_HELP, at_least=0)
+    threads: int | None = setting(None, THREADS_HELP, at_least=1)
+    overwrite: bool = setting(False, OVERWRITE_HELP, flag="--overwrite/--resume")
+
+    def check(self) -> None:
+        if self.epochs is not None and self.iterations not in (None, ITERATIONS):
+            fail("--epochs", f"{self.epochs:g}: give either --iterations or --epochs, not both")
+        if self.epochs is None and self.iterations is None:
+            fail("--iterations", "none: give --iterations or --epochs")
+        strides = SEG_MODELS[self.model].output_strides
+        if self.output_stride is not None and self.output_stride not in strides:
+            fail("--output-stride", f"{self.output_stride}: {self.model} is built with output stride "
+                                    f"{' or '.join(map(str, strides))}")
+        if self.raw and self.reliability_dir is not None:
+            fail("--raw", "give either --raw or --reliability, not both")
+        if self.labels == GT_LABELS and (self.raw or self.reliability_dir is not None):
+            option = "--raw" if self.raw else "--reliability"
+            fail(option, f"weights pseudo-labels: {option} needs --labels DIR, not --labels {GT_LABELS}")
+        if SELECT_METRICS[self.select] and self.val_split is None:
+            fail("--select", f"{self.select}: needs a --val-split (or --select last)")
+        if self.upper_bound is not None and self.val_split is None:
+            fail("--upper-bound", f"{self.upper_bound}: compares validation mIoU; it needs a --val-split")
+
+    @property
+    def label_dir(self) -> Path | None:
+        """The pseudo-label folder (None: ground truth)."""
+        return None if self.labels == GT_LABELS else Path(self.labels)
+
+    @property
+    def reliability_folder(self) -> Path | None:
+        """The folder of the reliability maps that weight the loss (None: no RAW weighting)."""
+        return Path(self.labels) if self.raw else self.reliability_dir
 
 
 def total_iterations(cfg: TrainSegConfig, num_images: int, world_size: int) -> int:
@@ -112,7 +157,7 @@ def total_iterations(cfg: TrainSegConfig, num_images: int, world_size: int) -> i
     if cfg.epochs is not None:
         per_rank = math.ceil(num_images / world_size)
         return max(1, math.ceil(cfg.epochs * per_rank / cfg.batch_size))
-    return int(cfg.iterations)
+    return cfg.iterations
 
 
 def _check_label_folder(folder: Path, ids: list[str], what: str, path_of, hint: str) -> None:
@@ -185,42 +230,23 @@ def _add_ratio(metrics: dict, cfg: TrainSegConfig) -> dict:
 # --------------------------------------------------------------------------- training
 
 
-def _check(cfg: TrainSegConfig, dataset: PreparedDataset) -> Path | None:
-    """Validate the options against the dataset; return the pseudo-label folder (None for gt)."""
-    if (name := non_finite_field(cfg)) is not None:
-        raise WsssError(f"{option_name(name)} {getattr(cfg, name)}: must be a finite number")
-    if cfg.epochs is not None and cfg.epochs <= 0:
-        raise WsssError(f"--epochs {cfg.epochs}: must be positive")
-    if cfg.model not in SEG_MODELS:
-        raise WsssError(f"--model {cfg.model!r}: choose from {sorted(SEG_MODELS)}")
-    if cfg.output_stride is not None and cfg.output_stride not in SEG_MODELS[cfg.model].output_strides:
-        strides = " or ".join(map(str, SEG_MODELS[cfg.model].output_strides))
-        raise WsssError(f"--output-stride {cfg.output_stride}: {cfg.model} is built with output stride {strides}")
-    if cfg.batch_size < 2:
-        raise WsssError("--batch-size must be at least 2 (BatchNorm statistics need more than one sample)")
-    if (cfg.iterations is None) == (cfg.epochs is None):
-        raise WsssError("give exactly one of --iterations and --epochs")
-    if cfg.select not in SELECT_METRICS or (SELECT_METRICS[cfg.select] and cfg.val_split is None):
-        raise WsssError(f"--select {cfg.select!r}: choose last, or val-miou with a --val-split")
+def _training_data(cfg: TrainSegConfig) -> PreparedDataset:
+    """The prepared dataset, with every training image's (pseudo-)label and reliability map present."""
+    dataset = PreparedDataset.load(cfg.root, cfg.dataset)
     train_ids = dataset.ids(cfg.split)
     if not train_ids:
         raise WsssError(f"split {cfg.split!r} of {cfg.root} is empty")
-    label_dir = None if cfg.labels == GT_LABELS else Path(cfg.labels)
-    if label_dir is not None:
-        _check_label_folder(label_dir, train_ids, "pseudo-label", artifacts.label_path,
+    if cfg.label_dir is not None:
+        _check_label_folder(cfg.label_dir, train_ids, "pseudo-label", artifacts.label_path,
                             "run `wsss refine` first, or pass --labels gt for ground truth")
-    if cfg.reliability_dir is not None:
-        if label_dir is None:
-            raise WsssError("--reliability/--raw weights pseudo-labels; it cannot be combined with --labels gt")
-        _check_label_folder(Path(cfg.reliability_dir), train_ids, "reliability map", artifacts.reliability_path,
+    if cfg.reliability_folder is not None:
+        _check_label_folder(cfg.reliability_folder, train_ids, "reliability map", artifacts.reliability_path,
                             "run `wsss refine` with reliability output")
     if cfg.upper_bound is not None:
-        if cfg.val_split is None:
-            raise WsssError("--upper-bound compares validation mIoU; it needs a --val-split")
         upper_bound_miou(cfg.upper_bound)  # fail now, not after training, if it is not a gt run
     if cfg.val_split is not None and not dataset.has_masks(cfg.val_split):
         raise WsssError(f"--val-split {cfg.val_split}: split has no ground-truth masks (use --val-split none)")
-    return label_dir
+    return dataset
 
 
 def _summary(cfg: TrainSegConfig, state: TrainState, total: int, finished: bool) -> dict:
@@ -228,7 +254,7 @@ def _summary(cfg: TrainSegConfig, state: TrainState, total: int, finished: bool)
     best = max(validations, key=lambda record: record["val_miou"], default=None)
     metrics = {
         "labels": cfg.labels if cfg.labels == GT_LABELS else str(cfg.labels),
-        "raw": cfg.reliability_dir is not None, "model": cfg.model, "finished": finished,
+        "raw": cfg.reliability_folder is not None, "model": cfg.model, "finished": finished,
         "iteration": state.step, "total_iterations": total, "val_split": cfg.val_split,
         "val_miou": validations[-1]["val_miou"] if finished and validations and
         validations[-1]["step"] == state.step else None,
@@ -244,11 +270,10 @@ def run(cfg: TrainSegConfig) -> dict:
     """Train (or resume) a segmentation network and return the metrics written to metrics.json."""
     runtime = start_runtime(cfg.device, cfg.threads, cfg.amp)
     device, info, precision = runtime.device, runtime.info, runtime.precision
-    dataset = PreparedDataset.load(cfg.root, cfg.dataset)
-    label_dir = _check(cfg, dataset)
+    dataset = _training_data(cfg)
     augment = train_preset(crop_size=cfg.crop_size, scale_range=cfg.scale_range, jitter=cfg.jitter)
     train_set = SegmentationDataset(dataset, cfg.split, augment,
-                                    label_dir=label_dir, reliability_dir=cfg.reliability_dir)
+                                    label_dir=cfg.label_dir, reliability_dir=cfg.reliability_folder)
     total = total_iterations(cfg, len(train_set), info.world_size)
     stride = cfg.output_stride or SEG_MODELS[cfg.model].output_stride
     spec = RunSpec(Path(cfg.out_dir), cfg, SCHEDULE_FIELDS, total, dataset.classes,
@@ -263,10 +288,8 @@ def run(cfg: TrainSegConfig) -> dict:
     # a resumed model gets its weights from the checkpoint: no need to fetch ImageNet weights again
     model = build_seg_model(cfg.model, dataset.num_classes, "none" if checkpoint else cfg.weights_backbone, stride)
     model = precision.module((model.freeze_backbone_batchnorm() if cfg.freeze_bn else model).to(device))
-    optimizer = sgd_with_head(*model.parameter_groups(), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                              momentum=cfg.momentum, head_lr_mult=cfg.head_lr_mult)
-    trainee = Trainee(model, optimizer, poly_scheduler(optimizer, total, power=cfg.poly_power),
-                      grad_scaler(precision, device))
+    optimizer = cfg.sgd.optimizer(*model.parameter_groups())
+    trainee = Trainee(model, optimizer, cfg.sgd.scheduler(optimizer, total), grad_scaler(precision, device))
     state = trainee.restore(checkpoint) if checkpoint else TrainState()
     if info.is_main:
         artifacts.write_config(spec.out_dir, cfg, total_iterations=total, num_train_images=len(train_set),
@@ -284,7 +307,7 @@ def run(cfg: TrainSegConfig) -> dict:
         state.extra["val_summary"] = matrix.summary(dataset.classes)
         return {"val_miou": matrix.miou()}
 
-    stop = total if cfg.stop_at is None else min(cfg.stop_at, total)
+    stop = total if cfg.stop_after is None else min(cfg.stop_after, total)
     loop = Loop(step_loss, round_steps=cfg.eval_every or total, log_every=cfg.log_every,
                 summarize=lambda s, done: _summary(cfg, s, total, done), stop_at=stop, desc="train-seg", seed=cfg.seed,
                 validate=validation if cfg.val_split else None, select=SELECT_METRICS[cfg.select])
@@ -296,80 +319,13 @@ def run(cfg: TrainSegConfig) -> dict:
 # --------------------------------------------------------------------------- command line
 
 
-@click.command(short_help="Train DeepLab on pseudo-labels (or ground truth).")
-@options.root_option()
-@options.dataset_option()
-@options.split_option("train", "Training split (use train_aug for the VOC protocol).")
-@click.option("--val-split", default="val", show_default=True,
-              help="Split with ground truth for validation mIoU; 'none' disables validation.")
-@click.option("--labels", required=True,
-              help="Folder of pseudo-label PNGs from `wsss refine`, or 'gt' for the ground-truth upper bound.")
-@click.option("--reliability", "reliability_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Folder of reliability maps (<id>.npy) that weight the per-pixel loss (RAW).")
-@click.option("--raw", is_flag=True, help="RAW weighting with the reliability maps stored beside the pseudo-labels "
-                                          "(same as --reliability LABELS).")
-@options.out_option("Output folder for last.pth, best.pth, config.json and metrics.json.")
-@click.option("--model", type=click.Choice(sorted(SEG_MODELS)), default="deeplabv3_resnet50", show_default=True)
-@click.option("--output-stride", type=click.Choice(["8", "16"]), default=None, callback=lambda _c, _p, v: v and int(v),
-              help="Input pixels per logit cell: 8 (dense, about 2.5x the compute) or 16 [default: the model's own, "
-                   "8 for ResNet-50/101, 16 for ResNet-18].")
-@click.option("--weights-backbone", "--weights", "weights_backbone", default="imagenet", show_default=True,
-              help="Backbone initialisation: imagenet, none or a state_dict file (e.g. `wsss pretrain`'s "
-                   "backbone.pth).")
-@click.option("--crop-size", type=click.IntRange(min=8), default=321, show_default=True)
-@click.option("--scale-range", default="0.5,1.5", show_default=True, callback=options.old_positive_pair,
-              help="MIN,MAX random rescale factors.")
-@click.option("--jitter/--no-jitter", default=False, show_default=True, help="Colour jitter.")
-@click.option("--batch-size", type=click.IntRange(min=2), default=10, show_default=True)
-@click.option("--iterations", type=click.IntRange(min=1), default=None, help="Training iterations [default: 20000].")
-@click.option("--epochs", type=options.FiniteFloat(min=0, min_open=True), default=None,
-              help="Train for this many passes over the split instead of --iterations.")
-@click.option("--stop-at", type=click.IntRange(min=1), default=None,
-              help="Stop after this iteration (the schedule still spans the whole run); continue with --resume.")
-@options.sgd_options(lr=0.001, head="ASPP head")
-@click.option("--freeze-bn", is_flag=True, help="Freeze the backbone's BatchNorm (small batches).")
-@click.option("--eval-every", type=click.IntRange(min=0), default=2000, show_default=True,
-              help="Validate and checkpoint every K iterations (also without a --val-split); 0 = only at the end.")
-@click.option("--log-every", type=click.IntRange(min=1), default=50, show_default=True,
-              help="Record the mean loss every K iterations in metrics.json.")
-@click.option("--select", type=click.Choice(sorted(SELECT_METRICS)), default="last", show_default=True,
-              help="What best.pth is: the last checkpoint, or the best val mIoU (uses the val masks: ground truth).")
-@click.option("--upper-bound", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Output folder of a finished --labels gt run; metrics.json then records weak/full.")
-@options.amp_option
-@options.compile_option
-@options.device_option
-@options.seed_option
-@options.workers_option
-@options.threads_option
-@options.overwrite_option
-def command(root, dataset, split, val_split, labels, reliability_dir, raw, out_dir, model, output_stride,
-            weights_backbone, crop_size, scale_range, jitter, batch_size, iterations, epochs, stop_at, lr, head_lr_mult,
-            weight_decay, momentum, poly_power, freeze_bn, eval_every, log_every, select, upper_bound, amp, compile_model,
-            device, seed, workers, threads, overwrite):
+@settings_command(TrainSegConfig, name="train-seg", short_help="Train DeepLab on pseudo-labels (or ground truth).")
+def command(cfg: TrainSegConfig) -> None:
     """Train a DeepLabV3 segmentation network on pseudo-labels (--labels DIR) or ground truth (--labels gt)."""
-    if raw:
-        if reliability_dir is not None:
-            raise click.UsageError("give either --raw or --reliability, not both")
-        if labels == GT_LABELS:
-            raise click.UsageError("--raw needs --labels DIR (the pseudo-label folder holding the reliability maps)")
-        reliability_dir = Path(labels)
-    if iterations is not None and epochs is not None:
-        raise click.UsageError("give either --iterations or --epochs, not both")
-    if iterations is None and epochs is None:
-        iterations = 20000
-    cfg = TrainSegConfig(
-        root=root, out_dir=out_dir, labels=labels, reliability_dir=reliability_dir, dataset=dataset, split=split,
-        val_split=None if val_split.lower() == "none" else val_split, model=model, output_stride=output_stride,
-        weights_backbone=weights_backbone,
-        crop_size=crop_size, scale_range=scale_range, jitter=jitter, batch_size=batch_size, iterations=iterations,
-        epochs=epochs, stop_at=stop_at, lr=lr, head_lr_mult=head_lr_mult, weight_decay=weight_decay, momentum=momentum,
-        poly_power=poly_power, freeze_bn=freeze_bn, eval_every=eval_every, log_every=log_every, select=select,
-        upper_bound=upper_bound, amp=amp, compile_model=compile_model, device=device, seed=seed, workers=workers,
-        threads=threads, overwrite=overwrite)
     metrics = run(cfg)
     if metrics.get("val_miou") is not None and dist_info().is_main:
         line = f"{cfg.val_split} mIoU {metrics['val_miou']:.4f}"
         if metrics.get("weak_full_ratio") is not None:
-            line += f"  weak/full {metrics['weak_full_ratio']:.3f} (upper bound {metrics['upper_bound']['val_miou']:.4f})"
+            upper = metrics["upper_bound"]["val_miou"]
+            line += f"  weak/full {metrics['weak_full_ratio']:.3f} (upper bound {upper:.4f})"
         click.echo(line)

@@ -44,13 +44,23 @@ mean average precision.
 
 Randomness is passed in: augmentations draw from a ``numpy.random.Generator``,
 the queue's initial keys from a ``torch.Generator``.
+
+The last section puts these pieces together for ``wsss pretrain``: :class:`Pretext`
+(trunk + head, whose forward returns a step's loss), :class:`PretextImages` (a
+split's images as views), :func:`probe_trunk` (the linear probe on a prepared
+dataset) and :func:`save_backbone` (the trunk under torchvision's names, the file
+``train-cls --weights`` and ``train-seg --weights-backbone`` read).
 """
 
 from __future__ import annotations
 
 import copy
+import io
 import math
+import random
 import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
 
 import cv2
 import numpy as np
@@ -58,13 +68,25 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import Dataset
 
+from wsss import artifacts
+from wsss.inference import split_batches, to_model_input
 from wsss.metrics import average_precision, mean_average_precision
+from wsss.models.backbones import META_KEY, backbone_channels, build_resnet, trunk_state_dict
 from wsss.transforms import normalize_image
+
+if TYPE_CHECKING:
+    from wsss.datasets.prepared import PreparedDataset
+    from wsss.training import Precision
 
 # sklearn's C (inverse L2 strength) of the linear probe, on standardised features
 PROBE_INVERSE_REGULARIZATION = 0.1
 PROBE_MAX_ITER = 2000
+# the pretext tasks of :class:`Pretext` (SimCLR, or MoCo v2 with a queue; RotNet)
+METHODS = ("contrastive", "rotation")
+# the embedding width of :class:`ProjectionHead` (SimCLR and MoCo v2 use 128)
+PROJECTION_DIM = 128
 
 
 # --------------------------------------------------------------------------- views
@@ -494,7 +516,7 @@ class ProjectionHead(nn.Module):
     BatchNorm needs B > 1 in training mode.
     """
 
-    def __init__(self, in_dim: int, hidden_dim: int = 512, out_dim: int = 128):
+    def __init__(self, in_dim: int, hidden_dim: int = 512, out_dim: int = PROJECTION_DIM):
         super().__init__()
         self.layers = nn.Sequential(nn.Linear(in_dim, hidden_dim, bias=False), nn.BatchNorm1d(hidden_dim),
                                     nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim))
@@ -624,3 +646,165 @@ def linear_probe(train_features, train_targets, val_features, val_targets, *,
                      "standardized": True, "constant_classes": constant_classes, "not_converged": not_converged},
     }
 
+
+# --------------------------------------------------------------------------- the pretraining network and its data
+
+
+class PretextImages(Dataset):
+    """A split's images as pretext inputs: two views (contrastive) or one square view (rotation).
+
+    ``views(image, rng)`` is a :class:`ContrastiveViews` or :class:`RotationView`.  It draws from a
+    NumPy generator seeded from Python's ``random``, which the training engine's
+    :class:`~wsss.training.SeededItems` seeds per item, so a resumed run sees the same views.
+    """
+
+    def __init__(self, dataset: PreparedDataset, split: str, views: Callable):
+        self.dataset, self.split, self.views, self.ids = dataset, split, views, dataset.ids(split)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int):
+        rng = np.random.default_rng(random.getrandbits(63))
+        return self.views(self.dataset.read_image(self.split, self.ids[index]), rng)
+
+
+def pretext_views(method: str, *, crop_size: int, min_scale: float) -> ContrastiveViews | RotationView:
+    """The augmentation of a method: :class:`RotationView` for rotation, else :class:`ContrastiveViews`
+    (``min_scale`` is the contrastive crop's smallest area share; rotation keeps its own)."""
+    if method == "rotation":
+        return RotationView(crop_size=crop_size)
+    return ContrastiveViews(crop_size=crop_size, min_scale=min_scale)
+
+
+class Pretext(nn.Module):
+    """Trunk + pretext head; ``forward(batch)`` returns the step's loss terms.
+
+    Rotation: ``batch`` is float [B, 3, S, S]; the four rotations of every image are classified
+    (cross entropy) and the terms are ``{"total", "accuracy"}``.  Contrastive: ``batch`` is the
+    pair of views ``(first, second)``, each [B, 3, S, S]; without a queue the loss is
+    :func:`nt_xent_loss` (SimCLR), with one the symmetric :func:`moco_loss` against a momentum
+    copy of trunk and head (MoCo v2), and the terms are ``{"total"}``.
+
+    Args:
+        backbone: ResNet name; the trunk has output stride 16 like the CAM network's.
+        method: one of :data:`METHODS`.
+        temperature: of NT-Xent / InfoNCE.
+        queue: MoCo negatives (0 = SimCLR with in-batch negatives).
+        key_momentum: MoCo's momentum of the key encoder.
+        key_splits: the keys' BatchNorm sees the batch shuffled and cut in this many parts (MoCo's
+            "shuffle BN" on one device), so a query cannot find its key by the batch statistics.
+    """
+
+    def __init__(self, backbone: str, method: str, *, temperature: float = 0.2, queue: int = 0,
+                 key_momentum: float = 0.99, key_splits: int = 4):
+        super().__init__()
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+        self.method, self.temperature = method, temperature
+        self.key_momentum, self.key_splits = key_momentum, key_splits
+        self.trunk = build_resnet(backbone, "none", output_stride=16)
+        channels = backbone_channels(backbone)
+        self.head = RotationHead(channels) if method == "rotation" else ProjectionHead(channels)
+        self.queue = None
+        if method == "contrastive" and queue > 0:
+            self.key_trunk, self.key_head = momentum_copy(self.trunk), momentum_copy(self.head)
+            self.queue = NegativeQueue(queue, PROJECTION_DIM, generator=torch.Generator().manual_seed(0))
+
+    @property
+    def name(self) -> str:
+        """The method as recorded in the backbone file: ``rotation``, ``contrastive`` or ``contrastive-moco``."""
+        return "contrastive-moco" if self.queue is not None else self.method
+
+    def parameter_groups(self) -> list[dict]:
+        """SGD groups: weight decay on weights, none on BatchNorm and biases (SimCLR/MoCo practice)."""
+        decay, no_decay = [], []
+        for _, parameter in [*self.trunk.named_parameters(), *self.head.named_parameters()]:
+            (no_decay if parameter.ndim <= 1 else decay).append(parameter)
+        return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+    def _keys(self, views: torch.Tensor) -> torch.Tensor:
+        """Keys of the momentum encoder, BatchNorm on shuffled sub-batches (shuffle BN on one device)."""
+        momentum_update(self.trunk, self.key_trunk, self.key_momentum)
+        momentum_update(self.head, self.key_head, self.key_momentum)
+        order = torch.randperm(views.shape[0], device=views.device)
+        splits = max(1, min(self.key_splits, views.shape[0] // 2))  # BatchNorm needs two samples per part
+        parts = [self.key_head(self.key_trunk(part)) for part in views[order].chunk(splits)]
+        keys = torch.empty_like(torch.cat(parts))
+        keys[order] = torch.cat(parts)
+        return keys
+
+    def forward(self, batch) -> dict[str, torch.Tensor]:
+        if self.method == "rotation":
+            images, targets = rotate_batch(batch)
+            logits = self.head(self.trunk(images)).float()
+            return {"total": F.cross_entropy(logits, targets),
+                    "accuracy": (logits.argmax(1) == targets).float().mean()}
+        first, second = batch
+        if self.queue is None:
+            z1, z2 = self.head(self.trunk(first)), self.head(self.trunk(second))
+            return {"total": nt_xent_loss(z1.float(), z2.float(), self.temperature)}
+        with torch.no_grad():
+            k1, k2 = self._keys(first), self._keys(second)
+        q1, q2 = self.head(self.trunk(first)).float(), self.head(self.trunk(second)).float()
+        negatives = self.queue.keys.clone()  # enqueue below updates the queue in place; backward needs these
+        # symmetric MoCo loss: each view is once the query and once the key
+        loss = 0.5 * (moco_loss(q1, k2.float(), negatives, self.temperature)
+                      + moco_loss(q2, k1.float(), negatives, self.temperature))
+        self.queue.enqueue(torch.cat([k1, k2]).float())
+        return {"total": loss}
+
+
+@torch.no_grad()
+def split_features(trunk: nn.Module, dataset: PreparedDataset, split: str, device: torch.device,
+                   precision: Precision, *, size: int | None = None,
+                   workers: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Globally pooled trunk features and multi-hot labels of a split's images (trunk in eval mode).
+
+    Args:
+        size: resize every image to ``size x size`` first (None: each at its own size).
+
+    Returns:
+        ``(features, labels)``: float32 [N, C] and the dataset's multi-hot labels [N, K], in split order.
+    """
+    was_training = trunk.training
+    trunk.eval()
+    ids = dataset.ids(split)
+    position = {image_id: index for index, image_id in enumerate(ids)}
+    features = None
+    for batch_ids, images, _ in split_batches(dataset, split, ids, batch_size=16, workers=workers, device=device):
+        inputs = to_model_input(images)
+        if size is not None:
+            inputs = F.interpolate(inputs, size=(size, size), mode="bilinear", align_corners=False)
+        with precision.autocast(device):
+            pooled = trunk(precision.images(inputs)).float().mean(dim=(2, 3)).cpu().numpy()
+        if features is None:
+            features = np.zeros((len(ids), pooled.shape[1]), np.float32)
+        features[[position[image_id] for image_id in batch_ids]] = pooled
+    trunk.train(was_training)
+    return features, np.stack([dataset.multi_hot(image_id) for image_id in ids])
+
+
+def probe_trunk(trunk: nn.Module, dataset: PreparedDataset, train_split: str, probe_split: str,
+                device: torch.device, precision: Precision, *, size: int | None = None, workers: int = 0,
+                seed: int = 0) -> dict:
+    """Linear-probe mAP of a trunk: :func:`linear_probe` fitted on ``train_split``, scored on ``probe_split``.
+
+    Returns:
+        ``{"map": mAP or None, "ap": {class name: AP or None}}`` (background left out).
+    """
+    train = split_features(trunk, dataset, train_split, device, precision, size=size, workers=workers)
+    val = split_features(trunk, dataset, probe_split, device, precision, size=size, workers=workers)
+    result = linear_probe(*train, *val, seed=seed)
+    return {"map": result["map"], "ap": {name: ap for name, ap in zip(dataset.classes[1:], result["ap"])}}
+
+
+def save_backbone(path: str | Path, trunk: nn.Module, meta: dict) -> Path:
+    """Write a pretrained trunk: its state dict under torchvision's ResNet names plus ``meta`` under
+    :data:`~wsss.models.backbones.META_KEY` (``wsss.models.backbones`` reads both back).  Atomic."""
+    path = Path(path)
+    buffer = io.BytesIO()
+    torch.save({**trunk_state_dict(trunk), META_KEY: meta}, buffer)
+    with artifacts.atomic_write(path) as handle:
+        handle.write(buffer.getvalue())
+    return path

@@ -66,7 +66,8 @@ def setting(default: Any = _MISSING, help: str = "", *, factory: Callable[[], An
             at_most: float | None = None, below: float | None = None, option: str | None = None,
             flag: str | None = None, prefix: str | None = None, parse: Callable[[str], Any] | None = None,
             metavar: str | None = None, argument: bool = False,
-            validate: Callable[[Any], str | None] | None = None) -> Any:
+            validate: Callable[[Any], str | None] | None = None, aliases: tuple[str, ...] = (),
+            repeat: bool = False) -> Any:
     """Declare one option of a :class:`Settings` dataclass.
 
     Args:
@@ -81,11 +82,14 @@ def setting(default: Any = _MISSING, help: str = "", *, factory: Callable[[], An
         metavar: what the help shows for the value.
         argument: on the command line a positional argument instead of an option.
         validate: a check of the value however it arrived (text, file, Python): returns what is wrong, or None.
+        aliases: other command-line names of the option (an older or another command's spelling).
+        repeat: for a tuple, the option is given once per element (``--split-file A --split-file B``)
+            instead of as one comma-separated text.
     """
     metadata = {"help": help, "choices": choices, "range": (at_least, above, at_most, below), "option": option,
                 "flag": flag, "prefix": prefix, "parse": parse, "metavar": metavar,
                 "argument": argument,
-                "validate": validate}
+                "validate": validate, "aliases": tuple(aliases), "repeat": repeat}
     if factory is not None:
         return dataclasses.field(default_factory=factory, metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)

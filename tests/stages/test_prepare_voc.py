@@ -169,11 +169,15 @@ def test_voc_extra_split_file_without_masks(tmp_path):
     main_list = root / "ImageSets" / "Main" / "trainval.txt"
     main_list.parent.mkdir(parents=True)
     main_list.write_text(f"{A}\n{F}\n")
-    result = invoke("--root", root, "--split-file", main_list, "--workers", 1)
+    other_list = main_list.parent / "horses.txt"
+    other_list.write_text(f"{F}\n")
+    # --split-file is given once per list
+    result = invoke("--root", root, "--split-file", main_list, "--split-file", other_list, "--workers", 1)
     assert result.exit_code == 0, result.output
-    assert "voc trainval: 2 images, 1 with masks" in result.output
+    assert "voc trainval: 2 images, 1 with masks" in result.output and "voc horses: 1 images" in result.output
     dataset = PreparedDataset.load(root, "voc")
     assert dataset.ids("trainval") == [A, F] and not dataset.has_masks("trainval")
+    assert dataset.ids("horses") == [F]
     assert dataset.image_labels(F) == [HORSE]
 
 

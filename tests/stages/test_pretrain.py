@@ -96,6 +96,7 @@ def test_resume_after_a_stop_gives_the_file_of_a_clean_run(tiny_demo, tmp_path):
 
 def test_bad_options_are_one_line_errors(tiny_demo, tmp_path):
     result = pretrain(tiny_demo, tmp_path / "x", "--method", "rotation", "--queue", "8")
-    assert_one_line_error(result, "--queue")
+    assert_one_line_error(result, "'--queue'", "--method contrastive")
+    assert result.exit_code == 2  # a usage error, found before any work
     result = pretrain(tiny_demo, tmp_path / "x", "--probe-split", "nosuch")
     assert_one_line_error(result, "--probe-split")

@@ -137,7 +137,7 @@ def test_resume_continues_the_schedule(data, tmp_path):
     root, _, _ = data
     common = ["--labels", "gt", "--iterations", "4", "--eval-every", "0", "--val-split", "none"]
     interrupted, straight = tmp_path / "interrupted", tmp_path / "straight"
-    assert train(root, interrupted, *common, "--stop-at", "2").exit_code == 0
+    assert train(root, interrupted, *common, "--stop-after", "2").exit_code == 0
     half = artifacts.load_checkpoint(artifacts.checkpoint_path(interrupted, "last"))
     assert half["step"] == 2
     assert json.loads(artifacts.metrics_path(interrupted).read_text())["finished"] is False
@@ -178,7 +178,7 @@ def test_resume_refuses_a_changed_schedule(data, tmp_path):
     root, _, _ = data
     out = tmp_path / "run"
     common = ["--labels", "gt", "--iterations", "4", "--val-split", "none"]
-    assert train(root, out, *common, "--stop-at", "1").exit_code == 0
+    assert train(root, out, *common, "--stop-after", "1").exit_code == 0
     result = train(root, out, "--labels", "gt", "--iterations", "6", "--val-split", "none")
     assert result.exit_code == 1 and "cannot resume" in result.output and "--overwrite" in result.output
     assert train(root, out, *common, "--lr", "0.5").exit_code == 1
@@ -191,7 +191,7 @@ def test_output_stride_8_is_stored_resumed_and_checked(data, tmp_path):
     root, _, _ = data
     out = tmp_path / "dense"
     common = ["--labels", "gt", "--iterations", "2", "--val-split", "none", "--output-stride", "8"]
-    assert train(root, out, *common, "--stop-at", "1").exit_code == 0
+    assert train(root, out, *common, "--stop-after", "1").exit_code == 0
     # the stride is part of the schedule: a run at another stride does not resume this one
     result = train(root, out, "--labels", "gt", "--iterations", "2", "--val-split", "none")
     assert result.exit_code == 1 and "--output-stride" in result.output
@@ -204,8 +204,8 @@ def test_output_stride_8_is_stored_resumed_and_checked(data, tmp_path):
         assert model.backbone(torch.zeros(1, 3, 32, 32)).shape[-2:] == (4, 4)
     result = train(root, tmp_path / "r50", "--labels", "gt", "--iterations", "1", "--model", "deeplabv3_resnet50",
                    "--output-stride", "16")
-    assert result.exit_code == 1 and result.output.startswith("Error: --output-stride 16: deeplabv3_resnet50")
-    assert "Traceback" not in result.output and not (tmp_path / "r50").exists()
+    assert_one_line_error(result, "'--output-stride': 16: deeplabv3_resnet50 is built with output stride 8")
+    assert result.exit_code == 2 and not (tmp_path / "r50").exists()
 
 
 def test_missing_pseudo_label_is_a_one_line_error(data, tmp_path):
@@ -222,9 +222,30 @@ def test_missing_pseudo_label_is_a_one_line_error(data, tmp_path):
 
 
 def test_total_iterations_from_epochs():
-    cfg = TrainSegConfig(root=".", out_dir=".", iterations=None, epochs=2.0, batch_size=4)
+    cfg = TrainSegConfig(root=".", out_dir=".", labels="gt", epochs=2.0, batch_size=4)
     assert total_iterations(cfg, num_images=10, world_size=1) == 5  # ceil(2 * 10 / 4)
     assert total_iterations(cfg, num_images=10, world_size=2) == 3  # ceil(2 * 5 / 4)
+    # a config.json of an --epochs run written before the iterations default had one owner
+    assert total_iterations(cfg.replace(iterations=None), num_images=10, world_size=1) == 5
+    assert total_iterations(TrainSegConfig(root=".", out_dir=".", labels="gt"), 10, 1) == 20000
+
+
+def test_option_rules_are_usage_errors_before_any_work(data, tmp_path):
+    root, _, _ = data
+    out = tmp_path / "run"
+    result = train(root, out, "--labels", "gt", "--iterations", "5", "--epochs", "2")
+    assert_one_line_error(result, "'--epochs'", "either --iterations or --epochs")
+    assert result.exit_code == 2
+    result = train(root, out, "--labels", str(tmp_path), "--raw", "--reliability", str(tmp_path))
+    assert_one_line_error(result, "'--raw'", "not both")
+    result = train(root, out, "--labels", "gt", "--select", "val-miou", "--val-split", "none")
+    assert_one_line_error(result, "'--select'", "--val-split")
+    result = train(root, out, "--labels", "gt", "--upper-bound", str(tmp_path), "--val-split", "none")
+    assert_one_line_error(result, "'--upper-bound'", "--val-split")
+    assert not out.exists()
+    # --weights is train-cls's name of --weights-backbone, and accepted here too
+    assert train(root, out, "--labels", "gt", "--iterations", "1", "--val-split", "none", "--weights", "none",
+                 "--stop-after", "1").exit_code == 0
 
 
 def test_checkpoints_every_eval_every_also_without_a_val_split(data, tmp_path, monkeypatch):
@@ -255,7 +276,7 @@ def test_history_after_a_stop_inside_a_round_is_that_of_a_straight_run(data, tmp
     root, _, _ = data
     common = ["--labels", "gt", "--iterations", "6", "--eval-every", "3", "--log-every", "5", "--val-split", "none"]
     assert train(root, tmp_path / "straight", *common).exit_code == 0
-    assert train(root, tmp_path / "stopped", *common, "--stop-at", "2").exit_code == 0
+    assert train(root, tmp_path / "stopped", *common, "--stop-after", "2").exit_code == 0
     assert train(root, tmp_path / "stopped", *common).exit_code == 0
     history = {name: json.loads(artifacts.metrics_path(tmp_path / name).read_text())["history"]
                for name in ("straight", "stopped")}

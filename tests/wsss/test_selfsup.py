@@ -12,9 +12,9 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
-from wsss.selfsup import (ContrastiveViews, NegativeQueue, ProjectionHead, RotationHead, RotationView,
+from wsss.selfsup import (ContrastiveViews, NegativeQueue, Pretext, ProjectionHead, RotationHead, RotationView,
                           all_gather_with_grad, linear_probe, moco_loss, momentum_copy, momentum_update, nt_xent_loss,
-                          pooled_features, rotate_batch)
+                          pooled_features, pretext_views, rotate_batch)
 from wsss.transforms import denormalize_image, normalize_image
 
 # --------------------------------------------------------------------------- NT-Xent
@@ -337,3 +337,41 @@ def test_nt_xent_over_two_gloo_processes_is_the_loss_of_the_global_batch(tmp_pat
         # both ranks enqueued the keys of all four images, rank 0's first, into slots 0..3
         torch.testing.assert_close(torch.tensor(keys)[:4], F.normalize(z1_all.detach(), dim=1))
     assert results[0][4] == results[1][4]
+
+
+# --------------------------------------------------------------------------- the pretraining network
+
+
+def test_pretext_rotation_classifies_the_four_turns_of_every_image():
+    torch.manual_seed(0)
+    model = Pretext("resnet18", "rotation")
+    terms = model(torch.randn(2, 3, 64, 64))
+    assert set(terms) == {"total", "accuracy"} and terms["total"].ndim == 0
+    assert 0.0 <= terms["accuracy"].item() <= 1.0 and model.name == "rotation"
+    terms["total"].backward()
+    assert model.trunk[0].weight.grad is not None
+
+
+def test_pretext_moco_enqueues_both_views_keys_and_trains_only_the_online_network():
+    torch.manual_seed(0)
+    model = Pretext("resnet18", "contrastive", queue=8, key_splits=2)
+    assert model.name == "contrastive-moco"
+    first, second = torch.randn(4, 3, 64, 64), torch.randn(4, 3, 64, 64)
+    terms = model((first, second))
+    assert set(terms) == {"total"} and math.isfinite(terms["total"].item())
+    assert model.queue.pointer.item() == 0  # 2 views x 4 keys = 8 = the whole queue: back at slot 0
+    terms["total"].backward()
+    assert all(parameter.grad is None for parameter in model.key_trunk.parameters())
+    # weight decay on weights only: BatchNorm and biases (1-d) are in the second group
+    decay, no_decay = model.parameter_groups()
+    assert all(p.ndim > 1 for p in decay["params"]) and all(p.ndim <= 1 for p in no_decay["params"])
+    assert no_decay["weight_decay"] == 0.0
+
+
+def test_pretext_simclr_has_no_key_encoder_and_an_unknown_method_is_refused():
+    model = Pretext("resnet18", "contrastive")
+    assert model.queue is None and model.name == "contrastive" and not hasattr(model, "key_trunk")
+    with pytest.raises(ValueError, match="jigsaw"):
+        Pretext("resnet18", "jigsaw")
+    assert isinstance(pretext_views("rotation", crop_size=32, min_scale=0.5), RotationView)
+    assert pretext_views("contrastive", crop_size=32, min_scale=0.5).scale == (0.5, 1.0)
