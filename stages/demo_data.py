@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from wsss.stages.options import SEED_HELP, folder_problem, settings_command
+from wsss.stages.options import folder_problem, seed_setting, settings_command
 from wsss.datasets import demo
 from wsss.errors import WsssError
 from wsss.settings import Settings, setting
@@ -25,7 +25,7 @@ class DemoDataConfig(Settings):
     num_val: int = setting(demo.DEFAULT_NUM_VAL, "Images in the val split.", at_least=1)
     size: int = setting(demo.DEFAULT_SIZE, "Long image side in pixels (the short side varies in [0.8, 1] x size).",
                         at_least=16)
-    seed: int = setting(0, SEED_HELP)
+    seed: int = seed_setting()
 
 
 def run(cfg: DemoDataConfig) -> dict:

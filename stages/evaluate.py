@@ -16,9 +16,9 @@ from pathlib import Path
 import click
 
 from wsss import artifacts, evaluation
-from wsss.datasets.prepared import DATASET_KINDS, PreparedDataset
+from wsss.datasets.prepared import PreparedDataset
 from wsss.settings import Settings, fail, setting
-from wsss.stages.options import (ALLOW_PICKLE_HELP, DATASET_HELP, POOL_WORKERS_HELP, ROOT_HELP, folder_problem,
+from wsss.stages.options import (allow_pickle_setting, dataset_setting, pool_workers_setting, root_setting,
                                  settings_command, sweep_setting)
 
 log = logging.getLogger(__name__)
@@ -28,21 +28,21 @@ log = logging.getLogger(__name__)
 class EvalConfig(Settings):
     """Options of ``wsss eval`` (see ``wsss eval --help``); exactly one of ``pred_dir`` and ``cam_dir`` is set."""
 
-    root: Path = setting(help=ROOT_HELP, validate=folder_problem)
+    root: Path = root_setting()
     split: str = setting("val", "Split whose ground-truth masks are used.")
     pred_dir: Path | None = setting(None, "Folder of label PNGs <id>.png (pseudo-labels or predictions).",
                                     option="--pred")
     cam_dir: Path | None = setting(None, "Folder of CAM files <id>.npz (or IRN-style <id>.npy with --allow-pickle).",
                                    option="--cams")
-    dataset: str | None = setting(None, DATASET_HELP, choices=DATASET_KINDS)
+    dataset: str | None = dataset_setting()
     ignore_pred_255: bool = setting(False, "Leave out pixels predicted 255 and report coverage (otherwise 255 "
                                            "counts as background).")
     sweep: tuple[float, float, float] = sweep_setting(evaluation.DEFAULT_SWEEP,
                                                       "CAM background thresholds start:stop:step (stop inclusive).")
-    allow_pickle: bool = setting(False, ALLOW_PICKLE_HELP)
+    allow_pickle: bool = allow_pickle_setting()
     allow_missing: bool = setting(False, "Skip images without a prediction/CAM file instead of failing.")
     out_file: Path | None = setting(None, "JSON report (none: <DIR>/metrics_eval_<split>.json).", option="--out")
-    workers: int | None = setting(None, POOL_WORKERS_HELP, at_least=0)
+    workers: int | None = pool_workers_setting()
 
     def check(self) -> None:
         if self.pred_dir is not None and self.cam_dir is not None:

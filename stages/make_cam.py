@@ -37,15 +37,15 @@ import torch
 
 from wsss import artifacts, evaluation
 from wsss.cam import DEFAULT_SCALES, ERASE_THRESH, erasing_cams, max_normalize, multiscale_cam
-from wsss.datasets.prepared import DATASET_KINDS, PreparedDataset
+from wsss.datasets.prepared import PreparedDataset
 from wsss.device import DistInfo, default_workers, dist_info, shard, sum_over_ranks
 from wsss.errors import WsssError
 from wsss.inference import BackgroundWriter, load_cam_network, split_batches, to_model_input
 from wsss.progress import bar as progress_bar
 from wsss.settings import Settings, fail, setting
-from wsss.stages.options import (AMP_HELP, AMP_MODES, COMPILE_HELP, DATASET_HELP, DEVICES, DEVICE_HELP, LIMIT_HELP,
-                                 LOADER_WORKERS_HELP, OVERWRITE_HELP, ROOT_HELP, THREADS_HELP, folder_problem,
-                                 positive_scales, settings_command, shard_setting, sweep_setting)
+from wsss.stages.options import (amp_setting, compile_setting, dataset_setting, device_setting, folder_problem,
+                                 limit_setting, loader_workers_setting, overwrite_setting, positive_scales,
+                                 root_setting, settings_command, shard_setting, sweep_setting, threads_setting)
 from wsss.training import Precision, start_runtime
 
 log = logging.getLogger(__name__)
@@ -57,11 +57,11 @@ CLASS_SOURCES = ("gt", "pred")
 class MakeCamConfig(Settings):
     """Options of ``wsss make-cam`` (see ``wsss make-cam --help``)."""
 
-    root: Path = setting(help=ROOT_HELP, validate=folder_problem)
+    root: Path = root_setting()
     checkpoint: Path = setting(help="train-cls checkpoint (.pth), or its output folder (best.pth, else last.pth).")
     out_dir: Path = setting(help="Output folder for <id>.npz, config.json and metrics.json.", option="--out",
                             validate=folder_problem)
-    dataset: str | None = setting(None, DATASET_HELP, choices=DATASET_KINDS)
+    dataset: str | None = dataset_setting()
     split: str = setting("train", "Split to compute CAMs for (the CAM protocol scores VOC train).")
     scales: tuple[float, ...] = setting(DEFAULT_SCALES, "Comma-separated input scales.", above=0,
                                         parse=positive_scales)
@@ -76,17 +76,17 @@ class MakeCamConfig(Settings):
     erase_thresh: float = setting(ERASE_THRESH, "Erase pixels whose accumulated normalised CAM is >= this.",
                                   above=0, at_most=1)
     batch_size: int = setting(8, "Images of equal size per forward pass.", at_least=1)
-    limit: int | None = setting(None, LIMIT_HELP, at_least=1)
+    limit: int | None = limit_setting()
     evaluate: bool = setting(False, "Afterwards run the threshold sweep of `wsss eval --cams`.", option="--eval")
     sweep: tuple[float, float, float] = sweep_setting(evaluation.DEFAULT_SWEEP, "With --eval: background "
                                                       "thresholds start:stop:step (stop inclusive).")
-    amp: str = setting("auto", AMP_HELP, choices=AMP_MODES)
-    compile_model: bool = setting(False, COMPILE_HELP, option="--compile")
-    device: str = setting("auto", DEVICE_HELP, choices=DEVICES)
-    workers: int | None = setting(None, LOADER_WORKERS_HELP, at_least=0)
-    threads: int | None = setting(None, THREADS_HELP, at_least=1)
+    amp: str = amp_setting()
+    compile_model: bool = compile_setting()
+    device: str = device_setting()
+    workers: int | None = loader_workers_setting()
+    threads: int | None = threads_setting()
     shard: tuple[int, int] = shard_setting()
-    overwrite: bool = setting(False, OVERWRITE_HELP, flag="--overwrite/--resume")
+    overwrite: bool = overwrite_setting()
 
     def check(self) -> None:
         if not self.scales:

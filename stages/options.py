@@ -40,6 +40,75 @@ ALLOW_PICKLE_HELP = "Allow IRN-style pickled .npy CAM dicts (unpickling runs cod
 LIMIT_HELP = "Only the first N images of the split (quick looks, benchmarks)."
 
 
+# The settings that many commands share, declared once: ``device: str = device_setting()`` in a config.
+
+def root_setting():
+    """``--root``: the prepared dataset."""
+    return S.setting(help=ROOT_HELP, validate=folder_problem)
+
+
+def dataset_setting():
+    """``--dataset``: the kind that ``wsss prepare`` wrote (none: whatever it wrote)."""
+    from wsss.datasets.prepared import DATASET_KINDS
+
+    return S.setting(None, DATASET_HELP, choices=DATASET_KINDS)
+
+
+def cams_setting():
+    """``--cams``: a folder of CAM files."""
+    return S.setting(help=CAMS_HELP, option="--cams")
+
+
+def device_setting(note: str = ""):
+    """``--device auto|cpu|cuda``."""
+    return S.setting("auto", DEVICE_HELP + note, choices=DEVICES)
+
+
+def amp_setting():
+    """``--amp``: mixed precision."""
+    return S.setting("auto", AMP_HELP, choices=AMP_MODES)
+
+
+def compile_setting():
+    """``--compile``: torch.compile the network."""
+    return S.setting(False, COMPILE_HELP, option="--compile")
+
+
+def seed_setting():
+    """``--seed``."""
+    return S.setting(0, SEED_HELP)
+
+
+def loader_workers_setting():
+    """``--workers`` of a stage whose images are decoded by DataLoader workers."""
+    return S.setting(None, LOADER_WORKERS_HELP, at_least=0)
+
+
+def pool_workers_setting():
+    """``--workers`` of a stage whose per-image work runs in a process pool."""
+    return S.setting(None, POOL_WORKERS_HELP, at_least=0)
+
+
+def threads_setting():
+    """``--threads``: torch/OpenCV/BLAS threads of this process."""
+    return S.setting(None, THREADS_HELP, at_least=1)
+
+
+def overwrite_setting():
+    """``--overwrite/--resume``."""
+    return S.setting(False, OVERWRITE_HELP, flag="--overwrite/--resume")
+
+
+def allow_pickle_setting():
+    """``--allow-pickle``: read IRN-style pickled CAM dicts."""
+    return S.setting(False, ALLOW_PICKLE_HELP)
+
+
+def limit_setting():
+    """``--limit N``: the first N images of the split."""
+    return S.setting(None, LIMIT_HELP, at_least=1)
+
+
 # Parsers of the text forms of settings (``parse=`` of :func:`wsss.settings.setting`); a ValueError says what
 # was expected, and the command line or the file reader names the option or key.
 
@@ -47,7 +116,7 @@ def positive_pair(text: str) -> tuple[float, float]:
     """``MIN,MAX`` with ``0 < MIN <= MAX`` (scale ranges)."""
     values = S.from_text(text, tuple[float, ...])
     if len(values) != 2 or not all(math.isfinite(v) for v in values) or not 0 < values[0] <= values[1]:
-        raise ValueError(f"expected MIN,MAX with 0 < MIN <= MAX, got {text!r}")
+        raise ValueError(f"expected finite MIN,MAX with 0 < MIN <= MAX, got {text!r}")
     return values
 
 

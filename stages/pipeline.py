@@ -36,13 +36,13 @@ from wsss import settings as S
 from wsss.artifacts import RUN_LAYOUT
 from wsss.errors import WsssError
 from wsss.settings import Settings, setting
-from wsss.stages.options import DEVICES, DEVICE_HELP, SEED_HELP
+from wsss.stages.options import device_setting, seed_setting
 
 log = logging.getLogger(__name__)
 
 DATASETS = ("demo", "voc", "coco", "folder")
 #: The stages in the order they run; a recipe has one optional table per stage.
-STAGES = ("demo-data", "pretrain", "train-cls", "make-cam", "train-aff", "refine", "train-seg", "predict")
+STAGES = ("demo-data", "pretrain", "train-cls", "make-cam", "train-aff", "refine", "train-seg", "predict", "eval")
 #: Where ``--stop-after`` may stop.
 STOP_POINTS = ("pretrain", "train-cls", "make-cam", "train-aff", "refine", "train-seg", "predict")
 #: Stages trained under torchrun when ``gpus > 1``.
@@ -58,11 +58,17 @@ WIRED = {
     "train-seg": ("root", "dataset", "split", "val_split", "labels", "out_dir", "weights_backbone", "upper_bound",
                   "seed", "device"),
     "predict": ("root", "dataset", "split", "checkpoint", "out_dir", "evaluate", "device"),
+    "eval": ("root", "dataset", "split", "pred_dir", "out_file"),
 }
 
 #: Stand-ins for the wiring, to check a recipe's tables before anything runs.
 PLACEHOLDER_WIRING = {"root": Path("."), "out_dir": Path("."), "checkpoint": Path("."), "cam_dir": Path("."),
-                      "labels": "pseudo", "run_dir": Path(".")}
+                      "labels": "pseudo", "pred_dir": Path(".")}
+
+
+def placeholder_wiring(stage: str) -> dict[str, Any]:
+    """Stand-ins for what the pipeline sets in ``stage``'s config."""
+    return {key: value for key, value in PLACEHOLDER_WIRING.items() if key in WIRED[stage]}
 
 
 @dataclass(frozen=True)
@@ -98,8 +104,8 @@ class PipelineSettings(Settings):
                                         "from more, and on a busy machine spinning threads slow training.",
                                   at_least=1)
     gpus: int = setting(1, "GPUs on this machine; more than 1 runs the training stages under torchrun.", at_least=1)
-    device: str = setting("auto", DEVICE_HELP, choices=DEVICES)
-    seed: int = setting(0, SEED_HELP)
+    device: str = device_setting()
+    seed: int = seed_setting()
 
     def splits(self) -> tuple[str, str]:
         """The (train, val) split names, with the dataset's defaults."""
@@ -206,7 +212,7 @@ class Recipe:
             raise WsssError(f"{path}: [pipeline] {err}") from None
         recipe = cls(str(path), pipeline, {stage: tables.get(stage, {}) for stage in STAGES})
         for stage in STAGES:  # every table checked before any stage runs
-            recipe.config(stage, PLACEHOLDER_WIRING)
+            recipe.config(stage, placeholder_wiring(stage))
         return recipe
 
     def config(self, stage: str, wiring: dict[str, Any], command: click.Command | None = None):
@@ -248,7 +254,7 @@ class PipelineRun:
         """Run one stage (in this process, or under torchrun); return its config."""
         command = _stage_command(stage)
         cfg = self.recipe.config(stage, {**(self.common() if common else {}), **wiring}, command)
-        click.echo(f"\n== {stage} -> {getattr(cfg, 'out_dir', '')}")
+        click.echo(f"\n== {stage} -> {getattr(cfg, 'out_dir', None) or getattr(cfg, 'pred_dir', '')}")
         if self.settings.gpus > 1 and stage in TRAINING_STAGES:
             self.torchrun(stage, cfg)
         else:
@@ -351,7 +357,9 @@ class PipelineRun:
             return
 
         self.step("refine", {**data, "split": train, "cam_dir": self.folder("cams"), "out_dir": self.folder("pseudo"),
-                             "random_walk": walk, "evaluate": masks[train]})
+                             "random_walk": walk, "evaluate": False})
+        if masks[train]:  # <pseudo>/metrics_eval_<split>.json, which the report reads
+            self.step("eval", {**data, "split": train, "pred_dir": self.folder("pseudo")})
         if self.stop_here("refine"):
             return
 
@@ -361,7 +369,7 @@ class PipelineRun:
         seg_weights = weights
         if self.settings.seg_init == "cls" and seg_cfg.model == f"deeplabv3_{cls_cfg.backbone}":
             seg_weights = str(classifier)  # the trunk that learned these images' labels
-        seg = {**data, "split": train, "val_split": val if has_val else None, "weights_backbone": seg_weights}
+        seg = {**data, "split": train, "val_split": val if masks[val] else None, "weights_backbone": seg_weights}
         upper = None
         if self.settings.upper_bound:
             if not masks[train]:
@@ -376,11 +384,16 @@ class PipelineRun:
         segmenter = artifacts.checkpoint_path(self.folder("seg"), "last")
         if has_val:
             self.step("predict", {**data, "split": val, "checkpoint": segmenter,
-                                  "out_dir": RUN_LAYOUT.pred_folder(self.run_dir), "evaluate": masks[val]})
+                                  "out_dir": RUN_LAYOUT.pred_folder(self.run_dir), "evaluate": False})
+            if masks[val]:
+                self.step("eval", {**data, "split": val, "pred_dir": RUN_LAYOUT.pred_folder(self.run_dir)})
         if self.settings.predict_train:
             self.step("predict", {**data, "split": train, "checkpoint": segmenter,
                                   "out_dir": RUN_LAYOUT.pred_folder(self.run_dir, train), "evaluate": False})
         if self.stop_here("predict"):
+            return
+        if not any(masks.values()):
+            click.echo(f"\n== no report: no split of {root} has masks to score the stages with")
             return
         report = _stage_command("report")
         click.echo(f"\n== report -> {RUN_LAYOUT.folder(self.run_dir, 'report_file')}")
@@ -408,8 +421,8 @@ def command(recipe, list_recipes, out, root, stop_after, gpus, overrides, verbos
     """Run the whole pipeline from RECIPE: a shipped recipe's name (see --list) or a TOML file.
 
     \b
-    Stages: [demo-data] -> [pretrain] -> train-cls -> make-cam -> [train-aff] -> refine
-            -> [train-seg on ground truth] -> train-seg -> predict -> report
+    Stages: [demo-data] -> [pretrain] -> train-cls -> make-cam -> [train-aff] -> refine -> eval
+            -> [train-seg on ground truth] -> train-seg -> predict -> eval -> report
     Run it again and it resumes: every stage skips finished work.
     """
     if verbose or quiet:

@@ -32,7 +32,7 @@ import torch
 
 from wsss import artifacts
 from wsss.crf import POSTPROCESS_CRF, CrfParams, dense_crf
-from wsss.datasets.prepared import DATASET_KINDS, PreparedDataset
+from wsss.datasets.prepared import PreparedDataset
 from wsss.device import DistInfo, default_workers, dist_info, shard, sum_over_ranks
 from wsss.errors import WsssError
 from wsss.inference import BackgroundWriter, split_batches, to_model_input
@@ -41,9 +41,9 @@ from wsss.models.deeplab import model_from_checkpoint
 from wsss.progress import bar as progress_bar
 from wsss.segmentation import segment_batch
 from wsss.settings import Settings, fail, setting
-from wsss.stages.options import (AMP_HELP, AMP_MODES, COMPILE_HELP, DATASET_HELP, DEVICES, DEVICE_HELP, OVERWRITE_HELP,
-                                 ROOT_HELP, THREADS_HELP, cli_fields, folder_problem, positive_scales, settings_command,
-                                 shard_setting)
+from wsss.stages.options import (amp_setting, cli_fields, compile_setting, dataset_setting, device_setting,
+                                 folder_problem, overwrite_setting, positive_scales, root_setting, settings_command,
+                                 shard_setting, threads_setting)
 from wsss.training import Precision, maybe_compile, start_runtime
 from wsss.visualize import overlay_label
 
@@ -56,12 +56,12 @@ OVERLAY_DIR = "overlay"
 class PredictConfig(Settings):
     """Options of ``wsss predict`` (see ``wsss predict --help``); :attr:`applied_crf` is the CRF that runs."""
 
-    root: Path = setting(help=ROOT_HELP, validate=folder_problem)
+    root: Path = root_setting()
     checkpoint: Path = setting(help="best.pth or last.pth of `wsss train-seg`, or its output folder (best.pth, else "
                                     "last.pth).")
     out_dir: Path = setting(help="Output folder for <id>.png label maps, config.json and metrics.json.",
                             option="--out", validate=folder_problem)
-    dataset: str | None = setting(None, DATASET_HELP, choices=DATASET_KINDS)
+    dataset: str | None = dataset_setting()
     split: str = setting("val", "Split to segment.")
     scales: tuple[float, ...] = setting((0.5, 0.75, 1.0, 1.25, 1.5), "Comma-separated test-time scales.", above=0,
                                         parse=positive_scales)
@@ -73,14 +73,14 @@ class PredictConfig(Settings):
     overlay_alpha: float = setting(0.5, "Opacity of the label colours in the overlays.", at_least=0, at_most=1)
     evaluate: bool = setting(False, "Score the predictions against ground truth afterwards.", option="--eval")
     batch_size: int = setting(4, "Images of equal size per forward pass.", at_least=1)
-    amp: str = setting("auto", AMP_HELP, choices=AMP_MODES)
-    compile_model: bool = setting(False, COMPILE_HELP, option="--compile")
-    device: str = setting("auto", DEVICE_HELP, choices=DEVICES)
+    amp: str = amp_setting()
+    compile_model: bool = compile_setting()
+    device: str = device_setting()
     workers: int | None = setting(None, "DataLoader worker processes that decode images and, with --crf, processes "
                                         "that run the CRF (default: min(cores, 4)).", at_least=0)
-    threads: int | None = setting(None, THREADS_HELP, at_least=1)
+    threads: int | None = threads_setting()
     shard: tuple[int, int] = shard_setting()
-    overwrite: bool = setting(False, OVERWRITE_HELP, flag="--overwrite/--resume")
+    overwrite: bool = overwrite_setting()
 
     def check(self) -> None:
         if not self.scales:

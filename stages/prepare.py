@@ -14,7 +14,7 @@ from pathlib import Path
 
 import click
 
-from wsss.stages.options import OVERWRITE_HELP, POOL_WORKERS_HELP, file_problem, folder_problem, settings_command
+from wsss.stages.options import file_problem, folder_problem, overwrite_setting, pool_workers_setting, settings_command
 from wsss import artifacts
 from wsss.datasets.coco import prepare_coco
 from wsss.datasets.folder import prepare_folder
@@ -35,8 +35,8 @@ class VocPrepareConfig(Settings):
     split_files: tuple[Path, ...] = setting((), "Extra split list (e.g. ImageSets/Main/trainval.txt), named after its "
                                                 "file stem. Repeatable.", option="--split-file", metavar="PATH",
                                                 repeat=True)
-    workers: int | None = setting(None, POOL_WORKERS_HELP, at_least=0)
-    overwrite: bool = setting(False, OVERWRITE_HELP, flag="--overwrite/--resume")
+    workers: int | None = pool_workers_setting()
+    overwrite: bool = overwrite_setting()
 
 
 @dataclass(frozen=True)
@@ -45,8 +45,8 @@ class CocoPrepareConfig(Settings):
 
     root: Path = setting(help="COCO folder holding annotations/ and the image folders.", validate=folder_problem)
     split: str = setting(help="train2014 or val2014 (reads annotations/instances_<split>.json).")
-    workers: int | None = setting(None, POOL_WORKERS_HELP, at_least=0)
-    overwrite: bool = setting(False, OVERWRITE_HELP, flag="--overwrite/--resume")
+    workers: int | None = pool_workers_setting()
+    overwrite: bool = overwrite_setting()
 
 
 @dataclass(frozen=True)
@@ -61,7 +61,7 @@ class FolderPrepareConfig(Settings):
                                  validate=folder_problem)
     split: str = setting("train", "Name of the split written.")
     root: Path | None = setting(None, "Dataset root for wsss/ (none: the parent of --images).", validate=folder_problem)
-    workers: int | None = setting(None, POOL_WORKERS_HELP, at_least=0)
+    workers: int | None = pool_workers_setting()
 
 
 def summary_path(root: str | Path, kind: str) -> Path:

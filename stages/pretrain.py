@@ -38,10 +38,10 @@ from pathlib import Path
 import click
 import torch
 
-from wsss.stages.options import (AMP_HELP, AMP_MODES, DATASET_HELP, DEVICES, DEVICE_HELP, LOADER_WORKERS_HELP,
-                                 OVERWRITE_HELP, ROOT_HELP, SEED_HELP, THREADS_HELP, folder_problem, settings_command)
+from wsss.stages.options import (amp_setting, dataset_setting, device_setting, folder_problem, loader_workers_setting,
+                                 overwrite_setting, root_setting, seed_setting, settings_command, threads_setting)
 from wsss import artifacts
-from wsss.datasets.prepared import DATASET_KINDS, PreparedDataset
+from wsss.datasets.prepared import PreparedDataset
 from wsss.device import default_workers, dist_info, seed_everything
 from wsss.errors import WsssError
 from wsss.models.backbones import BACKBONES
@@ -62,10 +62,10 @@ SCHEDULE_FIELDS = ("split", "backbone", "method", "crop_size", "min_scale", "bat
 class PretrainConfig(Settings):
     """Options of ``wsss pretrain`` (see ``wsss pretrain --help``); defaults follow SimCLR / MoCo v2."""
 
-    root: Path = setting(help=ROOT_HELP, validate=folder_problem)
+    root: Path = root_setting()
     out_dir: Path = setting(help="Output folder for backbone.pth, last.pth, config.json and metrics.json.",
                             option="--out", validate=folder_problem)
-    dataset: str | None = setting(None, DATASET_HELP, choices=DATASET_KINDS)
+    dataset: str | None = dataset_setting()
     split: str = setting("train", "Split whose images are used (their labels never are).")
     probe_split: str | None = setting("val", "Split on which the linear probe is scored (fitted on --split); none "
                                              "skips the probe.")
@@ -90,12 +90,12 @@ class PretrainConfig(Settings):
                                  "BN).", at_least=1)
     probe_size: int | None = setting(None, "Resize images to SIZE x SIZE for the probe's features (none: their "
                                            "own size).", at_least=16, metavar="SIZE")
-    amp: str = setting("auto", AMP_HELP, choices=AMP_MODES)
-    device: str = setting("auto", DEVICE_HELP, choices=DEVICES)
-    seed: int = setting(0, SEED_HELP)
-    workers: int | None = setting(None, LOADER_WORKERS_HELP, at_least=0)
-    threads: int | None = setting(None, THREADS_HELP, at_least=1)
-    overwrite: bool = setting(False, OVERWRITE_HELP, flag="--overwrite/--resume")
+    amp: str = amp_setting()
+    device: str = device_setting()
+    seed: int = seed_setting()
+    workers: int | None = loader_workers_setting()
+    threads: int | None = threads_setting()
+    overwrite: bool = overwrite_setting()
 
     def check(self) -> None:
         if self.queue and self.method != "contrastive":

@@ -29,12 +29,12 @@ from pathlib import Path
 import click
 import numpy as np
 
-from wsss.stages.options import (ALLOW_PICKLE_HELP, CAMS_HELP, DATASET_HELP, DEVICES, DEVICE_HELP, LIMIT_HELP,
-                                 OVERWRITE_HELP, POOL_WORKERS_HELP, ROOT_HELP, SEED_HELP, folder_problem,
+from wsss.stages.options import (allow_pickle_setting, cams_setting, dataset_setting, device_setting, folder_problem,
+                                 limit_setting, overwrite_setting, pool_workers_setting, root_setting, seed_setting,
                                  settings_command, shard_setting)
 from wsss import artifacts
 from wsss.crf import PSEUDO_LABEL_CRF, CrfParams
-from wsss.datasets.prepared import DATASET_KINDS, PreparedDataset
+from wsss.datasets.prepared import PreparedDataset
 from wsss.errors import WsssError, option_name
 from wsss.gmm import FALLBACK_REASONS, GmmParams
 from wsss.parallel import imap_images
@@ -50,11 +50,11 @@ class RefineConfig(Settings):
     """Options of ``wsss refine`` (see ``wsss refine --help``); the per-image ones default to
     :class:`~wsss.refine.RefineParams`'s, and :attr:`params` builds that from them."""
 
-    cam_dir: Path = setting(help=CAMS_HELP, option="--cams")
-    root: Path = setting(help=ROOT_HELP, validate=folder_problem)
+    cam_dir: Path = cams_setting()
+    root: Path = root_setting()
     out_dir: Path = setting(help="Output folder for <id>.png pseudo-labels, <id>.npy reliability maps, config.json, "
                                  "metrics.json.", option="--out", validate=folder_problem)
-    dataset: str | None = setting(None, DATASET_HELP, choices=DATASET_KINDS)
+    dataset: str | None = dataset_setting()
     split: str = setting("train", "Split to refine (pseudo-label quality is conventionally measured on VOC train).")
     threshold: str = setting(RefineParams.threshold, "Background threshold: a Gaussian mixture of the scores pooled "
                                                      "over the split (gmm), fitted per image (gmm-image), or the "
@@ -86,14 +86,14 @@ class RefineConfig(Settings):
     rw_beta: float = setting(8.0, "Affinities are raised to this power before the walk (AffinityNet 8, IRN 10).",
                              above=0)
     rw_steps: int = setting(256, "Random-walk steps (AffinityNet: 256 = 2^8).", at_least=1)
-    device: str = setting("auto", DEVICE_HELP + " Only --random-walk uses it.", choices=DEVICES)
-    limit: int | None = setting(None, LIMIT_HELP, at_least=1)
+    device: str = device_setting(" Only --random-walk uses it.")
+    limit: int | None = limit_setting()
     evaluate: bool = setting(False, "Score the pseudo-labels against ground truth afterwards.", option="--eval")
-    allow_pickle: bool = setting(False, ALLOW_PICKLE_HELP)
-    workers: int | None = setting(None, POOL_WORKERS_HELP, at_least=0)
-    seed: int = setting(0, SEED_HELP)
+    allow_pickle: bool = allow_pickle_setting()
+    workers: int | None = pool_workers_setting()
+    seed: int = seed_setting()
     shard: tuple[int, int] = shard_setting()
-    overwrite: bool = setting(False, OVERWRITE_HELP, flag="--overwrite/--resume")
+    overwrite: bool = overwrite_setting()
     progress: bool = setting(True, "Show progress bars.")
 
     def check(self) -> None:

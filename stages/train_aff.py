@@ -28,13 +28,13 @@ from pathlib import Path
 import click
 import torch
 
-from wsss.stages.options import (ALLOW_PICKLE_HELP, AMP_HELP, AMP_MODES, CAMS_HELP, DATASET_HELP, DEVICES, DEVICE_HELP,
-                                 OVERWRITE_HELP, ROOT_HELP, SEED_HELP, THREADS_HELP, folder_problem, positive_pair,
-                                 settings_command)
+from wsss.stages.options import (allow_pickle_setting, amp_setting, cams_setting, dataset_setting, device_setting,
+                                 folder_problem, overwrite_setting, positive_pair, root_setting, seed_setting,
+                                 settings_command, threads_setting)
 from wsss import artifacts
 from wsss.affinity import TARGET_KINDS, affinity_loss, pair_affinity, pair_offsets
 from wsss.crf import PSEUDO_LABEL_CRF
-from wsss.datasets.prepared import DATASET_KINDS, PreparedDataset
+from wsss.datasets.prepared import PreparedDataset
 from wsss.datasets.torch_data import AffinityDataset
 from wsss.device import default_workers, dist_info, seed_everything
 from wsss.errors import WsssError
@@ -61,11 +61,11 @@ SCHEDULE_FIELDS = ("cam_dir", "split", "backbone", "embed_dim", "radius", "confi
 class TrainAffConfig(Settings):
     """Options of ``wsss train-aff`` (see ``wsss train-aff --help``); defaults follow AffinityNet."""
 
-    cam_dir: Path = setting(help=CAMS_HELP, option="--cams")
-    root: Path = setting(help=ROOT_HELP, validate=folder_problem)
+    cam_dir: Path = cams_setting()
+    root: Path = root_setting()
     out_dir: Path = setting(help="Output folder for confident/<id>.png, last.pth, config.json and metrics.json.",
                             option="--out", validate=folder_problem)
-    dataset: str | None = setting(None, DATASET_HELP, choices=DATASET_KINDS)
+    dataset: str | None = dataset_setting()
     split: str = setting("train", "Training split (its CAMs make the labels).")
     backbone: str = setting("resnet50", "Trunk of the affinity network (torchvision ResNet).",
                             choices=tuple(sorted(BACKBONES)))
@@ -87,14 +87,14 @@ class TrainAffConfig(Settings):
     stop_after: int | None = setting(None, "Stop after this many epochs (the schedule still spans --epochs); "
                                            "continue later with --resume.", at_least=1)
     sgd: Sgd = sgd_group(lr=0.01)
-    allow_pickle: bool = setting(False, ALLOW_PICKLE_HELP)
-    amp: str = setting("auto", AMP_HELP, choices=AMP_MODES)
-    device: str = setting("auto", DEVICE_HELP, choices=DEVICES)
-    seed: int = setting(0, SEED_HELP)
+    allow_pickle: bool = allow_pickle_setting()
+    amp: str = amp_setting()
+    device: str = device_setting()
+    seed: int = seed_setting()
     workers: int | None = setting(None, "Worker processes that make the confident labels (default: all cores) and "
                                         "DataLoader workers (default: min(cores, 4)).", at_least=0)
-    threads: int | None = setting(None, THREADS_HELP, at_least=1)
-    overwrite: bool = setting(False, OVERWRITE_HELP, flag="--overwrite/--resume")
+    threads: int | None = threads_setting()
+    overwrite: bool = overwrite_setting()
 
     def check(self) -> None:
         """The fixed confident regions need --bg-thresh <= --fg-thresh."""

@@ -34,11 +34,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import click
-from wsss.stages.options import (AMP_HELP, AMP_MODES, COMPILE_HELP, DATASET_HELP, DEVICES, DEVICE_HELP,
-                                 LOADER_WORKERS_HELP, OVERWRITE_HELP, ROOT_HELP, SEED_HELP, THREADS_HELP,
-                                 folder_problem, positive_pair, settings_command)
+from wsss.stages.options import (amp_setting, compile_setting, dataset_setting, device_setting, folder_problem,
+                                 loader_workers_setting, overwrite_setting, positive_pair, root_setting, seed_setting,
+                                 settings_command, threads_setting)
 from wsss import artifacts
-from wsss.datasets.prepared import DATASET_KINDS, PreparedDataset
+from wsss.datasets.prepared import PreparedDataset
 from wsss.datasets.torch_data import ClassificationDataset
 from wsss.device import default_workers, dist_info, seed_everything
 from wsss.errors import WsssError
@@ -65,10 +65,10 @@ SELECT_METRICS = {"map": "val_map", "cam-miou": "val_cam_miou", "last": None}
 class TrainClsConfig(Settings):
     """Options of ``wsss train-cls`` (see ``wsss train-cls --help``); defaults follow IRN/SEAM."""
 
-    root: Path = setting(help=ROOT_HELP, validate=folder_problem)
+    root: Path = root_setting()
     out_dir: Path = setting(help="Output folder for last.pth, best.pth, config.json and metrics.json.", option="--out",
                             validate=folder_problem)
-    dataset: str | None = setting(None, DATASET_HELP, choices=DATASET_KINDS)
+    dataset: str | None = dataset_setting()
     split: str = setting("train", "Training split.")
     val_split: str | None = setting("val", "Split for the per-epoch mAP (and CAM mIoU where it has masks); none "
                                            "disables validation.")
@@ -120,13 +120,13 @@ class TrainClsConfig(Settings):
                                        at_most=1)
     select: str = setting("map", "What picks best.pth: val mAP (image-level labels only), val CAM mIoU (uses the "
                                  "val masks), or the last epoch.", choices=tuple(SELECT_METRICS))
-    amp: str = setting("auto", AMP_HELP, choices=AMP_MODES)
-    compile_model: bool = setting(False, COMPILE_HELP, option="--compile")
-    device: str = setting("auto", DEVICE_HELP, choices=DEVICES)
-    seed: int = setting(0, SEED_HELP)
-    workers: int | None = setting(None, LOADER_WORKERS_HELP, at_least=0)
-    threads: int | None = setting(None, THREADS_HELP, at_least=1)
-    overwrite: bool = setting(False, OVERWRITE_HELP, flag="--overwrite/--resume")
+    amp: str = amp_setting()
+    compile_model: bool = compile_setting()
+    device: str = device_setting()
+    seed: int = seed_setting()
+    workers: int | None = loader_workers_setting()
+    threads: int | None = threads_setting()
+    overwrite: bool = overwrite_setting()
 
 
 # --------------------------------------------------------------------------- training

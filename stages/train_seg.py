@@ -42,11 +42,11 @@ from pathlib import Path
 import click
 import torch
 
-from wsss.stages.options import (AMP_HELP, AMP_MODES, COMPILE_HELP, DATASET_HELP, DEVICES, DEVICE_HELP,
-                                 LOADER_WORKERS_HELP, OVERWRITE_HELP, ROOT_HELP, SEED_HELP, THREADS_HELP,
-                                 folder_problem, positive_pair, settings_command)
+from wsss.stages.options import (amp_setting, compile_setting, dataset_setting, device_setting, folder_problem,
+                                 loader_workers_setting, overwrite_setting, positive_pair, root_setting, seed_setting,
+                                 settings_command, threads_setting)
 from wsss import artifacts
-from wsss.datasets.prepared import DATASET_KINDS, PreparedDataset
+from wsss.datasets.prepared import PreparedDataset
 from wsss.datasets.torch_data import SegmentationDataset
 from wsss.device import DistInfo, default_workers, dist_info, seed_everything, shard, sum_array_over_ranks
 from wsss.errors import WsssError
@@ -75,7 +75,7 @@ SELECT_METRICS = {"last": None, "val-miou": "val_miou"}
 class TrainSegConfig(Settings):
     """Options of ``wsss train-seg`` (see ``wsss train-seg --help``)."""
 
-    root: Path = setting(help=ROOT_HELP, validate=folder_problem)
+    root: Path = root_setting()
     out_dir: Path = setting(help="Output folder for last.pth, best.pth, config.json and metrics.json.", option="--out",
                             validate=folder_problem)
     labels: str = setting(help=f"Folder of pseudo-label PNGs from `wsss refine`, or '{GT_LABELS}' for the "
@@ -84,7 +84,7 @@ class TrainSegConfig(Settings):
                                                  "loss (RAW).", option="--reliability", metavar="DIR")
     raw: bool = setting(False, "RAW weighting with the reliability maps stored beside the pseudo-labels (same as "
                                "--reliability LABELS).", flag="--raw")
-    dataset: str | None = setting(None, DATASET_HELP, choices=DATASET_KINDS)
+    dataset: str | None = dataset_setting()
     split: str = setting("train", "Training split (use train_aug for the VOC protocol).")
     val_split: str | None = setting("val", "Split with ground truth for validation mIoU; none disables validation.")
     model: str = setting("deeplabv3_resnet50", "Segmentation network.", choices=tuple(sorted(SEG_MODELS)))
@@ -114,13 +114,13 @@ class TrainSegConfig(Settings):
                                   "ground truth).", choices=tuple(sorted(SELECT_METRICS)))
     upper_bound: Path | None = setting(None, f"Output folder of a finished --labels {GT_LABELS} run; metrics.json "
                                              "then records weak/full.", metavar="DIR")
-    amp: str = setting("auto", AMP_HELP, choices=AMP_MODES)
-    compile_model: bool = setting(False, COMPILE_HELP, option="--compile")
-    device: str = setting("auto", DEVICE_HELP, choices=DEVICES)
-    seed: int = setting(0, SEED_HELP)
-    workers: int | None = setting(None, LOADER_WORKERS_HELP, at_least=0)
-    threads: int | None = setting(None, THREADS_HELP, at_least=1)
-    overwrite: bool = setting(False, OVERWRITE_HELP, flag="--overwrite/--resume")
+    amp: str = amp_setting()
+    compile_model: bool = compile_setting()
+    device: str = device_setting()
+    seed: int = seed_setting()
+    workers: int | None = loader_workers_setting()
+    threads: int | None = threads_setting()
+    overwrite: bool = overwrite_setting()
 
     def check(self) -> None:
         if self.epochs is not None and self.iterations not in (None, ITERATIONS):

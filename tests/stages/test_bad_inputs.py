@@ -356,7 +356,7 @@ CASES = [
          "is a folder, expected a file"),
     # ---------------------------------------------------------------- train-cls
     Case("train-cls", "lr nan", CLS + " --lr nan", 2, "'--lr': nan: must be a finite number"),
-    Case("train-cls", "lr negative", CLS + " --lr -1", 2, "'--lr': -1.0 is not in the range x>0"),
+    Case("train-cls", "lr negative", CLS + " --lr -1", 2, "'--lr': -1: must be > 0"),
     Case("train-cls", "lr zero", CLS + " --lr 0", 2, "--lr"),
     Case("train-cls", "momentum nan", CLS + " --momentum nan", 2, "--momentum"),
     Case("train-cls", "momentum 1", CLS + " --momentum 1", 2, "--momentum"),

@@ -99,7 +99,7 @@ def test_command_line_values_file_values_and_defaults(tmp_path):
     (["--out", "o", "--limit", "0"], 2, "Invalid value for '--limit': 0: must be >= 1"),
     (["--out", "o", "--limit", "x"], 2, "Invalid value for '--limit': expected a whole number"),
     (["--out", "o", "--mode", "c"], 2, "Invalid value for '--mode': 'c': choose from a, b"),
-    (["--out", "o", "--scale-range", "2,1"], 2, "expected MIN,MAX with 0 < MIN <= MAX"),
+    (["--out", "o", "--scale-range", "2,1"], 2, "expected finite MIN,MAX with 0 < MIN <= MAX"),
     (["--out", "o", "--crf-width", "nan"], 2, "Invalid value for '--crf-width': nan: must be a finite number"),
     ([], 2, "Missing option '--out'."),
 ])

@@ -19,7 +19,7 @@ from helpers import assert_one_line_error
 from wsss import artifacts
 from wsss.datasets.prepared import PreparedDataset, SplitSpec, write_prepared
 from wsss.stages.cli import cli
-from wsss.stages.pipeline import STAGES, WIRED, Recipe, parse_overrides, shipped_recipes
+from wsss.stages.pipeline import STAGES, WIRED, Recipe, parse_overrides, placeholder_wiring, shipped_recipes
 
 RECIPES = ("coco", "demo", "folder", "voc", "voc-cosa")
 
@@ -89,8 +89,7 @@ def test_every_shipped_recipe_is_listed():
 def test_every_shipped_recipe_builds_every_stage_config(name):
     recipe = Recipe.load(shipped_recipes()[name])  # builds every stage's config: raises on a bad key or value
     for stage in STAGES:
-        cfg = recipe.config(stage, {"root": Path("r"), "out_dir": Path("o"), "checkpoint": Path("c"),
-                                    "cam_dir": Path("c"), "labels": "pseudo"})
+        cfg = recipe.config(stage, placeholder_wiring(stage))
         for key, value in recipe.stages[stage].items():  # what the recipe says is what the stage gets
             got = getattr(cfg, key, None)
             if got is None and hasattr(cfg, "sgd"):
@@ -125,8 +124,8 @@ def test_voc_recipes_run_end_to_end(images, tmp_path, recipe):
     else:  # CoSA-style: pooled GMM + CRF, DeepLab weighted by the reliability maps
         assert not (run / "aff").exists() and refine["threshold"] == "gmm" and refine["crf"] is True
         assert seg["raw"] is True
-    metrics = json.loads(artifacts.metrics_path(run / "pseudo").read_text())
-    assert 0.0 <= metrics["eval"]["miou"] <= 1.0
+    assert 0.0 <= artifacts.read_json(artifacts.eval_metrics_path(run / "pseudo", "train"))["miou"] <= 1.0
+    assert 0.0 <= artifacts.read_json(artifacts.eval_metrics_path(run / "pred", "val"))["miou"] <= 1.0
     assert len(list((run / "pred").glob("*.png"))) == 3
 
 
@@ -145,8 +144,9 @@ def test_folder_recipe_runs_without_masks(images, tmp_path):
     assert result.exit_code == 0, result.output[-3000:]
     run = tmp_path / "run" / "run"
     assert len(list((run / "pseudo").glob("*.png"))) == 6 and len(list((run / "pred").glob("*.png"))) == 3
-    assert "mIoU" not in result.output.replace("CAM mIoU", "")  # nothing was scored: no masks
-    assert json.loads(artifacts.metrics_path(run / "pseudo").read_text()).get("eval") is None
+    assert "mIoU" not in result.output  # nothing was scored: no masks
+    assert not artifacts.eval_metrics_path(run / "pseudo", "train").exists()
+    assert json.loads(artifacts.config_path(run / "seg").read_text())["config"]["val_split"] is None
 
 
 # --------------------------------------------------------------------------- bad recipes
