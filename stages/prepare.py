@@ -18,7 +18,7 @@ from wsss.stages.options import file_problem, folder_problem, overwrite_setting,
 from wsss import artifacts
 from wsss.datasets.coco import prepare_coco
 from wsss.datasets.folder import prepare_folder
-from wsss.datasets.prepared import meta_dir
+from wsss.datasets.prepared import summary_path
 from wsss.datasets.voc import prepare_voc
 from wsss.settings import Settings, setting
 
@@ -62,11 +62,6 @@ class FolderPrepareConfig(Settings):
     split: str = setting("train", "Name of the split written.")
     root: Path | None = setting(None, "Dataset root for wsss/ (none: the parent of --images).", validate=folder_problem)
     workers: int | None = pool_workers_setting()
-
-
-def summary_path(root: str | Path, kind: str) -> Path:
-    """Return ``<root>/wsss/prepare_<kind>.json``."""
-    return meta_dir(root) / f"prepare_{kind}.json"
 
 
 def run(cfg: VocPrepareConfig | CocoPrepareConfig | FolderPrepareConfig) -> dict:

@@ -48,15 +48,13 @@ from wsss.stages.options import (amp_setting, compile_setting, dataset_setting, 
 from wsss import artifacts
 from wsss.datasets.prepared import PreparedDataset
 from wsss.datasets.torch_data import SegmentationDataset
-from wsss.device import DistInfo, default_workers, dist_info, seed_everything, shard, sum_array_over_ranks
+from wsss.device import default_workers, dist_info, seed_everything
 from wsss.errors import WsssError
-from wsss.inference import split_batches, to_model_input
-from wsss.metrics import ConfusionMatrix, confusion_counts
 from wsss.models.deeplab import SEG_MODELS, build_seg_model
 from wsss.optim import Sgd, sgd_group
-from wsss.segmentation import segment_batch, segmentation_loss
+from wsss.segmentation import evaluate_model, segmentation_loss
 from wsss.settings import Settings, fail, setting
-from wsss.training import (Loop, Precision, RunSpec, Trainee, TrainState, find_resumable, finished_metrics, fit,
+from wsss.training import (Loop, RunSpec, Trainee, TrainState, find_resumable, finished_metrics, fit,
                            grad_scaler, maybe_compile, start_runtime, step_loader, wrap_distributed)
 from wsss.transforms import train_preset
 
@@ -173,24 +171,6 @@ def _check_label_folder(folder: Path, ids: list[str], what: str, path_of, hint: 
 
 
 @torch.no_grad()
-def evaluate_model(model: torch.nn.Module, dataset: PreparedDataset, split: str, device: torch.device,
-                   info: DistInfo, precision: Precision = Precision(), workers: int = 0,
-                   batch_size: int = 4) -> ConfusionMatrix:
-    """Confusion matrix of single-scale full-resolution predictions on ``split``, summed over ranks.
-
-    Each process predicts its share of the images; counts stay on the device until the one sum.
-    """
-    was_training = model.training
-    model.eval()
-    counts = torch.zeros(dataset.num_classes, dataset.num_classes, dtype=torch.int64, device=device)
-    for _, images, masks in split_batches(dataset, split, shard(dataset.ids(split), info), batch_size=batch_size,
-                                          workers=workers, device=device, masks=True):
-        probs = segment_batch(model, to_model_input(images), scales=(1.0,), flip=False, precision=precision)
-        counts += confusion_counts(masks, probs.argmax(1), dataset.num_classes)
-    model.train(was_training)
-    return ConfusionMatrix(dataset.num_classes).add_counts(sum_array_over_ranks(counts.cpu().numpy(), info, device))
-
-
 # --------------------------------------------------------------------------- weak / full
 
 

@@ -133,3 +133,32 @@ def predict_label(model: nn.Module, image: np.ndarray, scales: Sequence[float] =
     if crf is not None:
         probs = dense_crf(image, probs, **crf.kwargs())
     return probs.argmax(0).astype(np.uint8)
+
+
+def evaluate_model(model: nn.Module, dataset, split: str, device: torch.device, info, precision=None,
+                   workers: int = 0, batch_size: int = 4):
+    """Confusion matrix of single-scale full-resolution predictions on ``split``, summed over ranks.
+
+    The validation of ``wsss train-seg``.  Each process predicts its share of the images; counts stay
+    on the device until the one sum.  ``dataset``: a :class:`wsss.datasets.prepared.PreparedDataset`;
+    ``info``: a :class:`wsss.device.DistInfo`; ``precision``: a :class:`wsss.training.Precision`
+    (default float32).
+
+    Returns:
+        a :class:`wsss.metrics.ConfusionMatrix`.
+    """
+    from wsss.device import shard, sum_array_over_ranks
+    from wsss.inference import split_batches, to_model_input
+    from wsss.metrics import ConfusionMatrix, confusion_counts
+    from wsss.training import Precision
+
+    precision = precision or Precision()
+    was_training = model.training
+    model.eval()
+    counts = torch.zeros(dataset.num_classes, dataset.num_classes, dtype=torch.int64, device=device)
+    for _, images, masks in split_batches(dataset, split, shard(dataset.ids(split), info), batch_size=batch_size,
+                                          workers=workers, device=device, masks=True):
+        probs = segment_batch(model, to_model_input(images), scales=(1.0,), flip=False, precision=precision)
+        counts += confusion_counts(masks, probs.argmax(1), dataset.num_classes)
+    model.train(was_training)
+    return ConfusionMatrix(dataset.num_classes).add_counts(sum_array_over_ranks(counts.cpu().numpy(), info, device))

@@ -96,7 +96,7 @@ def test_gt_run_writes_checkpoints_and_val_miou(data, tmp_path):
     assert config["config"]["model"] == "deeplabv3_resnet18" and config["total_iterations"] == 3
 
     # the reported val mIoU is the final model's: recompute it from last.pth
-    from wsss.stages.train_seg import evaluate_model
+    from wsss.segmentation import evaluate_model
     from wsss.datasets.prepared import PreparedDataset
     from wsss.models.deeplab import model_from_checkpoint
 

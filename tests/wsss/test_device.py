@@ -72,7 +72,7 @@ def _evaluation_dataset(root):
 def _evaluate_both(root, info):
     """train-cls validation and train-seg evaluation of fixed random networks on ``root``'s val split."""
     from wsss.inference import validate_classifier as validate
-    from wsss.stages.train_seg import evaluate_model
+    from wsss.segmentation import evaluate_model
     from wsss.datasets.prepared import PreparedDataset
     from wsss.models.classifier import CamNet
     from wsss.models.deeplab import build_seg_model

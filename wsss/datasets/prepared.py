@@ -33,6 +33,11 @@ def meta_dir(root: str | Path) -> Path:
     return Path(root) / META_DIR
 
 
+def summary_path(root: str | Path, kind: str) -> Path:
+    """Return ``<root>/wsss/prepare_<kind>.json``, the summary ``wsss prepare <kind>`` writes."""
+    return meta_dir(root) / f"prepare_{kind}.json"
+
+
 @dataclass
 class SplitSpec:
     """Where one split's images and masks live (paths relative to the dataset root)."""
