@@ -25,6 +25,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from wsss import artifacts
+from wsss.artifacts import IGNORE_INDEX
 from wsss.datasets.prepared import PreparedDataset
 from wsss.device import default_workers
 from wsss.errors import WsssError
@@ -33,7 +34,6 @@ from wsss.parallel import imap_images
 
 log = logging.getLogger(__name__)
 
-IGNORE_INDEX = artifacts.IGNORE_INDEX
 DEFAULT_SWEEP = (0.05, 0.60, 0.01)
 #: Most thresholds a sweep may hold: each one is a [C, C] confusion matrix per image (a step of
 #: 1e-9 would ask for terabytes).

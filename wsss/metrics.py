@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-IGNORE_INDEX = 255
+from wsss.artifacts import IGNORE_INDEX
 
 
 class ConfusionMatrix:

@@ -34,6 +34,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from wsss.artifacts import IGNORE_INDEX
+
 LAMBDA_ALPHA = 0.5
 LAMBDA_BETA = 1.0
 MIN_DISTANCE = 1e-3
@@ -102,7 +104,7 @@ def reliability_weights(perplexities: np.ndarray, labelled: np.ndarray) -> np.nd
 
 def reliability_map(score: np.ndarray, threshold: np.ndarray | float, label: np.ndarray, *,
                     lambda_alpha: float = LAMBDA_ALPHA, lambda_beta: float = LAMBDA_BETA,
-                    ignore_index: int = 255) -> np.ndarray:
+                    ignore_index: int = IGNORE_INDEX) -> np.ndarray:
     """Compute the RAW weight map of one pseudo-label.
 
     Args:
