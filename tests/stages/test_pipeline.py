@@ -192,3 +192,16 @@ def test_wired_keys_are_config_fields():
     for stage, keys in WIRED.items():
         fields = set(_stage_command(stage).config_class.__dataclass_fields__)
         assert set(keys) - {"seed", "device", "evaluate"} <= fields, stage
+
+
+def test_gpus_runs_the_training_stages_under_torchrun_from_their_settings_file(tmp_path):
+    # two Gloo processes on the CPU stand in for two GPUs: the classifier trains under torchrun, reading the
+    # settings the pipeline resolved from the file it wrote
+    result = run_recipe("demo", tmp_path / "demo", "--gpus", "2", "--stop-after", "train-cls",
+                        "--set", "pipeline.pretrain=false", "--set", "train-cls.batch_size=2")
+    assert result.exit_code == 0, result.output[-3000:]
+    run = tmp_path / "demo" / "run"
+    settings = json.loads((run / ".pipeline" / "train-cls.json").read_text())
+    config = json.loads(artifacts.config_path(run / "cls").read_text())
+    assert config["world_size"] == 2 and settings["epochs"] == 1 and config["config"]["epochs"] == 1
+    assert artifacts.checkpoint_path(run / "cls", "last").is_file()
