@@ -403,7 +403,22 @@ class PipelineRun:
 # --------------------------------------------------------------------------- command line
 
 
-@click.command(short_help="Run every stage from a recipe (shipped name or TOML file).",
+def _pipeline_keys() -> str:
+    """The ``[pipeline]`` table's keys, for ``--help``."""
+    def toml(value: Any) -> str:
+        if value is None:
+            return "(unset)"
+        if isinstance(value, bool):
+            return "true" if value else "false"
+        return f'"{value}"' if isinstance(value, (str, Path)) else str(value)
+
+    lines = ["\b", "The [pipeline] table of a recipe (a stage's table takes that command's options by field name):"]
+    for field in dataclasses.fields(PipelineSettings):
+        lines.append(f"  {field.name} = {toml(field.default)}: {field.metadata['help']}")
+    return "\n".join(lines)
+
+
+@click.command(short_help="Run every stage from a recipe (shipped name or TOML file).", epilog=_pipeline_keys(),
                context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.argument("recipe", required=False)
 @click.option("--list", "list_recipes", is_flag=True, help="List the shipped recipes and exit.")
