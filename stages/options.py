@@ -212,9 +212,9 @@ def shown_default(field: dataclasses.Field, default: Any) -> str:
     return written(default) if written is not None and isinstance(default, tuple) else _shown(default)
 
 
-def _help(field: dataclasses.Field, default: Any) -> str:
+def _help(field: dataclasses.Field, default: Any, key: str | None = None) -> str:
     text = field.metadata.get("help", "")
-    extra = []
+    extra = [f"key: {key}"] if key else []
     rng = S.describe_range(field.metadata.get("range", (None,) * 4))
     if rng:
         extra.append(rng)
@@ -283,9 +283,17 @@ def _metavar(field: dataclasses.Field, kind: Any) -> str:
     return {int: "INTEGER", float: "NUMBER", str: "TEXT", Path: "PATH"}.get(inner, "VALUE")
 
 
+def file_key(path: tuple[str, ...], option: str) -> str | None:
+    """The key of an option in a settings file or recipe table when it is not the option's own name
+    (``--out`` -> ``out_dir``, ``--crf-scale`` -> ``crf_params.scale``), else None."""
+    if option.startswith("--") and option[2:].replace("-", "_") == path[-1]:
+        return None  # the option's name, also for a group without a prefix (``--lr`` -> ``lr``)
+    return ".".join(path)
+
+
 def _option(path, field, kind, option, default) -> click.Parameter:
     name = _param_name(path)
-    help_text = _help(field, default)
+    help_text = _help(field, default, file_key(path, option))
     if field.metadata.get("argument"):
         return click.Argument([name], required=False, default=None,
                               callback=_text_parser(field, kind, option), metavar=option)

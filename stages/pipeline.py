@@ -82,7 +82,7 @@ class PipelineSettings(Settings):
                                       "the dataset is its VOC2012/).")
     out: Path = setting(Path("work/demo"), "Output folder; the stage folders are under <out>/run.")
     train_split: str | None = setting(None, "Split for the classifier, CAMs, pseudo-labels and DeepLab (default: "
-                                            "train, train2014 for coco; train_aug for VOC with SBD).")
+                                            "train, train2014 for coco; set train_aug for VOC with SBD prepared).")
     val_split: str | None = setting(None, "Split for validation and the final mIoU (default: val, val2014 for "
                                           "coco); skipped where the dataset has no such split.")
     pretrain: bool = setting(False, "Self-supervised pretraining first ([pretrain] method); its backbone then "
@@ -157,6 +157,24 @@ def _prepare_command(kind: str) -> click.Command:
     return importlib.import_module(COMMANDS["prepare"]).command.commands[kind]
 
 
+def read_recipe_tables(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """A recipe file's tables; ``base = "NAME or FILE"`` at its top starts from that recipe's tables.
+
+    Raises:
+        WsssError: a base that cannot be found, or recipes that are each other's base.
+    """
+    tables = S.read_settings_file(path)
+    base = tables.pop("base", None)
+    if base is None:
+        return tables
+    if not isinstance(base, str):
+        raise WsssError(f"{path}: base = {base!r}: expected the name or file of a recipe")
+    base_path = find_recipe(base if base in shipped_recipes() else str(Path(path).parent / base))
+    if base_path.resolve() in seen or base_path.resolve() == Path(path).resolve():
+        raise WsssError(f"{path}: base = {base!r} leads back to itself")
+    return S.merge(read_recipe_tables(base_path, (*seen, Path(path).resolve())), tables)
+
+
 def parse_overrides(pairs: tuple[str, ...]) -> dict[str, dict]:
     """``("train-cls.epochs=3", "refine.crf_params.iterations=5")`` -> nested tables of text values."""
     tables: dict[str, dict] = {}
@@ -188,7 +206,7 @@ class Recipe:
             WsssError: unknown table or key, a wrong type, NaN, a wired key set by the recipe (one line
                 naming the file and the key).
         """
-        tables = S.read_settings_file(path)
+        tables = read_recipe_tables(path)
         unknown = sorted((set(tables) | set(overrides or {})) - {"pipeline", *STAGES})
         if unknown:
             raise WsssError(f"{path}: unknown table [{unknown[0]}] (known: pipeline, {', '.join(STAGES)})")

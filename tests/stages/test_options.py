@@ -175,3 +175,11 @@ def test_help_writes_defaults_as_a_user_types_them_and_file_values_meet_the_same
     settings.write_text('root = "r"\ncheckpoint = "c.pth"\nout_dir = "o"\nsweep = [0.5, 0.1, 0.1]\n')
     result = CliRunner().invoke(cli, ["make-cam", "--config", str(settings)])
     assert result.exit_code == 2 and "'--sweep'" in result.output and "start <= stop" in result.output
+
+
+def test_help_names_the_file_key_where_it_is_not_the_option_name():
+    text = " ".join(CliRunner().invoke(cli, ["refine", "--help"]).output.split())
+    assert "[key: out_dir; required]" in text and "[key: crf_params.scale; (0, 1]; default: 1]" in text
+    assert "[key: bg_thresh" not in text  # --bg-thresh is bg_thresh: nothing to say
+    assert options.file_key(("sgd", "lr"), "--lr") is None
+    assert options.file_key(("crf_params", "iterations"), "--crf-iterations") == "crf_params.iterations"

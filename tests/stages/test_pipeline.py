@@ -205,3 +205,23 @@ def test_gpus_runs_the_training_stages_under_torchrun_from_their_settings_file(t
     config = json.loads(artifacts.config_path(run / "cls").read_text())
     assert config["world_size"] == 2 and settings["epochs"] == 1 and config["config"]["epochs"] == 1
     assert artifacts.checkpoint_path(run / "cls", "last").is_file()
+
+
+def test_a_recipe_starts_from_its_base(tmp_path):
+    mine = tmp_path / "mine.toml"
+    mine.write_text('base = "demo"\n[pipeline]\nout = "work/mine"\n[train-cls]\nepochs = 20\n[refine]\n'
+                    'gmm_per_class = true\n')
+    recipe = Recipe.load(mine)
+    demo = Recipe.load(shipped_recipes()["demo"])
+    assert recipe.pipeline.out == Path("work/mine") and recipe.pipeline.pretrain is True  # the rest is demo's
+    assert recipe.stages["train-cls"] == {**demo.stages["train-cls"], "epochs": 20}
+    assert recipe.stages["refine"] == {**demo.stages["refine"], "gmm_per_class": True}
+    child = tmp_path / "child.toml"
+    child.write_text('base = "mine.toml"\n[train-cls]\nepochs = 3\n')  # a file, beside the recipe
+    assert Recipe.load(child).stages["train-cls"]["epochs"] == 3 and Recipe.load(child).pipeline.out == Path("work/mine")
+    loop = tmp_path / "loop.toml"
+    loop.write_text('base = "loop.toml"\n')
+    assert_one_line_error(CliRunner().invoke(cli, ["pipeline", str(loop)]), "leads back to itself")
+    missing = tmp_path / "orphan.toml"
+    missing.write_text('base = "nosuch"\n')
+    assert_one_line_error(CliRunner().invoke(cli, ["pipeline", str(missing)]), "no shipped recipe of that name")
