@@ -10,8 +10,9 @@ stage.key=value`` overrides one value, as text, like the command line.
 The pipeline sets what wires the stages together -- dataset root and kind, splits, output folders
 (:data:`wsss.artifacts.RUN_LAYOUT` under ``<out>/run``), checkpoints, CAM and label folders,
 seed, device -- so a recipe that sets one of those in a stage table is refused.  Every stage
-resumes, so running the same command again continues where it stopped.  Evaluations run only
-where the split has ground-truth masks.  With ``gpus > 1`` the training stages run under
+resumes, so running the same command again continues where it stopped.  Evaluations (``wsss
+eval`` of the pseudo-labels and predictions, which the report reads) run only where the split has
+ground-truth masks.  ``base = "NAME"`` at the top of a recipe starts from another recipe.  With ``gpus > 1`` the training stages run under
 ``torchrun`` (one process per GPU), each reading its resolved settings from a JSON file under
 ``<out>/run/.pipeline``.
 """
@@ -144,17 +145,15 @@ def find_recipe(name: str) -> Path:
 
 
 def _stage_command(stage: str) -> click.Command:
+    """The click command of a stage (its ``config_class`` and ``run_config``)."""
     from wsss.stages.cli import COMMANDS
 
-    if stage == "demo-data":
-        return importlib.import_module(COMMANDS["demo-data"]).command
     return importlib.import_module(COMMANDS[stage]).command
 
 
 def _prepare_command(kind: str) -> click.Command:
-    from wsss.stages.cli import COMMANDS
-
-    return importlib.import_module(COMMANDS["prepare"]).command.commands[kind]
+    """``wsss prepare KIND``'s command."""
+    return _stage_command("prepare").commands[kind]
 
 
 def read_recipe_tables(path: Path, seen: tuple[Path, ...] = ()) -> dict:
