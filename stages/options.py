@@ -112,6 +112,11 @@ def limit_setting():
 # Parsers of the text forms of settings (``parse=`` of :func:`wsss.settings.setting`); a ValueError says what
 # was expected, and the command line or the file reader names the option or key.
 
+def pair_problem(value: tuple[float, float]) -> str | None:
+    """What is wrong with a ``MIN,MAX`` range however it arrived (a TOML list skips the text parser), or None."""
+    return None if len(value) == 2 and 0 < value[0] <= value[1] else "expected MIN,MAX with 0 < MIN <= MAX"
+
+
 def positive_pair(text: str) -> tuple[float, float]:
     """``MIN,MAX`` with ``0 < MIN <= MAX`` (scale ranges)."""
     values = S.from_text(text, tuple[float, ...])
@@ -307,10 +312,10 @@ def _option(path, field, kind, option, default) -> click.Parameter:
         return click.Option([option, *aliases, name], multiple=True, default=None, callback=repeated,
                             metavar=field.metadata.get("metavar") or _metavar(field, element), help=help_text)
     if S.optional_inner(kind)[1] is bool and field.metadata.get("parse") is None:
-        flag = field.metadata.get("flag") or f"{option}/--no-{option[2:]}"
-        if "/" in flag:
-            return click.Option([flag, name], default=None, help=help_text)
-        return click.Option([flag, name], is_flag=True, flag_value=True, default=None, help=help_text)
+        flag = field.metadata.get("flag") or option
+        if "/" not in flag:  # every switch can be turned off again, e.g. over a replayed config.json
+            flag = f"{flag}/--no-{flag[2:]}"
+        return click.Option([flag, name], default=None, help=help_text)
     metavar = field.metadata.get("metavar") or _metavar(field, kind)
     return click.Option([option, *aliases, name], default=None, metavar=metavar, help=help_text,
                         callback=_text_parser(field, kind, option))
@@ -337,8 +342,10 @@ def settings_from_command_line(cls: type, values: dict[str, Any], config_file: P
     rows = {_param_name(path): path for path, *_ in cli_fields(cls)}
     given = _nest({rows[name]: None if value is EXPLICIT_NONE else value
                    for name, value in values.items() if name in rows and value is not None})
-    base = S.read_settings_file(config_file) if config_file is not None else {}
-    return S.build(cls, S.merge(base, given), where=str(config_file) if config_file is not None else "")
+    base = S.read_settings_for(cls, config_file) if config_file is not None else {}
+    # each source gathered alone, so a flat ``lr`` in the file cannot win over ``--lr`` on the command line
+    return S.build(cls, S.merge(S.gather_unprefixed(cls, base), given),
+                   where=str(config_file) if config_file is not None else "")
 
 
 def settings_command(cls: type, *, name: str | None = None, short_help: str | None = None):

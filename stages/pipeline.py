@@ -1,20 +1,20 @@
 """``wsss pipeline RECIPE``: every stage end to end, from a recipe file.
 
-A recipe is a TOML file: a ``[pipeline]`` table (:class:`PipelineSettings`: the dataset, its
-splits, which optional stages run) and one table per stage (``[train-cls]``, ``[refine]``, ...)
-whose keys are that stage's options, by their config field names (``wsss <stage> --help`` lists
-them; ``crop_size`` for ``--crop-size``).  The shipped recipes live in :mod:`wsss.recipes`
-(``wsss pipeline --list``); a user's recipe is any file of the same shape.  ``--set
-stage.key=value`` overrides one value, as text, like the command line.
+A recipe is a TOML file: a ``[pipeline]`` table (:class:`PipelineSettings`: the dataset, its splits,
+which optional stages run) and one table per stage (``[train-cls]``, ``[refine]``, ...) whose keys
+are that stage's options, by their config field names (``wsss <stage> --help`` lists them;
+``crop_size`` for ``--crop-size``).  The shipped recipes live in :mod:`wsss.recipes` (``wsss
+pipeline --list``); a user's recipe is any file of the same shape.  ``--set stage.key=value``
+overrides one value, as text, like the command line.
 
 The pipeline sets what wires the stages together -- dataset root and kind, splits, output folders
-(:data:`wsss.artifacts.RUN_LAYOUT` under ``<out>/run``), checkpoints, CAM and label folders,
-seed, device -- so a recipe that sets one of those in a stage table is refused.  Every stage
-resumes, so running the same command again continues where it stopped.  Evaluations (``wsss
-eval`` of the pseudo-labels and predictions, which the report reads) run only where the split has
-ground-truth masks.  ``base = "NAME"`` at the top of a recipe starts from another recipe.  With ``gpus > 1`` the training stages run under
-``torchrun`` (one process per GPU), each reading its resolved settings from a JSON file under
-``<out>/run/.pipeline``.
+(:data:`wsss.artifacts.RUN_LAYOUT` under ``<out>/run``), checkpoints, CAM and label folders, seed,
+device -- so a recipe that sets one of those in a stage table is refused.  Every stage resumes, so
+running the same command again continues where it stopped.  Evaluations (``wsss eval`` of the
+pseudo-labels and predictions, which the report reads) run only where the split has ground-truth
+masks.  ``base = "NAME"`` at the top of a recipe starts from another recipe.  With ``gpus > 1`` the
+training stages run under ``torchrun`` (one process per GPU), each reading its resolved settings
+from a JSON file under ``<out>/run/.pipeline``.
 """
 
 from __future__ import annotations
@@ -43,7 +43,8 @@ log = logging.getLogger(__name__)
 
 DATASETS = ("demo", "voc", "coco", "folder")
 #: The stages in the order they run; a recipe has one optional table per stage.
-STAGES = ("demo-data", "pretrain", "train-cls", "make-cam", "train-aff", "refine", "train-seg", "predict", "eval")
+STAGES = ("demo-data", "pretrain", "train-cls", "make-cam", "train-aff", "refine", "train-seg", "predict", "eval",
+          "report")
 #: Where ``--stop-after`` may stop.
 STOP_POINTS = ("pretrain", "train-cls", "make-cam", "train-aff", "refine", "train-seg", "predict")
 #: Stages trained under torchrun when ``gpus > 1``.
@@ -60,11 +61,12 @@ WIRED = {
                   "seed", "device"),
     "predict": ("root", "dataset", "split", "checkpoint", "out_dir", "evaluate", "device"),
     "eval": ("root", "dataset", "split", "pred_dir", "out_file"),
+    "report": ("run_dir",),
 }
 
 #: Stand-ins for the wiring, to check a recipe's tables before anything runs.
 PLACEHOLDER_WIRING = {"root": Path("."), "out_dir": Path("."), "checkpoint": Path("."), "cam_dir": Path("."),
-                      "labels": "pseudo", "pred_dir": Path(".")}
+                      "labels": "pseudo", "pred_dir": Path("."), "run_dir": Path(".")}
 
 
 def placeholder_wiring(stage: str) -> dict[str, Any]:
@@ -162,7 +164,7 @@ def read_recipe_tables(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     Raises:
         WsssError: a base that cannot be found, or recipes that are each other's base.
     """
-    tables = S.read_settings_file(path)
+    tables = _gathered(S.read_settings_file(path))
     base = tables.pop("base", None)
     if base is None:
         return tables
@@ -172,6 +174,16 @@ def read_recipe_tables(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     if base_path.resolve() in seen or base_path.resolve() == Path(path).resolve():
         raise WsssError(f"{path}: base = {base!r} leads back to itself")
     return S.merge(read_recipe_tables(base_path, (*seen, Path(path).resolve())), tables)
+
+
+def _gathered(tables: dict) -> dict:
+    """Each stage table with the keys of its unprefixed group (SGD's ``lr``) in that group's table, so that
+    tables from two sources (a base recipe, ``--set``) merge key by key."""
+    gathered = dict(tables)
+    for stage, values in tables.items():
+        if stage in STAGES and isinstance(values, dict):
+            gathered[stage] = S.gather_unprefixed(_stage_command(stage).config_class, values)
+    return gathered
 
 
 def parse_overrides(pairs: tuple[str, ...]) -> dict[str, dict]:
@@ -212,10 +224,7 @@ class Recipe:
         for stage, values in tables.items():
             if not isinstance(values, dict):
                 raise WsssError(f"{path}: {stage} must be a table ([{stage}])")
-        for stage, values in (overrides or {}).items():  # gathered alike, so an override wins in either form
-            config_class = _stage_command(stage).config_class if stage != "pipeline" else PipelineSettings
-            tables[stage] = S.merge(S.gather_unprefixed(config_class, tables.get(stage, {})),
-                                    S.gather_unprefixed(config_class, values))
+        tables = S.merge(tables, _gathered(overrides or {}))  # gathered alike: an override wins in either form
         for stage, values in tables.items():
             wired = sorted(set(values) & set(WIRED.get(stage, ())))
             if wired:
@@ -267,16 +276,28 @@ class PipelineRun:
     def common(self) -> dict[str, Any]:
         return {"seed": self.settings.seed, "device": self.settings.device}
 
-    def step(self, stage: str, wiring: dict[str, Any], common: bool = True):
-        """Run one stage (in this process, or under torchrun); return its config."""
-        command = _stage_command(stage)
-        cfg = self.recipe.config(stage, {**(self.common() if common else {}), **wiring}, command)
-        click.echo(f"\n== {stage} -> {getattr(cfg, 'out_dir', None) or getattr(cfg, 'pred_dir', '')}")
-        if self.settings.gpus > 1 and stage in TRAINING_STAGES:
-            self.torchrun(stage, cfg)
+    def configure(self, step: Step):
+        """The checked config of a step: the recipe's values, the wiring, the run's seed, device and threads."""
+        command = _stage_command(step.stage)
+        wiring = {**(self.common() if step.common else {}), **step.wiring}
+        fields = {field.name for field in dataclasses.fields(command.config_class)}
+        if "threads" in fields and "threads" not in self.recipe.stages.get(step.stage, {}):
+            wiring["threads"] = self.threads  # else one stage's threads would stay set for the next
+        return self.recipe.config(step.stage, wiring, command)
+
+    def execute(self, step: Step, cfg) -> None:
+        """Run one step (in this process, or under torchrun for training with several GPUs)."""
+        target = getattr(cfg, "out_dir", None) or getattr(cfg, "pred_dir", None) or getattr(cfg, "run_dir", "")
+        click.echo(f"\n== {step.stage} -> {target}")
+        if self.settings.gpus > 1 and step.stage in TRAINING_STAGES:
+            self.torchrun(step.stage, cfg)
         else:
-            command.run_config(cfg)
-        return cfg
+            _stage_command(step.stage).run_config(cfg)
+
+    def step(self, stage: str, wiring: dict[str, Any], common: bool = True) -> None:
+        """Configure and run one stage at once (the demo data, before the plan)."""
+        step = Step(stage, wiring, common=common)
+        self.execute(step, self.configure(step))
 
     def torchrun(self, stage: str, cfg: Settings) -> None:
         settings_file = self.run_dir / ".pipeline" / f"{stage}.json"
@@ -287,12 +308,6 @@ class PipelineRun:
         completed = subprocess.run(command, check=False)
         if completed.returncode != 0:
             raise WsssError(f"{stage} under torchrun failed (exit {completed.returncode}); its log is above")
-
-    def stop_here(self, stage: str) -> bool:
-        if self.stop_after == stage:
-            click.echo(f"\n== stopped after {stage} (--stop-after)")
-            return True
-        return False
 
     # ----------------------------------------------------------------- the stages
 
@@ -315,30 +330,40 @@ class PipelineRun:
         return PreparedDataset.load(settings.root, settings.dataset)
 
     def run(self) -> None:
-        """Every stage in order, stopping after ``stop_after`` (with ``threads``, restored afterwards)."""
-        if self.settings.threads is None:
-            return self.stages()
+        """Every stage in order, stopping after ``stop_after``.
+
+        Every stage runs with the pipeline's ``threads`` (default: the count this process started with),
+        unless its own table sets ``threads``; the count and ``OMP_NUM_THREADS`` are restored afterwards.
+        """
+        import cv2
         import torch
 
-        before = os.environ.get("OMP_NUM_THREADS"), torch.get_num_threads()
-        os.environ["OMP_NUM_THREADS"] = str(self.settings.threads)  # also the stages' worker processes
-        torch.set_num_threads(self.settings.threads)
+        before = os.environ.get("OMP_NUM_THREADS"), torch.get_num_threads(), cv2.getNumThreads()
+        self.threads = self.settings.threads or before[1]
+        if self.settings.threads is not None:
+            os.environ["OMP_NUM_THREADS"] = str(self.settings.threads)  # also the stages' worker processes
         try:
-            return self.stages()
+            self.stages()
         finally:
             if before[0] is None:
                 os.environ.pop("OMP_NUM_THREADS", None)
             else:
                 os.environ["OMP_NUM_THREADS"] = before[0]
             torch.set_num_threads(before[1])
+            cv2.setNumThreads(before[2])
 
-    def stages(self) -> None:
-        dataset = self.data()
+    def plan(self, dataset) -> list[Step]:
+        """Every step of the run on ``dataset``, in order, up to ``stop_after``.
+
+        Raises:
+            WsssError: a setting that cannot work on this dataset (checked before any step runs).
+        """
         kind, root, train, val = dataset.kind, dataset.root, self.train_split, self.val_split
         data = {"root": root, "dataset": kind}
         has_val = val in dataset.splits
         masks = {split: split in dataset.splits and dataset.has_masks(split) for split in (train, val)}
         cls_cfg = self.recipe.config("train-cls", {**data, "split": train, "out_dir": self.folder("cls")})
+        steps: list[Step] = []
 
         weights = self.settings.weights
         if self.settings.pretrained is not None:
@@ -347,38 +372,24 @@ class PipelineRun:
                                 "pretrained)")
             weights = str(self.settings.pretrained)
         elif self.settings.pretrain:
-            self.step("pretrain", {**data, "split": train, "probe_split": val if has_val else None,
-                                   "out_dir": self.folder("pretrain"), "backbone": cls_cfg.backbone})
+            steps.append(Step("pretrain", {**data, "split": train, "probe_split": val if has_val else None,
+                                           "out_dir": self.folder("pretrain"), "backbone": cls_cfg.backbone}))
             weights = str(artifacts.pretrained_backbone_path(self.folder("pretrain")))
-        if self.stop_here("pretrain"):
-            return
-
-        self.step("train-cls", {**data, "split": train, "val_split": val if has_val else None,
-                                "out_dir": self.folder("cls"), "weights": weights})
-        if self.stop_here("train-cls"):
-            return
+        steps.append(Step("train-cls", {**data, "split": train, "val_split": val if has_val else None,
+                                        "out_dir": self.folder("cls"), "weights": weights}))
         classifier = artifacts.checkpoint_path(self.folder("cls"), "last")
-
-        self.step("make-cam", {**data, "split": train, "checkpoint": classifier, "out_dir": self.folder("cams"),
-                               "evaluate": masks[train]})
-        if self.stop_here("make-cam"):
-            return
-
+        steps.append(Step("make-cam", {**data, "split": train, "checkpoint": classifier,
+                                       "out_dir": self.folder("cams"), "evaluate": masks[train]}))
         walk = None
         if self.settings.affinity:
-            self.step("train-aff", {**data, "split": train, "cam_dir": self.folder("cams"),
-                                    "out_dir": self.folder("aff"), "backbone": cls_cfg.backbone,
-                                    "weights": str(classifier)})
+            steps.append(Step("train-aff", {**data, "split": train, "cam_dir": self.folder("cams"),
+                                            "out_dir": self.folder("aff"), "backbone": cls_cfg.backbone,
+                                            "weights": str(classifier)}))
             walk = self.folder("aff")
-        if self.stop_here("train-aff"):
-            return
-
-        self.step("refine", {**data, "split": train, "cam_dir": self.folder("cams"), "out_dir": self.folder("pseudo"),
-                             "random_walk": walk, "evaluate": False})
+        steps.append(Step("refine", {**data, "split": train, "cam_dir": self.folder("cams"),
+                                     "out_dir": self.folder("pseudo"), "random_walk": walk, "evaluate": False}))
         if masks[train]:  # <pseudo>/metrics_eval_<split>.json, which the report reads
-            self.step("eval", {**data, "split": train, "pred_dir": self.folder("pseudo")})
-        if self.stop_here("refine"):
-            return
+            steps.append(Step("eval", {**data, "split": train, "pred_dir": self.folder("pseudo")}, after="refine"))
 
         pseudo = str(self.folder("pseudo"))
         seg_cfg = self.recipe.config("train-seg", {**data, "split": train, "labels": pseudo,
@@ -393,28 +404,53 @@ class PipelineRun:
                 raise WsssError(f"[pipeline] upper_bound: split {train!r} of {root} has no masks to train on")
             upper = Path(self.settings.upper_bound_dir or self.folder("seg_gt"))
             # the same recipe on the ground truth: no reliability weighting, there are no pseudo-labels to weight
-            self.step("train-seg", {**seg, "labels": "gt", "raw": False, "reliability_dir": None, "out_dir": upper})
-        self.step("train-seg", {**seg, "labels": pseudo, "out_dir": self.folder("seg"), "upper_bound": upper})
-        if self.stop_here("train-seg"):
-            return
+            steps.append(Step("train-seg", {**seg, "labels": "gt", "raw": False, "reliability_dir": None,
+                                            "out_dir": upper}))
+        steps.append(Step("train-seg", {**seg, "labels": pseudo, "out_dir": self.folder("seg"),
+                                        "upper_bound": upper}))
 
         segmenter = artifacts.checkpoint_path(self.folder("seg"), "last")
         if has_val:
-            self.step("predict", {**data, "split": val, "checkpoint": segmenter,
-                                  "out_dir": RUN_LAYOUT.pred_folder(self.run_dir), "evaluate": False})
+            steps.append(Step("predict", {**data, "split": val, "checkpoint": segmenter,
+                                          "out_dir": RUN_LAYOUT.pred_folder(self.run_dir), "evaluate": False}))
             if masks[val]:
-                self.step("eval", {**data, "split": val, "pred_dir": RUN_LAYOUT.pred_folder(self.run_dir)})
+                steps.append(Step("eval", {**data, "split": val, "pred_dir": RUN_LAYOUT.pred_folder(self.run_dir)},
+                                  after="predict"))
         if self.settings.predict_train:
-            self.step("predict", {**data, "split": train, "checkpoint": segmenter,
-                                  "out_dir": RUN_LAYOUT.pred_folder(self.run_dir, train), "evaluate": False})
-        if self.stop_here("predict"):
-            return
-        if not any(masks.values()):
-            click.echo(f"\n== no report: no split of {root} has masks to score the stages with")
-            return
-        report = _stage_command("report")
-        click.echo(f"\n== report -> {RUN_LAYOUT.folder(self.run_dir, 'report_file')}")
-        report.run_config(S.build(report.config_class, {"run_dir": self.run_dir}))
+            steps.append(Step("predict", {**data, "split": train, "checkpoint": segmenter,
+                                          "out_dir": RUN_LAYOUT.pred_folder(self.run_dir, train), "evaluate": False}))
+        if any(masks.values()):
+            steps.append(Step("report", {"run_dir": self.run_dir}, common=False))
+        if self.stop_after is not None:
+            last = max((index for index, step in enumerate(steps) if step.point == self.stop_after), default=-1)
+            steps = steps[:last + 1]
+        return steps
+
+    def stages(self) -> None:
+        dataset = self.data()
+        steps = self.plan(dataset)
+        configs = [self.configure(step) for step in steps]  # every setting checked before the first step runs
+        for step, cfg in zip(steps, configs):
+            self.execute(step, cfg)
+        if self.stop_after is not None:
+            click.echo(f"\n== stopped after {self.stop_after} (--stop-after)")
+        elif not any(step.stage == "report" for step in steps):
+            click.echo(f"\n== no report: no split of {dataset.root} has masks to score the stages with")
+
+
+@dataclass(frozen=True)
+class Step:
+    """One stage of a run: its command's name, the wiring the pipeline gives it, and the ``--stop-after`` point
+    it belongs to (an evaluation belongs to the stage it scores)."""
+
+    stage: str
+    wiring: dict
+    after: str | None = None
+    common: bool = True
+
+    @property
+    def point(self) -> str:
+        return self.after or self.stage
 
 
 # --------------------------------------------------------------------------- command line

@@ -29,8 +29,8 @@ import click
 import torch
 
 from wsss.stages.options import (allow_pickle_setting, amp_setting, cams_setting, dataset_setting, device_setting,
-                                 folder_problem, overwrite_setting, positive_pair, root_setting, seed_setting,
-                                 settings_command, threads_setting)
+                                 folder_problem, overwrite_setting, pair_problem, positive_pair, root_setting,
+                                 seed_setting, settings_command, threads_setting)
 from wsss import artifacts
 from wsss.affinity import TARGET_KINDS, affinity_loss, pair_affinity, pair_offsets
 from wsss.crf import PSEUDO_LABEL_CRF
@@ -81,7 +81,7 @@ class TrainAffConfig(Settings):
     crf: bool = setting(True, "Refine both labellings with the dense CRF (`wsss refine`'s --crf values).")
     crop_size: int = setting(448, "Side of the square training crop, in pixels.", at_least=32)
     scale_range: tuple[float, float] = setting((0.7, 1.3), "MIN,MAX random rescale factors before cropping.",
-                                               above=0, parse=positive_pair)
+                                               above=0, parse=positive_pair, validate=pair_problem)
     batch_size: int = setting(8, "Images per optimiser step and process.", at_least=2)
     epochs: int = setting(8, "Epochs of the schedule (passes over --split).", at_least=1)
     stop_after: int | None = setting(None, "Stop after this many epochs (the schedule still spans --epochs); "

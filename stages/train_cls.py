@@ -35,8 +35,8 @@ from pathlib import Path
 
 import click
 from wsss.stages.options import (amp_setting, compile_setting, dataset_setting, device_setting, folder_problem,
-                                 loader_workers_setting, overwrite_setting, positive_pair, root_setting, seed_setting,
-                                 settings_command, threads_setting)
+                                 loader_workers_setting, overwrite_setting, pair_problem, positive_pair, root_setting,
+                                 seed_setting, settings_command, threads_setting)
 from wsss import artifacts
 from wsss.datasets.prepared import PreparedDataset
 from wsss.datasets.torch_data import ClassificationDataset
@@ -85,7 +85,7 @@ class TrainClsConfig(Settings):
     freeze_bn: bool = setting(False, "Keep BatchNorm in eval mode with frozen parameters (small batches).")
     crop_size: int = setting(512, "Side of the square training crop, in pixels.", at_least=16)
     scale_range: tuple[float, float] = setting((0.5, 1.5), "MIN,MAX random rescale factors before cropping.",
-                                               above=0, parse=positive_pair)
+                                               above=0, parse=positive_pair, validate=pair_problem)
     jitter: bool = setting(True, "Colour jitter of the training images.")
     batch_size: int = setting(16, "Images per optimiser step and process.", at_least=1)
     epochs: int = setting(5, "Epochs of the schedule (passes over --split).", at_least=1)
@@ -95,7 +95,8 @@ class TrainClsConfig(Settings):
     er_weight: float = setting(0.0, "Weight of the equivariance regularisation (SEAM; its paper uses 1); 0 "
                                     "disables it.", at_least=0)
     er_scale_range: tuple[float, float] = setting((0.3, 0.7), "MIN,MAX rescale factor of the equivariance view "
-                                                              "(also flipped at random).", above=0, parse=positive_pair)
+                                                              "(also flipped at random).", above=0,
+                                                  parse=positive_pair, validate=pair_problem)
     er_min_crop: float = setting(1.0, "The equivariance view is a random window of this..1 of each image side "
                                       "(1 = whole image, as SEAM); a translation.", above=0, at_most=1)
     er_target: str = setting("detached", "detached: the image's CAMs are the target of the view's (no gradient "

@@ -43,8 +43,8 @@ import click
 import torch
 
 from wsss.stages.options import (amp_setting, compile_setting, dataset_setting, device_setting, folder_problem,
-                                 loader_workers_setting, overwrite_setting, positive_pair, root_setting, seed_setting,
-                                 settings_command, threads_setting)
+                                 loader_workers_setting, overwrite_setting, pair_problem, positive_pair, root_setting,
+                                 seed_setting, settings_command, threads_setting)
 from wsss import artifacts
 from wsss.datasets.prepared import PreparedDataset
 from wsss.datasets.torch_data import SegmentationDataset
@@ -94,7 +94,7 @@ class TrainSegConfig(Settings):
                                                 "`wsss pretrain`'s backbone.pth).", aliases=("--weights",))
     crop_size: int = setting(321, "Side of the square training crop, in pixels.", at_least=8)
     scale_range: tuple[float, float] = setting((0.5, 1.5), "MIN,MAX random rescale factors.", above=0,
-                                               parse=positive_pair)
+                                               parse=positive_pair, validate=pair_problem)
     jitter: bool = setting(False, "Colour jitter.")
     batch_size: int = setting(10, "Images per optimiser step and process (BatchNorm needs at least 2).", at_least=2)
     iterations: int | None = setting(ITERATIONS, "Training iterations (the schedule's length); --epochs replaces "

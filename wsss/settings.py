@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import numbers
 import tomllib
@@ -214,8 +215,8 @@ def from_value(value: Any, kind: Any, parse: Callable[[str], Any] | None = None,
         if not isinstance(value, Mapping):
             raise ValueError(f"expected a table of {inner.__name__} settings, got {value!r}")
         return build(inner, value, where=where)
-    if isinstance(value, str) and inner not in (str, Path):
-        return from_text(value, kind, parse)
+    if isinstance(value, str) and (inner not in (str, Path) or (optional and value.strip().lower() == "none")):
+        return from_text(value, kind, parse)  # text as on the command line: "0.5,1.5", "0/4", "none"
     if inner is bool:
         if not isinstance(value, bool):
             raise ValueError(f"expected true or false, got {value!r}")
@@ -415,6 +416,36 @@ def read_settings_file(path: str | Path) -> dict:
         raise WsssError(f"{path}: expected a table of settings")
     _refuse_non_finite(data, path)
     return data
+
+
+def read_settings_for(cls: type, path: str | Path) -> dict:
+    """:func:`read_settings_file` for the settings class ``cls``.
+
+    A ``config.json`` written by another version of wsss may hold settings this one does not have
+    (renamed or retired); they are left out with a warning, so the run still replays.  In any other
+    file an unknown key stays an error (:func:`build`).
+    """
+    data = read_settings_file(path)
+    if not _is_run_config(path):
+        return data
+    known = {field.name for field in dataclasses.fields(cls)}
+    unprefixed = {f.name for field in dataclasses.fields(cls) if is_group(field_types(cls)[field.name])
+                  and field.metadata.get("prefix") == "" for f in dataclasses.fields(field_types(cls)[field.name])}
+    dropped = sorted(set(data) - known - unprefixed)
+    if dropped:
+        logging.getLogger(__name__).warning("%s: settings this version does not have, left out: %s", path,
+                                            ", ".join(dropped))
+    return {key: value for key, value in data.items() if key not in dropped}
+
+
+def _is_run_config(path: str | Path) -> bool:
+    if Path(path).suffix.lower() != ".json":
+        return False
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and isinstance(data.get("config"), dict) and "versions" in data
 
 
 def _refuse_constant(name: str):

@@ -375,7 +375,10 @@ def find_resumable(spec: RunSpec) -> dict | None:
     for name in spec.schedule_fields:
         before, now = saved.get(name, defaults.get(name)), current.get(name)
         if isinstance(now, dict):  # a group of options (SGD): name the ones that changed
-            before = before if isinstance(before, dict) else {}
+            # a checkpoint from before the group existed holds its keys at the top level; a key added to the
+            # group since counts as its default
+            before = {**defaults.get(name, {}), **{key: saved[key] for key in now if key in saved},
+                      **(before if isinstance(before, dict) and name in saved else {})}
             changed += [option_name(key) for key in now if before.get(key) != now[key]]
         elif before != now:
             changed.append(option_name(name))
