@@ -183,3 +183,42 @@ def test_help_names_the_file_key_where_it_is_not_the_option_name():
     assert "[key: bg_thresh" not in text  # --bg-thresh is bg_thresh: nothing to say
     assert options.file_key(("sgd", "lr"), "--lr") is None
     assert options.file_key(("crf_params", "iterations"), "--crf-iterations") == "crf_params.iterations"
+
+
+def test_the_command_line_wins_over_a_flat_group_key_in_a_file(tmp_path):
+    settings = tmp_path / "cls.toml"
+    settings.write_text('root = "r"\nout_dir = "o"\nlr = 0.5\nmomentum = 0.5\n')
+    cls = stage_commands()["train-cls"].config_class
+    values = {name: None for name in (options._param_name(path) for path, *_ in options.cli_fields(cls))}
+    cfg = options.settings_from_command_line(cls, {**values, "sgd__lr": 0.2}, settings)
+    assert (cfg.sgd.lr, cfg.sgd.momentum) == (0.2, 0.5)
+
+
+def test_a_range_from_a_file_meets_the_command_lines_rule(tmp_path):
+    settings = tmp_path / "cls.toml"
+    settings.write_text('root = "r"\nout_dir = "o"\nscale_range = [1.5, 0.5]\n')
+    result = CliRunner().invoke(cli, ["train-cls", "--config", str(settings)])
+    assert result.exit_code == 2 and "'--scale-range': 1.5,0.5: expected MIN,MAX with 0 < MIN <= MAX" in result.output
+
+
+def test_an_older_config_json_replays_without_the_settings_this_version_lacks(tmp_path, caplog):
+    import json
+
+    old = tmp_path / "config.json"
+    old.write_text(json.dumps({"config": {"root": "r", "out_dir": "o", "labels": "gt", "stop_at": 40, "lr": 0.01},
+                               "versions": {"wsss": "0.0"}, "command": []}))
+    cls = stage_commands()["train-seg"].config_class
+    values = {name: None for name in (options._param_name(path) for path, *_ in options.cli_fields(cls))}
+    cfg = options.settings_from_command_line(cls, values, old)
+    assert cfg.sgd.lr == 0.01 and "left out: stop_at" in caplog.text
+    toml = tmp_path / "mine.toml"
+    toml.write_text('root = "r"\nout_dir = "o"\nlabels = "gt"\nstop_at = 40\n')  # a file a user wrote: an error
+    with pytest.raises(S.WsssError, match="unknown setting 'stop_at'"):
+        options.settings_from_command_line(cls, values, toml)
+
+
+def test_every_switch_can_be_turned_off():
+    for name, command in stage_commands().items():
+        for param in command.params:
+            if isinstance(param, click.Option) and param.is_bool_flag and param.name not in ("quiet",):
+                assert param.secondary_opts, (name, param.opts)

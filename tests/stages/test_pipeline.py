@@ -225,3 +225,32 @@ def test_a_recipe_starts_from_its_base(tmp_path):
     missing = tmp_path / "orphan.toml"
     missing.write_text('base = "nosuch"\n')
     assert_one_line_error(CliRunner().invoke(cli, ["pipeline", str(missing)]), "no shipped recipe of that name")
+
+
+def test_a_setting_that_cannot_work_on_the_dataset_stops_the_run_before_any_stage(images, tmp_path):
+    root = _relabelled(images, tmp_path / "folder", "folder", {"train": "train", "val": "val"}, masks=False)
+    result = run_recipe("folder", tmp_path / "run", "--root", str(root), "--set", "pipeline.upper_bound=true")
+    assert_one_line_error(result, "upper_bound", "has no masks to train on")
+    assert not (tmp_path / "run" / "run").exists()  # nothing was trained first
+
+
+def test_none_in_set_is_none_and_each_stage_gets_the_runs_threads(tmp_path):
+    recipe = Recipe.load(shipped_recipes()["demo"], parse_overrides(("pipeline.upper_bound_dir=none",
+                                                                     "train-seg.reliability_dir=none")))
+    assert recipe.pipeline.upper_bound_dir is None
+    assert recipe.config("train-seg", placeholder_wiring("train-seg")).reliability_dir is None
+    # a stage's own threads do not stay set for the stages after it
+    result = run_recipe("demo", tmp_path / "demo", "--stop-after", "make-cam", "--set", "pipeline.pretrain=false",
+                        "--set", "train-cls.threads=2")
+    assert result.exit_code == 0, result.output[-3000:]
+    run = tmp_path / "demo" / "run"
+    assert json.loads(artifacts.config_path(run / "cls").read_text())["config"]["threads"] == 2
+    assert json.loads(artifacts.config_path(run / "cams").read_text())["config"]["threads"] == 1
+
+
+def test_a_base_recipe_and_overrides_merge_the_sgd_keys_key_by_key(tmp_path):
+    mine = tmp_path / "mine.toml"
+    mine.write_text('base = "voc"\n[train-seg.sgd]\nlr = 0.001\n')  # voc.toml writes lr flat
+    recipe = Recipe.load(mine, parse_overrides(("train-seg.momentum=0.5",)))
+    sgd = recipe.config("train-seg", placeholder_wiring("train-seg")).sgd
+    assert (sgd.lr, sgd.momentum, sgd.weight_decay) == (0.001, 0.5, 0.0005)

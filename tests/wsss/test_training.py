@@ -214,3 +214,30 @@ def test_compile_does_not_change_results():
         pytest.skip(f"torch.compile unavailable here: {type(err).__name__}")
     torch.testing.assert_close(out, net.class_maps(images), rtol=1e-5, atol=1e-5)
     assert set(net.state_dict()) == {"body.0.weight", "body.0.bias", "body.2.weight", "body.2.bias"}  # names kept
+
+
+def test_resume_compares_a_group_with_a_checkpoint_written_before_the_group(tmp_path):
+    """A checkpoint whose config holds the SGD keys at the top level (before ``sgd`` was a group) resumes with the
+    same values and is refused with others, naming them; a group key it lacks counts as its default."""
+    from wsss.optim import Sgd
+    from wsss.settings import Settings, setting
+
+    @dataclass(frozen=True)
+    class Grouped(Settings):
+        sgd: Sgd = setting(factory=lambda: Sgd(lr=0.1), prefix="")
+        seed: int = 0
+
+    out = tmp_path / "run"
+    artifacts.save_checkpoint(artifacts.checkpoint_path(out, "last"), {
+        "model": {}, "config": {"lr": 0.05, "poly_power": 0.5, "momentum": 0.9, "weight_decay": 1e-4, "seed": 0},
+        "classes": ["background", "x"], "arch": {}, "step": 1, "total_steps": 4})
+
+    def spec(**sgd):
+        return RunSpec(out, Grouped(sgd=Sgd(**{"lr": 0.05, "poly_power": 0.5, **sgd})), ("sgd", "seed"), 4,
+                       ["background", "x"], {})
+
+    assert find_resumable(spec()) is not None  # head_lr_mult is missing there: its default, 10
+    with pytest.raises(WsssError, match=r"different --lr, --poly-power"):
+        find_resumable(spec(lr=0.1, poly_power=0.9))
+    with pytest.raises(WsssError, match=r"different --head-lr-mult"):
+        find_resumable(spec(head_lr_mult=1.0))
