@@ -184,9 +184,10 @@ def _find_inputs(folder: Path, ids: Sequence[str], find: Callable[[Path, str], P
             missing.append(image_id)
         else:
             found.append((image_id, path))
-    if missing and not allow_missing:
+    if missing and (not allow_missing or not found):  # with nothing to score, an mIoU would be NaN, not a result
         first = artifacts.cam_path(folder, missing[0]) if what == "CAM" else artifacts.label_path(folder, missing[0])
-        raise WsssError(f"{first}: {what} file not found ({len(missing)} of {len(ids)} {what} files missing)")
+        allowed = " (--allow-missing: nothing is left to score)" if allow_missing else ""
+        raise WsssError(f"{first}: {what} file not found ({len(missing)} of {len(ids)} {what} files missing){allowed}")
     if missing:
         log.warning("%s: skipping %d of %d images without a %s file", folder, len(missing), len(ids), what)
     return found

@@ -234,6 +234,13 @@ def test_missing_prediction_is_a_one_line_error(dataset_root: Path, tmp_path: Pa
     assert skipped.exit_code == 0, skipped.output
     report = artifacts.read_json(artifacts.eval_metrics_path(pred_dir, "val"))
     assert report["num_images"] == 2 and report["num_missing"] == 2 and report["miou"] == 1.0
+    # with every file missing, --allow-missing leaves nothing to score: an error, not "mIoU nan" and exit 0
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    nothing = _invoke("--pred", str(empty), "--root", str(dataset_root), "--split", "val", "--allow-missing")
+    errors = [line for line in nothing.output.splitlines() if line.startswith("Error:")]
+    assert nothing.exit_code == 1 and len(errors) == 1 and "4 of 4" in errors[0] and "nothing is left" in errors[0]
+    assert not artifacts.eval_metrics_path(empty, "val").exists()
 
 
 def test_wrong_size_prediction_is_a_one_line_error(dataset_root: Path, tmp_path: Path):
