@@ -11,6 +11,7 @@ from click.testing import CliRunner
 
 from wsss.stages.cli import cli
 from wsss import artifacts
+from helpers import assert_one_line_error
 from wsss.classes import builtin_classes
 from wsss.datasets import demo
 from wsss.datasets.prepared import PreparedDataset
@@ -180,3 +181,21 @@ def test_prepare_voc_reads_the_demo_dataset(tmp_path: Path):
         assert dataset.image_labels(image_id) == sorted({demo.DEMO_CLASSES[name] for name, _ in objects})
         mask = dataset.read_mask("val", image_id, dataset.read_image("val", image_id).shape[:2])
         assert set(np.unique(mask)) - {0, 255} == set(dataset.image_labels(image_id))
+
+
+def test_another_demo_over_an_earlier_one_is_refused_and_the_earlier_one_untouched(tmp_path: Path):
+    root = _write(tmp_path / "d")
+    before = _files(root)
+    again = _files(_write(tmp_path / "d"))  # the same demo again: the same bytes
+    assert again == before
+    # fewer images would have left img 6-9 beside split lists that no longer name them
+    result = CliRunner().invoke(cli, ["demo-data", str(tmp_path / "d"), "--num-train", "3", "--num-val", "2"])
+    assert_one_line_error(result, "holds a demo dataset with num_train 6, num_val 4", "asked: num_train 3, num_val 2")
+    assert _files(root) == before
+    # a VOC2012 folder that is not a demo is the user's data
+    mine = tmp_path / "mine" / "VOC2012"
+    mine.mkdir(parents=True)
+    (mine / "notes.txt").write_text("my data")
+    result = CliRunner().invoke(cli, ["demo-data", str(tmp_path / "mine")])
+    assert_one_line_error(result, "is not a demo dataset")
+    assert sorted(path.name for path in mine.iterdir()) == ["notes.txt"]

@@ -47,6 +47,7 @@ from typing import Callable
 import numpy as np
 
 from wsss import artifacts
+from wsss.errors import WsssError
 
 GENERATOR_VERSION = 1
 
@@ -382,6 +383,29 @@ def demo_ids(num_train: int, num_val: int) -> dict[str, list[str]]:
     return {"train": ids[:num_train], "val": ids[num_train:]}
 
 
+def _refuse_another_dataset(root: Path, wanted: dict) -> None:
+    """Raise WsssError when ``root`` holds anything but the demo dataset ``wanted`` describes.
+
+    Writing a demo of another size over an earlier one would leave the earlier images beside the
+    new split lists, and a folder that is not a demo dataset is the user's data: neither is touched.
+    """
+    if not root.exists() or not any(root.iterdir()):
+        return
+    manifest = root / "demo.json"
+    if not manifest.is_file():
+        raise WsssError(f"{root}: exists and is not a demo dataset; choose another folder")
+    try:
+        written = artifacts.read_json(manifest, expect=dict)
+    except WsssError:
+        written = {}
+    differs = {key: written.get(key) for key, value in wanted.items() if written.get(key) != value}
+    if differs:
+        have = ", ".join(f"{key} {written.get(key)}" for key in differs)
+        want = ", ".join(f"{key} {wanted[key]}" for key in differs)
+        raise WsssError(f"{root}: holds a demo dataset with {have} (asked: {want}); remove the folder or choose "
+                        "another, so that no earlier image stays beside the new split lists")
+
+
 def write_demo_dataset(out_dir: str | Path, *, num_train: int = DEFAULT_NUM_TRAIN, num_val: int = DEFAULT_NUM_VAL,
                        size: int = DEFAULT_SIZE, seed: int = 0, progress: bool = True) -> Path:
     """Write the demo dataset under ``<out_dir>/VOC2012`` and return that folder.
@@ -396,6 +420,8 @@ def write_demo_dataset(out_dir: str | Path, *, num_train: int = DEFAULT_NUM_TRAI
     from wsss.progress import bar
 
     root = Path(out_dir) / "VOC2012"
+    _refuse_another_dataset(root, {"version": GENERATOR_VERSION, "seed": seed, "size": size, "num_train": num_train,
+                                   "num_val": num_val})
     splits = demo_ids(num_train, num_val)
     all_ids = splits["train"] + splits["val"]
     for index, image_id in enumerate(bar(all_ids, desc="demo-data", show=progress)):
