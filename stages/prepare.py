@@ -62,6 +62,9 @@ class FolderPrepareConfig(Settings):
     split: str = setting("train", "Name of the split written.")
     root: Path | None = setting(None, "Dataset root for wsss/ (none: the parent of --images).", validate=folder_problem)
     workers: int | None = pool_workers_setting()
+    overwrite: bool = setting(False, "Replace what an earlier prepare under --root wrote where this one disagrees "
+                                     "(another class list, another label for an image); without it that is an "
+                                     "error.", flag="--overwrite/--keep")
 
 
 def run(cfg: VocPrepareConfig | CocoPrepareConfig | FolderPrepareConfig) -> dict:
@@ -83,7 +86,7 @@ def run(cfg: VocPrepareConfig | CocoPrepareConfig | FolderPrepareConfig) -> dict
         artifacts.write_json(path, {"splits": splits})
     elif isinstance(cfg, FolderPrepareConfig):
         summary = prepare_folder(cfg.images, cfg.labels, cfg.classes, masks=cfg.masks, split=cfg.split,
-                                 root=cfg.root, workers=cfg.workers)
+                                 root=cfg.root, workers=cfg.workers, overwrite=cfg.overwrite)
         artifacts.write_json(summary_path(summary["root"], "folder"), summary)
     else:
         raise TypeError(f"not a prepare config: {type(cfg).__name__}")

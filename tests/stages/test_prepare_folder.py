@@ -118,3 +118,35 @@ def test_folder_background_not_first_is_an_error(tmp_path):
     paths = make_folder(tmp_path)
     paths["classes"].write_text("cat\nbackground\ndog\n")
     assert_one_line_error(invoke(paths), "classes.txt", "background")
+
+
+def _files(folder):
+    return {path.name: path.read_bytes() for path in sorted(folder.iterdir()) if path.is_file()}
+
+
+def test_a_later_prepare_never_changes_an_earlier_ones_labels_or_classes_unless_overwrite(tmp_path):
+    paths = make_folder(tmp_path)
+    assert invoke(paths, masks=False).exit_code == 0
+    meta = paths["root"] / "wsss"
+    before = _files(meta)
+    # another split that labels image a as a dog: train's label of a would have become dog
+    val_labels = paths["root"] / "val.csv"
+    val_labels.write_text("image,labels\na.jpg,dog\n")
+    result = invoke({**paths, "labels": val_labels}, "--split", "val", masks=False)
+    assert_one_line_error(result, "labels.json", "image 'a' is labelled ['cat'] by an earlier prepare (split train) "
+                                                 "and ['dog'] here", "--overwrite")
+    assert _files(meta) == before
+    # another class list: every split prepared before would have gone
+    other_classes = paths["root"] / "other.txt"
+    other_classes.write_text("cat\ndog\nbird\n")
+    result = invoke({**paths, "classes": other_classes}, "--split", "val", masks=False)
+    assert_one_line_error(result, "dataset.json", "['background', 'cat', 'dog']",
+                          "['background', 'cat', 'dog', 'bird']", "--overwrite")
+    assert _files(meta) == before
+    # the same labels for a shared image are fine; --overwrite relabels, as asked
+    val_labels.write_text("image,labels\na.jpg,cat\n")
+    assert invoke({**paths, "labels": val_labels}, "--split", "val", masks=False).exit_code == 0
+    val_labels.write_text("image,labels\na.jpg,dog\n")
+    assert invoke({**paths, "labels": val_labels}, "--split", "val", "--overwrite", masks=False).exit_code == 0
+    dataset = PreparedDataset.load(paths["root"], "folder")
+    assert dataset.image_labels("a") == [DOG] and dataset.ids("train") == ["a", "b", "c"]

@@ -240,7 +240,7 @@ def prepare_coco(root: str | Path, split: str, *, workers: int | None = None, ov
     written = sum(imap_images(functools.partial(_write_mask, overwrite=overwrite), tasks, workers,
                               desc=f"coco {split}"))
     spec = split_spec_for(split, file_names, mask_dir(split))
-    write_prepared(root, "coco", classes, {split: (spec, list(labels))}, labels)
+    write_prepared(root, "coco", classes, {split: (spec, list(labels))}, labels, overwrite=overwrite)
     return {"root": str(root), "split": split, "images_in_json": len(images), "images": len(tasks),
             "dropped_without_labels": dropped, "masks_written": written, "masks_skipped": len(tasks) - written,
             "crowd_annotations": sum(obj.crowd for group in objects.values() for obj in group)}

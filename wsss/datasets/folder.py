@@ -138,7 +138,7 @@ def _check_image(task: tuple[str, Path, Path | None, str], num_classes: int) -> 
 
 def prepare_folder(images: str | Path, labels_csv: str | Path, classes_file: str | Path, *,
                    masks: str | Path | None = None, split: str = "train", root: str | Path | None = None,
-                   workers: int | None = None) -> dict:
+                   workers: int | None = None, overwrite: bool = False) -> dict:
     """Prepare a folder dataset as split ``split`` under ``root`` (default: the parent of ``images``).
 
     Args:
@@ -149,6 +149,8 @@ def prepare_folder(images: str | Path, labels_csv: str | Path, classes_file: str
         split: name of the split written.
         root: dataset root holding ``wsss/``; image and mask folders are stored relative to it.
         workers: processes that decode images (None = all cores).
+        overwrite: replace what an earlier prepare under ``root`` wrote when it disagrees (another class
+            list, another label for an image id); without it that is an error.
 
     Returns:
         Summary ``{"split", "images", "with_masks", "without_labels", "mask_label_mismatches"}``.
@@ -186,7 +188,7 @@ def prepare_folder(images: str | Path, labels_csv: str | Path, classes_file: str
     spec = split_spec_for(dataset_relative(images, root), {key: row.file_name for key, row in rows.items()},
                           dataset_relative(masks, root) if masks is not None else None)
     write_prepared(root, "folder", classes, {split: (spec, list(rows))},
-                   {image_id: row.labels for image_id, row in rows.items()})
+                   {image_id: row.labels for image_id, row in rows.items()}, overwrite=overwrite)
     return {"root": str(root), "split": split, "classes": len(classes), "images": len(rows),
             "with_masks": len(rows) if masks is not None else 0, "without_labels": without_labels,
             "mask_label_mismatches": mismatches}

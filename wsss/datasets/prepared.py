@@ -171,12 +171,35 @@ def _checked_labels(labels: dict, num_classes: int, path: Path) -> dict[str, lis
     return checked
 
 
+def _refuse_relabelling(labels_file: Path, old_labels: dict, labels: dict, classes: list[str], old_splits: dict,
+                        folder: Path) -> None:
+    """Raise WsssError naming the first image id whose labels differ from an earlier prepare's."""
+    for image_id, value in labels.items():
+        before = old_labels.get(image_id)
+        if before is not None and sorted(before) != sorted(int(c) for c in value):
+            splits = [name for name in old_splits if image_id in _listed(folder / f"{name}.txt")]
+            names = [[classes[c] if 0 <= c < len(classes) else c for c in sorted(group)] for group in (before, value)]
+            where = f" (split {', '.join(splits)})" if splits else ""
+            raise WsssError(f"{labels_file}: image {image_id!r} is labelled {names[0]} by an earlier prepare{where} "
+                            f"and {names[1]} here; pass --overwrite to relabel it")
+
+
+def _listed(split_file: Path) -> set[str]:
+    return set(split_file.read_text().split()) if split_file.is_file() else set()
+
+
 def write_prepared(root: str | Path, kind: str, classes: list[str], splits: dict[str, tuple[SplitSpec, list[str]]],
-                   labels: dict[str, list[int]]) -> Path:
+                   labels: dict[str, list[int]], *, overwrite: bool = False) -> Path:
     """Write (or extend) the metadata of a prepared dataset and return its folder.
 
-    ``splits`` maps a split name to its spec and image ids.  Splits and labels
-    already prepared under the same root are kept unless overwritten here.
+    ``splits`` maps a split name to its spec and image ids.  Splits and labels already prepared under
+    the same root are kept.  What an earlier prepare wrote is never changed silently: another kind or
+    class list, or another label for an image id already labelled, is an error unless ``overwrite``
+    (then the earlier splits go with another class list, and the new labels replace the old).
+
+    Raises:
+        WsssError: the earlier prepare disagrees and ``overwrite`` is off (naming the file, the id and
+            both values).
     """
     if kind not in DATASET_KINDS:
         raise KeyError(f"unknown dataset kind {kind!r}; choose from {list(DATASET_KINDS)}")
@@ -189,6 +212,12 @@ def write_prepared(root: str | Path, kind: str, classes: list[str], splits: dict
             old_splits = old.get("splits", {})
             if labels_file.is_file():
                 old_labels = artifacts.read_json(labels_file)
+        elif not overwrite:
+            raise WsssError(f"{manifest_file}: an earlier prepare wrote {old.get('kind')} with classes "
+                            f"{old.get('classes')}; this one has {kind} with {list(classes)}. Pass --overwrite to "
+                            "replace it (its splits and labels go), or prepare into another --root")
+    if not overwrite:
+        _refuse_relabelling(labels_file, old_labels, labels, list(classes), old_splits, folder)
     for name, (spec, ids) in splits.items():
         with artifacts.atomic_write(folder / f"{name}.txt", "w") as handle:
             handle.write("".join(f"{image_id}\n" for image_id in ids))

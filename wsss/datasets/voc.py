@@ -298,7 +298,7 @@ def prepare_voc(root: str | Path, *, sbd_root: str | Path | None = None, split_f
     if disagreements:
         logger.warning("%d images: the classes in the mask disagree with Annotations/*.xml (XML labels kept); "
                        "see %s", len(disagreements), meta_dir(root) / DISAGREEMENTS_FILE)
-    write_prepared(root, "voc", classes, prepared, labels)
+    write_prepared(root, "voc", classes, prepared, labels, overwrite=overwrite)
     artifacts.write_json(meta_dir(root) / DISAGREEMENTS_FILE,
                          {"count": len(disagreements), "images": dict(sorted(disagreements.items()))})
     return {"root": str(root), "splits": summary, "disagreements": len(disagreements), "sbd": sbd_counts}
