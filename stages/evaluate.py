@@ -41,7 +41,9 @@ class EvalConfig(Settings):
                                                       "CAM background thresholds start:stop:step (stop inclusive).")
     allow_pickle: bool = allow_pickle_setting()
     allow_missing: bool = setting(False, "Skip images without a prediction/CAM file instead of failing.")
-    out_file: Path | None = setting(None, "JSON report (none: <DIR>/metrics_eval_<split>.json).", option="--out")
+    out_file: Path | None = setting(None, "JSON report (none: <DIR>/metrics_eval_<split>.json, or "
+                                          "<DIR>_metrics_eval_<split>.json beside a ground-truth folder, which is "
+                                          "never written into).", option="--out")
     workers: int | None = pool_workers_setting()
 
     def check(self) -> None:
@@ -51,6 +53,15 @@ class EvalConfig(Settings):
             fail("--pred", "none: give exactly one of --pred (label PNGs) and --cams (CAM files)")
         if self.out_file is not None and self.out_file.is_dir():
             fail("--out", f"{self.out_file}: is a directory; the report is a JSON file")
+
+
+def default_report_file(dataset: PreparedDataset, folder: Path, split: str) -> Path:
+    """Where the report goes without ``--out``: into the scored folder, or beside it when that folder is (or lies
+    in) the dataset's ground truth, which is never written into."""
+    resolved = Path(folder).resolve()
+    if any(resolved == masks or masks in resolved.parents for masks in dataset.mask_folders()):
+        return artifacts.eval_metrics_beside(folder, split)
+    return artifacts.eval_metrics_path(folder, split)
 
 
 def run(cfg: EvalConfig) -> dict:
@@ -66,7 +77,7 @@ def run(cfg: EvalConfig) -> dict:
                                       ignore_pred=cfg.ignore_pred_255, allow_pickle=cfg.allow_pickle,
                                       allow_missing=cfg.allow_missing, workers=cfg.workers)
     report = result.pop("report")
-    out_file = cfg.out_file or artifacts.eval_metrics_path(folder, cfg.split)
+    out_file = cfg.out_file or default_report_file(dataset, folder, cfg.split)
     result["provenance"] = artifacts.provenance(cfg)
     artifacts.write_json(out_file, result)
     log.info("wrote %s", out_file)

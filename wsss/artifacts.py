@@ -202,6 +202,13 @@ def eval_metrics_path(folder: str | Path, split: str) -> Path:
     return Path(folder) / f"metrics_eval_{split}.json"
 
 
+def eval_metrics_beside(folder: str | Path, split: str) -> Path:
+    """Return the default report of ``wsss eval`` on a ground-truth folder, beside it (a dataset's folder is
+    never written into): ``<parent>/<folder name>_metrics_eval_<split>.json``."""
+    folder = Path(folder)
+    return folder.parent / f"{folder.name}_metrics_eval_{split}.json"
+
+
 # --------------------------------------------------------------------------- atomic writes
 
 def _umask() -> int:

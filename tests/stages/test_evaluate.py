@@ -275,3 +275,13 @@ def test_bad_cam_and_option_errors(dataset_root: Path, tmp_path: Path):
     assert out_folder.exit_code == 2 and "is a directory" in out_folder.output
     wrong_kind = _invoke("--cams", str(pickled), *base, "--dataset", "voc")
     assert wrong_kind.exit_code != 0 and "prepared as 'folder'" in wrong_kind.output
+
+
+def test_scoring_the_ground_truth_writes_beside_it_never_into_it(dataset_root: Path):
+    masks = dataset_root / "masks"
+    before = sorted(path.name for path in masks.iterdir())
+    result = _invoke("--pred", str(masks), "--root", str(dataset_root), "--split", "val")
+    assert result.exit_code == 0, result.output
+    assert sorted(path.name for path in masks.iterdir()) == before  # the dataset's folder is untouched
+    report = artifacts.read_json(dataset_root / "masks_metrics_eval_val.json")
+    assert report["miou"] == 1.0  # the ground truth against itself

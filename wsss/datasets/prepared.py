@@ -123,6 +123,10 @@ class PreparedDataset:
             target[index - 1] = 1.0
         return target
 
+    def mask_folders(self) -> set[Path]:
+        """The resolved ground-truth mask folders of every split."""
+        return {self._resolve(spec.mask_dir).resolve() for spec in self.splits.values() if spec.mask_dir is not None}
+
     def _resolve(self, relative: str) -> Path:
         path = Path(relative)
         return path if path.is_absolute() else self.root / path
