@@ -75,7 +75,7 @@ def stage_set(stage: str, options: str) -> list[str]:
 
     from wsss.stages.cli import COMMANDS
 
-    command = importlib.import_module(COMMANDS[stage]).command
+    command = importlib.import_module(COMMANDS[stage][0]).command
     words, result = shlex.split(options), []
     while words:
         word = words.pop(0)

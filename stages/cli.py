@@ -11,21 +11,22 @@ from wsss import __version__
 from wsss.errors import WsssError
 
 
-# Every command, in pipeline order: name -> module exposing ``command``.  Modules are imported only
-# when their command runs (or --help lists them), so `wsss eval` does not pay for importing torch.
+# Every command, in pipeline order: name -> (module exposing ``command``, what ``wsss --help`` says of it).
+# Modules are imported only when their command runs or prints its own help, so `wsss --help` and `wsss eval`
+# do not pay for importing torch.
 COMMANDS = {
-    "demo-data": "wsss.stages.demo_data",
-    "prepare": "wsss.stages.prepare",
-    "pretrain": "wsss.stages.pretrain",
-    "train-cls": "wsss.stages.train_cls",
-    "make-cam": "wsss.stages.make_cam",
-    "train-aff": "wsss.stages.train_aff",
-    "refine": "wsss.stages.refine",
-    "train-seg": "wsss.stages.train_seg",
-    "predict": "wsss.stages.predict",
-    "eval": "wsss.stages.evaluate",
-    "report": "wsss.stages.report",
-    "pipeline": "wsss.stages.pipeline",
+    "demo-data": ("wsss.stages.demo_data", "Write the synthetic demo dataset (VOC layout)."),
+    "prepare": ("wsss.stages.prepare", "Prepare a dataset once: split lists and image-level labels."),
+    "pretrain": ("wsss.stages.pretrain", "Self-supervised pretraining of the backbone on the split's images."),
+    "train-cls": ("wsss.stages.train_cls", "Train the multi-label CAM classifier."),
+    "make-cam": ("wsss.stages.make_cam", "Class activation maps of a split (multi-scale, flip, erasing)."),
+    "train-aff": ("wsss.stages.train_aff", "Learn pixel affinities from the CAMs' confident regions."),
+    "refine": ("wsss.stages.refine", "CAMs -> pseudo-labels + reliability (GMM threshold, dense CRF)."),
+    "train-seg": ("wsss.stages.train_seg", "Train DeepLab on pseudo-labels (or ground truth)."),
+    "predict": ("wsss.stages.predict", "Segment a split with a train-seg checkpoint."),
+    "eval": ("wsss.stages.evaluate", "mIoU of label maps or CAMs against ground truth."),
+    "report": ("wsss.stages.report", "Summarise a pipeline run into report.md."),
+    "pipeline": ("wsss.stages.pipeline", "Run every stage from a recipe (shipped name or TOML file)."),
 }
 
 
@@ -61,7 +62,15 @@ class _Group(click.Group):
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
         if name not in COMMANDS:
             return None
-        return importlib.import_module(COMMANDS[name]).command
+        module, summary = COMMANDS[name]
+        command = importlib.import_module(module).command
+        command.short_help = summary
+        return command
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        """The command list of ``wsss --help``, from :data:`COMMANDS` alone (no command is imported)."""
+        with formatter.section("Commands"):
+            formatter.write_dl([(name, summary) for name, (_, summary) in COMMANDS.items()])
 
     def invoke(self, ctx: click.Context):
         try:

@@ -39,7 +39,7 @@ def run(cfg: DemoDataConfig) -> dict:
     return {"root": str(root), "num_train": cfg.num_train, "num_val": cfg.num_val}
 
 
-@settings_command(DemoDataConfig, name="demo-data", short_help="Write the synthetic demo dataset (VOC layout).")
+@settings_command(DemoDataConfig, name="demo-data")
 def command(cfg: DemoDataConfig) -> None:
     """Write a synthetic VOC-layout dataset to OUT_DIR/VOC2012 (no download needed).
 

@@ -84,7 +84,7 @@ def run(cfg: EvalConfig) -> dict:
     return {**result, "out_file": str(out_file), "report": report}
 
 
-@settings_command(EvalConfig, name="eval", short_help="mIoU of label maps or CAMs against ground truth.")
+@settings_command(EvalConfig, name="eval")
 def command(cfg: EvalConfig) -> None:
     """mIoU of label maps (--pred) or CAMs (--cams, with a threshold sweep) against ground truth."""
     click.echo(run(cfg)["report"])

@@ -201,8 +201,7 @@ def _evaluate(cfg: MakeCamConfig, dataset: PreparedDataset, ids: list[str]) -> d
 # --------------------------------------------------------------------------- command line
 
 
-@settings_command(MakeCamConfig, name="make-cam", short_help="Class activation maps of a split (multi-scale, flip, "
-                                                             "erasing).")
+@settings_command(MakeCamConfig, name="make-cam")
 def command(cfg: MakeCamConfig) -> None:
     """Write max-normalised CAMs <OUT>/<id>.npz for every image of a split."""
     metrics = run(cfg)

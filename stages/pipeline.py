@@ -150,7 +150,7 @@ def _stage_command(stage: str) -> click.Command:
     """The click command of a stage (its ``config_class`` and ``run_config``)."""
     from wsss.stages.cli import COMMANDS
 
-    return importlib.import_module(COMMANDS[stage]).command
+    return importlib.import_module(COMMANDS[stage][0]).command
 
 
 def _prepare_command(kind: str) -> click.Command:
@@ -471,7 +471,7 @@ def _pipeline_keys() -> str:
     return "\n".join(lines)
 
 
-@click.command(short_help="Run every stage from a recipe (shipped name or TOML file).", epilog=_pipeline_keys(),
+@click.command(epilog=_pipeline_keys(),
                context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.argument("recipe", required=False)
 @click.option("--list", "list_recipes", is_flag=True, help="List the shipped recipes and exit.")

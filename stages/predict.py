@@ -225,7 +225,7 @@ def run(cfg: PredictConfig) -> dict:
 # --------------------------------------------------------------------------- command line
 
 
-@settings_command(PredictConfig, name="predict", short_help="Segment a split with a train-seg checkpoint.")
+@settings_command(PredictConfig, name="predict")
 def command(cfg: PredictConfig) -> None:
     """Write label maps of a split with a train-seg checkpoint (multi-scale + flip, optional CRF)."""
     metrics = run(cfg)

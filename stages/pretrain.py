@@ -188,8 +188,7 @@ def run(cfg: PretrainConfig) -> dict:
 # --------------------------------------------------------------------------- command line
 
 
-@settings_command(PretrainConfig, name="pretrain",
-                  short_help="Self-supervised pretraining of the backbone on the split's images.")
+@settings_command(PretrainConfig, name="pretrain")
 def command(cfg: PretrainConfig) -> None:
     """Pretrain a ResNet trunk on unlabeled images (contrastive or rotation); writes OUT/backbone.pth."""
     metrics = run(cfg)

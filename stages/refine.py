@@ -411,8 +411,7 @@ def run(cfg: RefineConfig) -> dict:
 # --------------------------------------------------------------------------- command line
 
 
-@settings_command(RefineConfig, name="refine", short_help="CAMs -> pseudo-labels + reliability (GMM threshold, "
-                                                           "dense CRF).")
+@settings_command(RefineConfig, name="refine")
 def command(cfg: RefineConfig) -> None:
     """Turn CAMs into pseudo-labels (<id>.png) and RAW reliability maps (<id>.npy)."""
     metrics = run(cfg)

@@ -30,7 +30,7 @@ def run(cfg: ReportConfig) -> dict:
     return write_report(cfg.run_dir, gallery_rows=cfg.gallery_rows)
 
 
-@settings_command(ReportConfig, name="report", short_help="Summarise a pipeline run into report.md.")
+@settings_command(ReportConfig, name="report")
 def command(cfg: ReportConfig) -> None:
     """Summarise a pipeline run (the folder run_pipeline.sh writes, e.g. work/demo/run)."""
     summary = run(cfg)

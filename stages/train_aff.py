@@ -220,8 +220,7 @@ def run(cfg: TrainAffConfig) -> dict:
 # --------------------------------------------------------------------------- command line
 
 
-@settings_command(TrainAffConfig, name="train-aff", short_help="Learn pixel affinities from the CAMs' confident "
-                                                                "regions.")
+@settings_command(TrainAffConfig, name="train-aff")
 def command(cfg: TrainAffConfig) -> None:
     """Train an affinity network on the confident regions of the CAMs (for `wsss refine --random-walk`)."""
     metrics = run(cfg)

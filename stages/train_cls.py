@@ -213,7 +213,7 @@ def run(cfg: TrainClsConfig) -> dict:
 # --------------------------------------------------------------------------- command line
 
 
-@settings_command(TrainClsConfig, name="train-cls", short_help="Train the multi-label CAM classifier.")
+@settings_command(TrainClsConfig, name="train-cls")
 def command(cfg: TrainClsConfig) -> None:
     """Train a ResNet CAM classifier on image-level labels (equivariance and erasing optional).
 

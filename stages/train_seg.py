@@ -299,7 +299,7 @@ def run(cfg: TrainSegConfig) -> dict:
 # --------------------------------------------------------------------------- command line
 
 
-@settings_command(TrainSegConfig, name="train-seg", short_help="Train DeepLab on pseudo-labels (or ground truth).")
+@settings_command(TrainSegConfig, name="train-seg")
 def command(cfg: TrainSegConfig) -> None:
     """Train a DeepLabV3 segmentation network on pseudo-labels (--labels DIR) or ground truth (--labels gt)."""
     metrics = run(cfg)

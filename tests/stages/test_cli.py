@@ -14,10 +14,22 @@ from wsss.errors import WsssError
 def test_help_lists_every_command_in_pipeline_order():
     result = CliRunner().invoke(cli, ["--help"])
     assert result.exit_code == 0
-    listed = [line.split()[0] for line in result.output.split("Commands:")[1].splitlines() if line.strip()]
+    listed = [line.split()[0] for line in result.output.split("Commands:")[1].splitlines()
+              if line.strip() and not line.startswith("    ")]
     assert listed == list(COMMANDS)
     for name in COMMANDS:  # every registered module really provides its command
         assert cli.get_command(None, name) is not None
+
+
+def test_help_lists_the_commands_without_importing_torch():
+    # a fresh process: `wsss --help` reads the list from COMMANDS and imports no command, so no torch (seconds)
+    code = ("import sys; from click.testing import CliRunner; from wsss.stages.cli import cli; "
+            "result = CliRunner().invoke(cli, ['--help']); "
+            "assert result.exit_code == 0 and 'train-cls' in result.output, result.output; "
+            "print('torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"
 
 
 def test_version():

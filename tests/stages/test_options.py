@@ -21,7 +21,7 @@ from wsss.stages.cli import COMMANDS, cli
 def stage_commands() -> dict[str, click.Command]:
     """Every command built from a config: the stages, and the subcommands of ``prepare``."""
     commands = {}
-    for name, module in COMMANDS.items():
+    for name, (module, _) in COMMANDS.items():
         command = importlib.import_module(module).command
         if isinstance(command, click.Group):
             commands.update({f"{name} {sub}": cmd for sub, cmd in command.commands.items()})
