@@ -222,3 +222,9 @@ def test_every_switch_can_be_turned_off():
         for param in command.params:
             if isinstance(param, click.Option) and param.is_bool_flag and param.name not in ("quiet",):
                 assert param.secondary_opts, (name, param.opts)
+
+
+@pytest.mark.parametrize("name", sorted(stage_commands()))
+def test_every_option_says_what_it_does(name):
+    for path, field, _kind, option, _default in options.cli_fields(stage_commands()[name].config_class):
+        assert len(field.metadata.get("help", "").strip()) >= 10, (name, option)
