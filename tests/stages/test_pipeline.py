@@ -91,10 +91,10 @@ def test_every_shipped_recipe_builds_every_stage_config(name):
     for stage in STAGES:
         cfg = recipe.config(stage, placeholder_wiring(stage))
         for key, value in recipe.stages[stage].items():  # what the recipe says is what the stage gets
-            got = getattr(cfg, key, None)
-            if got is None and hasattr(cfg, "sgd"):
-                got = getattr(cfg.sgd, key)
-            assert got == (tuple(value) if isinstance(value, list) else value), (stage, key)
+            pairs = ([(f"{key}.{sub}", getattr(getattr(cfg, key), sub), item) for sub, item in value.items()]
+                     if isinstance(value, dict) else [(key, getattr(cfg, key), value)])
+            for name, got, wanted in pairs:
+                assert got == (tuple(wanted) if isinstance(wanted, list) else wanted), (stage, name)
 
 
 def test_demo_recipe_stops_after_a_stage_with_the_recipe_overrides_and_wiring_in_place(tmp_path):
