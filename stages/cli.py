@@ -30,6 +30,11 @@ COMMANDS = {
 }
 
 
+def log_level(verbose: int, quiet: bool) -> int:
+    """The logging level of ``-v`` (INFO, the default), ``-vv`` (DEBUG) and ``-q`` (WARNING)."""
+    return logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
+
+
 def one_line(err: BaseException) -> str:
     """The one-line message of an error a user can fix.
 
@@ -102,8 +107,7 @@ def cli(verbose: int, quiet: bool) -> None:
     Stages (each reads and writes plain files):
       prepare -> [pretrain] -> train-cls -> make-cam -> [train-aff] -> refine -> train-seg -> predict -> eval
     """
-    level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", force=True)
+    logging.basicConfig(level=log_level(verbose, quiet), format="%(levelname)s %(name)s: %(message)s", force=True)
 
 
 def main() -> None:

@@ -20,6 +20,7 @@ import math
 
 from wsss import settings as S
 from wsss.device import AMP_MODES, DEVICES  # noqa: F401  (re-exported for the commands)
+from wsss.stages.cli import log_level
 
 # Help texts of the options that many commands share (each command's config declares the field).
 ROOT_HELP = "Dataset root prepared with `wsss prepare` (e.g. VOCdevkit/VOC2012)."
@@ -120,7 +121,7 @@ def pair_problem(value: tuple[float, float]) -> str | None:
 def positive_pair(text: str) -> tuple[float, float]:
     """``MIN,MAX`` with ``0 < MIN <= MAX`` (scale ranges)."""
     values = S.from_text(text, tuple[float, ...])
-    if len(values) != 2 or not all(math.isfinite(v) for v in values) or not 0 < values[0] <= values[1]:
+    if not all(math.isfinite(v) for v in values) or pair_problem(values):
         raise ValueError(f"expected finite MIN,MAX with 0 < MIN <= MAX, got {text!r}")
     return values
 
@@ -180,16 +181,16 @@ def shard_text(text: str) -> tuple[int, int]:
 
 
 def sweep_text(text: str) -> tuple[float, float, float]:
-    """``start:stop:step`` (a threshold sweep, stop inclusive), checked before any work is done."""
-    from wsss.evaluation import threshold_range
-
-    parts = text.split(":")
+    """``start:stop:step`` (a threshold sweep, stop inclusive), checked by :func:`sweep_problem` at once."""
     try:
-        start, stop, step = (float(part) for part in parts)
+        values = tuple(float(part) for part in text.split(":"))
     except ValueError:
         raise ValueError(f"expected start:stop:step, got {text!r}") from None
-    threshold_range(start, stop, step)
-    return start, stop, step
+    if len(values) != 3:
+        raise ValueError(f"expected start:stop:step, got {text!r}")
+    if problem := sweep_problem(values):
+        raise ValueError(problem)
+    return values
 
 
 #: What an option's callback returns for the text ``none`` (None itself means "not given").
@@ -230,16 +231,6 @@ def _help(field: dataclasses.Field, default: Any, key: str | None = None) -> str
     return f"{text} [{'; '.join(extra)}]".strip()
 
 
-def _default_of(field: dataclasses.Field, group_default: Any = dataclasses.MISSING) -> Any:
-    if group_default is not dataclasses.MISSING:
-        return getattr(group_default, field.name)
-    if field.default is not dataclasses.MISSING:
-        return field.default
-    if field.default_factory is not dataclasses.MISSING:
-        return field.default_factory()
-    return dataclasses.MISSING
-
-
 CliField = tuple[tuple[str, ...], dataclasses.Field, Any, str, Any]
 
 
@@ -249,7 +240,9 @@ def cli_fields(cls: type, prefix: str = "", path: tuple[str, ...] = (),
     rows = []
     kinds = S.field_types(cls)
     for field in dataclasses.fields(cls):
-        kind, default = kinds[field.name], _default_of(field, group_default)
+        kind = kinds[field.name]
+        default = S.field_default(field) if group_default is dataclasses.MISSING else getattr(group_default,
+                                                                                              field.name)
         if S.is_group(kind):
             rows += cli_fields(kind, S.group_prefix(field, prefix), path + (field.name,), default)
         else:
@@ -305,9 +298,9 @@ def _option(path, field, kind, option, default) -> click.Parameter:
     aliases = list(field.metadata.get("aliases", ()))
     if field.metadata.get("repeat"):
         element = S.typing.get_args(S.optional_inner(kind)[1])[0]
+        parse = _text_parser(field, element, option)
 
         def repeated(ctx, param, texts):
-            parse = _text_parser(field, element, option)
             return tuple(parse(ctx, param, text) for text in texts) or None
         return click.Option([option, *aliases, name], multiple=True, default=None, callback=repeated,
                             metavar=field.metadata.get("metavar") or _metavar(field, element), help=help_text)
@@ -331,10 +324,16 @@ def _nest(flat: dict[tuple[str, ...], Any]) -> dict:
     return nested
 
 
-def _set_log_level(verbose: int, quiet: bool) -> None:
+def verbosity_options() -> list[click.Option]:
+    """``-v``/``-q`` for a command, so that they work after the command's name too (:func:`set_log_level`)."""
+    return [click.Option(["-v", "--verbose"], count=True, help="More log output (-vv for debug)."),
+            click.Option(["-q", "--quiet"], is_flag=True, default=False, help="Only warnings and errors.")]
+
+
+def set_log_level(verbose: int, quiet: bool) -> None:
+    """Apply a command's own ``-v``/``-q`` (the group's were applied before it ran)."""
     if verbose or quiet:
-        level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
-        logging.getLogger().setLevel(level)
+        logging.getLogger().setLevel(log_level(verbose, quiet))
 
 
 def settings_from_command_line(cls: type, values: dict[str, Any], config_file: Path | None = None):
@@ -358,15 +357,11 @@ def settings_command(cls: type, *, name: str | None = None, short_help: str | No
         params = [_option(*row) for row in cli_fields(cls)]
         arguments = [param for param in params if isinstance(param, click.Argument)]
         options = [param for param in params if not isinstance(param, click.Argument)]
-        extra = [
-            click.Option(["--config", "config_file"], type=click.Path(dir_okay=False, path_type=Path), default=None,
-                         help=CONFIG_HELP),
-            click.Option(["-v", "--verbose"], count=True, help="More log output (-vv for debug)."),
-            click.Option(["-q", "--quiet"], is_flag=True, default=False, help="Only warnings and errors."),
-        ]
+        extra = [click.Option(["--config", "config_file"], type=click.Path(dir_okay=False, path_type=Path),
+                              default=None, help=CONFIG_HELP), *verbosity_options()]
 
         def callback(config_file, verbose, quiet, **values):
-            _set_log_level(verbose, quiet)
+            set_log_level(verbose, quiet)
             try:
                 cfg = settings_from_command_line(cls, values, config_file)
             except S.MissingSetting as err:

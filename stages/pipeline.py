@@ -37,7 +37,7 @@ from wsss import settings as S
 from wsss.artifacts import RUN_LAYOUT
 from wsss.errors import WsssError
 from wsss.settings import Settings, setting
-from wsss.stages.options import device_setting, seed_setting
+from wsss.stages.options import device_setting, seed_setting, set_log_level, verbosity_options
 
 log = logging.getLogger(__name__)
 
@@ -134,12 +134,12 @@ def recipe_summary(path: Path) -> str:
     return ""
 
 
-def find_recipe(name: str) -> Path:
-    """A shipped recipe by name, or a recipe file by path."""
+def find_recipe(name: str, beside: Path | None = None) -> Path:
+    """A shipped recipe by name, or a recipe file by path (relative to the folder ``beside``, if given)."""
     recipes = shipped_recipes()
     if name in recipes:
         return recipes[name]
-    path = Path(name)
+    path = Path(beside or ".") / name
     if path.is_file():
         return path
     raise WsssError(f"{name}: no such recipe file, and no shipped recipe of that name "
@@ -170,7 +170,7 @@ def read_recipe_tables(path: Path, seen: tuple[Path, ...] = ()) -> dict:
         return tables
     if not isinstance(base, str):
         raise WsssError(f"{path}: base = {base!r}: expected the name or file of a recipe")
-    base_path = find_recipe(base if base in shipped_recipes() else str(Path(path).parent / base))
+    base_path = find_recipe(base, beside=Path(path).parent)
     if base_path.resolve() in seen or base_path.resolve() == Path(path).resolve():
         raise WsssError(f"{path}: base = {base!r} leads back to itself")
     return S.merge(read_recipe_tables(base_path, (*seen, Path(path).resolve())), tables)
@@ -278,12 +278,10 @@ class PipelineRun:
 
     def configure(self, step: Step):
         """The checked config of a step: the recipe's values, the wiring, the run's seed, device and threads."""
-        command = _stage_command(step.stage)
         wiring = {**(self.common() if step.common else {}), **step.wiring}
-        fields = {field.name for field in dataclasses.fields(command.config_class)}
-        if "threads" in fields and "threads" not in self.recipe.stages.get(step.stage, {}):
+        if "threads" not in self.recipe.stages.get(step.stage, {}):
             wiring["threads"] = self.threads  # else one stage's threads would stay set for the next
-        return self.recipe.config(step.stage, wiring, command)
+        return self.recipe.config(step.stage, wiring)  # (keys a stage has no field for are left out there)
 
     def execute(self, step: Step, cfg) -> None:
         """Run one step (in this process, or under torchrun for training with several GPUs)."""
@@ -483,8 +481,6 @@ def _pipeline_keys() -> str:
 @click.option("--gpus", type=click.IntRange(min=1), default=None, help="GPUs on this machine (torchrun for training).")
 @click.option("--set", "overrides", multiple=True, metavar="STAGE.KEY=VALUE",
               help="Override one recipe value, e.g. --set train-cls.epochs=3 --set pipeline.seed=1 (repeatable).")
-@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
-@click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")
 def command(recipe, list_recipes, out, root, stop_after, gpus, overrides, verbose, quiet):
     """Run the whole pipeline from RECIPE: a shipped recipe's name (see --list) or a TOML file.
 
@@ -493,8 +489,7 @@ def command(recipe, list_recipes, out, root, stop_after, gpus, overrides, verbos
             -> [train-seg on ground truth] -> train-seg -> predict -> eval -> report
     Run it again and it resumes: every stage skips finished work.
     """
-    if verbose or quiet:
-        logging.getLogger().setLevel(logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO))
+    set_log_level(verbose, quiet)
     if list_recipes:
         for name, path in sorted(shipped_recipes().items()):
             click.echo(f"{name:<10} {recipe_summary(path)}")
@@ -503,3 +498,6 @@ def command(recipe, list_recipes, out, root, stop_after, gpus, overrides, verbos
         raise click.UsageError("give a RECIPE (a shipped name, see --list, or a TOML file)")
     loaded = Recipe.load(find_recipe(recipe), parse_overrides(overrides), out=out, root=root, gpus=gpus)
     PipelineRun(loaded, stop_after).run()
+
+
+command.params.extend(verbosity_options())  # -v/-q after the command, as on every stage

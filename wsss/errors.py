@@ -1,10 +1,6 @@
-"""The one exception type that means "the user's input is wrong", and checks shared by settings."""
+"""The one exception type that means "the user's input is wrong", and option names for its messages."""
 
 from __future__ import annotations
-
-import dataclasses
-import math
-import numbers
 
 
 class WsssError(Exception):
@@ -24,23 +20,3 @@ _IRREGULAR_OPTIONS = {"out_dir": "--out", "out_file": "--out", "cam_dir": "--cam
 def option_name(field: str) -> str:
     """The command-line option of a stage config field, for messages: ``batch_size`` -> ``--batch-size``."""
     return _IRREGULAR_OPTIONS.get(field, "--" + field.replace("_", "-"))
-
-
-def non_finite_field(settings) -> str | None:
-    """The name of the first real-number field of a dataclass that is NaN or infinite, else None."""
-    for field in dataclasses.fields(settings):
-        value = getattr(settings, field.name)
-        if isinstance(value, numbers.Real) and not isinstance(value, bool) and not math.isfinite(value):
-            return field.name
-    return None
-
-
-def check_finite_fields(settings) -> None:
-    """Raise ValueError naming the first real-number field of a dataclass that is NaN or infinite.
-
-    Settings dataclasses (CRF, GMM, refinement) call it first in ``__post_init__``: a NaN passes
-    every ``x < bound`` test, and some native code (pydensecrf) crashes on one.
-    """
-    name = non_finite_field(settings)
-    if name is not None:
-        raise ValueError(f"{name} must be a finite number, got {getattr(settings, name)}")

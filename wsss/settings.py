@@ -252,26 +252,28 @@ def gather_unprefixed(cls: type, values: Mapping[str, Any]) -> dict:
     ``sgd.lr``, as ``--lr 0.1`` does on the command line.  Two sources of values are gathered first,
     then merged, so neither form overrides the other by accident.
     """
-    return _gather_unprefixed({field.name: field for field in dataclasses.fields(cls)}, field_types(cls), values)
-
-
-def _gather_unprefixed(fields: dict, kinds: dict, values: Mapping[str, Any]) -> dict:
     values = dict(values)
-    for name, field in fields.items():
-        if is_group(kinds[name]) and field.metadata.get("prefix") == "":
-            own = {key for key in (f.name for f in dataclasses.fields(kinds[name])) if key not in fields}
-            loose = {key: values.pop(key) for key in list(values) if key in own}
-            if loose:
-                table = values.get(name, {})
-                values[name] = merge(table, loose) if isinstance(table, Mapping) else table
+    for name, own in unprefixed_keys(cls).items():
+        loose = {key: values.pop(key) for key in list(values) if key in own}
+        if loose:
+            table = values.get(name, {})
+            values[name] = merge(table, loose) if isinstance(table, Mapping) else table
     return values
 
 
-def _field_default(field: dataclasses.Field) -> Any:
-    """A field's default value (a group's: its factory's), or None when it has none."""
+def unprefixed_keys(cls: type) -> dict[str, set[str]]:
+    """The keys that ``cls``'s groups without an option prefix take at the top level, by group field name."""
+    kinds, names = field_types(cls), {field.name for field in dataclasses.fields(cls)}
+    return {field.name: {f.name for f in dataclasses.fields(kinds[field.name])} - names
+            for field in dataclasses.fields(cls)
+            if is_group(kinds[field.name]) and field.metadata.get("prefix") == ""}
+
+
+def field_default(field: dataclasses.Field) -> Any:
+    """A dataclass field's default value (made by its factory where it has one), or ``dataclasses.MISSING``."""
     if field.default is not _MISSING:
         return field.default
-    return field.default_factory() if field.default_factory is not _MISSING else None
+    return field.default_factory() if field.default_factory is not _MISSING else _MISSING
 
 
 def build(cls: type, values: Mapping[str, Any], *, where: str = "") -> Any:
@@ -283,14 +285,14 @@ def build(cls: type, values: Mapping[str, Any], *, where: str = "") -> Any:
     fields = {field.name: field for field in dataclasses.fields(cls)}
     kinds = field_types(cls)
     label = f"{where}: " if where else ""
-    values = _gather_unprefixed(fields, kinds, values)
+    values = gather_unprefixed(cls, values)
     unknown = sorted(set(values) - set(fields))
     if unknown:
         raise WsssError(f"{label}unknown setting {unknown[0]!r} (known: {', '.join(fields)})")
     converted = {}
     for name, value in values.items():
         grouped = is_group(optional_inner(kinds[name])[1])
-        default = _field_default(fields[name])
+        default = field_default(fields[name])
         if grouped and isinstance(value, Mapping) and isinstance(default, Settings):
             value = merge(as_values(default), value)  # keys not given keep this field's default, not the class's
         try:
@@ -300,8 +302,7 @@ def build(cls: type, values: Mapping[str, Any], *, where: str = "") -> Any:
             raise SettingError(prefixed(err.option, group_prefix(fields[name])), err.reason) from None
         except ValueError as err:
             raise WsssError(f"{label}{name}: {err}") from None
-    missing = [name for name, field in fields.items() if name not in converted
-               and field.default is _MISSING and field.default_factory is _MISSING]
+    missing = [name for name, field in fields.items() if name not in converted and field_default(field) is _MISSING]
     if missing:
         raise MissingSetting(option_of(fields[missing[0]]), label)
     return cls(**converted)
@@ -393,7 +394,13 @@ def read_settings_file(path: str | Path) -> dict:
     Raises:
         WsssError: the file is missing, unreadable or not TOML/JSON of a table.
     """
+    return _read_settings(path)[0]
+
+
+def _read_settings(path: str | Path) -> tuple[dict, bool]:
+    """:func:`read_settings_file`'s table, and whether the file is a run's ``config.json``."""
     path = Path(path)
+    run_config = False
     if not path.is_file():
         raise WsssError(f"{path}: settings file not found")
     try:
@@ -405,7 +412,8 @@ def read_settings_file(path: str | Path) -> dict:
             data = json.loads(text, parse_constant=_refuse_constant)
         except ValueError as err:
             raise WsssError(f"{path}: not valid JSON ({err})") from None
-        if isinstance(data, dict) and isinstance(data.get("config"), dict) and "versions" in data:
+        run_config = isinstance(data, dict) and isinstance(data.get("config"), dict) and "versions" in data
+        if run_config:
             data = data["config"]  # a stage's config.json: the resolved options, beside provenance
     else:
         try:
@@ -415,7 +423,7 @@ def read_settings_file(path: str | Path) -> dict:
     if not isinstance(data, dict):
         raise WsssError(f"{path}: expected a table of settings")
     _refuse_non_finite(data, path)
-    return data
+    return data, run_config
 
 
 def read_settings_for(cls: type, path: str | Path) -> dict:
@@ -425,27 +433,15 @@ def read_settings_for(cls: type, path: str | Path) -> dict:
     (renamed or retired); they are left out with a warning, so the run still replays.  In any other
     file an unknown key stays an error (:func:`build`).
     """
-    data = read_settings_file(path)
-    if not _is_run_config(path):
+    data, run_config = _read_settings(path)
+    if not run_config:
         return data
-    known = {field.name for field in dataclasses.fields(cls)}
-    unprefixed = {f.name for field in dataclasses.fields(cls) if is_group(field_types(cls)[field.name])
-                  and field.metadata.get("prefix") == "" for f in dataclasses.fields(field_types(cls)[field.name])}
-    dropped = sorted(set(data) - known - unprefixed)
+    known = {field.name for field in dataclasses.fields(cls)}.union(*unprefixed_keys(cls).values())
+    dropped = sorted(set(data) - known)
     if dropped:
         logging.getLogger(__name__).warning("%s: settings this version does not have, left out: %s", path,
                                             ", ".join(dropped))
     return {key: value for key, value in data.items() if key not in dropped}
-
-
-def _is_run_config(path: str | Path) -> bool:
-    if Path(path).suffix.lower() != ".json":
-        return False
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return isinstance(data, dict) and isinstance(data.get("config"), dict) and "versions" in data
 
 
 def _refuse_constant(name: str):

@@ -43,6 +43,7 @@ from wsss import artifacts
 from wsss.device import AMP_MODES, DistInfo, derive_seed, loader_worker_init, stop_loader_workers, sum_over_ranks
 from wsss.errors import WsssError, option_name
 from wsss.progress import bar as progress_bar
+from wsss.settings import field_default
 
 log = logging.getLogger(__name__)
 
@@ -367,10 +368,8 @@ def find_resumable(spec: RunSpec) -> dict | None:
     checkpoint = artifacts.load_checkpoint(path)
     saved, current = checkpoint.get("config", {}), plain_config(spec.config)
     # an option added after the checkpoint was written counts as its default
-    defaults = {f.name: f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-                for f in dataclasses.fields(spec.config)
-                if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING}
-    defaults = json.loads(json.dumps(artifacts.jsonable(defaults), default=str))
+    defaults = {f.name: field_default(f) for f in dataclasses.fields(spec.config)}
+    defaults = plain_config({name: value for name, value in defaults.items() if value is not dataclasses.MISSING})
     changed = []
     for name in spec.schedule_fields:
         before, now = saved.get(name, defaults.get(name)), current.get(name)

@@ -61,6 +61,13 @@ def test_checks_name_the_option(changes, message):
     assert isinstance(caught.value, ValueError) and isinstance(caught.value, WsssError)
 
 
+def test_numpy_scalars_are_checked_too():
+    import numpy as np
+
+    with pytest.raises(SettingError, match="--width -inf: must be a finite number"):
+        Kernel(width=np.float32("-inf"))
+
+
 def test_open_and_closed_bounds():
     assert Optim(momentum=0.0).momentum == 0.0
     with pytest.raises(SettingError, match=r"--momentum 1: must be < 1"):
