@@ -1,9 +1,14 @@
-"""``wsss predict``: label maps of a split from a ``train-seg`` checkpoint.
+"""``wsss predict``: label maps of a split, or of any image files, from a ``train-seg`` checkpoint.
 
-Every image is segmented at full resolution: the softmax probabilities of
-each of ``--scales`` and of its mirror image are averaged, optionally refined by
-a dense CRF (``--crf``), and the argmax is written as a VOC palette PNG
-``<out>/<id>.png`` (``--overlay`` adds a colour overlay ``<out>/overlay/<id>.jpg``).
+The images are a prepared split (``--root``, ``--split``) or files and folders (``--images``;
+folders are searched recursively, classes come from the checkpoint).  Every image is segmented
+at full resolution: the softmax probabilities of each of ``--scales`` and of its mirror image are
+averaged (images whose longer side exceeds ``--max-side`` are scaled down for the network, and
+the average scaled back up), optionally refined by a dense CRF (``--crf``), and the argmax is
+written as a VOC palette PNG ``<out>/<id>.png``.  Beside it go ``<out>/scores/<id>.json``
+(each class's area, the fraction of pixels labelled with it, and score, its highest pixel
+probability), ``<out>/scores.csv`` (a row per image) and, with ``--overlay``, a colour overlay
+``<out>/overlay/<id>.jpg``.
 Finished images are skipped unless ``--overwrite``; under ``torchrun`` every rank
 (and with ``--shard I/N`` every shard) predicts its share of the ids.
 Up to ``--batch-size`` images of one size share each forward pass; probabilities
@@ -21,55 +26,70 @@ The ``--crf-*`` defaults are DeepLab-v2's post-processing settings
 
 from __future__ import annotations
 
+import csv
+import io
 import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Iterator
 
 import click
 import numpy as np
-import torch
 
 from wsss import artifacts
-from wsss.crf import POSTPROCESS_CRF, CrfParams, dense_crf
-from wsss.datasets.prepared import PreparedDataset
-from wsss.device import DistInfo, default_workers, dist_info, shard, sum_over_ranks
+from wsss.crf import POSTPROCESS_CRF, CrfParams
 from wsss.errors import WsssError
-from wsss.inference import BackgroundWriter, split_batches, to_model_input
-from wsss.models.backbones import prepare_for_inference
-from wsss.models.deeplab import model_from_checkpoint
-from wsss.progress import bar as progress_bar
-from wsss.segmentation import segment_batch
 from wsss.settings import Settings, fail, setting
-from wsss.stages.options import (amp_setting, cli_fields, compile_setting, dataset_setting, device_setting,
-                                 folder_problem, overwrite_setting, positive_scales, root_setting, settings_command,
-                                 shard_setting, threads_setting)
-from wsss.training import Precision, maybe_compile, start_runtime
-from wsss.visualize import overlay_label
+from wsss.stages.options import (ROOT_HELP, amp_setting, cli_fields, compile_setting, dataset_setting, device_setting,
+                                 folder_problem, overwrite_setting, positive_scales, settings_command, shard_setting,
+                                 threads_setting)
+
+if TYPE_CHECKING:
+    import torch
+
+    from wsss.device import DistInfo
+    from wsss.training import Precision
 
 log = logging.getLogger(__name__)
 
 OVERLAY_DIR = "overlay"
+SCORES_DIR = "scores"
+SCORES_TABLE = "scores.csv"
+
+
+def images_problem(paths: tuple[Path, ...]) -> str | None:
+    """What is wrong with ``--images`` before any work (a path that does not exist), or None."""
+    missing = [str(path) for path in paths if not Path(path).exists()]
+    return f"no such file or folder: {', '.join(missing)}" if missing else None
 
 
 @dataclass(frozen=True)
 class PredictConfig(Settings):
     """Options of ``wsss predict`` (see ``wsss predict --help``); :attr:`applied_crf` is the CRF that runs."""
 
-    root: Path = root_setting()
     checkpoint: Path = setting(help="best.pth or last.pth of `wsss train-seg`, or its output folder (best.pth, else "
                                     "last.pth).")
-    out_dir: Path = setting(help="Output folder for <id>.png label maps, config.json and metrics.json.",
-                            option="--out", validate=folder_problem)
+    out_dir: Path = setting(help="Output folder for <id>.png label maps, scores/<id>.json, scores.csv, config.json "
+                                 "and metrics.json.", option="--out", validate=folder_problem)
+    images: tuple[Path, ...] = setting((), "An image file, or a folder searched recursively for "
+                                           f"{' '.join(artifacts.IMAGE_SUFFIXES)} files; repeat for more. Segments "
+                                           "them instead of a split (no --root).", repeat=True, metavar="PATH",
+                                       validate=images_problem)
+    root: Path | None = setting(None, f"{ROOT_HELP} Its --split is segmented (not with --images).",
+                                validate=folder_problem)
     dataset: str | None = dataset_setting()
-    split: str = setting("val", "Split to segment.")
+    split: str = setting("val", "Split of --root to segment.")
     scales: tuple[float, ...] = setting((0.5, 0.75, 1.0, 1.25, 1.5), "Comma-separated test-time scales.", above=0,
                                         parse=positive_scales)
     flip: bool = setting(True, "Also average the mirrored image.")
+    max_side: int | None = setting(1024, "Longest side (pixels) the network sees at scale 1: a larger image is scaled "
+                                         "down for it and its label map scaled back up to full size; none = never.",
+                                   at_least=16)
     crf: bool = setting(False, "Dense-CRF post-processing with the --crf-* settings.")
     crf_params: CrfParams = setting(factory=lambda: POSTPROCESS_CRF, prefix="crf",
                                     help="The dense CRF of --crf (DeepLab-v2's post-processing values by default).")
-    overlay: bool = setting(False, "Also write colour overlays to <out>/overlay/<id>.jpg.")
+    overlay: bool = setting(False, f"Also write colour overlays to <out>/{OVERLAY_DIR}/<id>.jpg.")
     overlay_alpha: float = setting(0.5, "Opacity of the label colours in the overlays.", at_least=0, at_most=1)
     evaluate: bool = setting(False, "Score the predictions against ground truth afterwards.", option="--eval")
     batch_size: int = setting(4, "Images of equal size per forward pass.", at_least=1)
@@ -85,6 +105,12 @@ class PredictConfig(Settings):
     def check(self) -> None:
         if not self.scales:
             fail("--scales", "none given: need one or more positive factors")
+        if self.images and self.root is not None:
+            fail("--images", "with --root: segment either a prepared split (--root, --split) or image files")
+        if not self.images and self.root is None:
+            fail("--root", "missing: give --root (and --split) or --images")
+        if self.images and self.evaluate:
+            fail("--eval", "with --images: image files have no ground truth to score against")
         index, count = self.shard
         if self.evaluate and count > 1:
             fail("--eval", f"with --shard {index}/{count}: --eval scores the whole split; run `wsss eval --pred` "
@@ -95,17 +121,26 @@ class PredictConfig(Settings):
         """The CRF the label maps go through: :attr:`crf_params` with ``--crf``, else None."""
         return self.crf_params if self.crf else None
 
+    @property
+    def source(self) -> str:
+        """What is segmented, for progress and messages: the split's name, or ``images``."""
+        return "images" if self.images else self.split
+
 
 def _label_settings(config: dict) -> tuple[dict, dict | None]:
     """What decides a label map besides the checkpoint, from the ``config`` of a config.json.
 
     Returns:
-        ``({"scales", "flip"}, the CRF's parameters or None)``; a config.json written before ``--crf``
-        became a flag beside the ``--crf-*`` group held the parameters (or null) under ``crf``.
+        ``({"scales", "flip"[, "max_side"]}, the CRF's parameters or None)``; a config.json written before
+        ``--crf`` became a flag beside the ``--crf-*`` group held the parameters (or null) under ``crf``, and
+        one written before ``--max-side`` has none (it is then not compared).
     """
     crf = config["crf"]
     params = (config["crf_params"] if crf else None) if isinstance(crf, bool) else crf
-    return {"scales": config["scales"], "flip": config["flip"]}, params
+    settings = {"scales": config["scales"], "flip": config["flip"]}
+    if "max_side" in config:
+        settings["max_side"] = config["max_side"]
+    return settings, params
 
 
 def _check_previous_run(cfg: PredictConfig, checkpoint_file: Path, step) -> None:
@@ -120,7 +155,7 @@ def _check_previous_run(cfg: PredictConfig, checkpoint_file: Path, step) -> None
         return  # a config.json without the settings: nothing to compare
     now, crf_now = _label_settings(artifacts.jsonable(cfg))
     options = {path: option for path, _, _, option, _ in cli_fields(PredictConfig)}
-    changed = [options[(name,)] for name in now if before[name] != now[name]]
+    changed = [options[(name,)] for name in before if before[name] != now[name]]
     if (crf_before is None) != (crf_now is None):
         changed.append(options[("crf",)])
     elif crf_now is not None:
@@ -133,84 +168,159 @@ def _check_previous_run(cfg: PredictConfig, checkpoint_file: Path, step) -> None
                         "pass --overwrite or choose another --out")
 
 
+def scores_path(out_dir: str | Path, image_id: str) -> Path:
+    """``<out>/scores/<id>.json``: an image's class scores (see :func:`_class_scores`)."""
+    return Path(out_dir) / SCORES_DIR / f"{image_id}.json"
+
+
 def _is_done(cfg: PredictConfig, image_id: str, num_classes: int | None = None) -> bool:
-    """True when the label map (and overlay) exist and are valid (anything unreadable is redone)."""
+    """True when the label map, its scores (and overlay) exist and are valid (anything unreadable is redone)."""
     try:
         artifacts.read_label_png(artifacts.label_path(cfg.out_dir, image_id), num_classes)
+        artifacts.read_json(scores_path(cfg.out_dir, image_id), dict)
     except WsssError:
         return False
     return not cfg.overlay or artifacts.overlay_path(Path(cfg.out_dir) / OVERLAY_DIR, image_id).is_file()
 
 
-def _write(cfg: PredictConfig, image_id: str, label: np.ndarray, image: np.ndarray | None) -> None:
-    """Write one label map (and overlay); with a CRF, ``label`` holds the probabilities [C, H, W] it refines."""
+def _class_scores(label: np.ndarray, peaks: np.ndarray, classes: list[str]) -> dict:
+    """Each class's ``area`` (fraction of the label map's pixels) and ``score`` (its highest pixel probability)."""
+    areas = np.bincount(label.ravel(), minlength=len(classes))[:len(classes)] / label.size
+    return {name: {"area": round(float(area), 6), "score": round(float(peak), 6)}
+            for name, area, peak in zip(classes, areas, peaks)}
+
+
+def _write(cfg: PredictConfig, image_id: str, label: np.ndarray, image: np.ndarray | None, peaks: np.ndarray,
+           classes: list[str], file: str) -> None:
+    """Write one label map, its scores (and overlay); with a CRF, ``label`` holds the probabilities [C, H, W]."""
     crf = cfg.applied_crf
     if crf is not None:
+        from wsss.crf import dense_crf
+
         label = dense_crf(image, label, **crf.kwargs()).argmax(0).astype(np.uint8)
     artifacts.write_label_png(artifacts.label_path(cfg.out_dir, image_id), label)
+    artifacts.write_json(scores_path(cfg.out_dir, image_id),
+                         {"id": image_id, "file": file, "height": label.shape[0], "width": label.shape[1],
+                          "classes": _class_scores(label, peaks, classes)})
     if cfg.overlay:
+        from wsss.visualize import overlay_label
+
         artifacts.write_image(artifacts.overlay_path(Path(cfg.out_dir) / OVERLAY_DIR, image_id),
                               overlay_label(image, label, cfg.overlay_alpha))
 
 
-def write_predictions(model, dataset: PreparedDataset, cfg: PredictConfig, ids: list[str], device: torch.device,
-                      precision: Precision, info: DistInfo) -> None:
-    """Segment ``ids`` in size-bucketed batches and write their label maps (and overlays)."""
-    workers = min(default_workers(), 4) if cfg.workers is None else cfg.workers
+def write_predictions(model, batches: Iterator, cfg: PredictConfig, total: int, files: dict[str, str],
+                      classes: list[str], precision: Precision, info: DistInfo) -> None:
+    """Segment the ``(ids, images, _)`` batches and write their label maps, scores (and overlays)."""
+    import torch
+
+    from wsss.inference import BackgroundWriter, to_model_input
+    from wsss.progress import bar as progress_bar
+    from wsss.segmentation import segment_batch
+
     with_crf = cfg.applied_crf is not None
     keep_images = cfg.overlay or with_crf
     # the CRF (seconds per VOC image) runs in --workers processes, beside the network; plain writes on a thread
-    crf_processes = workers if with_crf and len(ids) > 1 else 0
+    crf_processes = _workers(cfg) if with_crf and total > 1 else 0
     with BackgroundWriter(processes=crf_processes) as writer, \
-            progress_bar(total=len(ids), desc=f"predict {cfg.split}", show=info.is_main) as bar:
-        for batch_ids, images, _ in split_batches(dataset, cfg.split, ids, batch_size=cfg.batch_size,
-                                                  workers=workers, device=device):
-            probs = segment_batch(model, to_model_input(images), cfg.scales, cfg.flip, precision)
+            progress_bar(total=total, desc=f"predict {cfg.source}", show=info.is_main) as bar:
+        for batch_ids, images, _ in batches:
+            probs = segment_batch(model, to_model_input(images), cfg.scales, cfg.flip, precision, cfg.max_side)
+            peaks = probs.amax((2, 3)).cpu().numpy()
             # the CRF needs the probabilities; otherwise only the uint8 argmax leaves the device
             results = probs.cpu().numpy() if with_crf else probs.argmax(1).to(torch.uint8).cpu().numpy()
             pictures = images.cpu().numpy() if keep_images else [None] * len(batch_ids)
-            for image_id, result, picture in zip(batch_ids, results, pictures):
-                writer.submit(_write, cfg, image_id, result, picture)
+            for image_id, result, picture, peak in zip(batch_ids, results, pictures, peaks):
+                writer.submit(_write, cfg, image_id, result, picture, peak, classes, files[image_id])
             bar.update(len(batch_ids))
 
 
+def write_scores_table(out_dir: str | Path, ids: list[str], classes: list[str]) -> Path:
+    """``<out>/scores.csv`` from the images' ``scores/<id>.json``: id, file, then each class's area and score."""
+    buffer = io.StringIO()
+    table = csv.writer(buffer, lineterminator="\n")
+    table.writerow(["id", "file", *(f"{name} area" for name in classes), *(f"{name} score" for name in classes)])
+    for image_id in ids:
+        scores = artifacts.read_json(scores_path(out_dir, image_id), dict)
+        per_class = [scores["classes"][name] for name in classes]
+        table.writerow([image_id, scores["file"], *(entry["area"] for entry in per_class),
+                        *(entry["score"] for entry in per_class)])
+    path = Path(out_dir) / SCORES_TABLE
+    with artifacts.atomic_write(path, "w") as handle:
+        handle.write(buffer.getvalue())
+    return path
+
+
+def _workers(cfg: PredictConfig) -> int:
+    from wsss.device import default_workers
+
+    return min(default_workers(), 4) if cfg.workers is None else cfg.workers
+
+
+def _checkpoint_classes(checkpoint: dict, checkpoint_file: Path) -> list[str]:
+    classes = checkpoint.get("classes")
+    if not isinstance(classes, list) or len(classes) != checkpoint["arch"]["num_classes"]:
+        raise WsssError(f"{checkpoint_file}: holds no class list for its {checkpoint['arch']['num_classes']} "
+                        "outputs (a checkpoint of an older wsss?); retrain with `wsss train-seg`")
+    return [str(name) for name in classes]
+
+
 def run(cfg: PredictConfig) -> dict:
-    """Predict every image of the split (skipping finished ones) and return the metrics written."""
+    """Predict every image of the split or of ``--images`` (skipping finished ones); return the metrics written."""
+    from wsss.datasets.prepared import PreparedDataset
+    from wsss.device import shard, sum_over_ranks
+    from wsss.inference import file_batches, split_batches
+    from wsss.models.backbones import prepare_for_inference
+    from wsss.models.deeplab import model_from_checkpoint
+    from wsss.training import maybe_compile, start_runtime
+
     runtime = start_runtime(cfg.device, cfg.threads, cfg.amp)
     device, info, precision = runtime.device, runtime.info, runtime.precision
-    dataset = PreparedDataset.load(cfg.root, cfg.dataset)
     checkpoint_file = artifacts.resolve_checkpoint(cfg.checkpoint)
     checkpoint = artifacts.load_checkpoint(checkpoint_file)
     model = prepare_for_inference(model_from_checkpoint(checkpoint, str(checkpoint_file)).to(device))
-    if list(checkpoint.get("classes") or []) != list(dataset.classes):
-        raise WsssError(f"{checkpoint_file}: trained for classes {checkpoint.get('classes')} but {cfg.root} has "
-                        f"{dataset.classes}")
-    if cfg.evaluate and not dataset.has_masks(cfg.split):
-        raise WsssError(f"--eval: split {cfg.split!r} of {cfg.root} has no ground-truth masks")
-    ids = dataset.ids(cfg.split)
-    if not ids:
-        raise WsssError(f"{cfg.root}: split {cfg.split!r} has no images")
+    classes = _checkpoint_classes(checkpoint, checkpoint_file)
+    if cfg.images:
+        paths = artifacts.find_images(cfg.images, skip=cfg.out_dir)
+        ids, dataset = list(paths), None
+        files = {image_id: str(path) for image_id, path in paths.items()}
+    else:
+        dataset = PreparedDataset.load(cfg.root, cfg.dataset)
+        if classes != list(dataset.classes):
+            raise WsssError(f"{checkpoint_file}: trained for classes {classes} but {cfg.root} has {dataset.classes}")
+        if cfg.evaluate and not dataset.has_masks(cfg.split):
+            raise WsssError(f"--eval: split {cfg.split!r} of {cfg.root} has no ground-truth masks")
+        ids = dataset.ids(cfg.split)
+        if not ids:
+            raise WsssError(f"{cfg.root}: split {cfg.split!r} has no images")
+        files = {image_id: str(dataset.image_path(cfg.split, image_id)) for image_id in ids}
     _check_previous_run(cfg, checkpoint_file, checkpoint.get("step"))
     mine = shard(ids, info, cfg.shard)
-    todo = mine if cfg.overwrite else [image_id for image_id in mine
-                                       if not _is_done(cfg, image_id, dataset.num_classes)]
+    todo = mine if cfg.overwrite else [image_id for image_id in mine if not _is_done(cfg, image_id, len(classes))]
     if len(todo) < len(mine) and info.is_main:
         log.info("skipping %d finished images (pass --overwrite to redo them)", len(mine) - len(todo))
     if info.is_main:
         Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
         artifacts.write_config(cfg.out_dir, cfg, shard=cfg.shard, checkpoint_file=str(checkpoint_file),
                                checkpoint_config=checkpoint.get("config"), arch=checkpoint.get("arch"),
-                               checkpoint_step=checkpoint.get("step"), world_size=info.world_size,
-                               device=str(device), precision=precision.name)
+                               checkpoint_step=checkpoint.get("step"), classes=classes,
+                               world_size=info.world_size, device=str(device), precision=precision.name)
+    loader = dict(batch_size=cfg.batch_size, workers=_workers(cfg), device=device)
+    batches = (file_batches({image_id: paths[image_id] for image_id in todo}, **loader) if dataset is None
+               else split_batches(dataset, cfg.split, todo, **loader))
     started = time.perf_counter()
-    write_predictions(maybe_compile(model, cfg.compile_model), dataset, cfg, todo, device, precision, info)
+    write_predictions(maybe_compile(model, cfg.compile_model), batches, cfg, len(todo), files, classes, precision,
+                      info)
     seconds = time.perf_counter() - started
-    # a collective: it also waits for every rank, so all PNGs exist before rank 0 evaluates
+    # a collective: it also waits for every rank, so all files exist before rank 0 reads them
     predicted, skipped = (int(value) for value in sum_over_ranks([len(todo), len(mine) - len(todo)], info, device))
-    metrics = {"split": cfg.split, "checkpoint": str(checkpoint_file), "num_images": len(ids),
+    metrics = {"split": None if cfg.images else cfg.split, "checkpoint": str(checkpoint_file), "num_images": len(ids),
                "predicted": predicted, "skipped": skipped, "seconds": round(seconds, 2),
                "images_per_second": round(len(todo) / seconds, 4) if todo and seconds > 0 else None,
-               "scales": list(cfg.scales), "flip": cfg.flip, "crf": cfg.crf, "precision": precision.name}
+               "scales": list(cfg.scales), "flip": cfg.flip, "max_side": cfg.max_side, "crf": cfg.crf,
+               "precision": precision.name}
+    if info.is_main and cfg.shard[1] == 1:
+        metrics["scores"] = str(write_scores_table(cfg.out_dir, ids, classes))
     if info.is_main and cfg.evaluate:
         from wsss.evaluation import evaluate_labels
 
@@ -227,7 +337,10 @@ def run(cfg: PredictConfig) -> dict:
 
 @settings_command(PredictConfig, name="predict")
 def command(cfg: PredictConfig) -> None:
-    """Write label maps of a split with a train-seg checkpoint (multi-scale + flip, optional CRF)."""
+    """Write label maps and class scores of a split, or of image files and folders (--images), with a train-seg
+    checkpoint (multi-scale + flip, optional CRF)."""
+    from wsss.device import dist_info
+
     metrics = run(cfg)
     if not dist_info().is_main:
         return

@@ -41,7 +41,7 @@ import time
 import zipfile
 import zlib
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 from PIL import Image
@@ -362,6 +362,45 @@ def read_image(path: str | Path) -> np.ndarray:
     if image is None:
         raise WsssError(f"{path}: not a readable image (corrupt or unsupported format)")
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+#: Files :func:`find_images` takes from a folder (any case); OpenCV decodes them.
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
+
+def find_images(paths: Sequence[str | Path], skip: str | Path | None = None) -> dict[str, Path]:
+    """Image files of ``paths`` (files, or folders searched recursively), by id, in sorted order.
+
+    A file given directly has its name without suffix as id; a file found in a folder has its
+    path relative to that folder without suffix (``street/cat``).  Hidden files and folders, and
+    everything under ``skip`` (an output folder inside an input folder), are left out.
+
+    Raises:
+        WsssError: a path does not exist, a folder holds no image, or two files would get the same id.
+    """
+    found: dict[str, Path] = {}
+    skip = Path(skip).resolve() if skip is not None else None
+    for given in map(Path, paths):
+        if given.is_file():
+            candidates = [(given.stem, given)]
+        elif given.is_dir():
+            candidates = []
+            for file in sorted(given.rglob("*")):
+                relative = file.relative_to(given)
+                if (file.suffix.lower() in IMAGE_SUFFIXES and file.is_file()
+                        and not any(part.startswith(".") for part in relative.parts)
+                        and not (skip is not None and file.resolve().is_relative_to(skip))):
+                    candidates.append((relative.with_suffix("").as_posix(), file))
+            if not candidates:
+                raise WsssError(f"{given}: no images ({' '.join(IMAGE_SUFFIXES)}) in this folder")
+        else:
+            raise WsssError(f"{given}: no such file or folder")
+        for image_id, file in candidates:
+            if image_id in found and found[image_id] != file:
+                raise WsssError(f"{file}: has the id {image_id!r} of {found[image_id]} (their label maps would be "
+                                "one file); rename one or predict them into different --out folders")
+            found[image_id] = file
+    return found
 
 
 def write_image(path: str | Path, image: np.ndarray, quality: int = 95) -> None:

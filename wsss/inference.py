@@ -81,6 +81,19 @@ class _SplitImages(Dataset):
         return position, image, mask
 
 
+class _FileImages(Dataset):
+    """Item ``(position, image uint8 [H, W, 3], None)`` of a list of image files."""
+
+    def __init__(self, paths: Sequence[Path]):
+        self.paths = list(paths)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, position: int):
+        return position, artifacts.read_image(self.paths[position]), None
+
+
 def _collate(items: list) -> list[tuple[list[int], torch.Tensor, torch.Tensor | None]]:
     """Stack the items of a batch, split by decoded size (a header can disagree with the pixels)."""
     groups: dict = {}
@@ -95,20 +108,13 @@ def _collate(items: list) -> list[tuple[list[int], torch.Tensor, torch.Tensor | 
     return out
 
 
-def split_batches(dataset: PreparedDataset, split: str, ids: Sequence[str], *, batch_size: int, workers: int,
-                  device: torch.device, masks: bool = False
-                  ) -> Iterator[tuple[list[str], torch.Tensor, torch.Tensor | None]]:
-    """Yield ``(ids, images uint8 [B, H, W, 3], masks uint8 [B, H, W] or None)`` on ``device``.
-
-    Every batch holds images of one size, at most ``batch_size`` of them (see :func:`size_batches`).
-    ``workers`` DataLoader workers decode them, fewer on the CPU (:func:`inference_loader_workers`).
-    """
-    ids = list(ids)
+def _sized_batches(items: Dataset, ids: list[str], paths: Sequence[Path], *, batch_size: int, workers: int,
+                   device: torch.device) -> Iterator[tuple[list[str], torch.Tensor, torch.Tensor | None]]:
+    """Batches of ``items`` (one size each, sizes read from ``paths``' headers) on ``device``."""
     workers = inference_loader_workers(workers, device)
-    sizes = [header_size(dataset.image_path(split, image_id)) for image_id in ids]
-    loader = DataLoader(_SplitImages(dataset, split, ids, masks), batch_sampler=size_batches(sizes, batch_size),
-                        collate_fn=_collate, num_workers=workers, pin_memory=device.type == "cuda",
-                        worker_init_fn=loader_worker_init)
+    sizes = [header_size(path) for path in paths]
+    loader = DataLoader(items, batch_sampler=size_batches(sizes, batch_size), collate_fn=_collate,
+                        num_workers=workers, pin_memory=device.type == "cuda", worker_init_fn=loader_worker_init)
     batches = iter(loader)
     try:
         for groups in batches:
@@ -118,6 +124,28 @@ def split_batches(dataset: PreparedDataset, split: str, ids: Sequence[str], *, b
                 yield [ids[position] for position in positions], images, mask_batch
     finally:
         stop_loader_workers(batches)
+
+
+def split_batches(dataset: PreparedDataset, split: str, ids: Sequence[str], *, batch_size: int, workers: int,
+                  device: torch.device, masks: bool = False
+                  ) -> Iterator[tuple[list[str], torch.Tensor, torch.Tensor | None]]:
+    """Yield ``(ids, images uint8 [B, H, W, 3], masks uint8 [B, H, W] or None)`` on ``device``.
+
+    Every batch holds images of one size, at most ``batch_size`` of them (see :func:`size_batches`).
+    ``workers`` DataLoader workers decode them, fewer on the CPU (:func:`inference_loader_workers`).
+    """
+    ids = list(ids)
+    paths = [dataset.image_path(split, image_id) for image_id in ids]
+    return _sized_batches(_SplitImages(dataset, split, ids, masks), ids, paths, batch_size=batch_size,
+                          workers=workers, device=device)
+
+
+def file_batches(files: dict[str, Path], *, batch_size: int, workers: int, device: torch.device
+                 ) -> Iterator[tuple[list[str], torch.Tensor, None]]:
+    """:func:`split_batches` for image files outside a dataset: ``files`` maps an id to its file."""
+    ids = list(files)
+    paths = [files[image_id] for image_id in ids]
+    return _sized_batches(_FileImages(paths), ids, paths, batch_size=batch_size, workers=workers, device=device)
 
 
 def to_model_input(images: torch.Tensor, channels_last: bool = False) -> torch.Tensor:

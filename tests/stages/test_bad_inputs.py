@@ -177,6 +177,13 @@ def world(tmp_path_factory) -> dict[str, Path]:
     w["empty_dir"].mkdir()
     w["file"] = base / "a_file"
     w["file"].write_text("a regular file")
+    # folders of images for `predict --images`: one with a file that is no image, one whose ids collide
+    w["photos_broken"] = base / "photos_broken"
+    artifacts.write_image(w["photos_broken"] / "good.png", _image(rng, 1)[0])
+    (w["photos_broken"] / "broken.jpg").write_bytes(b"not a jpeg")
+    w["photos_twins"] = base / "photos_twins"
+    for name in ("cat.png", "cat.jpg"):
+        artifacts.write_image(w["photos_twins"] / name, _image(rng, 1)[0])
     # recipes and settings files, each broken in one place
     for name, text in {"recipe_unknown_table": "[trian-cls]\nepochs = 1\n",
                        "recipe_unknown_key": "[train-cls]\nepoch = 1\n",
@@ -301,6 +308,7 @@ CLS = "train-cls --root {root} --out {out} --backbone resnet18 --weights none --
 CAM = "make-cam --root {root} --checkpoint {cls_ckpt} --out {out} --scales 1.0 --device cpu --workers 0"
 SEG = "train-seg --root {root} --out {out} --model deeplabv3_resnet18 --weights none --crop-size 32 --batch-size 2 " \
       "--iterations 2 --device cpu --workers 0 --val-split none"
+IMAGES = "predict --checkpoint {seg_ckpt} --out {out} --scales 1.0 --device cpu --workers 0 --images "
 PRED = "predict --root {root} --checkpoint {seg_ckpt} --out {out} --scales 1.0 --device cpu --workers 0"
 EVAL = "eval --root {root} --workers 0"
 PRE = "pretrain --root {root} --out {out} --backbone resnet18 --crop-size 32 --batch-size 2 --epochs 1 --device cpu " \
@@ -566,6 +574,16 @@ CASES = [
     Case("predict", "shard 1/1", PRED + " --shard 1/1", 2, "0 <= I < N"),
     Case("predict", "out under a file", PRED.replace("{out}", "{file}/pred"), 1,
          "a file stands where a folder is needed"),
+    Case("predict", "images and root", PRED + " --images {photos_twins}", 2, "'--images'"),
+    Case("predict", "neither images nor root", PRED.replace("--root {root} ", ""), 2, "'--root'"),
+    Case("predict", "images path missing", IMAGES + "{base}/nowhere", 2, "nowhere"),
+    Case("predict", "images folder without images", IMAGES + "{empty_dir}", 1, "empty_dir: no images"),
+    Case("predict", "images not an image", IMAGES + "{file}", 1, "a_file: not a readable image", creates=True),
+    Case("predict", "images unreadable in a folder", IMAGES + "{photos_broken}", 1, "broken.jpg: not a readable image",
+         creates=True),
+    Case("predict", "images with the same id", IMAGES + "{photos_twins}", 1, "has the id 'cat'"),
+    Case("predict", "images with --eval", IMAGES + "{photos_twins} --eval", 2, "no ground truth"),
+    Case("predict", "max side 0", PRED + " --max-side 0", 2, "--max-side"),
     # ---------------------------------------------------------------- eval
     Case("eval", "truncated CAM", EVAL + " --split train --cams {cams_trunc}", 1, "t1.npz: not a valid CAM file",
          subprocess=True),

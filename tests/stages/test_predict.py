@@ -1,3 +1,4 @@
+import csv
 import json
 
 import numpy as np
@@ -12,7 +13,7 @@ from wsss.crf import POSTPROCESS_CRF
 from wsss.datasets.prepared import PreparedDataset, SplitSpec, write_prepared
 from wsss.metrics import ConfusionMatrix
 from wsss.models.deeplab import build_seg_model
-from wsss.segmentation import predict_label
+from wsss.segmentation import predict_label, predict_probs
 
 torch.set_num_threads(1)
 
@@ -187,3 +188,88 @@ def test_two_shards_write_the_files_of_one_unsharded_run(setup, tmp_path):
                 == artifacts.label_path(tmp_path / "whole", image_id).read_bytes()), image_id
     result = predict(root, checkpoint, tmp_path / "x", "--shard", "1/2", "--eval")
     assert result.exit_code == 2 and "Invalid value for '--eval'" in result.output and "every --shard" in result.output
+
+
+# --------------------------------------------------------------------------- --images: any image files
+
+
+def _photos(folder):
+    """Images in mixed formats, sizes and colour types, one in a subfolder; returns {id: file}."""
+    rng = np.random.default_rng(3)
+    files = {}
+    for image_id, suffix, (height, width) in (("a", ".png", (37, 29)), ("b", ".jpg", (48, 64)),
+                                              ("street/c", ".bmp", (31, 45)), ("d", ".tif", (40, 40)),
+                                              ("e", ".webp", (33, 50))):
+        path = folder / f"{image_id}{suffix}"
+        artifacts.write_image(path, rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+        files[image_id] = path
+    gray = folder / "gray.png"  # a one-channel PNG: read as RGB
+    from PIL import Image
+    Image.fromarray(rng.integers(0, 256, (30, 35), dtype=np.uint8)).save(gray)
+    files["gray"] = gray
+    (folder / "notes.txt").write_text("not an image")  # other files in the folder are left alone
+    return files
+
+
+def predict_images(checkpoint, out, *paths, extra=()):
+    args = ["predict", "--checkpoint", str(checkpoint), "--out", str(out), "--scales", "1.0,0.75", "--device", "cpu",
+            "--workers", "0"]
+    for path in paths:
+        args += ["--images", str(path)]
+    return CliRunner().invoke(cli, [*args, *extra])
+
+
+def test_images_of_any_format_and_size_are_segmented_with_scores(setup, tmp_path):
+    _, checkpoint, model = setup
+    photos = tmp_path / "photos"
+    files = _photos(photos)
+    single = tmp_path / "single.jpeg"
+    artifacts.write_image(single, np.full((20, 26, 3), 200, np.uint8))
+    files["single"] = single
+    out = photos / "pred"  # an output folder inside the input folder
+    result = predict_images(checkpoint, out, photos, single, extra=["--overlay"])
+    assert result.exit_code == 0, result.output
+    assert f"{len(files)} predicted, 0 skipped" in result.output
+    rows = list(csv.DictReader((out / "scores.csv").open()))
+    assert [row["id"] for row in rows] == sorted(set(files) - {"single"}) + ["single"]  # folders in sorted order
+    assert list(rows[0]) == ["id", "file", "background area", "square area", "background score", "square score"]
+    for row in rows:
+        image_id, file = row["id"], files[row["id"]]
+        image = artifacts.read_image(file)
+        label = artifacts.read_label_png(artifacts.label_path(out, image_id))
+        assert label.shape == image.shape[:2]
+        np.testing.assert_array_equal(label, predict_label(model.eval(), image, scales=(1.0, 0.75)))
+        assert artifacts.read_image(artifacts.overlay_path(out / "overlay", image_id)).shape == image.shape
+        scores = json.loads((out / "scores" / f"{image_id}.json").read_text())
+        assert scores["file"] == str(file) == row["file"]
+        areas = np.bincount(label.ravel(), minlength=2) / label.size
+        peaks = predict_probs(model, image, scales=(1.0, 0.75)).max((1, 2))
+        for index, name in enumerate(CLASSES):
+            assert scores["classes"][name]["area"] == pytest.approx(areas[index], abs=1e-6)
+            assert scores["classes"][name]["score"] == pytest.approx(peaks[index], abs=1e-4)
+            assert float(row[f"{name} area"]) == scores["classes"][name]["area"]
+    metrics = json.loads(artifacts.metrics_path(out).read_text())
+    assert metrics["split"] is None and metrics["num_images"] == len(files)
+    assert json.loads(artifacts.config_path(out).read_text())["classes"] == CLASSES
+    # the second run finds its own outputs inside the folder but does not take them for input
+    (out / "b.png").write_bytes(b"")  # a damaged label map is redone
+    result = predict_images(checkpoint, out, photos, single, extra=["--overlay"])
+    assert result.exit_code == 0 and f"1 predicted, {len(files) - 1} skipped" in result.output, result.output
+
+
+def test_images_larger_than_max_side_are_segmented_smaller_and_labelled_at_full_size(setup, tmp_path):
+    _, checkpoint, model = setup
+    photo = tmp_path / "big.png"
+    image = np.random.default_rng(4).integers(0, 256, (90, 120, 3), dtype=np.uint8)
+    artifacts.write_image(photo, image)
+    result = predict_images(checkpoint, tmp_path / "pred", photo, extra=["--max-side", "40"])
+    assert result.exit_code == 0, result.output
+    label = artifacts.read_label_png(artifacts.label_path(tmp_path / "pred", "big"))
+    assert label.shape == (90, 120)
+    expected = predict_label(model.eval(), image, scales=(1.0, 0.75), max_side=40)
+    np.testing.assert_array_equal(label, expected)
+    assert not np.allclose(predict_probs(model, image, scales=(1.0, 0.75), max_side=40),
+                           predict_probs(model, image, scales=(1.0, 0.75)), atol=1e-3)
+    # resuming with another --max-side would mix label maps: refused
+    result = predict_images(checkpoint, tmp_path / "pred", photo, extra=["--max-side", "none"])
+    assert result.exit_code == 1 and "other settings (--max-side)" in result.output

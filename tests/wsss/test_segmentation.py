@@ -115,3 +115,31 @@ def test_predict_label_is_the_argmax_and_the_crf_refines_it():
     label = predict_label(model, image, flip=False, crf=crf)
     assert label.dtype == np.uint8 and label.shape == (3, 5)
     np.testing.assert_array_equal(label, dense_crf(image, probs, **crf.kwargs()).argmax(0))
+
+
+class _Recording(nn.Module):
+    """Logits (0, 1) everywhere; records the sizes of the batches it sees."""
+
+    def __init__(self):
+        super().__init__()
+        self.sizes = []
+
+    def forward(self, images):
+        self.sizes.append(tuple(images.shape[-2:]))
+        batch, _, height, width = images.shape
+        return torch.stack([torch.zeros(batch, height, width), torch.ones(batch, height, width)], 1)
+
+
+def test_max_side_shrinks_what_the_network_sees_and_not_the_output():
+    from wsss.segmentation import segment_batch, shrunk_size
+
+    assert shrunk_size((300, 400), 100) == (75, 100) and shrunk_size((30, 40), 100) == (30, 40)
+    assert shrunk_size((1000, 3), 100) == (100, 1) and shrunk_size((300, 400), None) == (300, 400)
+    model = _Recording()
+    probs = segment_batch(model, torch.zeros(2, 3, 300, 400), scales=(1.0, 0.5), flip=True, max_side=100)
+    assert model.sizes == [(75, 100), (38, 50)]  # the 2 images and their mirrors in one pass per scale
+    assert probs.shape == (2, 2, 300, 400)
+    np.testing.assert_allclose(probs[:, 1].numpy(), 1 / (1 + math.exp(-1)), atol=1e-6)
+    model.sizes.clear()
+    segment_batch(model, torch.zeros(1, 3, 30, 40), scales=(1.0,), flip=False, max_side=100)
+    assert model.sizes == [(30, 40)]  # smaller images are not enlarged
