@@ -24,6 +24,7 @@ COMMANDS = {
     "refine": ("wsss.stages.refine", "CAMs -> pseudo-labels + reliability (GMM threshold, dense CRF)."),
     "train-seg": ("wsss.stages.train_seg", "Train DeepLab on pseudo-labels (or ground truth)."),
     "predict": ("wsss.stages.predict", "Segment a split with a train-seg checkpoint."),
+    "export": ("wsss.stages.export", "Export a train-seg checkpoint: TorchScript, ONNX or torch.export."),
     "eval": ("wsss.stages.evaluate", "mIoU of label maps or CAMs against ground truth."),
     "report": ("wsss.stages.report", "Summarise a pipeline run into report.md."),
     "pipeline": ("wsss.stages.pipeline", "Run every stage from a recipe (shipped name or TOML file)."),

@@ -257,7 +257,7 @@ def _workers(cfg: PredictConfig) -> int:
     return min(default_workers(), 4) if cfg.workers is None else cfg.workers
 
 
-def _checkpoint_classes(checkpoint: dict, checkpoint_file: Path) -> list[str]:
+def checkpoint_classes(checkpoint: dict, checkpoint_file: Path) -> list[str]:
     classes = checkpoint.get("classes")
     if not isinstance(classes, list) or len(classes) != checkpoint["arch"]["num_classes"]:
         raise WsssError(f"{checkpoint_file}: holds no class list for its {checkpoint['arch']['num_classes']} "
@@ -279,7 +279,7 @@ def run(cfg: PredictConfig) -> dict:
     checkpoint_file = artifacts.resolve_checkpoint(cfg.checkpoint)
     checkpoint = artifacts.load_checkpoint(checkpoint_file)
     model = prepare_for_inference(model_from_checkpoint(checkpoint, str(checkpoint_file)).to(device))
-    classes = _checkpoint_classes(checkpoint, checkpoint_file)
+    classes = checkpoint_classes(checkpoint, checkpoint_file)
     if cfg.images:
         paths = artifacts.find_images(cfg.images, skip=cfg.out_dir)
         ids, dataset = list(paths), None
