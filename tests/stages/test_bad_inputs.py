@@ -584,6 +584,13 @@ CASES = [
     Case("predict", "images with the same id", IMAGES + "{photos_twins}", 1, "has the id 'cat'"),
     Case("predict", "images with --eval", IMAGES + "{photos_twins} --eval", 2, "no ground truth"),
     Case("predict", "max side 0", PRED + " --max-side 0", 2, "--max-side"),
+    # ---------------------------------------------------------------- export
+    Case("export", "a train-cls checkpoint", "export --checkpoint {cls_ckpt} --out {out}", 1,
+         "not a train-seg checkpoint"),
+    Case("export", "checkpoint not a checkpoint", "export --checkpoint {garbage} --out {out}", 1, "garbage.pth"),
+    Case("export", "format unknown", "export --checkpoint {seg_ckpt} --out {out} --format tflite", 2, "'--format'"),
+    Case("export", "opset 5", "export --checkpoint {seg_ckpt} --out {out} --format onnx --opset 5", 2, "'--opset'"),
+    Case("export", "out is a file", "export --checkpoint {seg_ckpt} --out {file}", 2, "is a file"),
     # ---------------------------------------------------------------- eval
     Case("eval", "truncated CAM", EVAL + " --split train --cams {cams_trunc}", 1, "t1.npz: not a valid CAM file",
          subprocess=True),
