@@ -30,23 +30,26 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 import numpy as np
-import torch
 
 from wsss import artifacts, evaluation
-from wsss.cam import DEFAULT_SCALES, ERASE_THRESH, erasing_cams, max_normalize, multiscale_cam
+from wsss.cam_choices import DEFAULT_SCALES, ERASE_THRESH
 from wsss.datasets.prepared import PreparedDataset
 from wsss.device import DistInfo, default_workers, dist_info, shard, sum_over_ranks
 from wsss.errors import WsssError
-from wsss.inference import BackgroundWriter, load_cam_network, split_batches, to_model_input
 from wsss.progress import bar as progress_bar
 from wsss.settings import Settings, fail, setting
 from wsss.stages.options import (amp_setting, compile_setting, dataset_setting, device_setting, folder_problem,
                                  limit_setting, loader_workers_setting, overwrite_setting, positive_scales,
                                  root_setting, settings_command, shard_setting, sweep_setting, threads_setting)
-from wsss.training import Precision, start_runtime
+
+if TYPE_CHECKING:
+    import torch
+
+    from wsss.training import Precision
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +102,11 @@ class MakeCamConfig(Settings):
 
 def run(cfg: MakeCamConfig) -> dict:
     """Write the CAMs of a split; return the metrics written to ``<out>/metrics.json``."""
+    # the network and torch are imported here and in write_cams, not at the top, so that `wsss make-cam --help`
+    # does not load them
+    from wsss.inference import load_cam_network
+    from wsss.training import start_runtime
+
     runtime = start_runtime(cfg.device, cfg.threads, cfg.amp)
     device, info, precision = runtime.device, runtime.info, runtime.precision
     dataset = PreparedDataset.load(cfg.root, cfg.dataset)
@@ -145,12 +153,17 @@ def _channels_of(cfg: MakeCamConfig, dataset: PreparedDataset, batch_ids: list[s
     """The foreground channels per image: its labels (gt), or a function of the scores (pred)."""
     if cfg.classes == "gt":
         return [[label - 1 for label in dataset.image_labels(image_id)] for image_id in batch_ids]
-    return lambda logits: [torch.nonzero(row).flatten().tolist() for row in torch.sigmoid(logits) >= cfg.score_thresh]
+    return lambda logits: [row.nonzero().flatten().tolist() for row in logits.sigmoid() >= cfg.score_thresh]
 
 
 def write_cams(model, dataset: PreparedDataset, cfg: MakeCamConfig, ids: list[str], device: torch.device,
                precision: Precision, info: DistInfo) -> int:
     """Compute and write the CAMs of ``ids``; return how many images got no class."""
+    import torch
+
+    from wsss.cam import erasing_cams, max_normalize, multiscale_cam
+    from wsss.inference import BackgroundWriter, split_batches, to_model_input
+
     workers = min(default_workers(), 4) if cfg.workers is None else cfg.workers
     no_class = 0
     with progress_bar(total=len(ids), desc="make-cam", show=info.is_main) as bar, BackgroundWriter() as writer:

@@ -34,9 +34,9 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
-import torch
 
 from wsss.stages.options import (amp_setting, dataset_setting, device_setting, folder_problem, loader_workers_setting,
                                  overwrite_setting, root_setting, seed_setting, settings_command, threads_setting)
@@ -44,12 +44,13 @@ from wsss import artifacts
 from wsss.datasets.prepared import PreparedDataset
 from wsss.device import default_workers, dist_info, seed_everything
 from wsss.errors import WsssError
-from wsss.models.backbones import BACKBONES
+from wsss.models import BACKBONE_NAMES, PRETEXT_METHODS
 from wsss.optim import cosine_scheduler
-from wsss.selfsup import METHODS, Pretext, PretextImages, pretext_views, probe_trunk, save_backbone
 from wsss.settings import Settings, fail, setting
-from wsss.training import (Loop, RunSpec, Trainee, TrainState, find_resumable, finished_metrics, fit, grad_scaler,
-                           start_runtime, step_loader, steps_per_epoch, wrap_distributed)
+
+if TYPE_CHECKING:
+    from wsss.selfsup import Pretext
+    from wsss.training import TrainState
 
 log = logging.getLogger(__name__)
 
@@ -69,9 +70,10 @@ class PretrainConfig(Settings):
     split: str = setting("train", "Split whose images are used (their labels never are).")
     probe_split: str | None = setting("val", "Split on which the linear probe is scored (fitted on --split); none "
                                              "skips the probe.")
-    backbone: str = setting("resnet50", "Trunk to pretrain (torchvision ResNet).", choices=tuple(sorted(BACKBONES)))
+    backbone: str = setting("resnet50", "Trunk to pretrain (torchvision ResNet).",
+                            choices=tuple(sorted(BACKBONE_NAMES)))
     method: str = setting("contrastive", "contrastive: SimCLR (MoCo v2 with --queue); rotation: 4-way rotation "
-                                         "prediction.", choices=METHODS)
+                                         "prediction.", choices=PRETEXT_METHODS)
     crop_size: int = setting(224, "Side of the square views, in pixels.", at_least=16)
     min_scale: float = setting(0.08, "Smallest area fraction of the random resized crop (contrastive views).",
                                above=0, at_most=1)
@@ -130,6 +132,13 @@ def _summary(cfg: PretrainConfig, state: TrainState, finished: bool) -> dict:
 
 def run(cfg: PretrainConfig) -> dict:
     """Pretrain (or resume) the trunk; return the metrics written to ``<out>/metrics.json``."""
+    # torch and the network are imported here, not at the top, so that `wsss pretrain --help` does not load them
+    import torch
+
+    from wsss.selfsup import Pretext, PretextImages, pretext_views, probe_trunk, save_backbone
+    from wsss.training import (Loop, RunSpec, Trainee, TrainState, find_resumable, finished_metrics, fit, grad_scaler,
+                               start_runtime, step_loader, steps_per_epoch, wrap_distributed)
+
     runtime = start_runtime(cfg.device, cfg.threads, cfg.amp)
     device, info, precision = runtime.device, runtime.info, runtime.precision
     dataset = _training_data(cfg)

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import click
 
-from wsss.report import write_report
 from wsss.settings import Settings, fail, setting
 from wsss.stages.options import folder_problem, settings_command
 
@@ -27,6 +26,8 @@ class ReportConfig(Settings):
 
 def run(cfg: ReportConfig) -> dict:
     """Write ``<run_dir>/report.md`` and ``<run_dir>/report/*.png``; return the per-stage summary."""
+    from wsss.report import write_report  # imports OpenCV, which `wsss report --help` does without
+
     return write_report(cfg.run_dir, gallery_rows=cfg.gallery_rows)
 
 

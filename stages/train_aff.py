@@ -24,29 +24,26 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
-import torch
 
 from wsss.stages.options import (allow_pickle_setting, amp_setting, cams_setting, dataset_setting, device_setting,
                                  folder_problem, overwrite_setting, pair_problem, positive_pair, root_setting,
                                  seed_setting, settings_command, threads_setting)
 from wsss import artifacts
-from wsss.affinity import TARGET_KINDS, affinity_loss, pair_affinity, pair_offsets
 from wsss.crf import PSEUDO_LABEL_CRF
 from wsss.datasets.prepared import PreparedDataset
-from wsss.datasets.torch_data import AffinityDataset
 from wsss.device import default_workers, dist_info, seed_everything
 from wsss.errors import WsssError
-from wsss.models.affinity import AffinityNet
-from wsss.models.backbones import BACKBONES
+from wsss.models import BACKBONE_NAMES
 from wsss.optim import Sgd, sgd_group
 from wsss.parallel import imap_images
 from wsss.refine import RefineParams, confident_label, confident_thresholds, pooled_fits
 from wsss.settings import Settings, fail, setting
-from wsss.training import (Loop, RunSpec, Trainee, TrainState, find_resumable, finished_metrics, fit, grad_scaler,
-                           start_runtime, step_loader, steps_per_epoch, wrap_distributed)
-from wsss.transforms import train_preset
+
+if TYPE_CHECKING:
+    from wsss.training import TrainState
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +65,7 @@ class TrainAffConfig(Settings):
     dataset: str | None = dataset_setting()
     split: str = setting("train", "Training split (its CAMs make the labels).")
     backbone: str = setting("resnet50", "Trunk of the affinity network (torchvision ResNet).",
-                            choices=tuple(sorted(BACKBONES)))
+                            choices=tuple(sorted(BACKBONE_NAMES)))
     weights: str = setting("imagenet", "Trunk initialisation: imagenet, none, a state_dict file (e.g. `wsss "
                                        "pretrain`'s backbone.pth) or a train-cls checkpoint.")
     embed_dim: int = setting(448, "Channels of the affinity embedding.", at_least=8)
@@ -169,6 +166,16 @@ def _summary(cfg: TrainAffConfig, state: TrainState, finished: bool) -> dict:
 
 def run(cfg: TrainAffConfig) -> dict:
     """Make the confident labels and train (or resume) the affinity network; return the metrics."""
+    # torch and the network are imported here, not at the top, so that `wsss train-aff --help` does not load them
+    import torch
+
+    from wsss.affinity import TARGET_KINDS, affinity_loss, pair_affinity, pair_offsets
+    from wsss.datasets.torch_data import AffinityDataset
+    from wsss.models.affinity import AffinityNet
+    from wsss.training import (Loop, RunSpec, Trainee, TrainState, find_resumable, finished_metrics, fit, grad_scaler,
+                               start_runtime, step_loader, steps_per_epoch, wrap_distributed)
+    from wsss.transforms import train_preset
+
     runtime = start_runtime(cfg.device, cfg.threads, cfg.amp)
     device, info, precision = runtime.device, runtime.info, runtime.precision
     dataset = PreparedDataset.load(cfg.root, cfg.dataset)

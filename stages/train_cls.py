@@ -32,24 +32,23 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 from wsss.stages.options import (amp_setting, compile_setting, dataset_setting, device_setting, folder_problem,
                                  loader_workers_setting, overwrite_setting, pair_problem, positive_pair, root_setting,
                                  seed_setting, settings_command, threads_setting)
 from wsss import artifacts
+from wsss.cam_choices import ER_TARGETS, ERASE_CLASSES, ERASE_FILLS, ERASE_THRESH
 from wsss.datasets.prepared import PreparedDataset
-from wsss.datasets.torch_data import ClassificationDataset
 from wsss.device import default_workers, dist_info, seed_everything
 from wsss.errors import WsssError
-from wsss.inference import validate_classifier
-from wsss.losses import ER_TARGETS, ERASE_CLASSES, ERASE_FILLS, ERASE_THRESH, CamObjective, regulariser_ramp
-from wsss.models.classifier import ARCHS, POOLINGS, CamNet, classifier_arch
+from wsss.models import BACKBONE_NAMES, OUTPUT_STRIDES, POOLINGS
 from wsss.optim import Sgd, sgd_group
 from wsss.settings import Settings, setting
-from wsss.training import (Loop, RunSpec, Trainee, TrainState, find_resumable, finished_metrics, fit,
-                           grad_scaler, maybe_compile, start_runtime, step_loader, steps_per_epoch, wrap_distributed)
-from wsss.transforms import train_preset
+
+if TYPE_CHECKING:
+    from wsss.training import TrainState
 
 log = logging.getLogger(__name__)
 
@@ -72,12 +71,12 @@ class TrainClsConfig(Settings):
     split: str = setting("train", "Training split.")
     val_split: str | None = setting("val", "Split for the per-epoch mAP (and CAM mIoU where it has masks); none "
                                            "disables validation.")
-    backbone: str = setting("resnet50", "Classifier trunk (torchvision ResNet).", choices=tuple(sorted(ARCHS)))
+    backbone: str = setting("resnet50", "Classifier trunk (torchvision ResNet).", choices=tuple(sorted(BACKBONE_NAMES)))
     weights: str = setting("imagenet", "Backbone initialisation: imagenet (torchvision download), none, or a "
                                        "state_dict file PATH (e.g. `wsss pretrain`'s backbone.pth).")
     output_stride: int = setting(16, "Input pixels per CAM cell: 16 dilates the last stage (IRN), 8 the last two "
                                      "(SEAM's ResNet-38 setting: 4x the cells, about 3x the compute).",
-                                 choices=(8, 16, 32))
+                                 choices=OUTPUT_STRIDES)
     pooling: str = setting("gap", "How class maps become logits: gap, their mean (CAM, IRN, SEAM); lse, "
                                   "log-sum-exp (Pinheiro & Collobert) with sharpness --lse-r.", choices=POOLINGS)
     lse_r: float = setting(5.0, "Sharpness r of --pooling lse: (1/r) log mean exp(r x); small r is the mean, large "
@@ -156,6 +155,16 @@ def _summary(cfg: TrainClsConfig, state: TrainState, finished: bool) -> dict:
 
 def run(cfg: TrainClsConfig) -> dict:
     """Train (or resume) the CAM classifier; return the metrics written to ``<out>/metrics.json``."""
+    # the network and torch are imported here, not at the top, so that `wsss train-cls --help` does not load them
+    from wsss.datasets.torch_data import ClassificationDataset
+    from wsss.inference import validate_classifier
+    from wsss.losses import CamObjective, regulariser_ramp
+    from wsss.models.classifier import CamNet, classifier_arch
+    from wsss.training import (Loop, RunSpec, Trainee, TrainState, find_resumable, finished_metrics, fit,
+                               grad_scaler, maybe_compile, start_runtime, step_loader, steps_per_epoch,
+                               wrap_distributed)
+    from wsss.transforms import train_preset
+
     runtime = start_runtime(cfg.device, cfg.threads, cfg.amp)
     device, info, precision = runtime.device, runtime.info, runtime.precision
     dataset, val_split = _training_data(cfg)

@@ -38,25 +38,23 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
-import torch
 
 from wsss.stages.options import (amp_setting, compile_setting, dataset_setting, device_setting, folder_problem,
                                  loader_workers_setting, overwrite_setting, pair_problem, positive_pair, root_setting,
                                  seed_setting, settings_command, threads_setting)
 from wsss import artifacts
 from wsss.datasets.prepared import PreparedDataset
-from wsss.datasets.torch_data import SegmentationDataset
 from wsss.device import default_workers, dist_info, seed_everything
 from wsss.errors import WsssError
-from wsss.models.deeplab import SEG_MODELS, build_seg_model
+from wsss.models import SEG_MODELS
 from wsss.optim import Sgd, sgd_group
-from wsss.segmentation import evaluate_model, segmentation_loss
 from wsss.settings import Settings, fail, setting
-from wsss.training import (Loop, RunSpec, Trainee, TrainState, find_resumable, finished_metrics, fit,
-                           grad_scaler, maybe_compile, start_runtime, step_loader, wrap_distributed)
-from wsss.transforms import train_preset
+
+if TYPE_CHECKING:
+    from wsss.training import TrainState
 
 log = logging.getLogger(__name__)
 
@@ -167,10 +165,6 @@ def _check_label_folder(folder: Path, ids: list[str], what: str, path_of, hint: 
                         f"training images have none; {hint})")
 
 
-# --------------------------------------------------------------------------- evaluation
-
-
-@torch.no_grad()
 # --------------------------------------------------------------------------- weak / full
 
 
@@ -248,6 +242,14 @@ def _summary(cfg: TrainSegConfig, state: TrainState, total: int, finished: bool)
 
 def run(cfg: TrainSegConfig) -> dict:
     """Train (or resume) a segmentation network and return the metrics written to metrics.json."""
+    # the network and torch are imported here, not at the top, so that `wsss train-seg --help` does not load them
+    from wsss.datasets.torch_data import SegmentationDataset
+    from wsss.models.deeplab import build_seg_model
+    from wsss.segmentation import evaluate_model, segmentation_loss
+    from wsss.training import (Loop, RunSpec, Trainee, TrainState, find_resumable, finished_metrics, fit,
+                               grad_scaler, maybe_compile, start_runtime, step_loader, wrap_distributed)
+    from wsss.transforms import train_preset
+
     runtime = start_runtime(cfg.device, cfg.threads, cfg.amp)
     device, info, precision = runtime.device, runtime.info, runtime.precision
     dataset = _training_data(cfg)

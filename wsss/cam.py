@@ -19,11 +19,8 @@ from typing import Callable, Sequence, Union
 import torch
 import torch.nn.functional as F
 
-#: Erasing threshold: a class's pixels at or above this fraction of its CAM maximum are its discriminative
-#: region (training-time erasing in :class:`wsss.losses.CamObjective`, inference-time in :func:`erasing_cams`).
-ERASE_THRESH = 0.7
+from wsss.cam_choices import DEFAULT_SCALES, ERASE_THRESH
 
-DEFAULT_SCALES = (1.0, 0.5, 1.5, 2.0)
 # per image a list of foreground channels, or a function of the logits returning that, or None (all)
 ChannelChoice = Union[Sequence[Sequence[int]], Callable[[torch.Tensor], Sequence[Sequence[int]]], None]
 

@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from wsss.cam import ERASE_THRESH, feature_to_image, max_normalize, resample
+from wsss.cam import feature_to_image, resample
+from wsss.cam_choices import ER_TARGETS, ERASE_CLASSES, ERASE_FILLS, ERASE_THRESH
 
 
 def multilabel_soft_margin_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -234,10 +235,6 @@ def one_class_each(present: torch.Tensor) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- the training objective
-
-ER_TARGETS = ("detached", "both")
-ERASE_FILLS = ("mean", "blur")
-ERASE_CLASSES = ("all", "one")
 
 
 class CamObjective(nn.Module):

@@ -1,13 +1,19 @@
-"""SGD with a ×10 head learning rate and the poly schedule used across WSSS."""
+"""SGD with a ×10 head learning rate and the poly schedule used across WSSS.
+
+The training stages' configs hold an :class:`Sgd` group, so this module imports torch only where an
+optimiser or a schedule is made: ``wsss train-cls --help`` does not load it.
+"""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Iterable
-
-import torch
+from typing import TYPE_CHECKING, Iterable
 
 from wsss.settings import Settings, setting
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -42,6 +48,8 @@ def sgd_group(lr: float):
 def sgd_with_head(backbone_params: Iterable, head_params: Iterable, *, lr: float, weight_decay: float,
                   momentum: float = 0.9, head_lr_mult: float = 10.0) -> torch.optim.SGD:
     """SGD over two parameter groups: the backbone at ``lr`` and the head at ``lr * head_lr_mult``."""
+    import torch
+
     groups = [
         {"params": [p for p in backbone_params if p.requires_grad], "lr": lr},
         {"params": [p for p in head_params if p.requires_grad], "lr": lr * head_lr_mult},
@@ -51,6 +59,8 @@ def sgd_with_head(backbone_params: Iterable, head_params: Iterable, *, lr: float
 
 def poly_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, power: float = 0.9):
     """LambdaLR with factor ``(1 - step / total_steps) ** power`` (stepped once per iteration)."""
+    import torch
+
     total_steps = max(1, total_steps)
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: max(0.0, 1.0 - min(step, total_steps) / total_steps) ** power)
@@ -61,7 +71,7 @@ def cosine_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_
 
     The schedule of SimCLR and MoCo v2 (stepped once per iteration).
     """
-    import math
+    import torch
 
     total_steps, warmup_steps = max(1, total_steps), max(0, min(warmup_steps, total_steps - 1))
 

@@ -73,6 +73,7 @@ from torch.utils.data import Dataset
 from wsss import artifacts
 from wsss.inference import split_batches, to_model_input
 from wsss.metrics import average_precision, mean_average_precision
+from wsss.models import PRETEXT_METHODS
 from wsss.models.backbones import META_KEY, backbone_channels, build_resnet, trunk_state_dict
 from wsss.transforms import normalize_image
 
@@ -83,8 +84,6 @@ if TYPE_CHECKING:
 # sklearn's C (inverse L2 strength) of the linear probe, on standardised features
 PROBE_INVERSE_REGULARIZATION = 0.1
 PROBE_MAX_ITER = 2000
-# the pretext tasks of :class:`Pretext` (SimCLR, or MoCo v2 with a queue; RotNet)
-METHODS = ("contrastive", "rotation")
 # the embedding width of :class:`ProjectionHead` (SimCLR and MoCo v2 use 128)
 PROJECTION_DIM = 128
 
@@ -688,7 +687,7 @@ class Pretext(nn.Module):
 
     Args:
         backbone: ResNet name; the trunk has output stride 16 like the CAM network's.
-        method: one of :data:`METHODS`.
+        method: one of :data:`wsss.models.PRETEXT_METHODS`.
         temperature: of NT-Xent / InfoNCE.
         queue: MoCo negatives (0 = SimCLR with in-batch negatives).
         key_momentum: MoCo's momentum of the key encoder.
@@ -699,8 +698,8 @@ class Pretext(nn.Module):
     def __init__(self, backbone: str, method: str, *, temperature: float = 0.2, queue: int = 0,
                  key_momentum: float = 0.99, key_splits: int = 4):
         super().__init__()
-        if method not in METHODS:
-            raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+        if method not in PRETEXT_METHODS:
+            raise ValueError(f"method must be one of {', '.join(PRETEXT_METHODS)}, got {method!r}")
         self.method, self.temperature = method, temperature
         self.key_momentum, self.key_splits = key_momentum, key_splits
         self.trunk = build_resnet(backbone, "none", output_stride=16)

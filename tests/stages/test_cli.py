@@ -32,6 +32,18 @@ def test_help_lists_the_commands_without_importing_torch():
     assert done.stdout.strip() == "False"
 
 
+@pytest.mark.parametrize("name", list(COMMANDS))
+def test_command_help_imports_no_torch_torchvision_or_sklearn(name):
+    # a fresh process: a command's options come from its config, which must not need the heavy libraries (seconds)
+    code = ("import sys; from wsss.stages.cli import cli; "
+            f"assert cli([{name!r}, '--help'], prog_name='wsss', standalone_mode=False) == 0; "
+            "print('imported:', *(m for m in ('torch', 'torchvision', 'sklearn') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert f"Usage: wsss {name} " in done.stdout
+    assert done.stdout.splitlines()[-1] == "imported:"
+
+
 def test_version():
     result = CliRunner().invoke(cli, ["--version"])
     assert result.exit_code == 0 and __version__ in result.output

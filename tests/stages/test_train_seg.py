@@ -249,11 +249,11 @@ def test_option_rules_are_usage_errors_before_any_work(data, tmp_path):
 
 
 def test_checkpoints_every_eval_every_also_without_a_val_split(data, tmp_path, monkeypatch):
-    import wsss.stages.train_seg
+    import wsss.segmentation
 
     root, _, _ = data
     out = tmp_path / "run"
-    real_loss, calls = wsss.stages.train_seg.segmentation_loss, []
+    real_loss, calls = wsss.segmentation.segmentation_loss, []
 
     def killed_at_the_third_step(*args):
         calls.append(1)
@@ -261,12 +261,12 @@ def test_checkpoints_every_eval_every_also_without_a_val_split(data, tmp_path, m
             raise KeyboardInterrupt  # stands in for a kill -9 during iteration 3
         return real_loss(*args)
 
-    monkeypatch.setattr(wsss.stages.train_seg, "segmentation_loss", killed_at_the_third_step)
+    monkeypatch.setattr(wsss.segmentation, "segmentation_loss", killed_at_the_third_step)
     result = train(root, out, "--labels", "gt", "--iterations", "4", "--eval-every", "2", "--val-split", "none")
     assert result.exit_code != 0
     # the work of the first two iterations is kept (before, a run without a val split checkpointed only at the end)
     assert artifacts.load_checkpoint(artifacts.checkpoint_path(out, "last"))["step"] == 2
-    monkeypatch.setattr(wsss.stages.train_seg, "segmentation_loss", real_loss)
+    monkeypatch.setattr(wsss.segmentation, "segmentation_loss", real_loss)
     assert train(root, out, "--labels", "gt", "--iterations", "4", "--eval-every", "2",
                  "--val-split", "none").exit_code == 0
     assert artifacts.load_checkpoint(artifacts.checkpoint_path(out, "last"))["step"] == 4

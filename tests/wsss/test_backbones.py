@@ -99,3 +99,13 @@ def test_freeze_batchnorm_keeps_statistics():
     net(torch.randn(2, 3, 32, 32))
     torch.testing.assert_close(net[1].running_mean, before)
     assert not net[1].weight.requires_grad
+
+
+def test_the_built_backbones_are_the_named_ones_and_a_difference_stops_the_import():
+    from wsss.models import BACKBONE_NAMES, check_built
+
+    assert sorted(backbones.BACKBONES) == sorted(BACKBONE_NAMES)
+    check_built({"resnet50": None, "resnet18": None}, ("resnet18", "resnet50"), "backbones")  # order is free
+    with pytest.raises(ImportError, match=r"backbones built \(resnet18\) are not those named in wsss.models "
+                                          r"\(resnet18, resnet50\)"):
+        check_built({"resnet18": None}, ("resnet18", "resnet50"), "backbones")

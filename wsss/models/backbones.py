@@ -15,6 +15,7 @@ from torch import nn
 from torchvision import models
 
 from wsss.errors import WsssError
+from wsss.models import BACKBONE_NAMES, OUTPUT_STRIDES, check_built
 
 # name -> (torchvision constructor, ImageNet weight enum, channels of the last stage)
 BACKBONES = {
@@ -22,8 +23,7 @@ BACKBONES = {
     "resnet50": (models.resnet50, models.ResNet50_Weights.IMAGENET1K_V2, 2048),
     "resnet101": (models.resnet101, models.ResNet101_Weights.IMAGENET1K_V2, 2048),
 }
-# input pixels per feature cell that build_resnet can give (dilating the last one or two stages)
-OUTPUT_STRIDES = (8, 16, 32)
+check_built(BACKBONES, BACKBONE_NAMES, "backbones")
 
 
 def _lookup(name: str):

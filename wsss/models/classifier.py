@@ -23,11 +23,11 @@ import torch
 from torch import nn
 
 from wsss.errors import WsssError
+from wsss.models import POOLINGS
 from wsss.models.backbones import BACKBONES, backbone_channels, build_resnet, freeze_batchnorm
 
 # The classifier backbones one can choose with --backbone; a KeyError lists the valid names.
 ARCHS = BACKBONES
-POOLINGS = ("gap", "lse")
 
 
 def lse_pool(maps: torch.Tensor, r: float) -> torch.Tensor:

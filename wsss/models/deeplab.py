@@ -5,7 +5,8 @@ Every model maps an image batch float32 [B, 3, H, W] to logits float32
 so that the optimiser can give the freshly initialised head a larger
 learning rate.
 
-``SEG_MODELS`` is the visible list of choices:
+``SEG_MODELS`` (:mod:`wsss.models`, light enough for the command line) is the visible list of
+choices; ``SEG_BUILDERS`` here builds each of them:
 
 * ``deeplabv3_resnet50`` / ``deeplabv3_resnet101``: torchvision's DeepLabV3
   (ResNet with output stride 8, ASPP rates 12/24/36), built with
@@ -24,7 +25,6 @@ start with ``backbone.``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -34,8 +34,9 @@ from torchvision.models import segmentation as tv_segmentation
 from torchvision.models.segmentation.deeplabv3 import DeepLabHead
 
 from wsss.errors import WsssError
-from wsss.models.backbones import (BACKBONES, OUTPUT_STRIDES, build_resnet, freeze_batchnorm, load_backbone_state,
-                                   load_imagenet_state, load_state_file, torchvision_names)
+from wsss.models import OUTPUT_STRIDES, SEG_MODELS, check_built
+from wsss.models.backbones import (BACKBONES, build_resnet, freeze_batchnorm, load_backbone_state, load_imagenet_state,
+                                   load_state_file, torchvision_names)
 
 
 class SegmentationNet(nn.Module):
@@ -109,32 +110,18 @@ def _resnet18_deeplab(num_classes: int, weights_backbone: str, output_stride: in
     return SegmentationNet(backbone, DeepLabHead(BACKBONES["resnet18"][2], num_classes, atrous_rates=rates))
 
 
-@dataclass(frozen=True)
-class SegModelSpec:
-    """One entry of :data:`SEG_MODELS`: the ResNet it is built on, its constructor, its default output stride
-    and the strides it can be built with."""
-
-    backbone: str
-    build: Callable[[int, str, int], SegmentationNet]
-    output_stride: int
-    output_strides: tuple[int, ...]
-
-
-class _Choices(dict):
-    """A dict whose missing-key error lists the valid names."""
-
-    def __missing__(self, key):
-        raise KeyError(f"unknown segmentation model {key!r}; choose from {sorted(self)}")
-
-
-SEG_MODELS: dict[str, SegModelSpec] = _Choices({
-    "deeplabv3_resnet50": SegModelSpec("resnet50", _torchvision_deeplab(tv_segmentation.deeplabv3_resnet50, "resnet50"),
-                                       8, (8,)),
-    "deeplabv3_resnet101": SegModelSpec(
-        "resnet101", _torchvision_deeplab(tv_segmentation.deeplabv3_resnet101, "resnet101"), 8, (8,)),
-    "deeplabv3_resnet18": SegModelSpec("resnet18", _resnet18_deeplab, 16, (8, 16)),
-})
-assert all(set(spec.output_strides) <= set(OUTPUT_STRIDES) for spec in SEG_MODELS.values())
+# The constructor of every model of SEG_MODELS (whose entries give the backbone and the output strides):
+# (num_classes, weights_backbone, output_stride) -> network.
+SEG_BUILDERS: dict[str, Callable[[int, str, int], SegmentationNet]] = {
+    "deeplabv3_resnet50": _torchvision_deeplab(tv_segmentation.deeplabv3_resnet50, "resnet50"),
+    "deeplabv3_resnet101": _torchvision_deeplab(tv_segmentation.deeplabv3_resnet101, "resnet101"),
+    "deeplabv3_resnet18": _resnet18_deeplab,
+}
+check_built(SEG_BUILDERS, SEG_MODELS, "segmentation models")
+if any(model.backbone not in BACKBONES or not set(model.output_strides) <= set(OUTPUT_STRIDES)
+       for model in SEG_MODELS.values()):
+    raise ImportError("wsss.models.SEG_MODELS names a backbone or an output stride that wsss.models.backbones "
+                      "cannot build")
 
 
 def build_seg_model(name: str, num_classes: int, weights_backbone: str = "none",
@@ -158,7 +145,7 @@ def build_seg_model(name: str, num_classes: int, weights_backbone: str = "none",
     if output_stride not in spec.output_strides:
         raise ValueError(f"{name} can be built with output stride {' or '.join(map(str, spec.output_strides))}, "
                          f"not {output_stride}")
-    return spec.build(num_classes, weights_backbone, output_stride)
+    return SEG_BUILDERS[name](num_classes, weights_backbone, output_stride)
 
 
 def model_from_checkpoint(checkpoint: dict, source: str = "checkpoint") -> SegmentationNet:
