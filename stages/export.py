@@ -19,11 +19,10 @@ import click
 
 from wsss import artifacts
 from wsss.errors import WsssError
+from wsss.models import EXPORT_FORMATS
 from wsss.settings import Settings, setting
 from wsss.stages.options import folder_problem, overwrite_setting, settings_command
 
-# the names of wsss.export.FORMATS, here without importing torch (test_export checks that they agree)
-FORMAT_NAMES = ("torchscript", "onnx", "pt2")
 CLASSES_FILE = "classes.txt"
 
 
@@ -37,7 +36,8 @@ class ExportConfig(Settings):
                             option="--out", validate=folder_problem)
     export_format: str = setting("torchscript", "torchscript: model.pt for torch.jit.load (also from C++); onnx: "
                                                 "model.onnx (needs the onnx extra); pt2: model.pt2 for "
-                                                "torch.export.load.", option="--format", choices=FORMAT_NAMES)
+                                                "torch.export.load.", option="--format",
+                                 choices=tuple(EXPORT_FORMATS))
     opset: int = setting(18, "ONNX opset version (--format onnx).", at_least=14)
     overwrite: bool = overwrite_setting()
 
@@ -58,7 +58,7 @@ def _already_exported(cfg: ExportConfig, model_file: Path, checkpoint_file: Path
 
 def run(cfg: ExportConfig) -> dict:
     """Export the checkpoint's network to ``--out`` (unless done already) and return the metrics written."""
-    from wsss.export import FORMATS, export_model
+    from wsss.export import export_model
     from wsss.models.deeplab import model_from_checkpoint
     from wsss.stages.predict import checkpoint_classes
 
@@ -66,7 +66,7 @@ def run(cfg: ExportConfig) -> dict:
     checkpoint = artifacts.load_checkpoint(checkpoint_file)
     net = model_from_checkpoint(checkpoint, str(checkpoint_file))
     classes = checkpoint_classes(checkpoint, checkpoint_file)
-    model_file = Path(cfg.out_dir) / FORMATS[cfg.export_format]
+    model_file = Path(cfg.out_dir) / EXPORT_FORMATS[cfg.export_format]
     if _already_exported(cfg, model_file, checkpoint_file, checkpoint.get("step")):
         return artifacts.read_json(artifacts.metrics_path(cfg.out_dir), dict) | {"skipped": True}
     Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)

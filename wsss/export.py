@@ -25,11 +25,10 @@ from torch import nn
 
 from wsss import artifacts
 from wsss.errors import WsssError
+from wsss.models import EXPORT_FORMATS
 from wsss.models.backbones import fuse_conv_batchnorm
 from wsss.transforms import IMAGENET_MEAN, IMAGENET_STD
 
-#: ``--format``: the file each writes in the output folder.
-FORMATS = {"torchscript": "model.pt", "onnx": "model.onnx", "pt2": "model.pt2"}
 #: The sizes (H, W) of the two check images: different, so a size frozen into the graph shows.
 CHECK_SIZES = ((224, 288), (160, 128))
 #: Largest difference allowed between exported and eager logits, relative to max(1, largest |logit|).
@@ -112,7 +111,7 @@ def export_model(net: nn.Module, classes: list[str], export_format: str, path: s
     Args:
         net: the eager network; it is put in eval mode and its BatchNorm folded, in place.
         classes: the class names, stored inside the file (and compared by nothing: they are for users).
-        export_format: a key of :data:`FORMATS`.
+        export_format: a key of :data:`wsss.models.EXPORT_FORMATS`.
         opset: the ONNX opset (``onnx`` only).
 
     Returns:
@@ -121,8 +120,8 @@ def export_model(net: nn.Module, classes: list[str], export_format: str, path: s
     Raises:
         WsssError: ONNX without its packages, or an export whose logits differ from the eager network's.
     """
-    if export_format not in FORMATS:
-        raise ValueError(f"unknown export format {export_format!r}; choose from {', '.join(FORMATS)}")
+    if export_format not in EXPORT_FORMATS:
+        raise ValueError(f"unknown export format {export_format!r}; choose from {', '.join(EXPORT_FORMATS)}")
     model = ImageSegmenter(fuse_conv_batchnorm(net.eval())).eval()
     batches = check_images()
     with torch.no_grad():

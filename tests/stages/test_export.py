@@ -13,7 +13,7 @@ from wsss import artifacts
 from wsss.models.deeplab import build_seg_model
 from wsss.segmentation import predict_label
 from wsss.stages.cli import cli
-from wsss.stages.export import FORMAT_NAMES
+from wsss.models import EXPORT_FORMATS
 from wsss.transforms import normalize_image
 
 torch.set_num_threads(1)
@@ -63,7 +63,7 @@ def _run_exported(export_format, path, image):
     return session.run(None, {"images": _pixels(image).numpy()})[0]
 
 
-@pytest.mark.parametrize("export_format", FORMAT_NAMES)
+@pytest.mark.parametrize("export_format", EXPORT_FORMATS)
 def test_exported_model_gives_the_checkpoints_logits(trained, export_format):
     base, checkpoint, model, image = trained
     if export_format == "onnx":
@@ -106,12 +106,6 @@ def test_an_export_is_kept_unless_overwrite_or_other_settings(trained):
     assert file.stat().st_size == size
     result = export(checkpoint, out, "--format", "torchscript")  # another format beside it
     assert result.exit_code == 0 and "already exported" not in result.output and (out / "model.pt").is_file()
-
-
-def test_formats_named_by_the_command_are_those_the_library_writes():
-    from wsss.export import FORMATS
-
-    assert tuple(FORMATS) == FORMAT_NAMES
 
 
 def test_onnx_without_its_packages_is_one_line_naming_the_extra(trained, monkeypatch):

@@ -20,6 +20,9 @@ POOLINGS = ("gap", "lse")
 #: The pretext tasks of :class:`wsss.selfsup.Pretext` (SimCLR, or MoCo v2 with a queue; RotNet).
 PRETEXT_METHODS = ("contrastive", "rotation")
 
+#: ``wsss export --format``: the file each format writes (:func:`wsss.export.export_model` writes them).
+EXPORT_FORMATS = {"torchscript": "model.pt", "onnx": "model.onnx", "pt2": "model.pt2"}
+
 
 @dataclass(frozen=True)
 class SegModel:
