@@ -57,7 +57,10 @@ SCHEDULE_FIELDS = ("split", "backbone", "output_stride", "pooling", "lse_r", "fr
                    "jitter", "batch_size", "epochs", "sgd",
                    "er_weight", "er_scale_range", "er_min_crop", "er_target", "er_view_cls", "erase_weight",
                    "erase_thresh", "erase_fill", "erase_classes", "reg_start", "reg_ramp", "seed", "amp")
-SELECT_METRICS = {"map": "val_map", "cam-miou": "val_cam_miou", "last": None}
+# --select: the val metric that picks best.pth (named as train-seg's val-miou), or the last epoch
+SELECT_METRICS = {"val-map": "val_map", "val-cam-miou": "val_cam_miou", "last": None}
+# the names before they matched train-seg's, which config.json files of earlier runs hold
+_EARLIER_SELECT = {"map": "val-map", "cam-miou": "val-cam-miou"}
 
 
 @dataclass(frozen=True)
@@ -118,8 +121,9 @@ class TrainClsConfig(Settings):
                                   at_least=0)
     val_cam_threshold: float = setting(0.15, "Background threshold of the per-epoch CAM mIoU.", at_least=0,
                                        at_most=1)
-    select: str = setting("map", "What picks best.pth: val mAP (image-level labels only), val CAM mIoU (uses the "
-                                 "val masks), or the last epoch.", choices=tuple(SELECT_METRICS))
+    select: str = setting("val-map", "What picks best.pth: the best val mAP (image-level labels only), the best val "
+                                     "CAM mIoU (uses the val masks), or the last epoch.",
+                          choices=tuple(SELECT_METRICS), parse=lambda text: _EARLIER_SELECT.get(text, text))
     amp: str = amp_setting()
     compile_model: bool = compile_setting()
     device: str = device_setting()

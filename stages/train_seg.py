@@ -106,7 +106,7 @@ class TrainSegConfig(Settings):
     eval_every: int = setting(2000, "Validate and checkpoint every K iterations (also without a --val-split); 0 = "
                                     "only at the end.", at_least=0)
     log_every: int = setting(50, "Record the mean loss every K iterations in metrics.json.", at_least=1)
-    select: str = setting("last", "What best.pth is: the last checkpoint, or the best val mIoU (uses the val masks: "
+    select: str = setting("last", "What picks best.pth: the last checkpoint, or the best val mIoU (uses the val masks: "
                                   "ground truth).", choices=tuple(sorted(SELECT_METRICS)))
     upper_bound: Path | None = setting(None, f"Output folder of a finished --labels {GT_LABELS} run; metrics.json "
                                              "then records weak/full.", metavar="DIR")

@@ -215,7 +215,8 @@ def from_value(value: Any, kind: Any, parse: Callable[[str], Any] | None = None,
         if not isinstance(value, Mapping):
             raise ValueError(f"expected a table of {inner.__name__} settings, got {value!r}")
         return build(inner, value, where=where)
-    if isinstance(value, str) and (inner not in (str, Path) or (optional and value.strip().lower() == "none")):
+    if isinstance(value, str) and (parse is not None or inner not in (str, Path)
+                                   or (optional and value.strip().lower() == "none")):
         return from_text(value, kind, parse)  # text as on the command line: "0.5,1.5", "0/4", "none"
     if inner is bool:
         if not isinstance(value, bool):

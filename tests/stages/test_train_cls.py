@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import numpy as np
@@ -237,3 +238,19 @@ def test_a_toml_config_file_with_command_line_overrides(root, tmp_path):
     assert result.exit_code == 0, result.output
     config = json.loads(artifacts.config_path(tmp_path / "cls").read_text())["config"]
     assert config["epochs"] == 1 and config["sgd"]["lr"] == 0.02 and config["val_split"] is None
+
+
+def test_select_names_the_val_metric_as_train_seg_does_and_reads_earlier_names():
+    from wsss.stages.train_cls import TrainClsConfig
+    from wsss.stages.train_seg import TrainSegConfig
+    from wsss.settings import build
+
+    for config in (TrainClsConfig, TrainSegConfig):
+        choices = next(f for f in dataclasses.fields(config) if f.name == "select").metadata["choices"]
+        assert all(choice == "last" or choice.startswith("val-") for choice in choices), choices
+    # a config.json of a run before the rename replays
+    values = {"root": "data", "out_dir": "cls"}
+    assert build(TrainClsConfig, {**values, "select": "map"}).select == "val-map"
+    assert build(TrainClsConfig, {**values, "select": "cam-miou"}).select == "val-cam-miou"
+    with pytest.raises(ValueError, match="choose from val-map, val-cam-miou, last"):
+        build(TrainClsConfig, {**values, "select": "miou"})
