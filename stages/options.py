@@ -38,7 +38,7 @@ POOL_WORKERS_HELP = "Worker processes for the per-image work (default: all cores
 SHARD_HELP = ("Process only shard I of N of the split (0 <= I < N), e.g. one task of a job array; outputs merge by "
               "file name.")
 ALLOW_PICKLE_HELP = "Allow IRN-style pickled .npy CAM dicts (unpickling runs code from the file)."
-LIMIT_HELP = "Only the first N images of the split (quick looks, benchmarks)."
+LIMIT_HELP = "Only the first N images (quick looks, benchmarks)."
 
 
 # The settings that many commands share, declared once: ``device: str = device_setting()`` in a config.
@@ -225,7 +225,8 @@ def _help(field: dataclasses.Field, default: Any, key: str | None = None) -> str
     if rng:
         extra.append(rng)
     if default is not dataclasses.MISSING:
-        extra.append(f"default: {shown_default(field, default)}")
+        if "(default:" not in text:  # a help that says what its default does (`min(cores, 4)`) is not contradicted
+            extra.append(f"default: {shown_default(field, default)}")
     else:
         extra.append("required")
     return f"{text} [{'; '.join(extra)}]".strip()

@@ -42,8 +42,8 @@ from wsss.crf import POSTPROCESS_CRF, CrfParams
 from wsss.errors import WsssError
 from wsss.settings import Settings, fail, setting
 from wsss.stages.options import (ROOT_HELP, amp_setting, cli_fields, compile_setting, dataset_setting, device_setting,
-                                 folder_problem, overwrite_setting, positive_scales, settings_command, shard_setting,
-                                 threads_setting)
+                                 folder_problem, limit_setting, overwrite_setting, positive_scales, settings_command,
+                                 shard_setting, threads_setting)
 
 if TYPE_CHECKING:
     import torch
@@ -93,6 +93,7 @@ class PredictConfig(Settings):
     overlay_alpha: float = setting(0.5, "Opacity of the label colours in the overlays.", at_least=0, at_most=1)
     evaluate: bool = setting(False, "Score the predictions against ground truth afterwards.", option="--eval")
     batch_size: int = setting(4, "Images of equal size per forward pass.", at_least=1)
+    limit: int | None = limit_setting()
     amp: str = amp_setting()
     compile_model: bool = compile_setting()
     device: str = device_setting()
@@ -282,7 +283,7 @@ def run(cfg: PredictConfig) -> dict:
     classes = checkpoint_classes(checkpoint, checkpoint_file)
     if cfg.images:
         paths = artifacts.find_images(cfg.images, skip=cfg.out_dir)
-        ids, dataset = list(paths), None
+        ids, dataset = list(paths)[:cfg.limit], None
         files = {image_id: str(path) for image_id, path in paths.items()}
     else:
         dataset = PreparedDataset.load(cfg.root, cfg.dataset)
@@ -290,7 +291,7 @@ def run(cfg: PredictConfig) -> dict:
             raise WsssError(f"{checkpoint_file}: trained for classes {classes} but {cfg.root} has {dataset.classes}")
         if cfg.evaluate and not dataset.has_masks(cfg.split):
             raise WsssError(f"--eval: split {cfg.split!r} of {cfg.root} has no ground-truth masks")
-        ids = dataset.ids(cfg.split)
+        ids = dataset.ids(cfg.split)[:cfg.limit]
         if not ids:
             raise WsssError(f"{cfg.root}: split {cfg.split!r} has no images")
         files = {image_id: str(dataset.image_path(cfg.split, image_id)) for image_id in ids}
@@ -324,7 +325,7 @@ def run(cfg: PredictConfig) -> dict:
     if info.is_main and cfg.evaluate:
         from wsss.evaluation import evaluate_labels
 
-        matrix = evaluate_labels(dataset, cfg.split, cfg.out_dir, workers=cfg.workers)
+        matrix = evaluate_labels(dataset, cfg.split, cfg.out_dir, ids=ids, workers=cfg.workers)
         metrics["miou"], metrics["eval"] = matrix.miou(), matrix.summary(dataset.classes)
         log.info("%s mIoU %.4f\n%s", cfg.split, metrics["miou"], matrix.table(dataset.classes))
     if info.is_main:

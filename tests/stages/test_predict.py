@@ -273,3 +273,17 @@ def test_images_larger_than_max_side_are_segmented_smaller_and_labelled_at_full_
     # resuming with another --max-side would mix label maps: refused
     result = predict_images(checkpoint, tmp_path / "pred", photo, extra=["--max-side", "none"])
     assert result.exit_code == 1 and "other settings (--max-side)" in result.output
+
+
+def test_limit_predicts_and_scores_the_first_images_only(setup, tmp_path):
+    root, checkpoint, _ = setup
+    out = tmp_path / "pred"
+    result = predict(root, checkpoint, out, "--limit", "2", "--eval")
+    assert result.exit_code == 0 and "2 predicted, 0 skipped" in result.output, result.output
+    assert sorted(path.stem for path in out.glob("*.png")) == ["odd0", "odd1"]
+    metrics = json.loads(artifacts.metrics_path(out).read_text())
+    labels = [artifacts.read_label_png(artifacts.label_path(out, i)) for i in ("odd0", "odd1")]
+    assert metrics["eval"]["num_pixels"] == sum(label.size for label in labels)
+    result = predict_images(checkpoint, tmp_path / "photos_pred", root / "images", extra=["--limit", "1"])
+    assert result.exit_code == 0 and "1 predicted, 0 skipped" in result.output, result.output
+    assert [row["id"] for row in csv.DictReader((tmp_path / "photos_pred" / "scores.csv").open())] == ["odd0"]
