@@ -40,6 +40,7 @@ import numpy as np
 from wsss import artifacts
 from wsss.crf import POSTPROCESS_CRF, CrfParams
 from wsss.errors import WsssError
+from wsss.seg_choices import MAX_SIDE, PREDICT_FLIP, PREDICT_SCALES
 from wsss.settings import Settings, fail, setting
 from wsss.stages.options import (ROOT_HELP, amp_setting, cli_fields, compile_setting, dataset_setting, device_setting,
                                  folder_problem, limit_setting, overwrite_setting, positive_scales, settings_command,
@@ -80,12 +81,12 @@ class PredictConfig(Settings):
                                 validate=folder_problem)
     dataset: str | None = dataset_setting()
     split: str = setting("val", "Split of --root to segment.")
-    scales: tuple[float, ...] = setting((0.5, 0.75, 1.0, 1.25, 1.5), "Comma-separated test-time scales.", above=0,
+    scales: tuple[float, ...] = setting(PREDICT_SCALES, "Comma-separated test-time scales.", above=0,
                                         parse=positive_scales)
-    flip: bool = setting(True, "Also average the mirrored image.")
-    max_side: int | None = setting(1024, "Longest side (pixels) the network sees at scale 1: a larger image is scaled "
-                                         "down for it and its label map scaled back up to full size; none = never.",
-                                   at_least=16)
+    flip: bool = setting(PREDICT_FLIP, "Also average the mirrored image.")
+    max_side: int | None = setting(MAX_SIDE, "Longest side (pixels) the network sees at scale 1: a larger image is "
+                                             "scaled down for it (and for --crf), and the result scaled back up to "
+                                             "full size; none = never.", at_least=16)
     crf: bool = setting(False, "Dense-CRF post-processing with the --crf-* settings.")
     crf_params: CrfParams = setting(factory=lambda: POSTPROCESS_CRF, prefix="crf",
                                     help="The dense CRF of --crf (DeepLab-v2's post-processing values by default).")
@@ -132,16 +133,13 @@ def _label_settings(config: dict) -> tuple[dict, dict | None]:
     """What decides a label map besides the checkpoint, from the ``config`` of a config.json.
 
     Returns:
-        ``({"scales", "flip"[, "max_side"]}, the CRF's parameters or None)``; a config.json written before
+        ``({"scales", "flip", "max_side"}, the CRF's parameters or None)``; a config.json written before
         ``--crf`` became a flag beside the ``--crf-*`` group held the parameters (or null) under ``crf``, and
-        one written before ``--max-side`` has none (it is then not compared).
+        one written before ``--max-side`` segmented every image at full size (None).
     """
     crf = config["crf"]
     params = (config["crf_params"] if crf else None) if isinstance(crf, bool) else crf
-    settings = {"scales": config["scales"], "flip": config["flip"]}
-    if "max_side" in config:
-        settings["max_side"] = config["max_side"]
-    return settings, params
+    return {"scales": config["scales"], "flip": config["flip"], "max_side": config.get("max_side")}, params
 
 
 def _check_previous_run(cfg: PredictConfig, checkpoint_file: Path, step) -> None:
@@ -193,12 +191,13 @@ def _class_scores(label: np.ndarray, peaks: np.ndarray, classes: list[str]) -> d
 
 def _write(cfg: PredictConfig, image_id: str, label: np.ndarray, image: np.ndarray | None, peaks: np.ndarray,
            classes: list[str], file: str) -> None:
-    """Write one label map, its scores (and overlay); with a CRF, ``label`` holds the probabilities [C, H, W]."""
+    """Write one label map, its scores (and overlay); with a CRF, ``label`` holds the probabilities [C, h, w]
+    (at the --max-side size for a larger image: :func:`wsss.crf.crf_label`)."""
     crf = cfg.applied_crf
     if crf is not None:
-        from wsss.crf import dense_crf
+        from wsss.crf import crf_label
 
-        label = dense_crf(image, label, **crf.kwargs()).argmax(0).astype(np.uint8)
+        label = crf_label(image, label, crf)
     artifacts.write_label_png(artifacts.label_path(cfg.out_dir, image_id), label)
     artifacts.write_json(scores_path(cfg.out_dir, image_id),
                          {"id": image_id, "file": file, "height": label.shape[0], "width": label.shape[1],
@@ -217,7 +216,7 @@ def write_predictions(model, batches: Iterator, cfg: PredictConfig, total: int, 
 
     from wsss.inference import BackgroundWriter, to_model_input
     from wsss.progress import bar as progress_bar
-    from wsss.segmentation import segment_batch
+    from wsss.segmentation import segment_batch, upsample_probs
 
     with_crf = cfg.applied_crf is not None
     keep_images = cfg.overlay or with_crf
@@ -226,10 +225,15 @@ def write_predictions(model, batches: Iterator, cfg: PredictConfig, total: int, 
     with BackgroundWriter(processes=crf_processes) as writer, \
             progress_bar(total=total, desc=f"predict {cfg.source}", show=info.is_main) as bar:
         for batch_ids, images, _ in batches:
-            probs = segment_batch(model, to_model_input(images), cfg.scales, cfg.flip, precision, cfg.max_side)
+            # at the --max-side size; full-size probabilities of a large photo are made one image at a time
+            probs = segment_batch(model, to_model_input(images), cfg.scales, cfg.flip, precision, cfg.max_side,
+                                  full_size=False)
             peaks = probs.amax((2, 3)).cpu().numpy()
             # the CRF needs the probabilities; otherwise only the uint8 argmax leaves the device
-            results = probs.cpu().numpy() if with_crf else probs.argmax(1).to(torch.uint8).cpu().numpy()
+            size = tuple(images.shape[1:3])
+            results = probs.cpu().numpy() if with_crf else [
+                upsample_probs(probs[index:index + 1], size).argmax(1)[0].to(torch.uint8).cpu().numpy()
+                for index in range(len(batch_ids))]
             pictures = images.cpu().numpy() if keep_images else [None] * len(batch_ids)
             for image_id, result, picture, peak in zip(batch_ids, results, pictures, peaks):
                 writer.submit(_write, cfg, image_id, result, picture, peak, classes, files[image_id])
@@ -258,21 +262,13 @@ def _workers(cfg: PredictConfig) -> int:
     return min(default_workers(), 4) if cfg.workers is None else cfg.workers
 
 
-def checkpoint_classes(checkpoint: dict, checkpoint_file: Path) -> list[str]:
-    classes = checkpoint.get("classes")
-    if not isinstance(classes, list) or len(classes) != checkpoint["arch"]["num_classes"]:
-        raise WsssError(f"{checkpoint_file}: holds no class list for its {checkpoint['arch']['num_classes']} "
-                        "outputs (a checkpoint of an older wsss?); retrain with `wsss train-seg`")
-    return [str(name) for name in classes]
-
-
 def run(cfg: PredictConfig) -> dict:
     """Predict every image of the split or of ``--images`` (skipping finished ones); return the metrics written."""
     from wsss.datasets.prepared import PreparedDataset
     from wsss.device import shard, sum_over_ranks
     from wsss.inference import file_batches, split_batches
     from wsss.models.backbones import prepare_for_inference
-    from wsss.models.deeplab import model_from_checkpoint
+    from wsss.models.deeplab import checkpoint_classes, model_from_checkpoint
     from wsss.training import maybe_compile, start_runtime
 
     runtime = start_runtime(cfg.device, cfg.threads, cfg.amp)
@@ -280,7 +276,7 @@ def run(cfg: PredictConfig) -> dict:
     checkpoint_file = artifacts.resolve_checkpoint(cfg.checkpoint)
     checkpoint = artifacts.load_checkpoint(checkpoint_file)
     model = prepare_for_inference(model_from_checkpoint(checkpoint, str(checkpoint_file)).to(device))
-    classes = checkpoint_classes(checkpoint, checkpoint_file)
+    classes = checkpoint_classes(checkpoint, str(checkpoint_file))
     if cfg.images:
         paths = artifacts.find_images(cfg.images, skip=cfg.out_dir)
         ids, dataset = list(paths)[:cfg.limit], None
@@ -322,6 +318,9 @@ def run(cfg: PredictConfig) -> dict:
                "precision": precision.name}
     if info.is_main and cfg.shard[1] == 1:
         metrics["scores"] = str(write_scores_table(cfg.out_dir, ids, classes))
+    elif info.is_main:
+        log.info("%s is written once every shard has finished: run predict again without --shard (it skips "
+                 "every image)", SCORES_TABLE)
     if info.is_main and cfg.evaluate:
         from wsss.evaluation import evaluate_labels
 

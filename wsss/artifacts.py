@@ -37,6 +37,7 @@ import os
 import platform
 import sys
 import tempfile
+import threading
 import time
 import zipfile
 import zlib
@@ -369,7 +370,8 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 
 def find_images(paths: Sequence[str | Path], skip: str | Path | None = None) -> dict[str, Path]:
-    """Image files of ``paths`` (files, or folders searched recursively), by id, in sorted order.
+    """Image files of ``paths`` (files, or folders searched recursively), by id: in the order given, each
+    folder's files in sorted order.
 
     A file given directly has its name without suffix as id; a file found in a folder has its
     path relative to that folder without suffix (``street/cat``).  Hidden files and folders, and
@@ -396,7 +398,7 @@ def find_images(paths: Sequence[str | Path], skip: str | Path | None = None) -> 
         else:
             raise WsssError(f"{given}: no such file or folder")
         for image_id, file in candidates:
-            if image_id in found and found[image_id] != file:
+            if image_id in found and found[image_id].resolve() != file.resolve():
                 raise WsssError(f"{file}: has the id {image_id!r} of {found[image_id]} (their label maps would be "
                                 "one file); rename one or predict them into different --out folders")
             found[image_id] = file
@@ -447,6 +449,24 @@ def write_label_png(path: str | Path, label: np.ndarray) -> None:
         handle.write(buffer.getvalue())
 
 
+_PIL_LIMIT = threading.Lock()
+
+
+@contextlib.contextmanager
+def open_image_file(path: str | Path) -> Iterator[Image.Image]:
+    """``PIL.Image.open`` without PIL's decompression-bomb limit (89 MP warns, 179 MP refuses): label
+    maps and photos of any size are this project's data, not an attack.  The limit is PIL's global,
+    lifted only while opening, under a lock."""
+    with _PIL_LIMIT:
+        limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        try:
+            image = Image.open(path)
+        finally:
+            Image.MAX_IMAGE_PIXELS = limit
+    with image:
+        yield image
+
+
 def read_label_png(path: str | Path, num_classes: int | None = None) -> np.ndarray:
     """Read a label PNG (palette or greyscale) as uint8 [H, W] of class indices.
 
@@ -457,7 +477,7 @@ def read_label_png(path: str | Path, num_classes: int | None = None) -> np.ndarr
     if not path.is_file():
         raise WsssError(f"{path}: label map not found")
     try:
-        with Image.open(path) as image:
+        with open_image_file(path) as image:
             if image.mode not in ("P", "L"):
                 raise WsssError(f"{path}: label map must be a palette or greyscale PNG, got mode {image.mode}")
             label = np.array(image, dtype=np.uint8)

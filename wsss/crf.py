@@ -130,3 +130,19 @@ def dense_crf(image: np.ndarray, probs: np.ndarray, *, iterations: int = 10, gau
         posterior = posterior.reshape(height, width, num_classes).transpose(2, 0, 1)
         posterior = posterior / np.maximum(posterior.sum(0, keepdims=True), 1e-8)
     return np.ascontiguousarray(posterior, dtype=np.float32)
+
+
+def crf_label(image: np.ndarray, probs: np.ndarray, params: CrfParams) -> np.ndarray:
+    """uint8 [H, W] labels of the image: the argmax of :func:`dense_crf` with ``params``.
+
+    ``probs`` [C, h, w] may be smaller than the image [H, W, 3] (an image segmented scaled down, at
+    ``wsss predict --max-side``): the CRF then runs at their size, on the image scaled down to it
+    (its kernels are in those pixels, the scale they were chosen at), and the labels are scaled up
+    to the image's size (nearest neighbour).
+    """
+    import cv2
+
+    size = tuple(probs.shape[1:])
+    small = image if size == image.shape[:2] else _resize(image, size, cv2.INTER_AREA)
+    label = dense_crf(small, probs, **params.kwargs()).argmax(0).astype(np.uint8)
+    return label if size == image.shape[:2] else _resize(label, image.shape[:2], cv2.INTER_NEAREST)

@@ -29,13 +29,13 @@ from wsss.models import EXPORT_FORMATS
 from wsss.models.backbones import fuse_conv_batchnorm
 from wsss.transforms import IMAGENET_MEAN, IMAGENET_STD
 
-#: The sizes (H, W) of the two check images: different, so a size frozen into the graph shows.
-CHECK_SIZES = ((224, 288), (160, 128))
+#: The sizes (H, W) of the two check images: different and odd, so a size frozen into the graph shows.
+CHECK_SIZES = ((161, 243), (224, 97))
 #: Largest difference allowed between exported and eager logits, relative to max(1, largest |logit|).
 TOLERANCE = 1e-4
 #: Where the class names travel inside a TorchScript or pt2 file (``_extra_files`` / ONNX metadata).
 CLASSES_KEY = "classes.json"
-ONNX_EXTRA = 'pip install "wsss[onnx]" (or pip install onnx onnxscript onnxruntime)'
+ONNX_EXTRA = 'install the onnx extra: pip install -e ".[onnx]" in the source folder'
 
 
 class ImageSegmenter(nn.Module):

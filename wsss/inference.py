@@ -38,10 +38,8 @@ _TRANSPOSING_ORIENTATIONS = {5, 6, 7, 8}
 
 def header_size(path: str | Path) -> tuple[int, int] | None:
     """(H, W) of an image as decoded, from its header only; None when the header is unreadable."""
-    from PIL import Image
-
     try:
-        with Image.open(path) as image:
+        with artifacts.open_image_file(path) as image:
             width, height = image.size
             orientation = image.getexif().get(0x0112) if hasattr(image, "getexif") else None
     except (OSError, ValueError, SyntaxError):

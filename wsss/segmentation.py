@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from wsss.artifacts import IGNORE_INDEX
-from wsss.crf import CrfParams, dense_crf
+from wsss.crf import CrfParams, crf_label
 from wsss.transforms import normalize_image
 
 
@@ -69,7 +69,7 @@ def shrunk_size(size: tuple[int, int], max_side: int | None) -> tuple[int, int]:
 
 
 def segment_batch(model: nn.Module, images: torch.Tensor, scales: Sequence[float] = (1.0,), flip: bool = True,
-                  precision=None, max_side: int | None = None) -> torch.Tensor:
+                  precision=None, max_side: int | None = None, full_size: bool = True) -> torch.Tensor:
     """Class probabilities of a batch, averaged over scales and horizontal flips, on the batch's device.
 
     Each scale resizes the batch (bilinear), runs it with its mirror images appended as one
@@ -77,8 +77,10 @@ def segment_batch(model: nn.Module, images: torch.Tensor, scales: Sequence[float
 
     A batch whose longer side exceeds ``max_side`` is first scaled down (antialiased) so that it
     does not; ``scales`` then apply to that size, the views are averaged there, and the average is
-    upsampled to the input size once.  A network trained on crops of a few hundred pixels sees
-    objects of a 4000-pixel photo at a size it knows, in a sixteenth of the memory.
+    upsampled to the input size once (or returned at the working size, ``full_size=False``, for a
+    caller that upsamples one image at a time: [C, H, W] floats of a 12-megapixel photo are 1 GB
+    for 21 classes).  A network trained on crops of a few hundred pixels sees the objects of a
+    4000-pixel photo at a size it knows, and its activations stay those of a 1024-pixel image.
 
     Args:
         model: maps float [B, 3, h, w] to logits [B, C, h, w], in eval mode.
@@ -87,6 +89,7 @@ def segment_batch(model: nn.Module, images: torch.Tensor, scales: Sequence[float
         flip: also use the horizontally flipped images.
         precision: a :class:`wsss.training.Precision` for autocast and memory layout (default: float32).
         max_side: longest side the network sees at scale 1 (pixels); None = the input's size.
+        full_size: upsample the probabilities to the input's size (else: at :func:`shrunk_size`).
 
     Returns:
         float32 [B, C, H, W] probabilities summing to 1 over C, at the input's size.
@@ -116,25 +119,34 @@ def segment_batch(model: nn.Module, images: torch.Tensor, scales: Sequence[float
             view_sum = probs[:batch] + probs[batch:].flip(-1) if flip else probs
             total = view_sum if total is None else total + view_sum
         mean = total / (len(scales) * (2 if flip else 1))
-        if work_size != size:
-            mean = F.interpolate(mean, size=size, mode="bilinear", align_corners=False)
+        if work_size != size and full_size:
+            mean = upsample_probs(mean, size)
     # a channels-last model (prepare_for_inference) gives channels-last maps; callers get the usual layout
     return mean.contiguous()
 
 
+def upsample_probs(probs: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Probabilities [B, C, h, w] bilinearly resized to ``size`` (H, W); unchanged when they have it."""
+    if tuple(probs.shape[-2:]) == tuple(size):
+        return probs
+    return F.interpolate(probs, size=tuple(size), mode="bilinear", align_corners=False)
+
+
 def predict_probs(model: nn.Module, image: np.ndarray, scales: Sequence[float] = (1.0,), flip: bool = True,
-                  device: torch.device | str = "cpu", max_side: int | None = None) -> np.ndarray:
+                  device: torch.device | str = "cpu", max_side: int | None = None, full_size: bool = True
+                  ) -> np.ndarray:
     """Class probabilities of one RGB uint8 [H, W, 3] image (:func:`segment_batch` of a batch of one).
 
     Returns:
-        float32 [C, H, W] probabilities summing to 1 over C.
+        float32 [C, H, W] probabilities summing to 1 over C (at :func:`shrunk_size` with ``full_size=False``).
     """
     if image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"expected an RGB image [H, W, 3], got {image.shape}")
     was_training = model.training
     model.eval()
     try:
-        probs = segment_batch(model, normalize_image(image)[None].to(device), scales, flip, max_side=max_side)
+        probs = segment_batch(model, normalize_image(image)[None].to(device), scales, flip, max_side=max_side,
+                              full_size=full_size)
     finally:
         model.train(was_training)
     return probs[0].cpu().numpy().astype(np.float32)
@@ -143,16 +155,18 @@ def predict_probs(model: nn.Module, image: np.ndarray, scales: Sequence[float] =
 def predict_label(model: nn.Module, image: np.ndarray, scales: Sequence[float] = (1.0,), flip: bool = True,
                   crf: CrfParams | None = None, device: torch.device | str = "cpu",
                   max_side: int | None = None) -> np.ndarray:
-    """Label map of one RGB uint8 [H, W, 3] image: :func:`predict_probs`, then a dense CRF when ``crf`` is given.
+    """Label map of one RGB uint8 [H, W, 3] image: the argmax of :func:`predict_probs`, or with ``crf``
+    the labels of :func:`wsss.crf.crf_label` (at the ``max_side`` size, scaled up).
 
     The one-image form of what ``wsss predict`` computes in batches.
 
     Returns:
-        uint8 [H, W] class indices (the argmax of the, optionally CRF-refined, probabilities).
+        uint8 [H, W] class indices.
     """
-    probs = predict_probs(model, image, scales=scales, flip=flip, device=device, max_side=max_side)
     if crf is not None:
-        probs = dense_crf(image, probs, **crf.kwargs())
+        probs = predict_probs(model, image, scales, flip, device=device, max_side=max_side, full_size=False)
+        return crf_label(image, probs, crf)
+    probs = predict_probs(model, image, scales=scales, flip=flip, device=device, max_side=max_side)
     return probs.argmax(0).astype(np.uint8)
 
 

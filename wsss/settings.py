@@ -6,7 +6,7 @@ A stage's ``Config`` derives from :class:`Settings` and declares each option onc
     @dataclass(frozen=True)
     class TrainClsConfig(Settings):
         lr: float = setting(0.1, "Backbone learning rate.", above=0)
-        select: str = setting("map", "What picks best.pth.", choices=("map", "last"))
+        select: str = setting("val-map", "What picks best.pth.", choices=("val-map", "last"))
 
 The field is the one owner of the option: its default, its help text, its choices and range.
 The command line (:mod:`wsss.stages.options` builds one option per field), a TOML file, a

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from PIL import Image
 
 from wsss.stages.cli import cli
 from wsss.stages.predict import PredictConfig, _label_settings
@@ -123,8 +124,10 @@ def test_applied_crf_is_the_crf_group_only_with_crf(tmp_path):
     plain = PredictConfig(root=tmp_path, checkpoint=tmp_path / "best.pth", out_dir=tmp_path / "pred")
     assert plain.applied_crf is None and plain.crf_params == POSTPROCESS_CRF
     assert plain.replace(crf=True).applied_crf == POSTPROCESS_CRF
-    # a config.json of the older form, whose crf held the parameters or null, reads the same
-    assert _label_settings({"scales": [1.0], "flip": True, "crf": None}) == ({"scales": [1.0], "flip": True}, None)
+    # a config.json of the older form, whose crf held the parameters or null, reads the same; one without
+    # max_side segmented every image at full size
+    old = {"scales": [1.0], "flip": True, "max_side": None}
+    assert _label_settings({"scales": [1.0], "flip": True, "crf": None}) == (old, None)
     assert _label_settings({"scales": [1.0], "flip": True, "crf": {"iterations": 2}})[1] == {"iterations": 2}
     assert _label_settings({"scales": [1.0], "flip": True, "crf": True, "crf_params": {"iterations": 2}})[1] == {
         "iterations": 2}
@@ -204,9 +207,17 @@ def _photos(folder):
         artifacts.write_image(path, rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
         files[image_id] = path
     gray = folder / "gray.png"  # a one-channel PNG: read as RGB
-    from PIL import Image
     Image.fromarray(rng.integers(0, 256, (30, 35), dtype=np.uint8)).save(gray)
     files["gray"] = gray
+    rotated = folder / "rotated.jpg"  # a phone photo: pixels 30 x 50, shown turned by its EXIF orientation
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(rng.integers(0, 256, (30, 50, 3), dtype=np.uint8)).save(rotated, exif=exif)
+    files["rotated"] = rotated
+    deep = folder / "deep.png"  # 16 bits per channel
+    import cv2
+    cv2.imwrite(str(deep), rng.integers(0, 65536, (26, 31, 3), dtype=np.uint16))
+    files["deep"] = deep
     (folder / "notes.txt").write_text("not an image")  # other files in the folder are left alone
     return files
 
@@ -233,6 +244,7 @@ def test_images_of_any_format_and_size_are_segmented_with_scores(setup, tmp_path
     rows = list(csv.DictReader((out / "scores.csv").open()))
     assert [row["id"] for row in rows] == sorted(set(files) - {"single"}) + ["single"]  # folders in sorted order
     assert list(rows[0]) == ["id", "file", "background area", "square area", "background score", "square score"]
+    assert artifacts.read_image(files["rotated"]).shape == (50, 30, 3)  # decoded as shown, as every stage reads it
     for row in rows:
         image_id, file = row["id"], files[row["id"]]
         image = artifacts.read_image(file)
@@ -287,3 +299,38 @@ def test_limit_predicts_and_scores_the_first_images_only(setup, tmp_path):
     result = predict_images(checkpoint, tmp_path / "photos_pred", root / "images", extra=["--limit", "1"])
     assert result.exit_code == 0 and "1 predicted, 0 skipped" in result.output, result.output
     assert [row["id"] for row in csv.DictReader((tmp_path / "photos_pred" / "scores.csv").open())] == ["odd0"]
+
+
+def test_crf_with_max_side_runs_at_the_smaller_size_and_labels_the_full_image(setup, tmp_path):
+    _, checkpoint, model = setup
+    photo = tmp_path / "big.png"
+    image = np.random.default_rng(5).integers(0, 256, (90, 120, 3), dtype=np.uint8)
+    artifacts.write_image(photo, image)
+    result = predict_images(checkpoint, tmp_path / "pred", photo,
+                            extra=["--max-side", "40", "--crf", "--crf-iterations", "2"])
+    assert result.exit_code == 0, result.output
+    label = artifacts.read_label_png(artifacts.label_path(tmp_path / "pred", "big"))
+    assert label.shape == (90, 120)
+    crf = POSTPROCESS_CRF.replace(iterations=2)
+    expected = predict_label(model.eval(), image, scales=(1.0, 0.75), crf=crf, max_side=40)
+    assert (label == expected).mean() > 0.99  # float rounding of the folded network may move a rare pixel
+    # the CRF ran on the 30 x 40 probabilities: the labels are its nearest-neighbour enlargement
+    from wsss.crf import dense_crf
+    small_probs = predict_probs(model, image, scales=(1.0, 0.75), max_side=40, full_size=False)
+    assert small_probs.shape == (2, 30, 40)
+    import cv2
+    small = dense_crf(cv2.resize(image, (40, 30), interpolation=cv2.INTER_AREA), small_probs,
+                      **crf.kwargs()).argmax(0).astype(np.uint8)
+    np.testing.assert_array_equal(expected, cv2.resize(small, (120, 90), interpolation=cv2.INTER_NEAREST))
+
+
+def test_an_image_over_pils_size_limit_is_predicted(setup, tmp_path, monkeypatch):
+    _, checkpoint, model = setup
+    photo = tmp_path / "huge.png"
+    image = np.random.default_rng(6).integers(0, 256, (40, 50, 3), dtype=np.uint8)
+    artifacts.write_image(photo, image)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 400)  # 2000 px is then "twice the limit": PIL refuses the header
+    result = predict_images(checkpoint, tmp_path / "pred", photo)
+    assert result.exit_code == 0, result.output
+    np.testing.assert_array_equal(artifacts.read_label_png(artifacts.label_path(tmp_path / "pred", "huge")),
+                                  predict_label(model.eval(), image, scales=(1.0, 0.75)))

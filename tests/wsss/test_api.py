@@ -51,6 +51,10 @@ def test_predict_gives_the_label_map_that_wsss_predict_writes(checkpoint, tmp_pa
     assert label.dtype == np.uint8 and label.shape == (41, 57)
     np.testing.assert_array_equal(label, written)
     np.testing.assert_array_equal(model.predict(tmp_path / "photo.png"), written)  # a path reads the file
+    np.testing.assert_array_equal(wsss.read_image(tmp_path / "photo.png"), image)
+    assert wsss.load_model(checkpoint, device=torch.device("cpu")).device == torch.device("cpu")
+    with pytest.raises(ValueError, match="max_side must be None or an integer of at least 16"):
+        model.predict(image, max_side="none")
     probs = model.probabilities(image, scales=[1.0], flip=False)
     assert probs.shape == (2, 41, 57) and probs.dtype == np.float32
     np.testing.assert_allclose(probs.sum(0), 1.0, atol=1e-5)
@@ -88,7 +92,7 @@ def test_evaluate_takes_paths_and_gives_the_hand_computed_miou(tmp_path):
     artifacts.write_label_png(tmp_path / "pred" / "a.png", pred)
     write_prepared(root, "folder", CLASSES, {"val": (SplitSpec(image_dir="images", image_ext=".png",
                                                                mask_dir="masks"), ["a"])}, {"a": [1]})
-    scores = wsss.evaluate(str(tmp_path / "pred"), str(root), "val")
+    scores = wsss.evaluate(str(tmp_path / "pred"), str(root), "val", workers=0)
     # square: 8 / 12; background: 4 / 8
     assert scores["per_class"]["square"]["iou"] == pytest.approx(8 / 12)
     assert scores["per_class"]["background"]["iou"] == pytest.approx(4 / 8)

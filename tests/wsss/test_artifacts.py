@@ -311,3 +311,27 @@ def test_run_layout_names_every_stage_folder(tmp_path):
         ["cls", "cams", "pseudo", "seg", "pred"]
     assert layout.pred_folder(tmp_path, "train") == tmp_path / "pred_train"
     assert layout.pred_folder(tmp_path) == tmp_path / "pred"
+
+
+def test_find_images_ids_order_and_what_it_leaves_out(tmp_path):
+    from wsss.artifacts import find_images
+
+    photos = tmp_path / "photos"
+    for relative in ("b.jpg", "a.PNG", "trip/c.webp", ".hidden/d.jpg", ".e.jpg", "pred/a.png", "notes.txt"):
+        (photos / relative).parent.mkdir(parents=True, exist_ok=True)
+        (photos / relative).write_bytes(b"x")
+    single = tmp_path / "x.bmp"
+    single.write_bytes(b"x")
+    found = find_images([single, photos], skip=photos / "pred")
+    assert list(found) == ["x", "a", "b", "trip/c"]  # in the order given, each folder sorted
+    assert found["trip/c"] == photos / "trip" / "c.webp"
+    # the same file reached twice (a folder and, relative, the file in it) is one image
+    assert list(find_images([photos / "b.jpg", photos], skip=photos / "pred")) == ["b", "a", "trip/c"]
+    (photos / "b.png").write_bytes(b"x")
+    with pytest.raises(WsssError, match=r"b.png: has the id 'b' of .*b.jpg"):
+        find_images([photos])
+    with pytest.raises(WsssError, match="nowhere: no such file or folder"):
+        find_images([tmp_path / "nowhere"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(WsssError, match="empty: no images"):
+        find_images([tmp_path / "empty"])

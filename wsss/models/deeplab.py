@@ -167,3 +167,12 @@ def model_from_checkpoint(checkpoint: dict, source: str = "checkpoint") -> Segme
     except RuntimeError as err:
         raise WsssError(f"{source}: weights do not fit {arch['model']} ({str(err).splitlines()[0]})") from None
     return model
+
+
+def checkpoint_classes(checkpoint: dict, source: str = "checkpoint") -> list[str]:
+    """The class names of a ``train-seg`` checkpoint, in the order of its outputs (checked against ``arch``)."""
+    classes, count = checkpoint.get("classes"), (checkpoint.get("arch") or {}).get("num_classes")
+    if not isinstance(classes, list) or len(classes) != count:
+        raise WsssError(f"{source}: holds no class list for its {count} outputs (a checkpoint of an older wsss?); "
+                        "retrain with `wsss train-seg`")
+    return [str(name) for name in classes]
