@@ -265,6 +265,21 @@ def _workers(cfg: PredictConfig) -> int:
 def run(cfg: PredictConfig) -> dict:
     """Predict every image of the split or of ``--images`` (skipping finished ones); return the metrics written."""
     from wsss.datasets.prepared import PreparedDataset
+
+    # the inputs first: a missing image or split stops the command before torch and the checkpoint load
+    if cfg.images:
+        paths = artifacts.find_images(cfg.images, skip=cfg.out_dir)
+        ids, dataset = list(paths)[:cfg.limit], None
+        files = {image_id: str(path) for image_id, path in paths.items()}
+    else:
+        dataset = PreparedDataset.load(cfg.root, cfg.dataset)
+        if cfg.evaluate and not dataset.has_masks(cfg.split):
+            raise WsssError(f"--eval: split {cfg.split!r} of {cfg.root} has no ground-truth masks")
+        ids = dataset.ids(cfg.split)[:cfg.limit]
+        if not ids:
+            raise WsssError(f"{cfg.root}: split {cfg.split!r} has no images")
+        files = {image_id: str(dataset.image_path(cfg.split, image_id)) for image_id in ids}
+
     from wsss.device import shard, sum_over_ranks
     from wsss.inference import file_batches, split_batches
     from wsss.models.backbones import prepare_for_inference
@@ -277,20 +292,8 @@ def run(cfg: PredictConfig) -> dict:
     checkpoint = artifacts.load_checkpoint(checkpoint_file)
     model = prepare_for_inference(model_from_checkpoint(checkpoint, str(checkpoint_file)).to(device))
     classes = checkpoint_classes(checkpoint, str(checkpoint_file))
-    if cfg.images:
-        paths = artifacts.find_images(cfg.images, skip=cfg.out_dir)
-        ids, dataset = list(paths)[:cfg.limit], None
-        files = {image_id: str(path) for image_id, path in paths.items()}
-    else:
-        dataset = PreparedDataset.load(cfg.root, cfg.dataset)
-        if classes != list(dataset.classes):
-            raise WsssError(f"{checkpoint_file}: trained for classes {classes} but {cfg.root} has {dataset.classes}")
-        if cfg.evaluate and not dataset.has_masks(cfg.split):
-            raise WsssError(f"--eval: split {cfg.split!r} of {cfg.root} has no ground-truth masks")
-        ids = dataset.ids(cfg.split)[:cfg.limit]
-        if not ids:
-            raise WsssError(f"{cfg.root}: split {cfg.split!r} has no images")
-        files = {image_id: str(dataset.image_path(cfg.split, image_id)) for image_id in ids}
+    if dataset is not None and classes != list(dataset.classes):
+        raise WsssError(f"{checkpoint_file}: trained for classes {classes} but {cfg.root} has {dataset.classes}")
     _check_previous_run(cfg, checkpoint_file, checkpoint.get("step"))
     mine = shard(ids, info, cfg.shard)
     todo = mine if cfg.overwrite else [image_id for image_id in mine if not _is_done(cfg, image_id, len(classes))]
