@@ -13,11 +13,13 @@ network's up to float rounding (:data:`TOLERANCE`, relative to the logits' scale
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import logging
 import warnings
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -85,6 +87,20 @@ def _pt2(model: ImageSegmenter, example: torch.Tensor, classes: list[str]) -> tu
     return buffer.getvalue(), lambda images: loaded(images).numpy()
 
 
+@contextlib.contextmanager
+def _quiet_loggers(*names: str) -> Iterator[None]:
+    """Only warnings from these loggers while the block runs (their levels are restored after)."""
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
 def _onnx(model: ImageSegmenter, example: torch.Tensor, classes: list[str], opset: int) -> tuple[bytes, Callable]:
     try:
         import onnx
@@ -92,7 +108,7 @@ def _onnx(model: ImageSegmenter, example: torch.Tensor, classes: list[str], opse
         import onnxscript  # noqa: F401  (torch.onnx's exporter needs it)
     except ImportError as err:
         raise WsssError(f"--format onnx: the {err.name} package is not installed; {ONNX_EXTRA}") from None
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _quiet_loggers("onnxscript", "onnx_ir"):  # a log line per optimiser pass
         warnings.simplefilter("ignore")
         program = torch.onnx.export(model, (example,), input_names=["images"], output_names=["logits"],
                                     dynamic_shapes=_dynamic_shapes(), opset_version=opset, dynamo=True,
