@@ -241,3 +241,84 @@ def test_resume_compares_a_group_with_a_checkpoint_written_before_the_group(tmp_
         find_resumable(spec(lr=0.1, poly_power=0.9))
     with pytest.raises(WsssError, match=r"different --head-lr-mult"):
         find_resumable(spec(head_lr_mult=1.0))
+
+
+# --------------------------------------------------------------------------- two processes: DDP = one process
+
+
+DDP_STEPS = 3
+
+
+def _ddp_batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per step the global batch: 4 images [4, 3, 32, 32] and multi-hot targets [4, 2] (rank r takes 2r, 2r + 1)."""
+    generator = torch.Generator().manual_seed(11)
+    return [(torch.randn(4, 3, 32, 32, generator=generator),
+             torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [0.0, 1.0]]).roll(step, 0)) for step in range(DDP_STEPS)]
+
+
+def _train_cam_net(out: Path, batches, info: DistInfo, train: bool = True) -> dict:
+    """train-cls's training path on ``batches``: a resnet18 CamNet, its Sgd groups and poly schedule, the
+    CamObjective wrapped by ``wrap_distributed``, :func:`fit`.  Returns the final weights as numpy arrays
+    (without ``train``: the initial ones).
+
+    BatchNorm is frozen (``freeze_bn``): in training mode it would normalise each rank's half of the batch with
+    that half's statistics, and no averaging of gradients makes two halves equal to the whole.
+    """
+    from wsss.losses import CamObjective
+    from wsss.models.classifier import CamNet
+    from wsss.optim import Sgd
+    from wsss.training import wrap_distributed
+
+    torch.manual_seed(0)
+    model = CamNet("resnet18", num_classes=3, freeze_bn=True)
+    sgd = Sgd(lr=0.05)
+    optimizer = sgd.optimizer(*model.parameter_groups())
+    cpu = torch.device("cpu")
+    precision = resolve_precision("off", cpu)
+    trainee = Trainee(model, optimizer, sgd.scheduler(optimizer, DDP_STEPS), grad_scaler(precision, cpu))
+    spec = RunSpec(out, ToyConfig(), ("lr",), DDP_STEPS, ["background", "a", "b"], model.arch)
+    objective = wrap_distributed(CamObjective(model), cpu, info)
+    loop = Loop(lambda batch, step: objective(*batch), round_steps=DDP_STEPS, summarize=lambda state, done: {})
+    if train:
+        fit(trainee, batches, loop, spec, TrainState(), precision=precision, device=cpu, info=info)
+    return {name: tensor.detach().numpy().copy() for name, tensor in model.state_dict().items()}
+
+
+def _ddp_rank(rank: int, world_size: int, init_file: str, out: str, results) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        rows = slice(2 * rank, 2 * rank + 2)
+        batches = [(images[rows], targets[rows]) for images, targets in _ddp_batches()]
+        results[rank] = _train_cam_net(Path(out), batches, DistInfo(rank=rank, local_rank=rank, world_size=world_size))
+    finally:
+        dist.destroy_process_group()
+
+
+def _largest_difference(first: dict, second: dict) -> float:
+    assert first.keys() == second.keys()
+    return max(float(abs(torch.from_numpy(first[name]).double() - torch.from_numpy(second[name]).double()).max())
+               for name in first)
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built in")
+def test_two_gloo_processes_train_the_weights_of_one_process_on_the_whole_batch(tmp_path):
+    """DDP averages the two ranks' gradients, so 3 steps of train-cls's path on two halves of each batch end with
+    the weights of one process on the whole batches (the loss is a mean over equal halves)."""
+    import torch.multiprocessing as mp
+
+    single = _train_cam_net(tmp_path / "single", _ddp_batches(), DistInfo())
+    initial = _train_cam_net(tmp_path / "untrained", [], DistInfo(), train=False)
+    results = mp.get_context("spawn").Manager().dict()
+    mp.spawn(_ddp_rank, args=(2, str(tmp_path / "rendezvous"), str(tmp_path / "ddp"), results), nprocs=2, join=True)
+    moved = _largest_difference(single, initial)
+    assert moved > 1e-2  # the steps changed the weights far beyond the tolerance below
+    for rank in (0, 1):
+        assert _largest_difference(results[rank], single) < 1e-5, rank
+    # a rank training on its half alone (no averaging) ends far from the whole-batch weights
+    half = _train_cam_net(tmp_path / "half", [(images[:2], targets[:2]) for images, targets in _ddp_batches()],
+                          DistInfo())
+    assert _largest_difference(half, single) > 100 * 1e-5
+    assert artifacts.load_checkpoint(artifacts.checkpoint_path(tmp_path / "ddp", "last"))["step"] == DDP_STEPS
