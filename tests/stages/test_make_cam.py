@@ -132,6 +132,24 @@ def test_inference_erasing_changes_the_cams_and_matches_the_library(setup, tmp_p
     assert np.abs(cams - plain.numpy()).max() > 0.01
 
 
+def _miou_by_definition(root, cam_dir, threshold: float) -> float:
+    """The CAMs' mIoU at a background threshold, from the mask and CAM files alone: a pixel is the class of its
+    strongest CAM where that exceeds the threshold, else background; IoU = |label & mask| / |label | mask| per
+    class, averaged over the classes in either."""
+    from PIL import Image
+
+    intersection, union = np.zeros(len(CLASSES)), np.zeros(len(CLASSES))
+    for image_id in SIZES:
+        mask = np.array(Image.open(root / "masks" / f"{image_id}.png"))
+        with np.load(artifacts.cam_path(cam_dir, image_id)) as data:
+            keys, cams = data["keys"].astype(np.int64), data["cams"].astype(np.float32)
+        label = np.where(cams.max(0) > threshold, keys[cams.argmax(0)], 0)
+        for cls in range(len(CLASSES)):
+            intersection[cls] += np.sum((label == cls) & (mask == cls))
+            union[cls] += np.sum((label == cls) | (mask == cls))
+    return float(np.mean(intersection[union > 0] / union[union > 0]))
+
+
 def test_eval_runs_the_threshold_sweep(setup, tmp_path):
     root, checkpoint, _ = setup
     out = tmp_path / "cams"
@@ -140,7 +158,11 @@ def test_eval_runs_the_threshold_sweep(setup, tmp_path):
     metrics = json.loads(artifacts.metrics_path(out).read_text())
     sweep = metrics["eval"]["sweep"]
     assert [entry["threshold"] for entry in sweep] == pytest.approx([0.1, 0.2, 0.3, 0.4, 0.5])
-    assert metrics["eval"]["miou"] == pytest.approx(max(entry["miou"] for entry in sweep))
+    expected = [_miou_by_definition(root, out, threshold) for threshold in (0.1, 0.2, 0.3, 0.4, 0.5)]
+    assert [entry["miou"] for entry in sweep] == pytest.approx(expected, abs=1e-6)
+    assert len(set(np.round(expected, 6))) == len(expected)  # the thresholds give different labels
+    assert metrics["eval"]["miou"] == pytest.approx(max(expected), abs=1e-6)
+    assert metrics["eval"]["best_threshold"] == pytest.approx(0.1 * (1 + int(np.argmax(expected))))
     assert "best threshold" in result.output
     assert os.path.isfile(metrics["eval"]["report_file"])
 
