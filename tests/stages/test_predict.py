@@ -110,7 +110,6 @@ def test_resume_refuses_a_folder_predicted_with_other_settings_or_checkpoint(set
 
 
 def test_resume_names_the_crf_options_that_changed(setup, tmp_path):
-    pytest.importorskip("pydensecrf")
     root, checkpoint, _ = setup
     out = tmp_path / "pred"
     crf = ("--crf", "--crf-iterations", "1", "--crf-scale", "0.5")
@@ -144,7 +143,6 @@ def test_crf_options_are_checked_before_any_work(setup, tmp_path):
 
 
 def test_crf_post_processing_writes_full_size_labels(setup, tmp_path):
-    pytest.importorskip("pydensecrf")
     root, checkpoint, model = setup
     out = tmp_path / "crf"
     result = predict(root, checkpoint, out, "--crf", "--crf-iterations", "2", "--no-flip")

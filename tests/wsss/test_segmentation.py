@@ -107,7 +107,6 @@ def test_predict_label_is_the_argmax_and_the_crf_refines_it():
     # class 1 wins where its logit x > 0; the flipped view averages sigmoid(x) with sigmoid(4 - x): > 1/2 everywhere
     np.testing.assert_array_equal(predict_label(model, image, flip=False), [[0, 1, 1, 1, 1]] * 3)
     np.testing.assert_array_equal(predict_label(model, image, flip=True), np.ones((3, 5)))
-    pytest.importorskip("pydensecrf")
     from wsss.crf import POSTPROCESS_CRF, dense_crf
 
     crf = POSTPROCESS_CRF.replace(iterations=2)
