@@ -186,3 +186,86 @@ def test_view_cells_inside_marks_the_interpolated_cells():
     expected = torch.tensor([False, True, True, True, True, True, True, False])  # j = 7 -> 3.48 > 3
     assert torch.equal(inside[1], expected) and torch.equal(inside[:, 1], expected)
     assert torch.equal(inside, expected[:, None] & expected[None, :])
+
+
+# --------------------------------------------------------------------------- what the train-cls options change
+
+
+class _RecordingCamNet(torch.nn.Module):
+    """A CAM 'network' of one stride-4 convolution that keeps every input and class map it made, in call order
+    (CamObjective calls it on the images, then on the equivariance view, then on the erased images)."""
+
+    output_stride = 4
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 2, kernel_size=4, stride=4, bias=False)
+        self.inputs, self.maps = [], []
+
+    def forward(self, images, return_maps=False):
+        maps = self.conv(images)
+        maps.retain_grad()
+        self.inputs.append(images)
+        self.maps.append(maps)
+        logits = maps.mean(dim=(2, 3))
+        return (logits, maps) if return_maps else logits
+
+
+@pytest.mark.parametrize("er_target", ["detached", "both"])
+def test_er_target_decides_whether_the_images_cams_learn_from_the_equivariance_term(er_target):
+    torch.manual_seed(0)
+    net = _RecordingCamNet()
+    objective = CamObjective(net, er_weight=1.0, er_scale_range=(0.5, 0.5), er_target=er_target)
+    terms = objective(torch.randn(2, 3, 32, 32), torch.tensor([[1.0, 0.0], [1.0, 1.0]]))
+    terms["er"].backward()
+    image_maps, view_maps = net.maps
+    assert view_maps.grad is not None and view_maps.grad.abs().sum() > 0  # the view always learns
+    if er_target == "detached":  # the image's CAMs are the target: no gradient into them
+        assert image_maps.grad is None or not image_maps.grad.any()
+    else:  # SEAM: both branches move towards each other
+        assert image_maps.grad is not None and image_maps.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("erase_fill", ["mean", "blur"])
+def test_erase_fill_is_what_replaces_the_erased_pixels(erase_fill):
+    from wsss.losses import blur_fill
+
+    torch.manual_seed(0)
+    net = _RecordingCamNet()
+    images, targets = torch.randn(2, 3, 32, 32), torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+    CamObjective(net, erase_weight=1.0, erase_thresh=0.5, erase_fill=erase_fill)(images, targets)
+    image_maps = net.maps[0]
+    erased = net.inputs[1]
+    mask = erase_mask(image_maps, targets, (32, 32), 0.5, stride=4)[:, None].expand_as(images)
+    assert 0 < mask.sum() < mask.numel()
+    assert torch.equal(erased[~mask], images[~mask])  # the rest of the image is kept
+    if erase_fill == "mean":  # the mean colour is 0 in ImageNet-normalised images
+        assert torch.equal(erased[mask], torch.zeros(int(mask.sum())))
+    else:  # a blurred copy of the image: smooth, not the pixels that were there, not flat
+        torch.testing.assert_close(erased[mask], blur_fill(images)[mask])
+        assert not torch.equal(erased[mask], images[mask]) and erased[mask].std() > 0
+
+
+def test_regulariser_ramp_by_hand():
+    from wsss.losses import regulariser_ramp
+
+    # --reg-start 0.2 --reg-ramp 0.5 over 100 steps: off before step 20, rising to 1 at step 70
+    assert [regulariser_ramp(step, 100, 0.2, 0.5) for step in (0, 19, 20, 30, 45, 69, 70, 99)] == \
+        pytest.approx([0.0, 0.0, 0.0, 0.2, 0.5, 0.98, 1.0, 1.0])
+    # no ramp: a step at --reg-start; both 0 (the defaults): always on
+    assert [regulariser_ramp(step, 10, 0.5, 0.0) for step in (0, 4, 5, 9)] == [0.0, 0.0, 1.0, 1.0]
+    assert [regulariser_ramp(step, 10, 0.0, 0.0) for step in (0, 9)] == [1.0, 1.0]
+
+
+def test_the_ramp_scales_the_regularisers_and_zero_skips_their_passes():
+    torch.manual_seed(0)
+    net = _RecordingCamNet()
+    objective = CamObjective(net, er_weight=1.0, er_scale_range=(0.5, 0.5), erase_weight=2.0, erase_thresh=0.5)
+    images, targets = torch.randn(2, 3, 32, 32), torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+    off = objective(images, targets, ramp=0.0)
+    assert len(net.inputs) == 1 and off["total"].item() == off["cls"].item()  # no view, no erased images
+    torch.manual_seed(1)
+    half = objective(images, targets, ramp=0.5)
+    assert len(net.inputs) == 1 + 3 and half["er"].item() > 0 and half["erase"].item() > 0
+    assert half["total"].item() == pytest.approx(
+        half["cls"].item() + 0.5 * (1.0 * half["er"].item() + 2.0 * half["erase"].item()), rel=1e-6)
