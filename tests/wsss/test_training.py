@@ -178,6 +178,26 @@ def test_a_run_stopped_inside_a_round_records_the_history_of_an_uninterrupted_on
     assert final["best"] == {"round": 2, "step": 8, "metric": None, "value": None} and final["pending"] is None
 
 
+@pytest.mark.parametrize("select, best_round", [("val_miou", 2), (None, 3)])
+def test_best_checkpoint_is_the_round_with_the_highest_selected_value(tmp_path, select, best_round):
+    """train-seg's --select val-miou: best.pth is the round whose validation scored highest (0.5 of 0.2, 0.5, 0.3),
+    with that round's weights; --select last (no key): the last round."""
+    trainee, spec, data, step_loss = _toy(tmp_path / "run")
+    scores = iter([0.2, 0.5, 0.3])
+    loop = Loop(step_loss, round_steps=2, summarize=lambda state, done: {}, validate=lambda: {"val_miou": next(scores)},
+                select=select, seed=3)
+    cpu = torch.device("cpu")
+    fit(trainee, list(data), loop, spec, TrainState(), precision=resolve_precision("off", cpu), device=cpu,
+        info=DistInfo())
+    best = artifacts.load_checkpoint(artifacts.checkpoint_path(tmp_path / "run", "best"))
+    value = {"val_miou": [0.2, 0.5, 0.3][best_round - 1], None: None}[select]
+    assert best["best"] == {"round": best_round, "step": 2 * best_round, "metric": select, "value": value}
+    assert best["step"] == 2 * best_round
+    after_that_round = _fit(tmp_path / "stopped", stop_at=2 * best_round)
+    for name, tensor in after_that_round.state_dict().items():
+        assert torch.equal(best["model"][name], tensor), name
+
+
 def test_resume_refuses_another_schedule(tmp_path):
     _fit(tmp_path / "run", stop_at=2)
     trainee, spec, _, _ = _toy(tmp_path / "run", lr=0.2)
