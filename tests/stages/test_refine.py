@@ -125,6 +125,46 @@ def test_stage_outputs_metrics_resume_and_eval(tiny):
         run(RefineConfig(cam_dir=cam_dir, root=root, out_dir=out, threshold="fixed", workers=1, progress=False))
 
 
+def test_crf_and_raw_options_reach_every_image(tiny):
+    """--crf-gaussian-sxy, --crf-gaussian-compat, --crf-temperature and --raw-alpha: the files written are
+    refine_image's with those settings, and each setting alone changes them (the labels, or for --raw-alpha
+    the weights), so none of them can be dropped on the way."""
+    from wsss.datasets.prepared import PreparedDataset
+    from wsss.refine import refine_image
+
+    root, cam_dir, tmp = tiny
+    out = tmp / "pseudo"
+    result = CliRunner().invoke(cli, [
+        "-q", "refine", "--cams", str(cam_dir), "--root", str(root), "--out", str(out), "--threshold", "fixed",
+        "--bg-thresh", "0.3", "--crf", "--crf-iterations", "3", "--crf-gaussian-sxy", "20", "--crf-gaussian-compat",
+        "30", "--crf-temperature", "3", "--raw-alpha", "0.8", "--workers", "1", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    crf = CrfParams(iterations=3, gaussian_sxy=20.0, gaussian_compat=30.0)
+    params = RefineParams(threshold="fixed", bg_thresh=0.3, crf=crf, unary_temperature=3.0, lambda_alpha=0.8)
+    without = {"--crf-gaussian-sxy": params.replace(crf=crf.replace(gaussian_sxy=PSEUDO_LABEL_CRF.gaussian_sxy)),
+               "--crf-gaussian-compat": params.replace(crf=crf.replace(gaussian_compat=PSEUDO_LABEL_CRF.gaussian_compat)),
+               "--crf-temperature": params.replace(unary_temperature=RefineParams.unary_temperature),
+               "--raw-alpha": params.replace(lambda_alpha=RefineParams.lambda_alpha)}
+    changed = set()
+    dataset = PreparedDataset.load(root)
+    for image_id in IDS:
+        image = dataset.read_image("train", image_id)
+        keys, cams = artifacts.read_cam(artifacts.cam_path(cam_dir, image_id))
+        label, weights, _ = refine_image(image, keys, cams, params)
+        np.testing.assert_array_equal(artifacts.read_label_png(artifacts.label_path(out, image_id)), label)
+        written = artifacts.read_reliability(artifacts.reliability_path(out, image_id))
+        np.testing.assert_allclose(written, weights, rtol=2e-3, atol=1e-3)  # float16 on disk
+        for option, other in without.items():
+            other_label, other_weights, _ = refine_image(image, keys, cams, other)
+            if option == "--raw-alpha":
+                assert np.array_equal(other_label, label)  # RAW weighs the labels, it does not change them
+                if np.abs(other_weights - weights).max() > 0.1:
+                    changed.add(option)
+            elif not np.array_equal(other_label, label):
+                changed.add(option)
+    assert changed == set(without)
+
+
 def test_pseudo_labels_beat_the_cam_at_the_fixed_threshold(tiny):
     from wsss.datasets.prepared import PreparedDataset
     from wsss.evaluation import evaluate_cams
