@@ -62,6 +62,41 @@ def test_without_pairwise_terms_the_labels_stay():
     np.testing.assert_array_equal(posterior.argmax(0), probs.argmax(0))
 
 
+def _island():
+    """A flat grey 24 x 24 image whose class-1 probability is 0.3, except a 2 x 2 island of 0.6."""
+    image = np.full((24, 24, 3), 128, dtype=np.uint8)
+    foreground = np.full((24, 24), 0.3, dtype=np.float32)
+    foreground[10:12, 10:12] = 0.6
+    return image, np.stack([1.0 - foreground, foreground])
+
+
+def test_gaussian_kernel_width_and_weight_decide_whether_an_island_is_smoothed_away():
+    """--crf-gaussian-sxy is how far the smoothness kernel reaches (pixels), --crf-gaussian-compat its weight."""
+    image, probs = _island()
+
+    def island_kept(sxy, compat):
+        posterior = dense_crf(image, probs, iterations=5, gaussian_sxy=sxy, gaussian_compat=compat, bilateral_compat=0)
+        return bool((posterior.argmax(0)[10:12, 10:12] == 1).all())
+
+    # weight 0: no pairwise term, the posterior is the input itself (its unary is -log p)
+    unary_only = dense_crf(image, probs, iterations=5, gaussian_compat=0, bilateral_compat=0)
+    np.testing.assert_allclose(unary_only, probs, atol=1e-5)
+    assert island_kept(sxy=3.0, compat=0.0)
+    assert not island_kept(sxy=3.0, compat=3.0)  # 3 pixels wide and weight 3: the surroundings outvote it
+    assert island_kept(sxy=0.5, compat=3.0)      # narrower than the pixel spacing: no neighbour is reached
+    assert island_kept(sxy=1.0, compat=1.0) and not island_kept(sxy=1.0, compat=3.0)  # the weight decides
+
+
+def test_crf_label_uses_the_settings_it_is_given():
+    from wsss.crf import crf_label
+
+    image, probs = _island()
+    smooth = CrfParams(iterations=5, gaussian_sxy=3.0, gaussian_compat=3.0, bilateral_compat=0.0)
+    np.testing.assert_array_equal(crf_label(image, probs, smooth), np.zeros((24, 24), np.uint8))
+    narrow = smooth.replace(gaussian_sxy=0.5)
+    np.testing.assert_array_equal(crf_label(image, probs, narrow), probs.argmax(0))
+
+
 def test_single_class_is_certain():
     image, probs, _ = _toy()
     np.testing.assert_array_equal(dense_crf(image, probs[:1] * 0 + 1), np.ones((1, HEIGHT, WIDTH), np.float32))

@@ -141,6 +141,43 @@ def test_crf_follows_the_colour_edge():
     assert (refined[:, :28] == 1).mean() > 0.99 and (refined[:, 28:] == 0).mean() > 0.99
 
 
+def test_crf_temperature_scales_the_unary_margins_by_hand(monkeypatch):
+    """--crf-temperature T: the CRF's input is softmax([0, cam - threshold] / T) per pixel."""
+    import wsss.refine
+    from wsss.refine import label_from_thresholds
+
+    seen = []
+    monkeypatch.setattr(wsss.refine, "dense_crf", lambda image, probs, **settings: seen.append(probs) or probs)
+    cams = np.array([[[0.7, 0.1]]], dtype=np.float32)  # margins 0.5 and -0.1 from the threshold 0.2
+    image = np.zeros((1, 2, 3), np.uint8)
+    for temperature in (1.0, 0.25):
+        label = label_from_thresholds(cams, np.array([0.2]), image=image, crf=CrfParams(),
+                                      unary_temperature=temperature)
+        assert label.tolist() == [[1, 0]]
+    # T = 1: sigmoid(0.5) = 0.622459, sigmoid(-0.1) = 0.475021; T = 1/4: sigmoid(2) = 0.880797, sigmoid(-0.4) = 0.401312
+    np.testing.assert_allclose(seen[0][1], [[0.622459, 0.475021]], atol=1e-6)
+    np.testing.assert_allclose(seen[1][1], [[0.880797, 0.401312]], atol=1e-6)
+    np.testing.assert_allclose(seen[1][0] + seen[1][1], 1.0, atol=1e-6)
+
+
+def test_refine_image_runs_the_crf_with_its_settings_and_weighs_with_its_alpha(monkeypatch):
+    """The CRF group (--crf-gaussian-sxy/-compat ...) and --raw-alpha of RefineParams reach dense_crf and the RAW
+    weights of one image."""
+    import wsss.refine
+    from wsss.reliability import reliability_map
+
+    seen = []
+    monkeypatch.setattr(wsss.refine, "dense_crf", lambda image, probs, **settings: seen.append(settings) or probs)
+    cams = np.linspace(0.0, 1.0, 12, dtype=np.float32).reshape(1, 3, 4)
+    crf = CrfParams(iterations=2, gaussian_sxy=7.0, gaussian_compat=9.0)
+    params = RefineParams(threshold="fixed", bg_thresh=0.3, crf=crf, lambda_alpha=0.8)
+    label, weights, _ = refine_image(np.zeros((3, 4, 3), np.uint8), [2], cams, params)
+    assert seen == [crf.kwargs()]
+    np.testing.assert_array_equal(label, np.where(cams[0] > 0.3, 2, 0))
+    np.testing.assert_allclose(weights, reliability_map(cams[0], 0.3, label, lambda_alpha=0.8), rtol=1e-6)
+    assert not np.allclose(weights, reliability_map(cams[0], 0.3, label, lambda_alpha=0.5))
+
+
 def test_params_are_checked():
     with pytest.raises(ValueError, match="--fg-thresh 0.3: needs --threshold fixed"):
         RefineParams(threshold="gmm", fg_thresh=0.3)
