@@ -167,6 +167,25 @@ def test_crf_post_processing_writes_full_size_labels(setup, tmp_path):
                                       artifacts.read_label_png(artifacts.label_path(out, image_id)))
 
 
+def test_crf_gaussian_options_reach_the_crf(setup, tmp_path, monkeypatch):
+    """--crf-gaussian-sxy and --crf-gaussian-compat are the settings of the CRF of every image (what they change
+    there: tests/wsss/test_crf.py)."""
+    import wsss.crf
+
+    seen = []
+    real_crf = wsss.crf.dense_crf
+    monkeypatch.setattr(wsss.crf, "dense_crf", lambda image, probs, **settings: seen.append(settings) or
+                        real_crf(image, probs, **settings))
+    root, checkpoint, model = setup
+    out = tmp_path / "crf"
+    result = predict(root, checkpoint, out, "--crf", "--crf-iterations", "2", "--no-flip", "--scales", "1.0",
+                     "--crf-gaussian-sxy", "20", "--crf-gaussian-compat", "30")  # --workers 0: the CRF on a thread
+    assert result.exit_code == 0, result.output
+    crf = POSTPROCESS_CRF.replace(iterations=2, gaussian_sxy=20.0, gaussian_compat=30.0)
+    assert seen == [crf.kwargs()] * len(SIZES)
+    assert json.loads(artifacts.config_path(out).read_text())["config"]["crf_params"] == crf.kwargs()
+
+
 def test_checkpoint_for_other_classes_is_an_error(setup, tmp_path):
     root, _, _ = setup
     model = build_seg_model("deeplabv3_resnet18", 3)
