@@ -165,6 +165,44 @@ def test_crf_and_raw_options_reach_every_image(tiny):
     assert changed == set(without)
 
 
+def test_rw_beta_and_steps_reach_the_walk(tiny):
+    """--random-walk with --rw-beta and --rw-steps: the walked CAMs are walk_cams' with that beta and step count
+    (what beta does there: tests/wsss/test_affinity.py), not those of the default beta."""
+    import torch
+
+    from wsss.affinity import pair_offsets, walk_cams
+    from wsss.datasets.prepared import PreparedDataset
+    from wsss.models.affinity import AffinityNet
+    from wsss.transforms import normalize_image
+
+    root, cam_dir, tmp = tiny
+    torch.manual_seed(0)
+    network = AffinityNet("resnet18", embed_dim=8).eval()
+    checkpoint = tmp / "aff" / "last.pth"
+    artifacts.save_checkpoint(checkpoint, {"model": network.state_dict(), "step": 1, "config": {}, "classes": CLASSES,
+                                           "arch": {"kind": "affinity", "backbone": "resnet18", "embed_dim": 8,
+                                                    "radius": 3, "stride": 8}})
+    out = tmp / "pseudo"
+    result = CliRunner().invoke(cli, ["-q", "refine", "--cams", str(cam_dir), "--root", str(root), "--out", str(out),
+                                      "--threshold", "fixed", "--random-walk", str(checkpoint), "--rw-beta", "2",
+                                      "--rw-steps", "4", "--device", "cpu", "--workers", "1", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    dataset = PreparedDataset.load(root)
+    largest_change = 0.0
+    for image_id in IDS:
+        image = normalize_image(dataset.read_image("train", image_id))
+        _, cams = artifacts.read_cam(artifacts.cam_path(cam_dir, image_id))
+        _, walked = artifacts.read_cam(artifacts.cam_path(out / "walked", image_id))
+
+        def walk(beta):
+            with torch.no_grad():
+                return walk_cams(network, image, torch.from_numpy(cams), pair_offsets(3), beta=beta, steps=4).numpy()
+
+        np.testing.assert_allclose(walked, walk(2.0), atol=2e-3)  # float16 on disk
+        largest_change = max(largest_change, float(np.abs(walk(8.0) - walked).max()))
+    assert largest_change > 0.05
+
+
 def test_pseudo_labels_beat_the_cam_at_the_fixed_threshold(tiny):
     from wsss.datasets.prepared import PreparedDataset
     from wsss.evaluation import evaluate_cams

@@ -213,6 +213,26 @@ class TwoRegions(torch.nn.Module):
         return embedding
 
 
+class _TwoCells(torch.nn.Module):
+    """A stand-in affinity network of one row of two cells, embedded 0 and ln 2: their affinity is exp(-ln 2) = 1/2."""
+
+    stride = 8
+
+    def forward(self, images):
+        return torch.tensor([[[[0.0, math.log(2.0)]]]])
+
+
+@pytest.mark.parametrize("beta", [1.0, 2.0, 8.0])
+def test_walk_beta_by_hand_on_two_cells(beta):
+    """--rw-beta: the affinity a = 1/2 is raised to beta, so one step from a seed on the first cell gives the cells
+    1 / (1 + a^beta) and a^beta / (1 + a^beta); max-normalised, the second cell holds a^beta."""
+    cams = torch.zeros(1, 8, 16)  # cells centred on pixels (0, 0) and (0, 8)
+    cams[0, 0, 0] = 1.0
+    walked = walk_cams(_TwoCells(), torch.zeros(3, 8, 16), cams, pair_offsets(2), beta=beta, steps=1)
+    assert walked[0, 0, 0].item() == pytest.approx(1.0)
+    assert walked[0, 0, 8].item() == pytest.approx(0.5 ** beta, rel=1e-5)
+
+
 def test_walk_spreads_a_seed_over_its_region_and_not_across_the_edge():
     cams = torch.zeros(1, 32, 48)  # a 4 x 6 cell grid; cell (1, 1) is centred on pixel (8, 8)
     cams[0, 8, 8] = 1.0
