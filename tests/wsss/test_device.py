@@ -192,3 +192,28 @@ def test_split_batches_on_a_busy_cpu_decodes_in_the_main_process(tmp_path, monke
     assert asked == [0]
     assert sorted(image_id for batch_ids, _, _ in batches for image_id in batch_ids) == sorted(ids)
     assert sorted(tuple(images.shape[1:3]) for _, images, _ in batches) == [(33, 45), (40, 36), (40, 36)]
+
+
+def test_threads_sets_the_threads_of_torch_opencv_and_blas(monkeypatch):
+    """--threads N: torch, OpenCV and the BLAS pools all run N threads; without it, one process keeps torch's count
+    and P worker processes share the cores."""
+    import cv2
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    import wsss.device
+    from wsss.device import configure_threads
+
+    torch_before, opencv_before = torch.get_num_threads(), cv2.getNumThreads()
+    try:
+        with threadpool_limits(limits=None):  # puts the BLAS pools back as they were on leaving
+            assert configure_threads(3) == 3
+            assert torch.get_num_threads() == 3 and cv2.getNumThreads() == 3
+            assert all(pool["num_threads"] == 3 for pool in threadpool_info())
+            monkeypatch.setattr(wsss.device, "default_workers", lambda: 8)
+            assert configure_threads(None, processes=2) == 4 and torch.get_num_threads() == 4
+            assert configure_threads(None, processes=16) == 1
+            torch.set_num_threads(5)
+            assert configure_threads(None) == 5 and cv2.getNumThreads() == 5
+    finally:
+        torch.set_num_threads(torch_before)
+        cv2.setNumThreads(opencv_before)

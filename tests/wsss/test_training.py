@@ -209,6 +209,19 @@ def test_resume_refuses_another_schedule(tmp_path):
     assert find_resumable(dataclasses.replace(spec, overwrite=True)) is None
 
 
+def test_start_runtime_applies_threads():
+    """Every stage that runs a network starts with start_runtime, which applies --threads."""
+    from wsss.training import start_runtime
+
+    before = torch.get_num_threads()
+    try:
+        runtime = start_runtime("cpu", 2, "off")
+        assert torch.get_num_threads() == 2
+        assert runtime.device == torch.device("cpu") and not runtime.info.distributed and runtime.precision.dtype is None
+    finally:
+        torch.set_num_threads(before)
+
+
 def _why_torch_compile_cannot_run() -> str | None:
     """Why this platform has no compiler for ``torch.compile`` on the CPU, or None when it has one.
 
