@@ -724,8 +724,6 @@ class Pretext(nn.Module):
 
     def _keys(self, views: torch.Tensor) -> torch.Tensor:
         """Keys of the momentum encoder, BatchNorm on shuffled sub-batches (shuffle BN on one device)."""
-        momentum_update(self.trunk, self.key_trunk, self.key_momentum)
-        momentum_update(self.head, self.key_head, self.key_momentum)
         order = torch.randperm(views.shape[0], device=views.device)
         splits = max(1, min(self.key_splits, views.shape[0] // 2))  # BatchNorm needs two samples per part
         parts = [self.key_head(self.key_trunk(part)) for part in views[order].chunk(splits)]
@@ -744,6 +742,9 @@ class Pretext(nn.Module):
             z1, z2 = self.head(self.trunk(first)), self.head(self.trunk(second))
             return {"total": nt_xent_loss(z1.float(), z2.float(), self.temperature)}
         with torch.no_grad():
+            # one momentum step per training step (MoCo), then both views' keys from that one key encoder
+            momentum_update(self.trunk, self.key_trunk, self.key_momentum)
+            momentum_update(self.head, self.key_head, self.key_momentum)
             k1, k2 = self._keys(first), self._keys(second)
         q1, q2 = self.head(self.trunk(first)).float(), self.head(self.trunk(second)).float()
         negatives = self.queue.keys.clone()  # enqueue below updates the queue in place; backward needs these

@@ -429,10 +429,6 @@ def test_key_momentum_decides_how_far_the_key_encoder_follows():
     assert 0.0 < _moco_key_shift(0.9) < _moco_key_shift(0.5) < 1.0
 
 
-@pytest.mark.xfail(strict=True, reason="Pretext.forward updates the key encoder once per view (wsss/selfsup.py: "
-                                       "_keys, called for both views, runs momentum_update): twice per step, so "
-                                       "the step's momentum is m^2 (1 - 0.5^2 = 0.75 here) and the views' keys "
-                                       "come from two different key encoders")
 def test_key_momentum_is_one_moco_update_per_step():
     """MoCo: k <- m k + (1 - m) q once per step, before the keys of both views; with m = 0.5 the key encoder
     goes half way."""
