@@ -530,6 +530,8 @@ def _rounds(trainee: Trainee, batches, loop: Loop, spec: RunSpec, state: TrainSt
             progress.update(1)
             if loop.log_every and state.step % loop.log_every == 0 and state.step < natural_end:
                 state.history.append({"step": state.step, **_loss_record(meter.read(info), trainee)})
+        if state.step < round_end:  # a loader shorter than the schedule would loop here for ever
+            raise RuntimeError(f"{loop.desc}: the batches ran out at step {state.step}, before step {round_end}")
         if round_end < natural_end:
             _stop_inside_round(trainee, loop, spec, state, meter.pending(info), started, info)
             break

@@ -144,6 +144,15 @@ def _fit(out: Path, stop_at=None, total: int = 6, round_steps: int = 2, log_ever
     return trainee.model
 
 
+def test_batches_that_end_before_the_schedule_are_an_error_not_an_endless_loop(tmp_path):
+    trainee, spec, data, step_loss = _toy(tmp_path / "short", total=6)
+    loop = Loop(step_loss, round_steps=2, summarize=lambda s, done: {"finished": done}, seed=3)
+    cpu = torch.device("cpu")
+    with pytest.raises(RuntimeError, match="the batches ran out at step 3, before step 4"):
+        fit(trainee, list(data[:3]), loop, spec, TrainState(), precision=resolve_precision("off", cpu), device=cpu,
+            info=DistInfo())
+
+
 def test_fit_resumes_to_the_weights_of_an_uninterrupted_run(tmp_path):
     straight = _fit(tmp_path / "straight")
     _fit(tmp_path / "resumed", stop_at=2)
