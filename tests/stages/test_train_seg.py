@@ -127,11 +127,24 @@ def test_pseudo_labels_with_raw_and_weak_full_ratio(data, tmp_path):
     result = train(root, tmp_path / "other", "--labels", "gt", "--iterations", "1", "--upper-bound", str(out))
     assert result.exit_code == 1 and "must be a `train-seg --labels gt` run" in result.output
     assert not (tmp_path / "other").exists()
-    # RAW changes the loss: same run without reliability maps records other losses
-    plain = tmp_path / "plain"
-    assert train(root, plain, "--labels", str(pseudo), "--iterations", "2").exit_code == 0
-    plain_loss = json.loads(artifacts.metrics_path(plain).read_text())["history"][0]["loss"]
-    assert plain_loss != pytest.approx(metrics["history"][0]["loss"])
+
+
+def test_raw_weights_each_pixel_by_its_reliability(data, tmp_path):
+    """Reliability 2 on every pixel doubles the first step's loss: RAW divides the weighted sum by the number
+    of labelled pixels, not by the weights' sum (which would leave it unchanged), and without --raw the maps
+    are not read."""
+    root, train_ids, _ = data
+    pseudo = tmp_path / "pseudo"
+    write_pseudo(root, pseudo, train_ids, reliability=False)
+    for image_id in train_ids:
+        shape = artifacts.read_label_png(artifacts.label_path(pseudo, image_id)).shape
+        artifacts.write_reliability(artifacts.reliability_path(pseudo, image_id), np.full(shape, 2.0, np.float32))
+    first_loss = {}
+    for name, extra in (("raw", ["--raw"]), ("plain", [])):
+        result = train(root, tmp_path / name, "--labels", str(pseudo), "--iterations", "2", *extra)
+        assert result.exit_code == 0, result.output
+        first_loss[name] = json.loads(artifacts.metrics_path(tmp_path / name).read_text())["history"][0]["loss"]
+    assert first_loss["raw"] == pytest.approx(2 * first_loss["plain"], rel=1e-4)
 
 
 def test_resume_continues_the_schedule(data, tmp_path):
