@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 
@@ -199,3 +200,181 @@ def test_another_demo_over_an_earlier_one_is_refused_and_the_earlier_one_untouch
     result = CliRunner().invoke(cli, ["demo-data", str(tmp_path / "mine")])
     assert_one_line_error(result, "is not a demo dataset")
     assert sorted(path.name for path in mine.iterdir()) == ["notes.txt"]
+
+
+# --------------------------------------------------------------------------- styles
+
+def _style_hash(samples) -> str:
+    digest = hashlib.sha256()
+    for sample in samples:
+        for array in (sample.image, sample.mask, sample.label):
+            digest.update(np.ascontiguousarray(array).tobytes())
+            digest.update(str(array.shape).encode())
+        digest.update(repr([(obj.name, obj.bbox) for obj in sample.objects]).encode())
+    return digest.hexdigest()
+
+
+def test_the_default_style_draws_what_it_drew_before_styles_existed():
+    """Images, masks, labels and boxes of 8 images at 64 and 96 px, hashed with the generator before styles
+    (an OpenCV whose resize or anti-aliased lines round otherwise would move it too)."""
+    samples = [demo.render_sample(np.random.default_rng((0, index)), size) for size in (64, 96) for index in range(8)]
+    assert _style_hash(samples) == "f438f558af21d7bb5cd69968d4444ec01da0e35cb5b0f3821187d733af6e1ecf"
+    again = [demo.render_sample(np.random.default_rng((0, index)), size, "shapes") for size in (64, 96)
+             for index in range(8)]
+    assert _style_hash(again) == _style_hash(samples)
+
+
+def test_every_style_uses_voc_class_positions():
+    voc = builtin_classes("voc")
+    assert demo.STYLE_NAMES[0] == demo.DEFAULT_STYLE == "shapes"
+    for style in demo.STYLES.values():
+        assert {name: voc.index(name) for name in style.classes} == style.classes
+    assert len(demo.STYLES["voc-size"].classes) == 10
+    assert {name for group in demo.PARTS_GROUPS for name in group} == set(demo.PARTS_CLASSES)
+
+
+def _style_args(style: str) -> list[str]:
+    return ["--style", style, "--num-train", "4", "--num-val", "2"]
+
+
+@pytest.fixture(scope="module")
+def styled(tmp_path_factory) -> dict[str, Path]:
+    """Each style's demo (4 train, 2 val images, the style's size), written once; tests only read it."""
+    base = tmp_path_factory.mktemp("styles")
+    return {style: _write(base / style, *_style_args(style)) for style in demo.STYLE_NAMES}
+
+
+@pytest.mark.parametrize("style", demo.STYLE_NAMES)
+def test_each_style_is_deterministic_consistent_and_read_by_prepare_voc(style: str, styled, tmp_path: Path):
+    files = _files(styled[style])
+    assert _files(_write(tmp_path / "again", *_style_args(style))) == files  # same seed, same bytes
+    first = tmp_path / "again" / "VOC2012"
+    chosen = demo.STYLES[style]
+    info = artifacts.read_json(first / "demo.json")
+    assert (info["style"], info["version"], info["size"]) == (style, chosen.version, chosen.default_size)
+    assert info["classes"] == chosen.classes
+    voc = builtin_classes("voc")
+    ids = demo.demo_ids(4, 2)
+    for image_id in ids["train"] + ids["val"]:
+        mask = artifacts.read_label_png(first / "SegmentationClass" / f"{image_id}.png")
+        (height, width), objects = _objects(first / "Annotations" / f"{image_id}.xml")
+        assert mask.shape == (height, width) and objects
+        present = {int(index) for index in np.unique(mask)} - {0, 255}
+        assert present <= set(chosen.classes.values())  # only the style's classes
+        assert {voc.index(name) for name, _ in objects} == present
+        for name, (xmin, ymin, xmax, ymax) in objects:
+            assert (mask[ymin - 1:ymax, xmin - 1:xmax] == voc.index(name)).any()
+    result = CliRunner().invoke(cli, ["prepare", "voc", "--root", str(first), "--workers", "1"])
+    assert result.exit_code == 0, result.output
+    dataset = PreparedDataset.load(first, "voc")
+    for image_id in ids["val"]:
+        _, objects = _objects(first / "Annotations" / f"{image_id}.xml")
+        assert dataset.image_labels(image_id) == sorted({chosen.classes[name] for name, _ in objects})
+
+
+def test_voc_size_images_are_voc_sized_with_several_objects_some_small(styled):
+    root = styled["voc-size"]
+    counts, smallest = [], []
+    for image_id in sum(demo.demo_ids(4, 2).values(), []):
+        (height, width), objects = _objects(root / "Annotations" / f"{image_id}.xml")
+        assert max(height, width) == 500 and 330 <= min(height, width) <= 400
+        counts.append(len(objects))
+        smallest.append(min(max(xmax - xmin, ymax - ymin) + 1 for _, (xmin, ymin, xmax, ymax) in objects)
+                        / min(height, width))
+    assert np.mean(counts) >= 2.5 and max(counts) >= 4
+    assert min(smallest) < 0.15  # a small object, as VOC has many
+
+
+def test_size_without_option_is_the_styles_and_the_option_wins(tmp_path: Path):
+    assert artifacts.read_json(_write(tmp_path / "p", "--style", "parts") / "demo.json")["size"] == 160
+    root = _write(tmp_path / "q", "--style", "voc-size", "--size", "64")
+    assert artifacts.read_json(root / "demo.json")["size"] == 64
+    (height, width), _ = _objects(root / "Annotations" / "demo_000000.xml")
+    assert max(height, width) == 64
+    result = CliRunner().invoke(cli, ["demo-data", "--help"])
+    assert all(name in result.output for name in demo.STYLE_NAMES) and "voc-size 500" in result.output
+
+
+def test_another_style_over_a_demo_is_refused_and_a_demo_from_before_styles_is_shapes(tmp_path: Path):
+    root = _write(tmp_path / "d")
+    before = _files(root)
+    result = CliRunner().invoke(cli, ["demo-data", str(tmp_path / "d"), "--num-train", "6", "--num-val", "4",
+                                      "--style", "parts", "--size", "64"])
+    assert_one_line_error(result, "holds a demo dataset with style shapes", "asked: style parts")
+    assert _files(root) == before
+    info = artifacts.read_json(root / "demo.json")
+    del info["style"]  # as written before styles existed
+    artifacts.write_json(root / "demo.json", info)
+    _write(tmp_path / "d")
+
+
+def _parts_pair(first: str, second: str, half_size: float = 24.0):
+    """The same parts-style object (place, colours, texture) drawn as class ``first`` and as ``second``."""
+    background = np.zeros((64, 64, 3), dtype=np.float32)
+    images, objects = [], []
+    for name in (first, second):
+        spec = demo._place(np.random.default_rng(5), 64, 64, name, 2 * half_size, demo._parts_colours)
+        spec.center, spec.angle = (32.0, 32.0), 0.0
+        image, instances = demo._compose(background, [spec], demo._PARTS_DRAWERS)
+        images.append(image)
+        objects.append(instances > 0)
+    return images, objects
+
+
+@pytest.mark.parametrize("group", demo.PARTS_GROUPS, ids=lambda group: group[0])
+def test_parts_look_alikes_differ_only_in_a_small_part(group):
+    for first in group:
+        for second in group:
+            if first == second:
+                continue
+            (image_a, image_b), (object_a, object_b) = _parts_pair(first, second)
+            union = object_a | object_b
+            differs = (np.abs(image_a - image_b).max(axis=2) > 1e-6) | (object_a != object_b)
+            assert differs.any()
+            assert np.count_nonzero(differs) < 0.12 * np.count_nonzero(union), (first, second)  # two parts
+
+
+def test_parts_colours_do_not_depend_on_the_class():
+    draws = [demo._parts_colours(np.random.default_rng(3), name) for name in demo.PARTS_CLASSES]
+    for colours in draws[1:]:
+        assert colours.keys() == draws[0].keys()
+        assert all(np.array_equal(colours[key], draws[0][key]) for key in colours)
+
+
+def test_context_classes_mostly_appear_on_their_context_and_the_scene_is_drawn():
+    on_context: dict[str, list[bool]] = {name: [] for name in demo.CONTEXT_CLASSES}
+    for index in range(150):
+        sample = demo.render_sample(np.random.default_rng((0, index)), 40, "context")
+        assert sample.scene in ("clutter", *demo.CONTEXTS.values())
+        for name in {obj.name for obj in sample.objects}:
+            on_context[name].append(sample.scene == demo.CONTEXTS.get(name))
+            if name in demo.CONTEXTS:
+                assert sample.scene in ("clutter", demo.CONTEXTS[name])  # never on another class's context
+        # what the record says is what the background's pixels show
+        red, green, blue = sample.image[sample.label == 0].astype(float).mean(axis=0)
+        if sample.scene in ("water", "sky"):
+            assert blue > red + 20, (index, sample.scene)
+        if sample.scene == "grass":
+            assert green > red + 15 and green > blue + 15, index
+    for name, scene in demo.CONTEXTS.items():
+        assert len(on_context[name]) >= 15 and np.mean(on_context[name]) >= 0.8, (name, np.mean(on_context[name]))
+    for name in set(demo.CONTEXT_CLASSES) - set(demo.CONTEXTS):
+        assert not any(on_context[name])
+
+
+def test_a_parts_body_without_its_part_is_background_under_the_labelled_objects():
+    rng = np.random.default_rng(2)
+    background = np.zeros((64, 64, 3), dtype=np.float32)
+    body = demo._place(rng, 64, 64, "quadruped without part", 56.0, demo._parts_colours)
+    cat = demo._place(rng, 64, 64, "cat", 40.0, demo._parts_colours)
+    classes = {**demo.PARTS_CLASSES, **dict.fromkeys(demo.UNLABELLED_BODIES, 0)}
+    sample = demo._finish(background, [body, cat], np.zeros((64, 64, 3)), classes, demo._PARTS_DRAWERS)
+    assert [obj.name for obj in sample.objects] == ["cat"]
+    assert set(np.unique(sample.label)) == {0, demo.PARTS_CLASSES["cat"]}
+    assert (sample.image[sample.label == 0] > 0).any()  # the body is drawn, as background
+    labelled = 0
+    for index in range(60):
+        sample = demo.render_sample(np.random.default_rng((0, index)), 48, "parts")
+        assert sample.objects and all(obj.name in demo.PARTS_CLASSES for obj in sample.objects)
+        labelled += len(sample.objects)
+    assert labelled < 1.5 * 60  # second objects are often bodies without a part
