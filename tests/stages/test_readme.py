@@ -118,3 +118,7 @@ def test_readme_python_examples_run(demo_run, index, monkeypatch):
 
 def test_readme_has_python_examples():
     assert len(python_blocks()) >= 2
+
+
+def test_readme_fits_under_300_lines():
+    assert len(README.read_text().splitlines()) < 300  # the rest belongs in bench/README.md
