@@ -23,7 +23,7 @@ COMMANDS = {
     "train-aff": ("wsss.stages.train_aff", "Learn pixel affinities from the CAMs' confident regions."),
     "refine": ("wsss.stages.refine", "CAMs -> pseudo-labels + reliability (GMM threshold, dense CRF)."),
     "train-seg": ("wsss.stages.train_seg", "Train DeepLab on pseudo-labels (or ground truth)."),
-    "predict": ("wsss.stages.predict", "Segment a split with a train-seg checkpoint."),
+    "predict": ("wsss.stages.predict", "Segment a split, or any image files, with a train-seg checkpoint."),
     "export": ("wsss.stages.export", "Export a train-seg checkpoint: TorchScript, ONNX or torch.export."),
     "eval": ("wsss.stages.evaluate", "mIoU of label maps or CAMs against ground truth."),
     "report": ("wsss.stages.report", "Summarise a pipeline run into report.md."),

@@ -103,8 +103,8 @@ def run(cfg: ExportConfig) -> dict:
         handle.write("".join(f"{name}\n" for name in classes))
     artifacts.write_config(cfg.out_dir, cfg, checkpoint_file=str(checkpoint_file), arch=checkpoint.get("arch"),
                            checkpoint_step=checkpoint.get("step"), classes=classes)
-    metrics = {"format": cfg.export_format, "file": str(model_file), "sha256": _sha256(model_file),
-               "checkpoint": str(checkpoint_file), "classes": classes, "input": "float32 [N, 3, H, W] RGB 0-255",
+    metrics = {"format": cfg.export_format, "file": str(model_file), "checkpoint": str(checkpoint_file),
+               "classes": classes, "input": "float32 [N, 3, H, W] RGB 0-255",
                "output": f"float32 [N, {len(classes)}, H, W] logits", **check,
                "seconds": round(time.perf_counter() - started, 2)}
     artifacts.write_metrics(cfg.out_dir, metrics)

@@ -14,6 +14,7 @@ network's up to float rounding (:data:`TOLERANCE`, relative to the logits' scale
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import logging
@@ -131,7 +132,7 @@ def export_model(net: nn.Module, classes: list[str], export_format: str, path: s
         opset: the ONNX opset (``onnx`` only).
 
     Returns:
-        ``{"max_abs_diff": {"HxW": float, ...}, "bytes": int}`` of the check.
+        ``{"max_abs_diff": {"HxW": float, ...}, "bytes": int, "sha256": str}``: the check and the file written.
 
     Raises:
         WsssError: ONNX without its packages, or an export whose logits differ from the eager network's.
@@ -160,4 +161,4 @@ def export_model(net: nn.Module, classes: list[str], export_format: str, path: s
             differences[size] = difference
     with artifacts.atomic_write(path) as handle:
         handle.write(data)
-    return {"max_abs_diff": differences, "bytes": len(data)}
+    return {"max_abs_diff": differences, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
