@@ -9,7 +9,9 @@ per class.  CAMs are kept for the classes in the image-level labels
 
 ``--erase-steps N`` (default 0) adds inference-time adversarial erasing
 (:func:`wsss.cam.erasing_cams`): N times, the pixels whose accumulated CAM
-reaches ``--erase-thresh`` are erased and the CAM of what remains is added.
+reaches ``--erase-thresh`` are erased and the CAM of what remains is added,
+until the classifier's score for the class on what remains falls below
+``--erase-stop`` (adversarial erasing's stopping rule).
 It is off by default because ``bench/ablation.md`` measures no gain from it
 through DeepLab.
 
@@ -36,7 +38,7 @@ import click
 import numpy as np
 
 from wsss import artifacts, evaluation
-from wsss.cam_choices import DEFAULT_SCALES, ERASE_THRESH
+from wsss.cam_choices import DEFAULT_SCALES, ERASE_THRESH, INFERENCE_ERASE_STOP
 from wsss.datasets.prepared import PreparedDataset
 from wsss.device import DistInfo, default_workers, dist_info, shard, sum_over_ranks
 from wsss.errors import WsssError
@@ -78,6 +80,10 @@ class MakeCamConfig(Settings):
                                   "measures no gain through DeepLab.", at_least=0)
     erase_thresh: float = setting(ERASE_THRESH, "Erase pixels whose accumulated normalised CAM is >= this.",
                                   above=0, at_most=1)
+    erase_stop: float = setting(INFERENCE_ERASE_STOP, "Stop erasing a class once the classifier's score for it "
+                                                      "on the erased image is below this (what remains no longer "
+                                                      "shows it: adversarial erasing's stopping rule, e.g. 0.5); "
+                                                      "0 never stops.", at_least=0, at_most=1)
     batch_size: int = setting(8, "Images of equal size per forward pass.", at_least=1)
     limit: int | None = limit_setting()
     evaluate: bool = setting(False, "Afterwards run the threshold sweep of `wsss eval --cams`.", option="--eval")
@@ -129,24 +135,38 @@ def run(cfg: MakeCamConfig) -> dict:
                                arch=checkpoint["arch"], classes=dataset.classes, world_size=info.world_size,
                                device=str(device), precision=precision.name)
     started = time.perf_counter()
-    no_class = write_cams(model, dataset, cfg, todo, device, precision, info)
+    no_class, shown_counts = write_cams(model, dataset, cfg, todo, device, precision, info)
     seconds = time.perf_counter() - started
+    shown_counts = [shown_counts[step] if step < len(shown_counts) else [0, 0, 0.0] for step in range(cfg.erase_steps)]
     # totals over ranks; a collective, so every CAM file exists before rank 0 evaluates
-    done, skipped, no_class, rate = sum_over_ranks(
-        [len(todo), len(mine) - len(todo), no_class, len(todo) / seconds if todo and seconds > 0 else 0.0],
-        info, device)
+    done, skipped, no_class, rate, *shown = sum_over_ranks(
+        [len(todo), len(mine) - len(todo), no_class, len(todo) / seconds if todo and seconds > 0 else 0.0,
+         *(value for counts in shown_counts for value in counts)], info, device)
     if no_class:
         log.warning("%d image(s) got no class (%s); their CAM files hold no planes", no_class,
                     "no image-level label" if cfg.classes == "gt" else f"no score >= {cfg.score_thresh}")
     metrics = {"split": cfg.split, "num_images": len(ids), "processed": int(done), "skipped": int(skipped),
                "no_class": int(no_class), "seconds": round(seconds, 3),
                "images_per_second": round(rate, 4) if rate else None, "scales": list(cfg.scales), "flip": cfg.flip,
-               "classes": cfg.classes, "erase_steps": cfg.erase_steps, "precision": precision.name}
+               "classes": cfg.classes, "erase_steps": cfg.erase_steps, "erase_stop": cfg.erase_stop,
+               "erasing": _erasing_record(shown), "precision": precision.name}
     if cfg.evaluate and info.is_main:
         metrics["eval"] = _evaluate(cfg, dataset, ids)
     if info.is_main:
         artifacts.write_metrics(out_dir, metrics, shard=cfg.shard)
     return metrics
+
+
+def _erasing_record(shown: list[float]) -> list[dict]:
+    """Per erasing step of this run's images: how many (image, class) pairs were erased, the share the
+    classifier still recognised on what remained (score >= 0.5) and their mean score.  A high share says
+    the objects hold evidence beyond their CAMs' peaks (partial CAMs, which erasing can grow); a low one
+    that the peak was all the classifier had."""
+    record = []
+    for pairs, recognised, total in zip(shown[0::3], shown[1::3], shown[2::3]):
+        record.append({"pairs": int(pairs), "recognised": round(recognised / pairs, 4) if pairs else None,
+                       "mean_score": round(total / pairs, 4) if pairs else None})
+    return record
 
 
 def _channels_of(cfg: MakeCamConfig, dataset: PreparedDataset, batch_ids: list[str]):
@@ -157,8 +177,9 @@ def _channels_of(cfg: MakeCamConfig, dataset: PreparedDataset, batch_ids: list[s
 
 
 def write_cams(model, dataset: PreparedDataset, cfg: MakeCamConfig, ids: list[str], device: torch.device,
-               precision: Precision, info: DistInfo) -> int:
-    """Compute and write the CAMs of ``ids``; return how many images got no class."""
+               precision: Precision, info: DistInfo) -> tuple[int, list[list]]:
+    """Compute and write the CAMs of ``ids``; return how many images got no class and the erasing steps'
+    counts (:func:`wsss.cam.erasing_cams`' ``shown_counts``)."""
     import torch
 
     from wsss.cam import erasing_cams, max_normalize, multiscale_cam
@@ -166,6 +187,7 @@ def write_cams(model, dataset: PreparedDataset, cfg: MakeCamConfig, ids: list[st
 
     workers = min(default_workers(), 4) if cfg.workers is None else cfg.workers
     no_class = 0
+    shown_counts: list[list] = []  # per erasing step: [pairs, still recognised, sum of scores]
     with progress_bar(total=len(ids), desc="make-cam", show=info.is_main) as bar, BackgroundWriter() as writer:
         for batch_ids, images, _ in split_batches(dataset, cfg.split, ids, batch_size=cfg.batch_size,
                                                   workers=workers, device=device):
@@ -182,7 +204,8 @@ def write_cams(model, dataset: PreparedDataset, cfg: MakeCamConfig, ids: list[st
                 cams, _ = multiscale_cam(model, inputs, remember, scales=cfg.scales, flip=cfg.flip)
                 if cfg.erase_steps > 0:
                     cams = erasing_cams(model, inputs, chosen, erase_steps=cfg.erase_steps,
-                                        erase_thresh=cfg.erase_thresh, scales=cfg.scales, flip=cfg.flip, first=cams,
+                                        erase_thresh=cfg.erase_thresh, erase_stop=cfg.erase_stop, scales=cfg.scales,
+                                        flip=cfg.flip, first=cams, shown_counts=shown_counts,
                                         chunk=cfg.batch_size)
                 else:
                     cams = [max_normalize(cam) for cam in cams]
@@ -194,7 +217,7 @@ def write_cams(model, dataset: PreparedDataset, cfg: MakeCamConfig, ids: list[st
                 writer.submit(artifacts.write_cam, artifacts.cam_path(cfg.out_dir, image_id), keys,
                               normalised[offsets[index]:offsets[index + 1]])
             bar.update(len(batch_ids))
-    return no_class
+    return no_class, shown_counts
 
 
 def _evaluate(cfg: MakeCamConfig, dataset: PreparedDataset, ids: list[str]) -> dict:

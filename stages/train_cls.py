@@ -39,7 +39,7 @@ from wsss.stages.options import (amp_setting, compile_setting, dataset_setting, 
                                  loader_workers_setting, overwrite_setting, pair_problem, positive_pair, root_setting,
                                  seed_setting, settings_command, threads_setting)
 from wsss import artifacts
-from wsss.cam_choices import ER_TARGETS, ERASE_CLASSES, ERASE_FILLS, ERASE_THRESH
+from wsss.cam_choices import ER_TARGETS, ERASE_CLASSES, ERASE_FILLS, ERASE_THRESH, SHOWN_SCORE
 from wsss.datasets.prepared import PreparedDataset
 from wsss.device import default_workers, dist_info, seed_everything
 from wsss.errors import WsssError
@@ -55,8 +55,9 @@ log = logging.getLogger(__name__)
 # Options that define the optimisation; a checkpoint can only be resumed when they agree.
 SCHEDULE_FIELDS = ("split", "backbone", "output_stride", "pooling", "lse_r", "freeze_bn", "crop_size", "scale_range",
                    "jitter", "batch_size", "epochs", "sgd",
-                   "er_weight", "er_scale_range", "er_min_crop", "er_target", "er_view_cls", "erase_weight",
-                   "erase_thresh", "erase_fill", "erase_classes", "reg_start", "reg_ramp", "seed", "amp")
+                   "er_weight", "er_scale_range", "er_min_crop", "er_target", "er_view_cls", "er_view_stop",
+                   "erase_weight", "erase_thresh", "erase_fill", "erase_classes", "erase_stop", "reg_start", "reg_ramp",
+                   "seed", "amp")
 # --select: the val metric that picks best.pth (named as train-seg's val-miou), or the last epoch
 SELECT_METRICS = {"val-map": "val_map", "val-cam-miou": "val_cam_miou", "last": None}
 # the names before they matched train-seg's, which config.json files of earlier runs hold
@@ -105,6 +106,10 @@ class TrainClsConfig(Settings):
                                          "into them); both: the gradient reaches both branches (SEAM).",
                              choices=ER_TARGETS)
     er_view_cls: bool = setting(True, "Also classify the equivariance view (SEAM classifies both branches).")
+    er_view_stop: float = setting(SHOWN_SCORE, "Leave out of the view's classification a class scored >= this "
+                                               "on the image but below it on the view (a view too small for a "
+                                               "small part no longer shows a class told by it); 0 keeps every "
+                                               "class.", at_least=0, at_most=1)
     erase_weight: float = setting(0.0, "Weight of the adversarial-erasing classification loss; 0 disables it.",
                                   at_least=0)
     erase_thresh: float = setting(ERASE_THRESH, "Erase pixels whose CAM is >= this fraction of the class maximum.",
@@ -113,6 +118,10 @@ class TrainClsConfig(Settings):
                                       "patch to learn as a cue) or the mean colour.", choices=ERASE_FILLS)
     erase_classes: str = setting("all", "Erase the regions of every present class, or of one random present class "
                                         "per image.", choices=ERASE_CLASSES)
+    erase_stop: float = setting(SHOWN_SCORE, "Leave out of the erasing loss a class scored >= this on the image "
+                                            "but below it on the erased image (its evidence was erased: "
+                                            "adversarial erasing's stopping rule); 0 keeps every class.",
+                                at_least=0, at_most=1)
     reg_start: float = setting(0.0, "Fraction of the schedule before equivariance and erasing start.",
                                at_least=0, at_most=1)
     reg_ramp: float = setting(0.0, "Fraction of the schedule over which they then rise linearly to full weight.",
@@ -200,8 +209,9 @@ def run(cfg: TrainClsConfig) -> dict:
                                precision=precision.name)
     objective = maybe_compile(wrap_distributed(CamObjective(
         model, er_weight=cfg.er_weight, er_scale_range=cfg.er_scale_range, er_min_crop=cfg.er_min_crop,
-        er_target=cfg.er_target, er_view_cls=cfg.er_view_cls, erase_weight=cfg.erase_weight,
-        erase_thresh=cfg.erase_thresh, erase_fill=cfg.erase_fill, erase_classes=cfg.erase_classes), device, info),
+        er_target=cfg.er_target, er_view_cls=cfg.er_view_cls, er_view_stop=cfg.er_view_stop,
+        erase_weight=cfg.erase_weight, erase_thresh=cfg.erase_thresh, erase_fill=cfg.erase_fill,
+        erase_classes=cfg.erase_classes, erase_stop=cfg.erase_stop), device, info),
         cfg.compile_model)
     workers = min(default_workers(), 4) if cfg.workers is None else cfg.workers
 

@@ -19,7 +19,7 @@ from typing import Callable, Sequence, Union
 import torch
 import torch.nn.functional as F
 
-from wsss.cam_choices import DEFAULT_SCALES, ERASE_THRESH
+from wsss.cam_choices import DEFAULT_SCALES, ERASE_THRESH, INFERENCE_ERASE_STOP, SHOWN_SCORE
 
 # per image a list of foreground channels, or a function of the logits returning that, or None (all)
 ChannelChoice = Union[Sequence[Sequence[int]], Callable[[torch.Tensor], Sequence[Sequence[int]]], None]
@@ -168,24 +168,38 @@ def multiscale_cam(model, images: torch.Tensor, channels: ChannelChoice = None, 
 
 @torch.inference_mode()
 def erasing_cams(model, images: torch.Tensor, channels: Sequence[Sequence[int]], *, erase_steps: int = 0,
-                 erase_thresh: float = ERASE_THRESH, scales: Sequence[float] = DEFAULT_SCALES, flip: bool = True,
-                 first: Sequence[torch.Tensor] | None = None, chunk: int | None = None) -> list[torch.Tensor]:
+                 erase_thresh: float = ERASE_THRESH, erase_stop: float = INFERENCE_ERASE_STOP,
+                 scales: Sequence[float] = DEFAULT_SCALES, flip: bool = True,
+                 first: Sequence[torch.Tensor] | None = None, chunk: int | None = None,
+                 shown_counts: list[list[int]] | None = None) -> list[torch.Tensor]:
     """Multi-scale CAMs with inference-time adversarial erasing for a batch, max-normalised.
 
     Step 0 is the plain multi-scale CAM.  At every further step, for each image and class the
     pixels whose accumulated (max-normalised) CAM is ``>= erase_thresh`` are erased (set to 0,
     the normalised mean colour), the CAM of the erased image is computed again and added to the
     accumulated raw CAM, so regions the classifier uses only once the most discriminative part
-    is gone are collected too.  Every (image, class) pair gets its own erased copy; the copies of
-    the whole batch share the forward passes, ``chunk`` copies at a time (default: all at once).
+    is gone are collected too.
+
+    Adversarial erasing's stopping rule (Wei et al., CVPR 2017), optional: once what remains of an
+    image no longer shows a class -- the classifier's score for it on the erased copy (sigmoid of its
+    logit, averaged over the views) is below ``erase_stop`` -- that step's map is not added and the
+    pair is erased no further.  ``erase_stop`` 0, the default, adds every step: the rule gained
+    nothing on partial CAMs and lost on the demo's (``bench/partial_cams.md``).
+
+    Every (image, class) pair gets its own erased copy; the copies of the whole batch share the
+    forward passes, ``chunk`` copies at a time (default: all at once).
 
     Args:
         images: float [B, 3, H, W], normalised, all of one size.
         channels: per image, its foreground channels (0-based), K_b of them.
         erase_steps: number of erasing steps (0 = plain CAM).
         erase_thresh: threshold on the max-normalised accumulated CAM.
+        erase_stop: the score in [0, 1] below which a pair's erasing stops.
         first: the already computed raw step-0 CAMs, ``first[b]`` [K_b, H, W] (saves one pass).
         chunk: erased copies per forward pass.
+        shown_counts: if given, ``shown_counts[t]`` (appended as needed) gains ``[pairs erased at step t + 1,
+            of them still recognised (score >= 0.5), the sum of their scores]``: how often what remains of
+            an object still shows its class, whatever ``erase_stop``.
 
     Returns:
         per image float [K_b, H, W] in [0, 1].
@@ -194,25 +208,44 @@ def erasing_cams(model, images: torch.Tensor, channels: Sequence[Sequence[int]],
     if first is None:
         first = multiscale_cam(model, images, channels, scales=scales, flip=flip)[0]
     counts = [len(chosen) for chosen in channels]
-    accumulated = torch.cat(list(first))  # [sum K_b, H, W]
+    accumulated = torch.cat(list(first))  # [P, H, W], P = sum K_b (image, class) pairs
     owner = torch.tensor([b for b, chosen in enumerate(channels) for _ in chosen], dtype=torch.long,
                          device=images.device)
-    pairs = [[channel] for chosen in channels for channel in chosen]
-    chunk = max(1, chunk or len(pairs))
-    for _ in range(erase_steps if pairs else 0):
-        erased = erase_images(images[owner], max_normalize(accumulated) >= erase_thresh)
-        step = [torch.cat(multiscale_cam(model, erased[start:start + chunk], pairs[start:start + chunk],
-                                         scales=scales, flip=flip)[0]) for start in range(0, len(pairs), chunk)]
-        accumulated = accumulated + torch.cat(step)
+    channel = torch.tensor([c for chosen in channels for c in chosen], dtype=torch.long, device=images.device)
+    live = torch.arange(len(channel), device=images.device)  # the pairs still erased
+    chunk = max(1, chunk or len(channel))
+    for step in range(erase_steps):
+        if not len(live):
+            break
+        erased = erase_images(images[owner[live]], max_normalize(accumulated[live]) >= erase_thresh)
+        maps, scores = [], []
+        for start in range(0, len(live), chunk):
+            pairs = channel[live[start:start + chunk]]
+            cams, logits = multiscale_cam(model, erased[start:start + chunk], pairs[:, None].tolist(),
+                                          scales=scales, flip=flip)
+            maps.append(torch.cat(cams))
+            scores.append(logits.gather(1, pairs[:, None])[:, 0])
+        scores = torch.sigmoid(torch.cat(scores))
+        shown = scores >= erase_stop
+        accumulated = accumulated.index_add(0, live, torch.cat(maps) * shown[:, None, None])
+        if shown_counts is not None:
+            while len(shown_counts) <= step:
+                shown_counts.append([0, 0, 0.0])
+            counts_now = shown_counts[step]
+            counts_now[0] += len(live)
+            counts_now[1] += int((scores >= SHOWN_SCORE).sum())
+            counts_now[2] += float(scores.sum())
+        live = live[shown]
     return list(torch.split(max_normalize(accumulated), counts))
 
 
 def erasing_cam(model, image: torch.Tensor, channels: Sequence[int], *, erase_steps: int = 0,
-                erase_thresh: float = ERASE_THRESH, scales: Sequence[float] = DEFAULT_SCALES, flip: bool = True,
+                erase_thresh: float = ERASE_THRESH, erase_stop: float = INFERENCE_ERASE_STOP,
+                scales: Sequence[float] = DEFAULT_SCALES, flip: bool = True,
                 first: torch.Tensor | None = None) -> torch.Tensor:
     """:func:`erasing_cams` of one image [3, H, W]: float [K, H, W] in [0, 1]."""
     return erasing_cams(model, image[None], [channels], erase_steps=erase_steps, erase_thresh=erase_thresh,
-                        scales=scales, flip=flip, first=None if first is None else [first])[0]
+                        erase_stop=erase_stop, scales=scales, flip=flip, first=None if first is None else [first])[0]
 
 
 def erase_images(images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from wsss.cam import feature_to_image, resample
-from wsss.cam_choices import ER_TARGETS, ERASE_CLASSES, ERASE_FILLS, ERASE_THRESH
+from wsss.cam_choices import ER_TARGETS, ERASE_CLASSES, ERASE_FILLS, ERASE_THRESH, SHOWN_SCORE
 
 
 def multilabel_soft_margin_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -34,6 +34,31 @@ def multilabel_soft_margin_loss(logits: torch.Tensor, targets: torch.Tensor) -> 
     if logits.shape != targets.shape:
         raise ValueError(f"logits {tuple(logits.shape)} and targets {tuple(targets.shape)} differ")
     loss = -(targets * F.logsigmoid(logits) + (1 - targets) * F.logsigmoid(-logits))
+    return loss.mean()
+
+
+def shown_classes_loss(logits: torch.Tensor, targets: torch.Tensor, stop: float,
+                       reference: torch.Tensor) -> torch.Tensor:
+    """:func:`multilabel_soft_margin_loss` of changed images (erased, or an equivariance view), without the
+    present classes whose evidence the change removed.
+
+    Adversarial erasing's stopping rule (Wei et al., CVPR 2017): a class that the classifier recognised in
+    the image (``sigmoid`` of its ``reference`` logit >= ``stop``) but no longer recognises in the changed
+    image (< ``stop``) had its evidence in the removed pixels, and what remains has none; asking the
+    classifier to find the class there anyway teaches it to call the class's look-alikes (a body without
+    its part) by the class.  A view rescaled too small to show a small part is the same case.  Such
+    (image, class) terms count as 0.  A class not yet recognised in the image (early in training) keeps its
+    term, as do absent classes.  Scores are not differentiated.  The mean is over all B x K terms, as
+    without the rule; ``stop`` 0 keeps every term.
+
+    Args:
+        logits: float [B, K] of the changed images; targets: float [B, K] of 0/1; stop: in [0, 1];
+        reference: float [B, K], the logits of the unchanged images.
+    """
+    loss = -(targets * F.logsigmoid(logits) + (1 - targets) * F.logsigmoid(-logits))
+    if stop > 0:
+        removed = (torch.sigmoid(reference.detach()) >= stop) & (torch.sigmoid(logits.detach()) < stop)
+        loss = loss * ~(removed & (targets > 0))
     return loss.mean()
 
 
@@ -245,7 +270,10 @@ class CamObjective(nn.Module):
     learned something) and
 
     * ``cls``: multi-label soft margin of the images (and, with ``er_view_cls``, the mean of that
-      of the images and of their equivariance views, as SEAM classifies both branches);
+      of the images and of their equivariance views, as SEAM classifies both branches; of a view, not
+      the classes recognised in the image but not in the view, :func:`shown_classes_loss` with
+      ``er_view_stop``: a view scaled down until a small part is a few pixels no longer shows a class
+      told by that part);
     * ``er``: :func:`equivariance_loss` between the CAMs of a random view (:func:`sample_view`:
       window of ``er_min_crop``..1 of each side, scale from ``er_scale_range``, random mirror) and
       the equally transformed CAMs of the image.  With ``er_target="detached"`` the image's CAMs
@@ -255,7 +283,9 @@ class CamObjective(nn.Module):
     * ``erase``: multi-label soft margin of the images with the discriminative regions (CAM
       ``>= erase_thresh`` times its maximum) of every present class (``erase_classes="all"``) or of
       one random present class per image (``"one"``) erased -- filled with the mean colour or a
-      blurred copy of the image (``erase_fill``) -- with the classification target kept.
+      blurred copy of the image (``erase_fill``) -- with the classification target kept, except for
+      the classes recognised in the image but not in the erased image (:func:`shown_classes_loss`
+      with ``erase_stop``).
 
     Args:
         model: a :class:`~wsss.models.classifier.CamNet`.
@@ -263,17 +293,17 @@ class CamObjective(nn.Module):
 
     def __init__(self, model: nn.Module, *, er_weight: float = 0.0, er_scale_range: tuple[float, float] = (0.3, 0.7),
                  er_min_crop: float = 1.0, er_target: str = "detached", er_view_cls: bool = True,
-                 erase_weight: float = 0.0, erase_thresh: float = ERASE_THRESH, erase_fill: str = "blur",
-                 erase_classes: str = "all"):
+                 er_view_stop: float = SHOWN_SCORE, erase_weight: float = 0.0, erase_thresh: float = ERASE_THRESH,
+                 erase_fill: str = "blur", erase_classes: str = "all", erase_stop: float = SHOWN_SCORE):
         super().__init__()
         if er_target not in ER_TARGETS or erase_fill not in ERASE_FILLS or erase_classes not in ERASE_CLASSES:
             raise ValueError(f"er_target in {ER_TARGETS}, erase_fill in {ERASE_FILLS}, erase_classes in "
                              f"{ERASE_CLASSES}; got {er_target!r}, {erase_fill!r}, {erase_classes!r}")
         self.model = model
         self.er_weight, self.er_scale_range, self.er_min_crop = er_weight, tuple(er_scale_range), er_min_crop
-        self.er_target, self.er_view_cls = er_target, er_view_cls
+        self.er_target, self.er_view_cls, self.er_view_stop = er_target, er_view_cls, er_view_stop
         self.erase_weight, self.erase_thresh = erase_weight, erase_thresh
-        self.erase_fill, self.erase_classes = erase_fill, erase_classes
+        self.erase_fill, self.erase_classes, self.erase_stop = erase_fill, erase_classes, erase_stop
 
     def forward(self, images: torch.Tensor, targets: torch.Tensor, ramp: float = 1.0) -> dict[str, torch.Tensor]:
         """Return ``{"total", "cls", "er", "erase"}`` scalar tensors (unused terms are 0).
@@ -301,14 +331,15 @@ class CamObjective(nn.Module):
                                       box).to(maps.device)
             terms["er"] = equivariance_loss(source, view_maps, targets, transform, valid)
             if self.er_view_cls and box == (0, 0, *image_size):  # a cropped window may have lost a class
-                cls_loss = 0.5 * (cls_loss + multilabel_soft_margin_loss(view_logits, targets))
+                cls_loss = 0.5 * (cls_loss + shown_classes_loss(view_logits, targets, self.er_view_stop,
+                                                                     logits))
                 terms["cls"] = cls_loss
         if self.erase_weight > 0 and ramp > 0:
             erased_classes = targets if self.erase_classes == "all" else one_class_each(targets)
             mask = erase_mask(maps, erased_classes, image_size, self.erase_thresh, stride)
             fill = blur_fill(images) if self.erase_fill == "blur" else torch.zeros_like(images)
             erased = torch.where(mask[:, None], fill, images)
-            terms["erase"] = multilabel_soft_margin_loss(self.model(erased), targets)
+            terms["erase"] = shown_classes_loss(self.model(erased), targets, self.erase_stop, logits)
         terms["total"] = cls_loss + ramp * (self.er_weight * terms["er"] + self.erase_weight * terms["erase"])
         return terms
 

@@ -455,6 +455,7 @@ CASES = [
     Case("train-cls", "reg-ramp 2", CLS + " --reg-ramp 2", 2, "--reg-ramp"),
     Case("train-cls", "unknown er-target", CLS + " --er-target none", 2, "--er-target"),
     Case("train-cls", "unknown erase fill", CLS + " --erase-fill noise", 2, "--erase-fill"),
+    Case("train-cls", "erase-stop negative", CLS + " --erase-stop -0.1", 2, "--erase-stop"),
     # ---------------------------------------------------------------- make-cam
     Case("make-cam", "scales nan", CAM.replace("--scales 1.0", "--scales nan"), 2, "finite"),
     Case("make-cam", "scales inf", CAM.replace("--scales 1.0", "--scales 1,inf"), 2, "finite"),
@@ -462,6 +463,7 @@ CASES = [
     Case("make-cam", "score-thresh nan", CAM + " --classes pred --score-thresh nan", 2, "--score-thresh"),
     Case("make-cam", "score-thresh 1.5", CAM + " --classes pred --score-thresh 1.5", 2, "--score-thresh"),
     Case("make-cam", "erase-thresh 0", CAM + " --erase-thresh 0", 2, "--erase-thresh"),
+    Case("make-cam", "erase-stop above 1", CAM + " --erase-stop 1.5", 2, "--erase-stop"),
     Case("make-cam", "batch size 0", CAM + " --batch-size 0", 2, "--batch-size"),
     Case("make-cam", "sweep of a billion thresholds", CAM + " --eval --sweep 0:1:1e-9", 2, "at most 10000"),
     Case("make-cam", "sweep nan", CAM + " --eval --sweep nan:1:0.1", 2, "finite"),

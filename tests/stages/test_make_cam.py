@@ -130,6 +130,18 @@ def test_inference_erasing_changes_the_cams_and_matches_the_library(setup, tmp_p
     _, cams = artifacts.read_cam(artifacts.cam_path(out, "a"))
     np.testing.assert_allclose(cams, expected.numpy(), atol=2e-3)
     assert np.abs(cams - plain.numpy()).max() > 0.01
+    # --erase-stop 1: no score reaches 1, so every class stops at once and keeps its plain CAM
+    never = tmp_path / "never"
+    result = make_cam(root, checkpoint, never, "--scales", "1.0", "--no-flip", "--erase-steps", "2",
+                      "--erase-thresh", "0.6", "--erase-stop", "1")
+    assert result.exit_code == 0, result.output
+    _, cams = artifacts.read_cam(artifacts.cam_path(never, "a"))
+    np.testing.assert_allclose(cams, plain.numpy(), atol=2e-3)
+    metrics = json.loads((never / "metrics.json").read_text())
+    assert metrics["erase_stop"] == 1.0
+    # step 1 erased the 6 (image, class) pairs of the 4 images; all stopped, so step 2 erased none
+    assert [step["pairs"] for step in metrics["erasing"]] == [6, 0]
+    assert 0 <= metrics["erasing"][0]["recognised"] <= 1 and metrics["erasing"][1]["recognised"] is None
 
 
 def _miou_by_definition(root, cam_dir, threshold: float) -> float:

@@ -33,7 +33,7 @@ def recorded_run(tiny_demo, tmp_path_factory):
             "-q", "train-cls", "--root", str(tiny_demo), "--out", str(out), "--backbone", "resnet18", "--weights",
             "none", "--crop-size", "32", "--batch-size", "4", "--epochs", "1", "--val-split", "none", "--device", "cpu",
             "--workers", "0", "--threads", "1", "--er-weight", "0.5", "--er-target", "both", "--erase-weight", "0.5",
-            "--erase-fill", "mean", "--reg-start", "0.5", "--reg-ramp", "0.25"])
+            "--erase-fill", "mean", "--erase-stop", "0.25", "--reg-start", "0.5", "--reg-ramp", "0.25"])
     assert result.exit_code == 0, result.output
     return made, ramps, artifacts.read_json(artifacts.metrics_path(out))
 
@@ -41,7 +41,7 @@ def recorded_run(tiny_demo, tmp_path_factory):
 def test_er_target_and_erase_fill_reach_the_objective(recorded_run):
     made, _, _ = recorded_run
     assert len(made) == 1
-    assert made[0]["er_target"] == "both" and made[0]["erase_fill"] == "mean"
+    assert made[0]["er_target"] == "both" and made[0]["erase_fill"] == "mean" and made[0]["erase_stop"] == 0.25
 
 
 def test_reg_start_and_ramp_reach_the_ramp_and_keep_the_regularisers_off_before_the_start(recorded_run):

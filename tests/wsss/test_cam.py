@@ -126,7 +126,8 @@ def test_inference_erasing_by_hand():
     image = torch.zeros(3, 1, 4)
     image[0, 0] = torch.tensor([0.2, 1.0, 0.6, -1.0])
     image[1, 0] = torch.tensor([0.5, 0.1, 0.0, 0.4])
-    result = erasing_cam(net, image, [0, 1], erase_steps=1, erase_thresh=0.5, scales=(1.0,), flip=False)
+    result = erasing_cam(net, image, [0, 1], erase_steps=1, erase_thresh=0.5, erase_stop=0.0, scales=(1.0,),
+                         flip=False)
     # step 0: class 0 normalised [0.2, 1, 0.6, 0] -> erase pixels 1 and 2 (>= 0.5);
     #         class 1 normalised [1, 0.2, 0, 0.8] -> erase pixels 0 and 3
     erased = net.inputs[1]
@@ -136,6 +137,27 @@ def test_inference_erasing_by_hand():
     # accumulated: class 0 [0.2, 1, 0.6, 0] + [0.2, 0, 0, 0]; class 1 [0.5, .1, 0, .4] + [0, .1, 0, 0]
     torch.testing.assert_close(result[0, 0], torch.tensor([0.4, 1.0, 0.6, 0.0]))
     torch.testing.assert_close(result[1, 0], torch.tensor([1.0, 0.4, 0.0, 0.8]))
+
+
+def test_inference_erasing_stops_for_a_class_no_longer_shown():
+    # The image of test_inference_erasing_by_hand; PixelNet's logit is the mean of its channel.
+    net = PixelNet(stride=1)
+    image = torch.zeros(3, 1, 4)
+    image[0, 0] = torch.tensor([0.2, 1.0, 0.6, -1.0])
+    image[1, 0] = torch.tensor([0.5, 0.1, 0.0, 0.4])
+    counts = []
+    result = erasing_cams(net, image[None], [[0, 1]], erase_steps=2, erase_thresh=0.5, erase_stop=0.5,
+                          scales=(1.0,), flip=False, shown_counts=counts)[0]
+    # step 1: class 0's erased copy [0.2, 0, 0, -1] scores sigmoid(-0.2) < 0.5: not added, no step 2;
+    #         class 1's [0, 0.1, 0, 0] scores sigmoid(0.025) >= 0.5: added -> [0.5, 0.2, 0, 0.4]
+    # step 2: class 1 alone; normalised [1, 0.4, 0, 0.8] erases pixels 0 and 3: [0, 0.1, 0, 0] again, added
+    assert [len(inputs) for inputs in net.inputs] == [1, 2, 1]
+    torch.testing.assert_close(net.inputs[2][0, 1, 0], torch.tensor([0.0, 0.1, 0.0, 0.0]))
+    torch.testing.assert_close(result[0, 0], torch.tensor([0.2, 1.0, 0.6, 0.0]))  # the plain CAM
+    torch.testing.assert_close(result[1, 0], torch.tensor([0.5, 0.3, 0.0, 0.4]) / 0.5)
+    sigmoid = torch.sigmoid(torch.tensor([-0.2, 0.025])).tolist()
+    assert [step[:2] for step in counts] == [[2, 1], [1, 1]]
+    assert counts[0][2] == pytest.approx(sum(sigmoid)) and counts[1][2] == pytest.approx(sigmoid[1])
 
 
 @pytest.mark.parametrize("chunk", [None, 1, 2])

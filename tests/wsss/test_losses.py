@@ -246,6 +246,28 @@ def test_erase_fill_is_what_replaces_the_erased_pixels(erase_fill):
         assert not torch.equal(erased[mask], images[mask]) and erased[mask].std() > 0
 
 
+def test_shown_classes_loss_leaves_out_the_present_classes_whose_evidence_the_change_removed():
+    from wsss.losses import shown_classes_loss
+
+    logits = torch.tensor([[2.0, -1.0, 0.5], [-3.0, 1.0, -0.5]], requires_grad=True)
+    reference = torch.tensor([[1.0, 1.0, 1.0], [-1.0, 1.0, 2.0]])  # the unchanged images' logits
+    targets = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 1.0]])
+    log_sigmoid = torch.nn.functional.logsigmoid
+    # stop 0.5: present (0, 1) and (1, 2) were recognised (reference >= 0) and are not now (logit < 0): left out;
+    # present (0, 0) is still recognised, present (1, 0) was never recognised (early training): both kept;
+    # the absent (0, 2) and (1, 1) always count; the mean is over all six terms
+    kept = -log_sigmoid(torch.tensor(2.0)) - log_sigmoid(torch.tensor(-3.0)) - log_sigmoid(torch.tensor(-0.5)) \
+        - log_sigmoid(torch.tensor(-1.0))
+    loss = shown_classes_loss(logits, targets, 0.5, reference)
+    assert float(loss) == pytest.approx(float(kept) / 6)
+    loss.backward()
+    assert logits.grad[0, 1] == 0 and logits.grad[1, 2] == 0
+    assert logits.grad[0, 0] < 0 and logits.grad[1, 0] < 0 and logits.grad[0, 2] > 0  # kept: present up, absent down
+    # stop 0: the multi-label soft margin of every term
+    assert float(shown_classes_loss(logits, targets, 0.0, reference)) == pytest.approx(
+        float(torch.nn.functional.multilabel_soft_margin_loss(logits, targets)))
+
+
 def test_regulariser_ramp_by_hand():
     from wsss.losses import regulariser_ramp
 
