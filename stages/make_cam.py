@@ -13,7 +13,7 @@ reaches ``--erase-thresh`` are erased and the CAM of what remains is added,
 until the classifier's score for the class on what remains falls below
 ``--erase-stop`` (adversarial erasing's stopping rule).
 It is off by default because ``bench/ablation.md`` measures no gain from it
-through DeepLab.
+through DeepLab, nor ``bench/partial_cams.md`` on partial CAMs.
 
 Speed: up to ``--batch-size`` images of one size share every forward pass
 (:mod:`wsss.inference`), DataLoader workers decode, normalisation and max-normalisation
