@@ -18,7 +18,8 @@ from wsss.cam import feature_to_image, resample
 from wsss.cam_choices import ER_TARGETS, ERASE_CLASSES, ERASE_FILLS, ERASE_THRESH, SHOWN_SCORE
 
 
-def multilabel_soft_margin_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def multilabel_soft_margin_loss(logits: torch.Tensor, targets: torch.Tensor,
+                                weight: torch.Tensor | None = None) -> torch.Tensor:
     """Mean over images and classes of the binary logistic loss.
 
     ``-[y log sigmoid(x) + (1 - y) log sigmoid(-x)]``, the same as
@@ -27,6 +28,7 @@ def multilabel_soft_margin_loss(logits: torch.Tensor, targets: torch.Tensor) -> 
     Args:
         logits: float [B, K].
         targets: float [B, K] of 0/1.
+        weight: optional [B, K] factor of each term (0 leaves a term out); the mean stays over all B x K.
 
     Returns:
         scalar tensor.
@@ -34,7 +36,7 @@ def multilabel_soft_margin_loss(logits: torch.Tensor, targets: torch.Tensor) -> 
     if logits.shape != targets.shape:
         raise ValueError(f"logits {tuple(logits.shape)} and targets {tuple(targets.shape)} differ")
     loss = -(targets * F.logsigmoid(logits) + (1 - targets) * F.logsigmoid(-logits))
-    return loss.mean()
+    return (loss if weight is None else loss * weight).mean()
 
 
 def shown_classes_loss(logits: torch.Tensor, targets: torch.Tensor, stop: float,
@@ -55,11 +57,10 @@ def shown_classes_loss(logits: torch.Tensor, targets: torch.Tensor, stop: float,
         logits: float [B, K] of the changed images; targets: float [B, K] of 0/1; stop: in [0, 1];
         reference: float [B, K], the logits of the unchanged images.
     """
-    loss = -(targets * F.logsigmoid(logits) + (1 - targets) * F.logsigmoid(-logits))
-    if stop > 0:
-        removed = (torch.sigmoid(reference.detach()) >= stop) & (torch.sigmoid(logits.detach()) < stop)
-        loss = loss * ~(removed & (targets > 0))
-    return loss.mean()
+    if stop <= 0:
+        return multilabel_soft_margin_loss(logits, targets)
+    removed = (torch.sigmoid(reference.detach()) >= stop) & (torch.sigmoid(logits.detach()) < stop)
+    return multilabel_soft_margin_loss(logits, targets, weight=~(removed & (targets > 0)))
 
 
 # --------------------------------------------------------------------------- equivariance (SEAM)
