@@ -137,11 +137,10 @@ def run(cfg: MakeCamConfig) -> dict:
     started = time.perf_counter()
     no_class, shown_counts = write_cams(model, dataset, cfg, todo, device, precision, info)
     seconds = time.perf_counter() - started
-    shown_counts = [shown_counts[step] if step < len(shown_counts) else [0, 0, 0.0] for step in range(cfg.erase_steps)]
     # totals over ranks; a collective, so every CAM file exists before rank 0 evaluates
     done, skipped, no_class, rate, *shown = sum_over_ranks(
         [len(todo), len(mine) - len(todo), no_class, len(todo) / seconds if todo and seconds > 0 else 0.0,
-         *(value for counts in shown_counts for value in counts)], info, device)
+         *shown_counts.flatten().tolist()], info, device)
     if no_class:
         log.warning("%d image(s) got no class (%s); their CAM files hold no planes", no_class,
                     "no image-level label" if cfg.classes == "gt" else f"no score >= {cfg.score_thresh}")
@@ -177,9 +176,9 @@ def _channels_of(cfg: MakeCamConfig, dataset: PreparedDataset, batch_ids: list[s
 
 
 def write_cams(model, dataset: PreparedDataset, cfg: MakeCamConfig, ids: list[str], device: torch.device,
-               precision: Precision, info: DistInfo) -> tuple[int, list[list]]:
+               precision: Precision, info: DistInfo) -> tuple[int, torch.Tensor]:
     """Compute and write the CAMs of ``ids``; return how many images got no class and the erasing steps'
-    counts (:func:`wsss.cam.erasing_cams`' ``shown_counts``)."""
+    counts (:func:`wsss.cam.erasing_cams`' ``shown_counts``, [erase_steps, 3])."""
     import torch
 
     from wsss.cam import erasing_cams, max_normalize, multiscale_cam
@@ -187,7 +186,8 @@ def write_cams(model, dataset: PreparedDataset, cfg: MakeCamConfig, ids: list[st
 
     workers = min(default_workers(), 4) if cfg.workers is None else cfg.workers
     no_class = 0
-    shown_counts: list[list] = []  # per erasing step: [pairs, still recognised, sum of scores]
+    # per erasing step: [pairs, still recognised, sum of scores], summed on the device
+    shown_counts = torch.zeros(cfg.erase_steps, 3, dtype=torch.float64, device=device)
     with progress_bar(total=len(ids), desc="make-cam", show=info.is_main) as bar, BackgroundWriter() as writer:
         for batch_ids, images, _ in split_batches(dataset, cfg.split, ids, batch_size=cfg.batch_size,
                                                   workers=workers, device=device):

@@ -171,7 +171,7 @@ def erasing_cams(model, images: torch.Tensor, channels: Sequence[Sequence[int]],
                  erase_thresh: float = ERASE_THRESH, erase_stop: float = INFERENCE_ERASE_STOP,
                  scales: Sequence[float] = DEFAULT_SCALES, flip: bool = True,
                  first: Sequence[torch.Tensor] | None = None, chunk: int | None = None,
-                 shown_counts: list[list[int]] | None = None) -> list[torch.Tensor]:
+                 shown_counts: torch.Tensor | None = None) -> list[torch.Tensor]:
     """Multi-scale CAMs with inference-time adversarial erasing for a batch, max-normalised.
 
     Step 0 is the plain multi-scale CAM.  At every further step, for each image and class the
@@ -197,9 +197,9 @@ def erasing_cams(model, images: torch.Tensor, channels: Sequence[Sequence[int]],
         erase_stop: the score in [0, 1] below which a pair's erasing stops.
         first: the already computed raw step-0 CAMs, ``first[b]`` [K_b, H, W] (saves one pass).
         chunk: erased copies per forward pass.
-        shown_counts: if given, ``shown_counts[t]`` (appended as needed) gains ``[pairs erased at step t + 1,
-            of them still recognised (score >= 0.5), the sum of their scores]``: how often what remains of
-            an object still shows its class, whatever ``erase_stop``.
+        shown_counts: if given, float [erase_steps, 3] on the images' device; row ``t`` gains ``[pairs
+            erased at step t + 1, of them still recognised (score >= SHOWN_SCORE), the sum of their scores]``:
+            how often what remains of an object still shows its class, whatever ``erase_stop``.
 
     Returns:
         per image float [K_b, H, W] in [0, 1].
@@ -211,30 +211,27 @@ def erasing_cams(model, images: torch.Tensor, channels: Sequence[Sequence[int]],
     accumulated = torch.cat(list(first))  # [P, H, W], P = sum K_b (image, class) pairs
     owner = torch.tensor([b for b, chosen in enumerate(channels) for _ in chosen], dtype=torch.long,
                          device=images.device)
-    channel = torch.tensor([c for chosen in channels for c in chosen], dtype=torch.long, device=images.device)
+    pair_channels = [c for chosen in channels for c in chosen]
+    channel = torch.tensor(pair_channels, dtype=torch.long, device=images.device)
     live = torch.arange(len(channel), device=images.device)  # the pairs still erased
     chunk = max(1, chunk or len(channel))
     for step in range(erase_steps):
         if not len(live):
             break
+        live_pairs = [[pair_channels[index]] for index in live.tolist()]  # multiscale_cam takes host lists
         erased = erase_images(images[owner[live]], max_normalize(accumulated[live]) >= erase_thresh)
         maps, scores = [], []
         for start in range(0, len(live), chunk):
-            pairs = channel[live[start:start + chunk]]
-            cams, logits = multiscale_cam(model, erased[start:start + chunk], pairs[:, None].tolist(),
+            cams, logits = multiscale_cam(model, erased[start:start + chunk], live_pairs[start:start + chunk],
                                           scales=scales, flip=flip)
             maps.append(torch.cat(cams))
-            scores.append(logits.gather(1, pairs[:, None])[:, 0])
+            scores.append(logits.gather(1, channel[live[start:start + chunk], None])[:, 0])
         scores = torch.sigmoid(torch.cat(scores))
         shown = scores >= erase_stop
         accumulated = accumulated.index_add(0, live, torch.cat(maps) * shown[:, None, None])
         if shown_counts is not None:
-            while len(shown_counts) <= step:
-                shown_counts.append([0, 0, 0.0])
-            counts_now = shown_counts[step]
-            counts_now[0] += len(live)
-            counts_now[1] += int((scores >= SHOWN_SCORE).sum())
-            counts_now[2] += float(scores.sum())
+            shown_counts[step] += torch.stack([torch.full_like(scores[0], len(live)),
+                                               (scores >= SHOWN_SCORE).sum().to(scores.dtype), scores.sum()])
         live = live[shown]
     return list(torch.split(max_normalize(accumulated), counts))
 

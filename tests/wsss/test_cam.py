@@ -145,7 +145,7 @@ def test_inference_erasing_stops_for_a_class_no_longer_shown():
     image = torch.zeros(3, 1, 4)
     image[0, 0] = torch.tensor([0.2, 1.0, 0.6, -1.0])
     image[1, 0] = torch.tensor([0.5, 0.1, 0.0, 0.4])
-    counts = []
+    counts = torch.zeros(2, 3, dtype=torch.float64)
     result = erasing_cams(net, image[None], [[0, 1]], erase_steps=2, erase_thresh=0.5, erase_stop=0.5,
                           scales=(1.0,), flip=False, shown_counts=counts)[0]
     # step 1: class 0's erased copy [0.2, 0, 0, -1] scores sigmoid(-0.2) < 0.5: not added, no step 2;
@@ -156,8 +156,8 @@ def test_inference_erasing_stops_for_a_class_no_longer_shown():
     torch.testing.assert_close(result[0, 0], torch.tensor([0.2, 1.0, 0.6, 0.0]))  # the plain CAM
     torch.testing.assert_close(result[1, 0], torch.tensor([0.5, 0.3, 0.0, 0.4]) / 0.5)
     sigmoid = torch.sigmoid(torch.tensor([-0.2, 0.025])).tolist()
-    assert [step[:2] for step in counts] == [[2, 1], [1, 1]]
-    assert counts[0][2] == pytest.approx(sum(sigmoid)) and counts[1][2] == pytest.approx(sigmoid[1])
+    assert counts[:, :2].tolist() == [[2, 1], [1, 1]]
+    assert counts[0, 2] == pytest.approx(sum(sigmoid)) and counts[1, 2] == pytest.approx(sigmoid[1])
 
 
 @pytest.mark.parametrize("chunk", [None, 1, 2])
