@@ -100,6 +100,15 @@ def in_parallel(tasks: Iterable[Callable[[], object]], jobs: int) -> list:
         return [future.result() for future in [pool.submit(task) for task in tasks]]
 
 
+def write_tables(md: Path, tables: str) -> None:
+    """Put ``tables`` between the ``<!-- tables -->`` and ``<!-- end tables -->`` markers of ``md`` (the text
+    around them is kept; a missing file gets only the markers and the tables)."""
+    text = md.read_text() if md.is_file() else "<!-- tables -->\n<!-- end tables -->\n"
+    head, rest = text.split("<!-- tables -->", 1)
+    tail = rest.split("<!-- end tables -->", 1)[1]
+    md.write_text(f"{head}<!-- tables -->\n{tables}\n<!-- end tables -->{tail}")
+
+
 def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
 

@@ -31,8 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
-from harness import REPO, in_parallel, run, wsss_command
-from styles import SWEEP, recipe_table
+from harness import REPO, in_parallel, run, write_tables, wsss_command
+from styles import eval_cams_command, make_cam_command, pct, recipe_table, train_cls_command
 
 STYLES = ("parts", "shapes")  # rows of bench/styles.py whose data and plain classifier a run shares
 PART_SATURATION = 0.7  # between the bodies' 0.45 and the parts' 0.95
@@ -63,7 +63,6 @@ def one_run(style: str, label: str, work: Path, styles_work: Path) -> dict:
     """Train (unless shared), make CAMs and score them for one row; return its figures."""
     from wsss import artifacts
 
-    wsss = wsss_command()
     spec = RUNS[label]
     shared = styles_work / style
     root = shared / "data" / "VOC2012"
@@ -77,21 +76,16 @@ def one_run(style: str, label: str, work: Path, styles_work: Path) -> dict:
         artifacts.write_json(config, recipe_table("train-cls", spec["train-cls"]))
         cls = folder / "cls"
         if not finished(cls / "metrics.json"):
-            run([wsss, "-q", "train-cls", "--config", str(config), "--root", str(root), "--out", str(cls), "--split",
-                 "train", "--val-split", "val", "--weights", "none", "--threads", "1", "--workers", "0", "--seed",
-                 "0"], folder / "logs" / "train-cls.log")
+            run(train_cls_command(config, root, cls), folder / "logs" / "train-cls.log")
         checkpoint = cls / "last.pth"
     cams = shared / "cams" if spec["train-cls"] is None and not spec["make-cam"] else folder / "cams"
     if not finished(cams / "metrics.json"):
         config = folder / "make-cam.json"
         artifacts.write_json(config, recipe_table("make-cam", spec["make-cam"]))
-        run([wsss, "-q", "make-cam", "--config", str(config), "--root", str(root), "--checkpoint", str(checkpoint),
-             "--out", str(cams), "--split", "train", "--threads", "1", "--workers", "0", "--no-eval"],
-            folder / "logs" / "make-cam.log")
+        run(make_cam_command(config, root, checkpoint, cams), folder / "logs" / "make-cam.log")
     report_file = folder / "eval_train.json"
     if not report_file.is_file():
-        run([wsss, "-q", "eval", "--cams", str(cams), "--root", str(root), "--split", "train", "--sweep", SWEEP,
-             "--workers", "1", "--out", str(report_file)], folder / "logs" / "eval.log")
+        run(eval_cams_command(cams, root, report_file), folder / "logs" / "eval.log")
     report = json.loads(report_file.read_text())
     result = {"label": label, "train_cls": spec["train-cls"], "make_cam": spec["make-cam"],
               "best_threshold": report["best_threshold"], "miou": report["miou"],
@@ -100,11 +94,11 @@ def one_run(style: str, label: str, work: Path, styles_work: Path) -> dict:
               "where": where_maps_go(root, cams, report["best_threshold"]) if style == "parts" else {},
               "cams": str(cams.relative_to(REPO))}
     if spec.get("refine"):
-        result["refine"] = refine(folder, root, cams, wsss)
+        result["refine"] = refine(folder, root, cams)
     erasing = json.loads((cams / "metrics.json").read_text()).get("erasing")
     if erasing:
         result["recognised"] = erasing[0]["recognised"]
-    cls_metrics = (checkpoint.parent / "metrics.json")
+    cls_metrics = checkpoint.parent / "metrics.json"
     if cls_metrics.is_file():
         history = json.loads(cls_metrics.read_text())["history"]
         result["val_map"] = history[-1]["val_map"]
@@ -140,13 +134,14 @@ REFINES: dict[str, list[str]] = {
 }
 
 
-def refine(folder: Path, root: Path, cams: Path, wsss: str) -> dict[str, dict]:
+def refine(folder: Path, root: Path, cams: Path) -> dict[str, dict]:
     """Pseudo-labels on train of the run's CAMs, per :data:`REFINES`: mIoU and the share of pixels called
     foreground (a label-free figure).  The walk spreads the maps over the affinities that ``wsss train-aff``
     (the recipe's ``[train-aff]`` table) learns from these CAMs: it grows a map by appearance, where the
     classifier has no evidence left."""
     from wsss import artifacts
 
+    wsss = wsss_command()
     common = ["--root", str(root), "--split", "train", "--seed", "0"]
     config = folder / "refine.json"
     artifacts.write_json(config, recipe_table("refine", {}))
@@ -236,10 +231,6 @@ def gallery(rows: dict[str, dict], root: Path, path: Path, count: int = 4, heigh
     cv2.imwrite(str(path), cv2.cvtColor(picture, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 85])
 
 
-def pct(value) -> str:
-    return "–" if value is None else f"{100 * value:.1f}"
-
-
 def markdown(rows: dict[str, dict]) -> str:
     labels = [label for label in RUNS if label in rows]
     lines = ["| run | val mAP | best threshold | CAM mIoU | mean precision | mean recall | part recall | body recall | "
@@ -300,10 +291,7 @@ def main() -> None:
     tables = "\n\n".join(f"### {style}\n\n{markdown(style_rows)}" for style, style_rows in every.items())
     print(tables)
     if args.md:
-        text = args.md.read_text() if args.md.is_file() else "<!-- tables -->\n<!-- end tables -->\n"
-        head, rest = text.split("<!-- tables -->", 1)
-        tail = rest.split("<!-- end tables -->", 1)[1]
-        args.md.write_text(f"{head}<!-- tables -->\n{tables}\n<!-- end tables -->{tail}")
+        write_tables(args.md, tables)
     if args.gallery:
         gallery(rows, args.styles_work.resolve() / args.style / "data" / "VOC2012", args.gallery)
 

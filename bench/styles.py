@@ -36,7 +36,7 @@ import argparse
 import json
 from pathlib import Path
 
-from harness import REPO, run, wsss_command
+from harness import REPO, run, write_tables, wsss_command
 
 SWEEP = "0.05:0.95:0.01"
 FIXED_THRESHOLDS = (0.15, 0.3, 0.5)  # IRN's CAM threshold on VOC, its confident-foreground one, the middle
@@ -68,6 +68,25 @@ def recipe_table(stage: str, overrides: dict) -> dict:
     return {**table, **overrides}
 
 
+def train_cls_command(config: Path, root: Path, out: Path) -> list[str]:
+    """``wsss train-cls`` from scratch on train (val for the per-epoch scores), one thread, seed 0."""
+    return [wsss_command(), "-q", "train-cls", "--config", str(config), "--root", str(root), "--out", str(out),
+            "--split", "train", "--val-split", "val", "--weights", "none", "--threads", "1", "--workers", "0",
+            "--seed", "0"]
+
+
+def make_cam_command(config: Path, root: Path, checkpoint: Path, out: Path) -> list[str]:
+    """``wsss make-cam`` of the train split, one thread, without its own evaluation."""
+    return [wsss_command(), "-q", "make-cam", "--config", str(config), "--root", str(root), "--checkpoint",
+            str(checkpoint), "--out", str(out), "--split", "train", "--threads", "1", "--workers", "0", "--no-eval"]
+
+
+def eval_cams_command(cams: Path, root: Path, out: Path) -> list[str]:
+    """``wsss eval --cams`` on train with the background-threshold sweep, its report in ``out``."""
+    return [wsss_command(), "-q", "eval", "--cams", str(cams), "--root", str(root), "--split", "train", "--sweep",
+            SWEEP, "--workers", "1", "--out", str(out)]
+
+
 def timed(step: str, command: list[str], done: Path, folder: Path, times: dict) -> None:
     """Run ``command`` unless ``done`` exists; keep its wall time in ``times[step]`` (and ``times.json``)."""
     if done.exists() and step in times:
@@ -97,16 +116,12 @@ def one_run(label: str, spec: dict, work: Path) -> dict:
         settings[stage] = folder / f"{stage}.json"
         artifacts.write_json(settings[stage], recipe_table(stage, spec.get(stage, {})))
     cls = folder / "cls"
-    timed("train-cls", [wsss, "-q", "train-cls", "--config", str(settings["train-cls"]), "--root", str(root),
-                        "--out", str(cls), "--split", "train", "--val-split", "val", "--weights", "none",
-                        "--threads", "1", "--workers", "0", "--seed", "0"], cls / "metrics.json", folder, times)
+    timed("train-cls", train_cls_command(settings["train-cls"], root, cls), cls / "metrics.json", folder, times)
     cams = folder / "cams"
-    timed("make-cam", [wsss, "-q", "make-cam", "--config", str(settings["make-cam"]), "--root", str(root),
-                       "--checkpoint", str(cls / "last.pth"), "--out", str(cams), "--split", "train",
-                       "--threads", "1", "--workers", "0", "--no-eval"], cams / "metrics.json", folder, times)
+    timed("make-cam", make_cam_command(settings["make-cam"], root, cls / "last.pth", cams), cams / "metrics.json",
+          folder, times)
     report_file = folder / "eval_train.json"
-    timed("eval", [wsss, "-q", "eval", "--cams", str(cams), "--root", str(root), "--split", "train",
-                   "--sweep", SWEEP, "--workers", "1", "--out", str(report_file)], report_file, folder, times)
+    timed("eval", eval_cams_command(cams, root, report_file), report_file, folder, times)
     result = row(label, spec, json.loads(report_file.read_text()), json.loads((root / "demo.json").read_text()), times)
     result["at_threshold"] = at_thresholds(root, cams, result["per_class"])
     return result
@@ -207,11 +222,7 @@ def main() -> None:
         args.json.write_text(json.dumps(rows, indent=1) + "\n")
         print(markdown({label: rows[label]}), flush=True)
     if args.md:
-        tables = markdown(rows)
-        text = args.md.read_text() if args.md.is_file() else "<!-- tables -->\n<!-- end tables -->\n"
-        head, rest = text.split("<!-- tables -->", 1)
-        tail = rest.split("<!-- end tables -->", 1)[1]
-        args.md.write_text(f"{head}<!-- tables -->\n{tables}\n<!-- end tables -->{tail}")
+        write_tables(args.md, markdown(rows))
 
 
 if __name__ == "__main__":
