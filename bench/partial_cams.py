@@ -43,8 +43,8 @@ RUNS: dict[str, dict] = {
     "ER, no stop": {"train-cls": {"er_weight": 0.3, "er_view_stop": 0.0}, "make-cam": {}},
     "ER, view not classified": {"train-cls": {"er_weight": 0.3, "er_view_cls": False}, "make-cam": {}},
     "ER": {"train-cls": {"er_weight": 0.3}, "make-cam": {}},  # the view classified where it shows the class
-    "erasing (training, no stop)": {"train-cls": {"erase_weight": 1.0, "erase_stop": 0.0}, "make-cam": {}},
-    "erasing (training)": {"train-cls": {"erase_weight": 1.0}, "make-cam": {}},  # stops at SHOWN_SCORE
+    "erasing (training)": {"train-cls": {"erase_weight": 1.0, "erase_stop": 0.0}, "make-cam": {}},
+    "erasing (training, stop 0.5)": {"train-cls": {"erase_weight": 1.0, "erase_stop": 0.5}, "make-cam": {}},
     "erasing (inference)": {"train-cls": None, "make-cam": {"erase_steps": 1, "erase_stop": 0.0}},
     "erasing (inference, stop 0.5)": {"train-cls": None, "make-cam": {"erase_steps": 1, "erase_stop": 0.5}},
 }

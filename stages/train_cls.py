@@ -39,7 +39,7 @@ from wsss.stages.options import (amp_setting, compile_setting, dataset_setting, 
                                  loader_workers_setting, overwrite_setting, pair_problem, positive_pair, root_setting,
                                  seed_setting, settings_command, threads_setting)
 from wsss import artifacts
-from wsss.cam_choices import ER_TARGETS, ERASE_CLASSES, ERASE_FILLS, ERASE_THRESH, SHOWN_SCORE
+from wsss.cam_choices import ER_TARGETS, ERASE_CLASSES, ERASE_FILLS, ERASE_STOP, ERASE_THRESH, SHOWN_SCORE
 from wsss.datasets.prepared import PreparedDataset
 from wsss.device import default_workers, dist_info, seed_everything
 from wsss.errors import WsssError
@@ -118,9 +118,9 @@ class TrainClsConfig(Settings):
                                       "patch to learn as a cue) or the mean colour.", choices=ERASE_FILLS)
     erase_classes: str = setting("all", "Erase the regions of every present class, or of one random present class "
                                         "per image.", choices=ERASE_CLASSES)
-    erase_stop: float = setting(SHOWN_SCORE, "Leave out of the erasing loss a class scored >= this on the image "
-                                            "but below it on the erased image (its evidence was erased: "
-                                            "adversarial erasing's stopping rule); 0 keeps every class.",
+    erase_stop: float = setting(ERASE_STOP, "Leave out of the erasing loss a class scored >= this on the image "
+                                           "but below it on the erased image (its evidence was erased: "
+                                           "adversarial erasing's stopping rule, e.g. 0.5); 0 keeps every class.",
                                 at_least=0, at_most=1)
     reg_start: float = setting(0.0, "Fraction of the schedule before equivariance and erasing start.",
                                at_least=0, at_most=1)

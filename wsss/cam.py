@@ -19,7 +19,7 @@ from typing import Callable, Sequence, Union
 import torch
 import torch.nn.functional as F
 
-from wsss.cam_choices import DEFAULT_SCALES, ERASE_THRESH, INFERENCE_ERASE_STOP, SHOWN_SCORE
+from wsss.cam_choices import DEFAULT_SCALES, ERASE_THRESH, ERASE_STOP, SHOWN_SCORE
 
 # per image a list of foreground channels, or a function of the logits returning that, or None (all)
 ChannelChoice = Union[Sequence[Sequence[int]], Callable[[torch.Tensor], Sequence[Sequence[int]]], None]
@@ -168,7 +168,7 @@ def multiscale_cam(model, images: torch.Tensor, channels: ChannelChoice = None, 
 
 @torch.inference_mode()
 def erasing_cams(model, images: torch.Tensor, channels: Sequence[Sequence[int]], *, erase_steps: int = 0,
-                 erase_thresh: float = ERASE_THRESH, erase_stop: float = INFERENCE_ERASE_STOP,
+                 erase_thresh: float = ERASE_THRESH, erase_stop: float = ERASE_STOP,
                  scales: Sequence[float] = DEFAULT_SCALES, flip: bool = True,
                  first: Sequence[torch.Tensor] | None = None, chunk: int | None = None,
                  shown_counts: torch.Tensor | None = None) -> list[torch.Tensor]:
@@ -237,7 +237,7 @@ def erasing_cams(model, images: torch.Tensor, channels: Sequence[Sequence[int]],
 
 
 def erasing_cam(model, image: torch.Tensor, channels: Sequence[int], *, erase_steps: int = 0,
-                erase_thresh: float = ERASE_THRESH, erase_stop: float = INFERENCE_ERASE_STOP,
+                erase_thresh: float = ERASE_THRESH, erase_stop: float = ERASE_STOP,
                 scales: Sequence[float] = DEFAULT_SCALES, flip: bool = True,
                 first: torch.Tensor | None = None) -> torch.Tensor:
     """:func:`erasing_cams` of one image [3, H, W]: float [K, H, W] in [0, 1]."""

@@ -14,12 +14,13 @@ ERASE_THRESH = 0.7
 #: The score (sigmoid of a logit) from which an image counts as showing a class: multi-label classification's
 #: decision threshold.  Adversarial erasing's stopping rule uses it in training: no loss asks the classifier to find
 #: a class in an erased image or an equivariance view whose change removed the class's evidence
-#: (:func:`wsss.losses.shown_classes_loss`); at inference, ``make-cam --erase-stop`` offers it.
+#: (:func:`wsss.losses.shown_classes_loss`, the default of ``--er-view-stop``; ``--erase-stop`` offers it).
 SHOWN_SCORE = 0.5
-#: make-cam's default ``--erase-stop``: 0, erasing never stops.  The rule at SHOWN_SCORE gained nothing where CAMs
-#: are partial (parts: 33.4 against 33.3 without it) and lost 2.3 points where they are not (shapes: 60.4 against
-#: 62.7), bench/partial_cams.md.
-INFERENCE_ERASE_STOP = 0.0
+#: The default ``--erase-stop`` of train-cls and make-cam: 0, erasing never stops.  At inference the rule at
+#: SHOWN_SCORE gained nothing where CAMs are partial (parts: 33.4 against 33.3 without it) and lost 2.3 points where
+#: they are not (shapes: 60.4 against 62.7); in training it was measured on one style only (parts: 39.0 against 38.2,
+#: one seed), bench/partial_cams.md.
+ERASE_STOP = 0.0
 #: Input scales of multi-scale CAM inference.
 DEFAULT_SCALES = (1.0, 0.5, 1.5, 2.0)
 

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from wsss.cam import feature_to_image, resample
-from wsss.cam_choices import ER_TARGETS, ERASE_CLASSES, ERASE_FILLS, ERASE_THRESH, SHOWN_SCORE
+from wsss.cam_choices import ER_TARGETS, ERASE_CLASSES, ERASE_FILLS, ERASE_STOP, ERASE_THRESH, SHOWN_SCORE
 
 
 def multilabel_soft_margin_loss(logits: torch.Tensor, targets: torch.Tensor,
@@ -295,7 +295,7 @@ class CamObjective(nn.Module):
     def __init__(self, model: nn.Module, *, er_weight: float = 0.0, er_scale_range: tuple[float, float] = (0.3, 0.7),
                  er_min_crop: float = 1.0, er_target: str = "detached", er_view_cls: bool = True,
                  er_view_stop: float = SHOWN_SCORE, erase_weight: float = 0.0, erase_thresh: float = ERASE_THRESH,
-                 erase_fill: str = "blur", erase_classes: str = "all", erase_stop: float = SHOWN_SCORE):
+                 erase_fill: str = "blur", erase_classes: str = "all", erase_stop: float = ERASE_STOP):
         super().__init__()
         if er_target not in ER_TARGETS or erase_fill not in ERASE_FILLS or erase_classes not in ERASE_CLASSES:
             raise ValueError(f"er_target in {ER_TARGETS}, erase_fill in {ERASE_FILLS}, erase_classes in "
