@@ -31,10 +31,10 @@ from pathlib import Path
 
 import numpy as np
 
-from harness import REPO, in_parallel, run, write_tables, wsss_command
-from styles import eval_cams_command, make_cam_command, pct, recipe_table, train_cls_command
+from harness import REPO, fmt, in_parallel, run, write_tables, wsss_command
+from styles import eval_cams_command, make_cam_command, pct, recipe_table, seed_label, train_cls_command
 
-STYLES = ("parts", "shapes")  # rows of bench/styles.py whose data and plain classifier a run shares
+STYLES = ("parts", "shapes", "context", "voc-size")  # rows of bench/styles.py whose data and plain classifier a run shares
 PART_SATURATION = 0.7  # between the bodies' 0.45 and the parts' 0.95
 
 # label -> train-cls overrides (None: the styles run's plain classifier) and make-cam overrides
@@ -59,16 +59,17 @@ def finished(metrics: Path) -> bool:
     return metrics.is_file() and json.loads(metrics.read_text()).get("finished", True)
 
 
-def one_run(style: str, label: str, work: Path, styles_work: Path) -> dict:
-    """Train (unless shared), make CAMs and score them for one row; return its figures."""
+def one_run(style: str, label: str, work: Path, styles_work: Path, refines: list[str], seed: int = 0) -> dict:
+    """Train (unless shared), make CAMs and score them for one row of the styles run of ``seed``; return its
+    figures."""
     from wsss import artifacts
 
     spec = RUNS[label]
-    shared = styles_work / style
+    shared = styles_work / seed_label(style, seed)
     root = shared / "data" / "VOC2012"
     if not (shared / "cls" / "last.pth").is_file():
-        raise SystemExit(f"{shared}: run `bench/styles.py --run {style}` first (its data and plain classifier)")
-    folder = run_dir(work / style, label)
+        raise SystemExit(f"{shared}: run `bench/styles.py --run {style} --seed {seed}` first (its data and plain classifier)")
+    folder = run_dir(work / seed_label(style, seed), label)
     folder.mkdir(parents=True, exist_ok=True)
     checkpoint = shared / "cls" / "last.pth"
     if spec["train-cls"] is not None:
@@ -76,7 +77,7 @@ def one_run(style: str, label: str, work: Path, styles_work: Path) -> dict:
         artifacts.write_json(config, recipe_table("train-cls", spec["train-cls"]))
         cls = folder / "cls"
         if not finished(cls / "metrics.json"):
-            run(train_cls_command(config, root, cls), folder / "logs" / "train-cls.log")
+            run(train_cls_command(config, root, cls, seed), folder / "logs" / "train-cls.log")
         checkpoint = cls / "last.pth"
     cams = shared / "cams" if spec["train-cls"] is None and not spec["make-cam"] else folder / "cams"
     if not finished(cams / "metrics.json"):
@@ -87,14 +88,14 @@ def one_run(style: str, label: str, work: Path, styles_work: Path) -> dict:
     if not report_file.is_file():
         run(eval_cams_command(cams, root, report_file), folder / "logs" / "eval.log")
     report = json.loads(report_file.read_text())
-    result = {"label": label, "train_cls": spec["train-cls"], "make_cam": spec["make-cam"],
+    result = {"label": label, "style": style, "seed": seed, "train_cls": spec["train-cls"], "make_cam": spec["make-cam"],
               "best_threshold": report["best_threshold"], "miou": report["miou"],
               "per_class": {name: values for name, values in report["summary"]["per_class"].items()
                             if name != "background"},
               "where": where_maps_go(root, cams, report["best_threshold"]) if style == "parts" else {},
               "cams": str(cams.relative_to(REPO))}
     if spec.get("refine"):
-        result["refine"] = refine(folder, root, cams)
+        result["refine"] = refine(folder, root, cams, refines, seed)
     erasing = json.loads((cams / "metrics.json").read_text()).get("erasing")
     if erasing:
         result["recognised"] = erasing[0]["recognised"]
@@ -131,22 +132,27 @@ REFINES: dict[str, list[str]] = {
     "IRN's walk on IRN's regions + fixed 0.25 + CRF": ["--random-walk", AFFINITY_IRN, "--rw-steps", "256",
                                                        "--rw-beta", "10", "--threshold", "fixed", "--bg-thresh",
                                                        "0.25"],  # IRN's setting after its walk
+    "GMM of 4 components + CRF": ["--gmm-components", "4"],
+    "GMM, no CRF": ["--no-crf"],
 }
 
 
-def refine(folder: Path, root: Path, cams: Path) -> dict[str, dict]:
-    """Pseudo-labels on train of the run's CAMs, per :data:`REFINES`: mIoU and the share of pixels called
-    foreground (a label-free figure).  The walk spreads the maps over the affinities that ``wsss train-aff``
+def refine(folder: Path, root: Path, cams: Path, names: list[str], seed: int = 0) -> dict[str, dict]:
+    """Pseudo-labels on train of the run's CAMs, per :data:`REFINES`: those of ``names`` are made if missing, and
+    every finished one is read: mIoU and the share of pixels called foreground (a label-free figure).  The walk spreads the maps over the affinities that ``wsss train-aff``
     (the recipe's ``[train-aff]`` table) learns from these CAMs: it grows a map by appearance, where the
     classifier has no evidence left."""
     from wsss import artifacts
 
     wsss = wsss_command()
-    common = ["--root", str(root), "--split", "train", "--seed", "0"]
+    common = ["--root", str(root), "--split", "train", "--seed", str(seed)]
     config = folder / "refine.json"
     artifacts.write_json(config, recipe_table("refine", {}))
     figures = {}
     for number, (name, extra) in enumerate(REFINES.items()):
+        out = folder / "refine" / str(number)
+        if name not in names and not finished(out / "metrics.json"):
+            continue
         for key, (affinity, overrides) in AFFINITIES.items():
             if key in extra and not finished(folder / affinity / "metrics.json"):
                 aff_config = folder / f"train-{affinity}.json"
@@ -154,7 +160,6 @@ def refine(folder: Path, root: Path, cams: Path) -> dict[str, dict]:
                 run([wsss, "-q", "train-aff", "--config", str(aff_config), "--cams", str(cams), "--out",
                      str(folder / affinity), "--weights", "none", "--threads", "1", *common],
                     folder / "logs" / f"train-{affinity}.log")
-        out = folder / "refine" / str(number)
         if not finished(out / "metrics.json"):
             options = [str(folder / AFFINITIES[option][0]) if option in AFFINITIES else option for option in extra]
             run([wsss, "-q", "refine", "--config", str(config), "--cams", str(cams), "--out", str(out), "--eval",
@@ -269,26 +274,69 @@ def markdown(rows: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def spread(values: list[float], seeds: list[int]) -> str:
+    """``"52.5 ± 1.2 (0, 1, 2)"``, one seed's value alone, or "–"."""
+    if not values:
+        return "–"
+    return (pct(values[0]) if len(values) == 1 else fmt(values)) + f" ({', '.join(map(str, seeds))})"
+
+
+def refine_summary(every: dict[str, dict]) -> str:
+    """Each refinement of the plain CAMs per style (mean ± std over the seeds that have it) and over the styles:
+    each seed's mean over the styles, where that seed has every style, then mean ± std over those seeds."""
+    found: dict[str, dict[int, dict]] = {}  # style -> seed -> refinement -> figures
+    for key, rows in every.items():
+        if rows.get("plain", {}).get("refine"):
+            style, _, seed = key.partition(" seed ")
+            found.setdefault(style, {})[int(seed or 0)] = rows["plain"]["refine"]
+    styles = list(found)
+    seeds = sorted({seed for by_seed in found.values() for seed in by_seed})
+    lines = ["### Refinements of the plain CAMs over the styles", "",
+             "Pseudo-label mIoU on train, %, mean ± sample std over seeds (seeds in brackets); the mean over the "
+             "styles is each seed's mean over every style, then mean ± std over those seeds.", "",
+             "| refinement | " + " | ".join(styles) + " | mean over the styles |", "|---|" + "---|" * (len(styles) + 1)]
+    for name in REFINES:
+        cells, means, counted = [], [], []
+        for style in styles:
+            values = {seed: refined[name]["miou"] for seed, refined in found[style].items() if name in refined}
+            cells.append(spread(list(values.values()), list(values)))
+        for seed in seeds:
+            values = [found[style].get(seed, {}).get(name, {}).get("miou") for style in styles]
+            if None not in values:
+                means.append(sum(values) / len(values))
+                counted.append(seed)
+        if any(cell != "–" for cell in cells):
+            lines.append(f"| {name} | " + " | ".join(cells) + f" | {spread(means, counted)} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--work", type=Path, default=REPO / "work" / "bench" / "partial_cams")
     parser.add_argument("--styles-work", type=Path, default=REPO / "work" / "bench" / "styles")
     parser.add_argument("--style", choices=STYLES, default="parts")
+    parser.add_argument("--seed", type=int, default=0, help="the styles run's seed (`bench/styles.py --seed`)")
     parser.add_argument("--run", action="append", choices=sorted(RUNS), default=[])
+    parser.add_argument("--refine", action="append", choices=sorted(REFINES), default=[],
+                        help="with plain: only these refinements (default: every one of REFINES)")
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--json", type=Path, default=REPO / "bench" / "partial_cams.json")
     parser.add_argument("--md", type=Path, help="write the tables here (between the markers of an existing file)")
     parser.add_argument("--gallery", type=Path, help="write the pictures of the runs' maps here (.png or .jpg)")
     args = parser.parse_args()
     every = json.loads(args.json.read_text()) if args.json.is_file() else {}
-    rows = every.setdefault(args.style, {})
+    rows = every.setdefault(seed_label(args.style, args.seed), {})
     labels = args.run
+    refines = args.refine or list(REFINES)
     results = in_parallel([lambda label=label: one_run(args.style, label, args.work.resolve(),
-                                                       args.styles_work.resolve()) for label in labels], args.jobs)
+                                                       args.styles_work.resolve(), refines, args.seed)
+                           for label in labels],
+                          args.jobs)
     for label, result in zip(labels, results):
         rows[label] = result
     args.json.write_text(json.dumps(every, indent=1) + "\n")
-    tables = "\n\n".join(f"### {style}\n\n{markdown(style_rows)}" for style, style_rows in every.items())
+    tables = "\n\n".join([f"### {key}\n\n{markdown(key_rows)}" for key, key_rows in every.items() if " seed " not in key] +
+                         [refine_summary(every)])
     print(tables)
     if args.md:
         write_tables(args.md, tables)

@@ -1,6 +1,6 @@
 """Do the demo styles show the CAM behaviour they are made for?  One CAM run per style.
 
-Per style (``wsss demo-data --style``), seed 0: generate the data, ``wsss prepare voc``, train the demo
+Per style (``wsss demo-data --style``), seed 0 (``--seed`` for another): generate the data, ``wsss prepare voc``, train the demo
 recipe's classifier from scratch (its ``[train-cls]`` table: ResNet-18, output stride 8, 12 epochs, plain --
 no equivariance, no erasing; ``--weights none``, one thread), ``wsss make-cam`` on train (the recipe's
 ``[make-cam]`` table: scales 1, 0.5, 1.5, 2 with flips) and ``wsss eval --cams`` on train with a background
@@ -68,11 +68,11 @@ def recipe_table(stage: str, overrides: dict) -> dict:
     return {**table, **overrides}
 
 
-def train_cls_command(config: Path, root: Path, out: Path) -> list[str]:
-    """``wsss train-cls`` from scratch on train (val for the per-epoch scores), one thread, seed 0."""
+def train_cls_command(config: Path, root: Path, out: Path, seed: int = 0) -> list[str]:
+    """``wsss train-cls`` from scratch on train (val for the per-epoch scores), one thread."""
     return [wsss_command(), "-q", "train-cls", "--config", str(config), "--root", str(root), "--out", str(out),
             "--split", "train", "--val-split", "val", "--weights", "none", "--threads", "1", "--workers", "0",
-            "--seed", "0"]
+            "--seed", str(seed)]
 
 
 def make_cam_command(config: Path, root: Path, checkpoint: Path, out: Path) -> list[str]:
@@ -95,8 +95,14 @@ def timed(step: str, command: list[str], done: Path, folder: Path, times: dict) 
     (folder / "times.json").write_text(json.dumps(times, indent=1))
 
 
-def one_run(label: str, spec: dict, work: Path) -> dict:
-    """Generate, prepare, train, make CAMs and score them for one row; return the row."""
+def seed_label(name: str, seed: int) -> str:
+    """A run's label (and folder): the ``RUNS`` name for seed 0, ``"<name> seed <seed>"`` for another seed."""
+    return name if seed == 0 else f"{name} seed {seed}"
+
+
+def one_run(label: str, spec: dict, work: Path, seed: int = 0) -> dict:
+    """Generate, prepare, train, make CAMs and score them for one row (data and training seeded with
+    ``seed``); return the row."""
     from wsss import artifacts
 
     wsss = wsss_command()
@@ -107,7 +113,7 @@ def one_run(label: str, spec: dict, work: Path) -> dict:
     root = folder / "data" / "VOC2012"
     size = [] if spec["size"] is None else ["--size", str(spec["size"])]
     demo = [wsss, "-q", "demo-data", str(folder / "data"), "--style", spec["style"], "--num-train",
-            str(spec["num_train"]), "--num-val", str(spec["num_val"]), "--seed", "0", *size]
+            str(spec["num_train"]), "--num-val", str(spec["num_val"]), "--seed", str(seed), *size]
     timed("demo-data", demo, root / "demo.json", folder, times)
     timed("prepare", [wsss, "-q", "prepare", "voc", "--root", str(root)], root / "wsss" / "prepare_voc.json", folder,
           times)
@@ -116,7 +122,7 @@ def one_run(label: str, spec: dict, work: Path) -> dict:
         settings[stage] = folder / f"{stage}.json"
         artifacts.write_json(settings[stage], recipe_table(stage, spec.get(stage, {})))
     cls = folder / "cls"
-    timed("train-cls", train_cls_command(settings["train-cls"], root, cls), cls / "metrics.json", folder, times)
+    timed("train-cls", train_cls_command(settings["train-cls"], root, cls, seed), cls / "metrics.json", folder, times)
     cams = folder / "cams"
     timed("make-cam", make_cam_command(settings["make-cam"], root, cls / "last.pth", cams), cams / "metrics.json",
           folder, times)
@@ -208,15 +214,16 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=REPO / "work" / "bench" / "styles")
     parser.add_argument("--run", action="append", choices=sorted(RUNS), default=[],
                         help="a row of RUNS to run (or resume); none: only write --md from --json")
+    parser.add_argument("--seed", type=int, default=0, help="the data's and the training's seed")
     parser.add_argument("--label", help="store the (single) run's row under this label (an earlier version's)")
     parser.add_argument("--json", type=Path, default=REPO / "bench" / "styles.json")
     parser.add_argument("--md", type=Path, help="write the tables here (between the markers of an existing file)")
     args = parser.parse_args()
     rows = json.loads(args.json.read_text()) if args.json.is_file() else {}
     for name in args.run:
-        label = args.label or name
+        label = args.label or seed_label(name, args.seed)
         note = rows.get(label, {}).get("note")
-        rows[label] = one_run(label, RUNS[name], args.work.resolve())
+        rows[label] = one_run(label, RUNS[name], args.work.resolve(), args.seed)
         if note:
             rows[label]["note"] = note
         args.json.write_text(json.dumps(rows, indent=1) + "\n")
