@@ -109,31 +109,35 @@ def one_run(style: str, label: str, work: Path, styles_work: Path, refines: list
 
 # Refinements of a run's CAMs (with "refine": True), each the demo recipe's [refine] table (pooled GMM + CRF,
 # the walk's 16 steps at beta 32) with these options.  AFFINITY stands for the `wsss train-aff` folder of the
-# recipe's [train-aff] table (confident regions from the pooled GMM), AFFINITY_IRN for the same trained on
-# IRN's confident regions (foreground above 0.30, background below 0.05, the scores between ignored)
+# recipe's [train-aff] table (confident regions from the pooled GMM; the walk rows were measured when its default
+# was 3 components), AFFINITY_IRN for the same trained on IRN's confident regions (foreground above 0.30,
+# background below 0.05, the scores between ignored).  "(3)": CoSA's 3 components, the default before the table
+# over the styles chose 4
 AFFINITY, AFFINITY_IRN = "{affinity}", "{affinity-irn}"
 AFFINITIES = {AFFINITY: ("aff", {}), AFFINITY_IRN: ("aff_irn", {"confident": "fixed", "fg_thresh": 0.30,
                                                                 "bg_thresh": 0.05})}
 REFINES: dict[str, list[str]] = {
-    "GMM + CRF": [],
-    "per-class GMM + CRF": ["--gmm-per-class"],
+    "GMM of 3 components + CRF": ["--gmm-components", "3"],  # CoSA's mixture, the default before this table
+    "per-class GMM (3) + CRF": ["--gmm-per-class", "--gmm-components", "3"],
     "fixed 0.15 + CRF": ["--threshold", "fixed", "--bg-thresh", "0.15"],  # IRN's CAM threshold on VOC
-    "walk + GMM + CRF": ["--random-walk", AFFINITY],
-    "walk + per-class GMM + CRF": ["--random-walk", AFFINITY, "--gmm-per-class"],
-    "IRN's walk (256 steps, beta 10) + GMM + CRF": ["--random-walk", AFFINITY, "--rw-steps", "256", "--rw-beta", "10"],
-    "IRN's walk + per-class GMM + CRF": ["--random-walk", AFFINITY, "--rw-steps", "256", "--rw-beta", "10",
-                                        "--gmm-per-class"],
+    "walk + GMM (3) + CRF": ["--random-walk", AFFINITY, "--gmm-components", "3"],
+    "walk + per-class GMM (3) + CRF": ["--random-walk", AFFINITY, "--gmm-per-class", "--gmm-components", "3"],
+    "IRN's walk (256 steps, beta 10) + GMM (3) + CRF": ["--random-walk", AFFINITY, "--rw-steps", "256", "--rw-beta",
+                                                        "10", "--gmm-components", "3"],
+    "IRN's walk + per-class GMM (3) + CRF": ["--random-walk", AFFINITY, "--rw-steps", "256", "--rw-beta", "10",
+                                            "--gmm-per-class", "--gmm-components", "3"],
     "GMM of 2 components + CRF": ["--gmm-components", "2"],
-    "per-image GMM + CRF": ["--threshold", "gmm-image"],
+    "per-image GMM (3) + CRF": ["--threshold", "gmm-image", "--gmm-components", "3"],
     "fixed 0.15, no CRF": ["--threshold", "fixed", "--bg-thresh", "0.15", "--no-crf"],
-    "walk (IRN's regions) + GMM + CRF": ["--random-walk", AFFINITY_IRN],
+    "walk (IRN's regions) + GMM (3) + CRF": ["--random-walk", AFFINITY_IRN, "--gmm-components", "3"],
     "walk (IRN's regions) + fixed 0.15 + CRF": ["--random-walk", AFFINITY_IRN, "--threshold", "fixed",
                                                 "--bg-thresh", "0.15"],
     "IRN's walk on IRN's regions + fixed 0.25 + CRF": ["--random-walk", AFFINITY_IRN, "--rw-steps", "256",
                                                        "--rw-beta", "10", "--threshold", "fixed", "--bg-thresh",
                                                        "0.25"],  # IRN's setting after its walk
-    "GMM of 4 components + CRF": ["--gmm-components", "4"],
-    "GMM, no CRF": ["--no-crf"],
+    "GMM of 4 components + CRF (the default)": ["--gmm-components", "4"],
+    "GMM (3), no CRF": ["--no-crf", "--gmm-components", "3"],
+    "GMM of 5 components + CRF": ["--gmm-components", "5"],
 }
 
 

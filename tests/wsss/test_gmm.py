@@ -205,7 +205,7 @@ def _best_miou_threshold(foreground: np.ndarray, background: np.ndarray) -> floa
 
 
 @pytest.mark.parametrize("seed", [0, 1])
-def test_pooled_three_component_threshold_lands_near_the_best_on_real_cam_histograms(seed):
+def test_pooled_default_threshold_lands_near_the_best_on_real_cam_histograms(seed):
     rng = np.random.default_rng(seed)
     share = DEMO_FOREGROUND.sum() / (DEMO_FOREGROUND.sum() + DEMO_BACKGROUND.sum())
     n = 200_000
@@ -213,13 +213,13 @@ def test_pooled_three_component_threshold_lands_near_the_best_on_real_cam_histog
                              _draw(DEMO_BACKGROUND, n - int(n * share), rng)])
     best = _best_miou_threshold(DEMO_FOREGROUND, DEMO_BACKGROUND)
     assert best == pytest.approx(0.65, abs=0.01)
-    result = gmm_threshold(scores, GmmParams(), seed=seed)  # three components: the default
-    assert result.fallback is None and len(result.fit.means) == 3
-    # measured: 0.59 against 0.65 (the issue asked for 0.05; the miss is reported, not hidden). Four
-    # components reach 0.647 here but make worse pseudo-labels on real CAMs, where the threshold that is
-    # best before the CRF lies below the CAMs' own best (bench/gmm_components.md)
-    assert abs(result.threshold - best) < 0.07
-    # the two-component split of the same scores lands far too low: the old behaviour
+    result = gmm_threshold(scores, GmmParams(), seed=seed)  # four components: the default
+    assert result.fallback is None and len(result.fit.means) == 4
+    # measured: 0.647 against 0.65; CoSA's three components stop at 0.59 and the two-component split of the
+    # same scores lands far too low (the toolkit's first behaviour)
+    assert abs(result.threshold - best) < 0.02
+    three = gmm_threshold(scores, GmmParams(components=3), seed=seed)
+    assert 0.03 < best - three.threshold < 0.08
     two = gmm_threshold(scores, TWO, seed=seed)
     assert best - two.threshold > 0.15
 
