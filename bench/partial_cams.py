@@ -34,7 +34,8 @@ import numpy as np
 from harness import REPO, fmt, in_parallel, run, write_tables, wsss_command
 from styles import eval_cams_command, make_cam_command, pct, recipe_table, seed_label, train_cls_command
 
-STYLES = ("parts", "shapes", "context", "voc-size")  # rows of bench/styles.py whose data and plain classifier a run shares
+# rows of bench/styles.py whose data and plain classifier a run shares
+STYLES = ("parts", "shapes", "context", "voc-size")
 PART_SATURATION = 0.7  # between the bodies' 0.45 and the parts' 0.95
 
 # label -> train-cls overrides (None: the styles run's plain classifier) and make-cam overrides
@@ -68,7 +69,8 @@ def one_run(style: str, label: str, work: Path, styles_work: Path, refines: list
     shared = styles_work / seed_label(style, seed)
     root = shared / "data" / "VOC2012"
     if not (shared / "cls" / "last.pth").is_file():
-        raise SystemExit(f"{shared}: run `bench/styles.py --run {style} --seed {seed}` first (its data and plain classifier)")
+        raise SystemExit(f"{shared}: run `bench/styles.py --run {style} --seed {seed}` first (its data and plain "
+                         "classifier)")
     folder = run_dir(work / seed_label(style, seed), label)
     folder.mkdir(parents=True, exist_ok=True)
     checkpoint = shared / "cls" / "last.pth"
@@ -88,7 +90,8 @@ def one_run(style: str, label: str, work: Path, styles_work: Path, refines: list
     if not report_file.is_file():
         run(eval_cams_command(cams, root, report_file), folder / "logs" / "eval.log")
     report = json.loads(report_file.read_text())
-    result = {"label": label, "style": style, "seed": seed, "train_cls": spec["train-cls"], "make_cam": spec["make-cam"],
+    result = {"label": label, "style": style, "seed": seed, "train_cls": spec["train-cls"],
+              "make_cam": spec["make-cam"],
               "best_threshold": report["best_threshold"], "miou": report["miou"],
               "per_class": {name: values for name, values in report["summary"]["per_class"].items()
                             if name != "background"},
@@ -143,9 +146,9 @@ REFINES: dict[str, list[str]] = {
 
 def refine(folder: Path, root: Path, cams: Path, names: list[str], seed: int = 0) -> dict[str, dict]:
     """Pseudo-labels on train of the run's CAMs, per :data:`REFINES`: those of ``names`` are made if missing, and
-    every finished one is read: mIoU and the share of pixels called foreground (a label-free figure).  The walk spreads the maps over the affinities that ``wsss train-aff``
-    (the recipe's ``[train-aff]`` table) learns from these CAMs: it grows a map by appearance, where the
-    classifier has no evidence left."""
+    every finished one is read: mIoU and the share of pixels called foreground (a label-free figure).  The walk
+    spreads the maps over the affinities that ``wsss train-aff`` (the recipe's ``[train-aff]`` table) learns from
+    these CAMs: it grows a map by appearance, where the classifier has no evidence left."""
     from wsss import artifacts
 
     wsss = wsss_command()
@@ -210,8 +213,9 @@ def where_maps_go(root: Path, cams: Path, threshold: float) -> dict[str, dict]:
 
 
 def gallery(rows: dict[str, dict], root: Path, path: Path, count: int = 4, height: int = 112) -> None:
-    """A picture (PNG, or JPEG by the suffix): per image (the first ``count`` train images, one row per present class), the image with its
-    object and the part pixels outlined, then each run's map of that class, captioned with the run."""
+    """A picture (PNG, or JPEG by the suffix): per image (the first ``count`` train images, one row per present
+    class), the image with its object and the part pixels outlined, then each run's map of that class, captioned
+    with the run."""
     import cv2
 
     from wsss import artifacts
@@ -289,10 +293,10 @@ def refine_summary(every: dict[str, dict]) -> str:
     """Each refinement of the plain CAMs per style (mean ± std over the seeds that have it) and over the styles:
     each seed's mean over the styles, where that seed has every style, then mean ± std over those seeds."""
     found: dict[str, dict[int, dict]] = {}  # style -> seed -> refinement -> figures
-    for key, rows in every.items():
-        if rows.get("plain", {}).get("refine"):
-            style, _, seed = key.partition(" seed ")
-            found.setdefault(style, {})[int(seed or 0)] = rows["plain"]["refine"]
+    for rows in every.values():
+        plain = rows.get("plain", {})
+        if plain.get("refine"):
+            found.setdefault(plain["style"], {})[plain["seed"]] = plain["refine"]
     styles = list(found)
     seeds = sorted({seed for by_seed in found.values() for seed in by_seed})
     lines = ["### Refinements of the plain CAMs over the styles", "",
@@ -339,13 +343,14 @@ def main() -> None:
     for label, result in zip(labels, results):
         rows[label] = result
     args.json.write_text(json.dumps(every, indent=1) + "\n")
-    tables = "\n\n".join([f"### {key}\n\n{markdown(key_rows)}" for key, key_rows in every.items() if " seed " not in key] +
+    # the method tables of seed 0 (whose keys are the styles' names), then the refinements over every seed
+    tables = "\n\n".join([f"### {key}\n\n{markdown(key_rows)}" for key, key_rows in every.items() if key in STYLES] +
                          [refine_summary(every)])
     print(tables)
     if args.md:
         write_tables(args.md, tables)
     if args.gallery:
-        gallery(rows, args.styles_work.resolve() / args.style / "data" / "VOC2012", args.gallery)
+        gallery(rows, args.styles_work.resolve() / seed_label(args.style, args.seed) / "data" / "VOC2012", args.gallery)
 
 
 if __name__ == "__main__":

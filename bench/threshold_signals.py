@@ -50,8 +50,8 @@ def signals(folder: Path, count: int) -> list[dict]:
         truth = dataset.read_mask("train", image_id)
         keys, cams = artifacts.read_cam(folder / "cams" / f"{image_id}.npz")
         lab = cv2.cvtColor(image, cv2.COLOR_RGB2LAB).astype(np.float32)
-        gradient = np.sqrt(sum(cv2.Sobel(lab[..., c], cv2.CV_32F, 1, 0) ** 2 + cv2.Sobel(lab[..., c], cv2.CV_32F, 0, 1) ** 2
-                               for c in range(3)))
+        gradient = np.sqrt(sum(cv2.Sobel(lab[..., c], cv2.CV_32F, 1, 0) ** 2 + cv2.Sobel(lab[..., c], cv2.CV_32F, 0, 1)
+                               ** 2 for c in range(3)))
         classes = np.concatenate([[0], keys])
         for t in THRESHOLDS:
             thresholds = np.full(len(keys), t, np.float32)

@@ -38,7 +38,7 @@ import click
 import numpy as np
 
 from wsss import artifacts, evaluation
-from wsss.cam_choices import DEFAULT_SCALES, ERASE_THRESH, ERASE_STOP
+from wsss.cam_choices import DEFAULT_SCALES, ERASE_STOP, ERASE_THRESH
 from wsss.datasets.prepared import PreparedDataset
 from wsss.device import DistInfo, default_workers, dist_info, shard, sum_over_ranks
 from wsss.errors import WsssError
@@ -80,10 +80,9 @@ class MakeCamConfig(Settings):
                                   "measures no gain through DeepLab.", at_least=0)
     erase_thresh: float = setting(ERASE_THRESH, "Erase pixels whose accumulated normalised CAM is >= this.",
                                   above=0, at_most=1)
-    erase_stop: float = setting(ERASE_STOP, "Stop erasing a class once the classifier's score for it "
-                                                      "on the erased image is below this (what remains no longer "
-                                                      "shows it: adversarial erasing's stopping rule, e.g. 0.5); "
-                                                      "0 never stops.", at_least=0, at_most=1)
+    erase_stop: float = setting(ERASE_STOP, "Stop erasing a class once the classifier's score for it on the erased "
+                                            "image is below this (what remains no longer shows it: adversarial "
+                                            "erasing's stopping rule, e.g. 0.5); 0 never stops.", at_least=0, at_most=1)
     batch_size: int = setting(8, "Images of equal size per forward pass.", at_least=1)
     limit: int | None = limit_setting()
     evaluate: bool = setting(False, "Afterwards run the threshold sweep of `wsss eval --cams`.", option="--eval")

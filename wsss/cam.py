@@ -19,7 +19,7 @@ from typing import Callable, Sequence, Union
 import torch
 import torch.nn.functional as F
 
-from wsss.cam_choices import DEFAULT_SCALES, ERASE_THRESH, ERASE_STOP, SHOWN_SCORE
+from wsss.cam_choices import DEFAULT_SCALES, ERASE_STOP, ERASE_THRESH, SHOWN_SCORE
 
 # per image a list of foreground channels, or a function of the logits returning that, or None (all)
 ChannelChoice = Union[Sequence[Sequence[int]], Callable[[torch.Tensor], Sequence[Sequence[int]]], None]
