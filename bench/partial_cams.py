@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from harness import REPO, fmt, in_parallel, run, write_tables, wsss_command
+from styles import RUNS as STYLE_RUNS
 from styles import eval_cams_command, make_cam_command, pct, recipe_table, seed_label, train_cls_command
 
 # rows of bench/styles.py whose data and plain classifier a run shares
@@ -62,7 +63,8 @@ def finished(metrics: Path) -> bool:
 
 def one_run(style: str, label: str, work: Path, styles_work: Path, refines: list[str], seed: int = 0) -> dict:
     """Train (unless shared), make CAMs and score them for one row of the styles run of ``seed``; return its
-    figures."""
+    figures.  ``refines``: the refinements to make of plain's CAMs (every one of :data:`REFINES` when empty); the
+    other rows' CAMs get the default refinement and these."""
     from wsss import artifacts
 
     spec = RUNS[label]
@@ -74,9 +76,12 @@ def one_run(style: str, label: str, work: Path, styles_work: Path, refines: list
     folder = run_dir(work / seed_label(style, seed), label)
     folder.mkdir(parents=True, exist_ok=True)
     checkpoint = shared / "cls" / "last.pth"
+    # the row's changes over the style's own (voc-size's crop, stride and scales), as its plain run has them
+    style_row = STYLE_RUNS[style]
     if spec["train-cls"] is not None:
         config = folder / "train-cls.json"
-        artifacts.write_json(config, recipe_table("train-cls", spec["train-cls"]))
+        artifacts.write_json(config, recipe_table("train-cls", {**style_row.get("train-cls", {}),
+                                                               **spec["train-cls"]}))
         cls = folder / "cls"
         if not finished(cls / "metrics.json"):
             run(train_cls_command(config, root, cls, seed), folder / "logs" / "train-cls.log")
@@ -84,7 +89,7 @@ def one_run(style: str, label: str, work: Path, styles_work: Path, refines: list
     cams = shared / "cams" if spec["train-cls"] is None and not spec["make-cam"] else folder / "cams"
     if not finished(cams / "metrics.json"):
         config = folder / "make-cam.json"
-        artifacts.write_json(config, recipe_table("make-cam", spec["make-cam"]))
+        artifacts.write_json(config, recipe_table("make-cam", {**style_row.get("make-cam", {}), **spec["make-cam"]}))
         run(make_cam_command(config, root, checkpoint, cams), folder / "logs" / "make-cam.log")
     report_file = folder / "eval_train.json"
     if not report_file.is_file():
@@ -97,8 +102,8 @@ def one_run(style: str, label: str, work: Path, styles_work: Path, refines: list
                             if name != "background"},
               "where": where_maps_go(root, cams, report["best_threshold"]) if style == "parts" else {},
               "cams": str(cams.relative_to(REPO))}
-    if spec.get("refine"):
-        result["refine"] = refine(folder, root, cams, refines, seed)
+    wanted = (refines or list(REFINES)) if spec.get("refine") else [DEFAULT_REFINE, *refines]
+    result["refine"] = refine(folder, root, cams, wanted, seed)
     erasing = json.loads((cams / "metrics.json").read_text()).get("erasing")
     if erasing:
         result["recognised"] = erasing[0]["recognised"]
@@ -142,6 +147,7 @@ REFINES: dict[str, list[str]] = {
     "GMM (3), no CRF": ["--no-crf", "--gmm-components", "3"],
     "GMM of 5 components + CRF": ["--gmm-components", "5"],
 }
+DEFAULT_REFINE = "GMM of 4 components + CRF (the default)"
 
 
 def refine(folder: Path, root: Path, cams: Path, names: list[str], seed: int = 0) -> dict[str, dict]:
@@ -270,7 +276,7 @@ def markdown(rows: dict[str, dict]) -> str:
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     for label in labels:
         refined = rows[label].get("refine")
-        if not refined:
+        if not refined or not RUNS[label].get("refine"):  # the other runs' default refinement: method_summary
             continue
         names = [name for name in rows[label]["per_class"]]
         lines += ["", f"Pseudo-labels of {label}'s CAMs on train (mIoU; share of pixels called foreground; per class "
@@ -289,32 +295,81 @@ def spread(values: list[float], seeds: list[int]) -> str:
     return (pct(values[0]) if len(values) == 1 else fmt(values)) + f" ({', '.join(map(str, seeds))})"
 
 
+def over_styles(values: dict[str, dict[int, float]], styles: list[str]) -> list[str]:
+    """Cells of one row over ``styles`` from ``values`` (style -> seed -> figure): mean ± std over each style's
+    seeds, then the mean over the styles: each seed's mean over every style (where that seed has them all), then
+    mean ± std over those seeds."""
+    cells = [spread(list(values.get(style, {}).values()), list(values.get(style, {}))) for style in styles]
+    seeds = sorted({seed for by_seed in values.values() for seed in by_seed})
+    means, counted = [], []
+    for seed in seeds:
+        figures = [values.get(style, {}).get(seed) for style in styles]
+        if figures and None not in figures:
+            means.append(sum(figures) / len(figures))
+            counted.append(seed)
+    return cells + [spread(means, counted)]
+
+
 def refine_summary(every: dict[str, dict]) -> str:
-    """Each refinement of the plain CAMs per style (mean ± std over the seeds that have it) and over the styles:
-    each seed's mean over the styles, where that seed has every style, then mean ± std over those seeds."""
+    """Each refinement of the plain CAMs per style and over the styles (:func:`over_styles`)."""
     found: dict[str, dict[int, dict]] = {}  # style -> seed -> refinement -> figures
     for rows in every.values():
         plain = rows.get("plain", {})
         if plain.get("refine"):
             found.setdefault(plain["style"], {})[plain["seed"]] = plain["refine"]
     styles = list(found)
-    seeds = sorted({seed for by_seed in found.values() for seed in by_seed})
     lines = ["### Refinements of the plain CAMs over the styles", "",
              "Pseudo-label mIoU on train, %, mean ± sample std over seeds (seeds in brackets); the mean over the "
              "styles is each seed's mean over every style, then mean ± std over those seeds.", "",
              "| refinement | " + " | ".join(styles) + " | mean over the styles |", "|---|" + "---|" * (len(styles) + 1)]
     for name in REFINES:
-        cells, means, counted = [], [], []
-        for style in styles:
-            values = {seed: refined[name]["miou"] for seed, refined in found[style].items() if name in refined}
-            cells.append(spread(list(values.values()), list(values)))
-        for seed in seeds:
-            values = [found[style].get(seed, {}).get(name, {}).get("miou") for style in styles]
-            if None not in values:
-                means.append(sum(values) / len(values))
-                counted.append(seed)
+        values = {style: {seed: refined[name]["miou"] for seed, refined in by_seed.items() if name in refined}
+                  for style, by_seed in found.items()}
+        cells = over_styles(values, styles)
         if any(cell != "–" for cell in cells):
-            lines.append(f"| {name} | " + " | ".join(cells) + f" | {spread(means, counted)} |")
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def method_summary(every: dict[str, dict]) -> str:
+    """Each run of :data:`RUNS` per style and over the styles (:func:`over_styles`): its CAMs' mIoU at their best
+    threshold, its pseudo-labels' with the default refinement, and both against plain's of the same style and
+    seed (the difference per seed, then its mean ± std), for the runs measured on more than one seed."""
+    found: dict[str, dict[str, dict[int, dict]]] = {}  # label -> style -> seed -> result
+    for rows in every.values():
+        for label, result in rows.items():
+            found.setdefault(label, {}).setdefault(result["style"], {})[result["seed"]] = result
+    plain = found.get("plain", {})
+    styles = [style for style in STYLES if style in plain]
+    # the default refinement, then any other that a run besides plain has
+    names = [DEFAULT_REFINE] + [name for name in REFINES if name != DEFAULT_REFINE and any(
+        name in result.get("refine", {}) for label, by_style in found.items() if label != "plain"
+        for by_seed in by_style.values() for result in by_seed.values())]
+    figures = {"CAM": lambda result: result["miou"]}
+    for name in names:
+        figures[f"pseudo-labels, {name}"] = lambda result, name=name: result.get("refine", {}).get(name, {}).get(
+            "miou")
+    lines = ["### The methods over the styles", "",
+             "mIoU on train, %: the CAMs at their best threshold (picked with masks: a measurement of the maps) and "
+             "the pseudo-labels of a refinement; \"gain\" is the run's figure minus plain's on the same style and "
+             "seed. Mean ± sample std over seeds (seeds in brackets); the mean over the styles is each seed's mean "
+             "over every style, then mean ± std over those seeds.", "",
+             "| run | figure | " + " | ".join(styles) + " | mean over the styles |",
+             "|---|---|" + "---|" * (len(styles) + 1)]
+    for label in RUNS:
+        by_style = found.get(label, {})
+        if len({seed for by_seed in by_style.values() for seed in by_seed}) < 2:
+            continue  # seed 0's runs: the per-style tables
+        for name, figure in figures.items():
+            values = {style: {seed: figure(result) for seed, result in by_seed.items() if figure(result) is not None}
+                      for style, by_seed in by_style.items()}
+            lines.append(f"| {label} | {name} | " + " | ".join(over_styles(values, styles)) + " |")
+            if label == "plain":
+                continue
+            gains = {style: {seed: value - figure(plain[style][seed]) for seed, value in by_seed.items()
+                             if seed in plain.get(style, {}) and figure(plain[style][seed]) is not None}
+                     for style, by_seed in values.items()}
+            lines.append(f"| {label} | {name}: gain | " + " | ".join(over_styles(gains, styles)) + " |")
     return "\n".join(lines)
 
 
@@ -326,7 +381,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="the styles run's seed (`bench/styles.py --seed`)")
     parser.add_argument("--run", action="append", choices=sorted(RUNS), default=[])
     parser.add_argument("--refine", action="append", choices=sorted(REFINES), default=[],
-                        help="with plain: only these refinements (default: every one of REFINES)")
+                        help="plain: only these refinements (default: every one of REFINES); the other runs: "
+                             "these besides the default refinement")
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--json", type=Path, default=REPO / "bench" / "partial_cams.json")
     parser.add_argument("--md", type=Path, help="write the tables here (between the markers of an existing file)")
@@ -335,9 +391,8 @@ def main() -> None:
     every = json.loads(args.json.read_text()) if args.json.is_file() else {}
     rows = every.setdefault(seed_label(args.style, args.seed), {})
     labels = args.run
-    refines = args.refine or list(REFINES)
     results = in_parallel([lambda label=label: one_run(args.style, label, args.work.resolve(),
-                                                       args.styles_work.resolve(), refines, args.seed)
+                                                       args.styles_work.resolve(), args.refine, args.seed)
                            for label in labels],
                           args.jobs)
     for label, result in zip(labels, results):
@@ -345,7 +400,7 @@ def main() -> None:
     args.json.write_text(json.dumps(every, indent=1) + "\n")
     # the method tables of seed 0 (whose keys are the styles' names), then the refinements over every seed
     tables = "\n\n".join([f"### {key}\n\n{markdown(key_rows)}" for key, key_rows in every.items() if key in STYLES] +
-                         [refine_summary(every)])
+                         [method_summary(every), refine_summary(every)])
     print(tables)
     if args.md:
         write_tables(args.md, tables)
