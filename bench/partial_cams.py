@@ -3,7 +3,8 @@
 ``bench/styles.py`` made the ``parts`` style, whose CAMs peak on one small part of each object (best
 threshold 0.15, the regime of VOC).  Here each method is switched on over that run's plain classifier
 (the demo recipe's ``[train-cls]``: ResNet-18 from scratch, output stride 8, 12 epochs) on the same
-images, seed 0, and its CAMs are compared with the plain ones, per class:
+images (seed 0 unless ``--seed``; a style's own settings kept, e.g. voc-size's crop and stride), and its CAMs
+are compared with the plain ones, per class:
 
 * IoU, precision and recall at the run's best background threshold (``wsss eval --cams --sweep``);
 * *where* the maps go, the question of issue 37: of each present class's object, the share of its
@@ -14,7 +15,8 @@ images, seed 0, and its CAMs are compared with the plain ones, per class:
   saturation > 0.7 is a part pixel.
 
 A run reuses the styles run's data and, where its ``train-cls`` is unchanged, its classifier.  Every
-run lives in ``<work>/<label>`` and resumes.  Pictures: ``--gallery`` writes, for a few images, the image
+run lives in ``<work>/<label>`` and resumes.  Over the seeds, a table sets each run's CAMs and pseudo-labels
+beside plain's of the same style and seed.  Pictures: ``--gallery`` writes, for a few images, the image
 and each run's map of the first class side by side.
 
 Usage::
