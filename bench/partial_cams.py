@@ -312,13 +312,20 @@ def over_styles(values: dict[str, dict[int, float]], styles: list[str]) -> list[
     return cells + [spread(means, counted)]
 
 
+def by_label(every: dict[str, dict]) -> dict[str, dict[str, dict[int, dict]]]:
+    """The rows of every styles run, as label -> style -> seed -> result."""
+    found: dict[str, dict[str, dict[int, dict]]] = {}
+    for rows in every.values():
+        for label, result in rows.items():
+            found.setdefault(label, {}).setdefault(result["style"], {})[result["seed"]] = result
+    return found
+
+
 def refine_summary(every: dict[str, dict]) -> str:
     """Each refinement of the plain CAMs per style and over the styles (:func:`over_styles`)."""
-    found: dict[str, dict[int, dict]] = {}  # style -> seed -> refinement -> figures
-    for rows in every.values():
-        plain = rows.get("plain", {})
-        if plain.get("refine"):
-            found.setdefault(plain["style"], {})[plain["seed"]] = plain["refine"]
+    found = {style: {seed: result["refine"] for seed, result in by_seed.items() if result.get("refine")}
+             for style, by_seed in by_label(every).get("plain", {}).items()}  # style -> seed -> refinement -> figures
+    found = {style: by_seed for style, by_seed in found.items() if by_seed}
     styles = list(found)
     lines = ["### Refinements of the plain CAMs over the styles", "",
              "Pseudo-label mIoU on train, %, mean ± sample std over seeds (seeds in brackets); the mean over the "
@@ -337,16 +344,13 @@ def method_summary(every: dict[str, dict]) -> str:
     """Each run of :data:`RUNS` per style and over the styles (:func:`over_styles`): its CAMs' mIoU at their best
     threshold, its pseudo-labels' with the default refinement, and both against plain's of the same style and
     seed (the difference per seed, then its mean ± std), for the runs measured on more than one seed."""
-    found: dict[str, dict[str, dict[int, dict]]] = {}  # label -> style -> seed -> result
-    for rows in every.values():
-        for label, result in rows.items():
-            found.setdefault(label, {}).setdefault(result["style"], {})[result["seed"]] = result
+    found = by_label(every)
     plain = found.get("plain", {})
     styles = [style for style in STYLES if style in plain]
     # the default refinement, then any other that a run besides plain has
-    names = [DEFAULT_REFINE] + [name for name in REFINES if name != DEFAULT_REFINE and any(
-        name in result.get("refine", {}) for label, by_style in found.items() if label != "plain"
-        for by_seed in by_style.values() for result in by_seed.values())]
+    others = {name for label, by_style in found.items() if label != "plain" for by_seed in by_style.values()
+              for result in by_seed.values() for name in result.get("refine", {})}
+    names = [DEFAULT_REFINE] + [name for name in REFINES if name in others and name != DEFAULT_REFINE]
     figures = {"CAM": lambda result: result["miou"]}
     for name in names:
         figures[f"pseudo-labels, {name}"] = lambda result, name=name: result.get("refine", {}).get(name, {}).get(
