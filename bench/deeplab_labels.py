@@ -34,7 +34,7 @@ import argparse
 import json
 from pathlib import Path
 
-from harness import REPO, fmt, in_parallel, label_miou, per_seed, run, write_tables, wsss_command
+from harness import REPO, finished, fmt, in_parallel, per_seed, run, score_folder, write_tables, wsss_command
 from styles import recipe_table, seed_label
 
 # variant -> overrides of the recipe's [refine] and [train-seg] tables
@@ -56,35 +56,19 @@ COLUMNS = (("pseudo", "pseudo-labels (train)"), ("unsure", "255 share"),
 def config_file(path: Path, stage: str, overrides: dict) -> Path:
     from wsss import artifacts
 
-    table = recipe_table(stage, overrides)
-    if stage == "train-seg":
-        table.pop("weights", None)
-    artifacts.write_json(path, table)
+    artifacts.write_json(path, recipe_table(stage, overrides))
     return path
-
-
-def finished(folder: Path) -> bool:
-    metrics = folder / "metrics.json"
-    return metrics.is_file() and bool(json.loads(metrics.read_text()).get("finished"))
-
-
-def scored(folder: Path, root: Path, split: str) -> float:
-    if not (folder / f"metrics_eval_{split}.json").is_file():
-        run([wsss_command(), "-q", "eval", "--root", str(root), "--split", split, "--pred", str(folder),
-             "--workers", "1"], folder / "eval.log")
-    return label_miou(folder, split)
 
 
 def gmm_band(default_pseudo: Path) -> dict:
     """Refine overrides for the confident regions of the default labels' pooled fit (``metrics.json``): the
     rule of ``wsss.refine.confident_thresholds`` for one overall fit of more than two components."""
-    from wsss.gmm import gaussian_crossing
+    from wsss.gmm import GmmFit
 
     if not (default_pseudo / "metrics.json").is_file():
         raise SystemExit(f"GMM band: run the default variant first ({default_pseudo} has no metrics.json)")
     overall = json.loads((default_pseudo / "metrics.json").read_text())["split_fit"]["overall"]
-    fit = overall["fit"]
-    low = gaussian_crossing(fit["weights"][:2], fit["means"][:2], fit["stds"][:2])
+    low = GmmFit(**{key: tuple(values) for key, values in overall["fit"].items()}).lower_crossing()
     return {"threshold": "fixed", "bg_thresh": round(min(low, overall["threshold"]), 6),
             "fg_thresh": overall["threshold"]}
 
@@ -135,12 +119,12 @@ def one_run(style: str, variant: str, seed: int, work: Path, styles_work: Path) 
     root, shared, folder, _ = paths(style, variant, seed, work, styles_work)
     checkpoint, wsss = shared / "cls" / "last.pth", wsss_command()
     pseudo, seg = folder / "pseudo", folder / "seg"
-    if not finished(seg):  # train-seg writes metrics.json at each checkpoint: "finished" says it is done
+    if not finished(seg / "metrics.json"):
         config = config_file(folder / "train-seg.json", "train-seg", VARIANTS[variant].get("train-seg", {}))
         run([wsss, "-q", "train-seg", "--config", str(config), "--root", str(root), "--split", "train",
              "--val-split", "val", "--labels", str(pseudo), "--weights-backbone", str(checkpoint), "--out", str(seg),
              "--threads", "1", "--seed", str(seed)], folder / "logs" / "train-seg.log")
-    result = {"style": style, "variant": variant, "seed": seed, "pseudo": scored(pseudo, root, "train"),
+    result = {"style": style, "variant": variant, "seed": seed, "pseudo": score_folder(pseudo, root, "train"),
               "unsure": json.loads((pseudo / "metrics.json").read_text())["ignore_ratio"]["pixels"],
               **label_errors(root, pseudo)}
     config = config_file(folder / "predict.json", "predict", {})
@@ -150,7 +134,7 @@ def one_run(style: str, variant: str, seed: int, work: Path, styles_work: Path) 
             run([wsss, "-q", "predict", "--config", str(config), "--root", str(root), "--split", split,
                  "--checkpoint", str(seg / "last.pth"), "--out", str(out), "--threads", "1", "--no-eval"],
                 folder / "logs" / f"predict_{split}.log")
-        result[key] = scored(out, root, split)
+        result[key] = score_folder(out, root, split)
     return result
 
 

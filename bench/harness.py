@@ -113,6 +113,12 @@ def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
 
 
+def finished(metrics: Path) -> bool:
+    """Whether a stage's ``metrics.json`` says it finished (train-cls and train-seg write one at every checkpoint,
+    with ``"finished": false`` until the last)."""
+    return metrics.is_file() and json.loads(metrics.read_text()).get("finished", True)
+
+
 def cam_miou(run_dir: Path, split: str = "train") -> float:
     """CAM mIoU at the best background threshold (make-cam --eval)."""
     return read_json(Path(run_dir) / "cams" / f"metrics_eval_{split}.json")["miou"]

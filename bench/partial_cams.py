@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from harness import REPO, fmt, in_parallel, run, write_tables, wsss_command
+from harness import REPO, finished, fmt, in_parallel, run, write_tables, wsss_command
 from styles import RUNS as STYLE_RUNS
 from styles import eval_cams_command, make_cam_command, pct, recipe_table, seed_label, train_cls_command
 
@@ -56,11 +56,6 @@ RUNS: dict[str, dict] = {
 
 def run_dir(work: Path, label: str) -> Path:
     return work / re.sub(r"[^a-z0-9]+", "_", label.lower()).strip("_")
-
-
-def finished(metrics: Path) -> bool:
-    """Whether a stage's ``metrics.json`` says it finished (train-cls writes one per epoch)."""
-    return metrics.is_file() and json.loads(metrics.read_text()).get("finished", True)
 
 
 def one_run(style: str, label: str, work: Path, styles_work: Path, refines: list[str], seed: int = 0) -> dict:
