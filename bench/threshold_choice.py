@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from harness import (fmt, in_parallel, label_miou, per_seed, predict_and_score, quality_arguments, read_json,
+from harness import (finished, fmt, in_parallel, label_miou, per_seed, predict_and_score, quality_arguments, read_json,
                      refine_and_score, run, wsss_command)
 
 TRUNKS = {"scratch": "from scratch", "pretrained": "pretrained (rotation)"}
@@ -90,7 +90,7 @@ def deeplab(work: Path, trunk: str, seed: int, name: str) -> tuple[float, float]
             refine(work, trunk, seed, labels)  # queued before every DeepLab task: normally only read here
         folder = src / "run" / "pseudo" if labels == "ablation" else out.parent / slug(labels)
         label_options = ["--labels", str(folder), "--raw"]
-    if not (out / "seg" / "metrics.json").is_file() or not read_json(out / "seg" / "metrics.json").get("finished"):
+    if not finished(out / "seg" / "metrics.json"):
         run([wsss_command(), "-q", "train-seg", "--root", str(root), "--split", "train", "--val-split", "val",
              *label_options, "--out", str(out / "seg"), "--weights", str(src / "run" / "cls" / "last.pth"),
              "--seed", str(seed), *SEG_RECIPE, *options], out / "train_seg.log")
