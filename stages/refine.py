@@ -35,12 +35,12 @@ from wsss.stages.options import (allow_pickle_setting, cams_setting, dataset_set
 from wsss import artifacts
 from wsss.crf import PSEUDO_LABEL_CRF, CrfParams
 from wsss.datasets.prepared import PreparedDataset
-from wsss.errors import WsssError, option_name
+from wsss.errors import WsssError
 from wsss.gmm import FALLBACK_REASONS, GmmParams
 from wsss.parallel import imap_images
 from wsss.refine import (THRESHOLD_MODES, RefineParams, SplitFits, image_seed, image_thresholds, pooled_fits,
                          refine_image)
-from wsss.settings import Settings, setting
+from wsss.settings import Settings, option_for, setting
 
 log = logging.getLogger(__name__)
 
@@ -281,11 +281,11 @@ def _params_json(params: RefineParams) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(params)))
 
 
-# RefineParams fields (nested ones dotted) whose option is not "--" + the field with dashes ("crf.x" is
-# "--crf-x", the CRF group's), for messages
-_PARAM_OPTIONS = {"gmm.fallback_threshold": "--bg-thresh", "gmm.max_samples": "--gmm-samples",
-                  "gmm.components": "--gmm-components", "unary_temperature": "--crf-temperature",
-                  "lambda_alpha": "--raw-alpha", "lambda_beta": "--raw-beta"}
+# RefineParams fields (nested ones dotted) that are set from a RefineConfig field of another name (see
+# RefineConfig.params), for messages; "crf.x" is the CRF group's own x
+_PARAM_FIELDS = {"gmm.fallback_threshold": "bg_thresh", "gmm.max_samples": "gmm_samples",
+                 "gmm.components": "gmm_components", "unary_temperature": "crf_temperature",
+                 "lambda_alpha": "raw_alpha", "lambda_beta": "raw_beta"}
 
 
 def _flat(params: dict, prefix: str = "") -> dict:
@@ -310,12 +310,14 @@ def _changed_options(previous: dict, current: dict) -> list[str]:
 
 
 def _option_of(key: str) -> str:
-    if key in _PARAM_OPTIONS:
-        return _PARAM_OPTIONS[key]
     section, _, field = key.rpartition(".")
+    if key in _PARAM_FIELDS:
+        return option_for(RefineConfig, _PARAM_FIELDS[key])
     if section == "crf":
-        return option_name(f"crf_{field}")  # crf.iterations -> --crf-iterations
-    return key if section else option_name(key)  # a GMM rule without an option keeps its dotted name
+        return option_for(RefineConfig, field, group="crf_params")  # crf.iterations -> --crf-iterations
+    if not section and key in {item.name for item in dataclasses.fields(RefineConfig)}:
+        return option_for(RefineConfig, key)
+    return key  # a rule without an option (gmm.min_score, gmm_min_images) keeps its name
 
 
 def _check_previous_run(cfg: RefineConfig) -> None:

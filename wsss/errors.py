@@ -1,4 +1,4 @@
-"""The one exception type that means "the user's input is wrong", and option names for its messages."""
+"""The one exception type that means "the user's input is wrong"."""
 
 from __future__ import annotations
 
@@ -11,12 +11,3 @@ class WsssError(Exception):
     without a traceback.
     """
 
-
-# config fields whose command-line option is not simply "--" + the field with dashes
-_IRREGULAR_OPTIONS = {"out_dir": "--out", "out_file": "--out", "cam_dir": "--cams", "pred_dir": "--pred",
-                      "reliability_dir": "--reliability", "compile_model": "--compile", "evaluate": "--eval"}
-
-
-def option_name(field: str) -> str:
-    """The command-line option of a stage config field, for messages: ``batch_size`` -> ``--batch-size``."""
-    return _IRREGULAR_OPTIONS.get(field, "--" + field.replace("_", "-"))

@@ -116,6 +116,17 @@ def group_prefix(field: dataclasses.Field, prefix: str = "") -> str:
     return "-".join(part for part in (prefix, own) if part)
 
 
+def option_for(config: Any, name: str, group: str | None = None) -> str:
+    """The command-line option of field ``name`` of a :class:`Settings` class or instance, for messages; with
+    ``group``, of that group field's own setting: ``option_for(SegConfig, "reliability_dir")`` -> ``--reliability``,
+    ``option_for(RefineConfig, "iterations", group="crf_params")`` -> ``--crf-iterations``."""
+    fields = {field.name: field for field in dataclasses.fields(config)}
+    if group is None:
+        return option_of(fields[name])
+    inner = optional_inner(field_types(config if isinstance(config, type) else type(config))[group])[1]
+    return option_of({field.name: field for field in dataclasses.fields(inner)}[name], group_prefix(fields[group]))
+
+
 def field_types(cls: type) -> dict[str, Any]:
     """The resolved type of every field of a dataclass (annotations are strings under ``from __future__``)."""
     return typing.get_type_hints(cls)

@@ -41,9 +41,9 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from wsss import artifacts
 from wsss.device import AMP_MODES, DistInfo, derive_seed, loader_worker_init, stop_loader_workers, sum_over_ranks
-from wsss.errors import WsssError, option_name
+from wsss.errors import WsssError
 from wsss.progress import bar as progress_bar
-from wsss.settings import field_default
+from wsss.settings import field_default, option_for
 
 log = logging.getLogger(__name__)
 
@@ -378,9 +378,9 @@ def find_resumable(spec: RunSpec) -> dict | None:
             # group since counts as its default
             before = {**defaults.get(name, {}), **{key: saved[key] for key in now if key in saved},
                       **(before if isinstance(before, dict) and name in saved else {})}
-            changed += [option_name(key) for key in now if before.get(key) != now[key]]
+            changed += [option_for(spec.config, key, group=name) for key in now if before.get(key) != now[key]]
         elif before != now:
-            changed.append(option_name(name))
+            changed.append(option_for(spec.config, name))
     if checkpoint.get("total_steps", spec.total_steps) != spec.total_steps:
         changed.append(f"total steps ({checkpoint.get('total_steps')} -> {spec.total_steps})")
     if changed:

@@ -329,6 +329,11 @@ def test_a_resume_with_other_settings_names_the_options():
         ["--crf-bilateral-srgb", "--crf-iterations", "--raw-beta"]
     assert _changed_options(_params_json(RefineParams()), _params_json(RefineParams(gmm=GmmParams(components=2)))) \
         == ["--gmm-components"]
+    # settings without an option keep their names rather than naming an option that does not exist
+    assert _changed_options(_params_json(RefineParams()), _params_json(RefineParams(gmm_min_images=3))) == \
+        ["gmm_min_images"]
+    assert _changed_options(_params_json(RefineParams()), _params_json(RefineParams(gmm=GmmParams(min_weight=0.2)))) \
+        == ["gmm.min_weight"]
 
 
 # --------------------------------------------------------------------------- the config

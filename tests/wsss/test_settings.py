@@ -148,6 +148,13 @@ def test_a_group_error_names_the_prefixed_option():
     assert str(caught.value) == "--momentum 2: must be < 1"
 
 
+def test_option_for_names_a_fields_option_for_messages():
+    toy = Toy(out_dir=Path("o"))
+    assert S.option_for(Toy, "scale_range") == "--scale-range" and S.option_for(toy, "out_dir") == "--out"
+    assert S.option_for(toy, "steps", group="kernel") == "--crf-steps"
+    assert S.option_for(Toy, "momentum", group="optim") == "--momentum"
+
+
 def test_read_settings_file_toml_json_and_config_json(tmp_path):
     toml = tmp_path / "a.toml"
     toml.write_text('mode = "b"\n[kernel]\nsteps = 4\n')
