@@ -42,6 +42,7 @@ VARIANTS: dict[str, dict] = {
     "default": {},
     "unsure 0.9": {"refine": {"confidence": 0.9}},  # 255 where the pooled GMM's posterior is below 0.9
     "RAW": {"train-seg": {"raw": True}},  # the pixels' loss weighted by refine's reliability maps
+    "2000 iterations": {"train-seg": {"iterations": 2000}},  # twice the recipe's schedule (val still rose at 1000)
     # IRN's confident regions with the pooled GMM's two boundaries (CoSA's pair, what `wsss train-aff` learns from):
     # foreground above the default's threshold, background below the crossing of its two lowest components, 255
     # between (refine's fixed mode at the values the default run's fit gave: label-free)
