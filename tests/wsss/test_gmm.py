@@ -224,11 +224,30 @@ def test_pooled_default_threshold_lands_near_the_best_on_real_cam_histograms(see
     assert best - two.threshold > 0.15
 
 
-def test_three_component_posterior_is_the_top_against_the_one_below():
+def test_three_component_posterior_is_the_top_against_every_component_below():
     fit = GmmFit(weights=(0.4, 0.3, 0.3), means=(0.1, 0.3, 0.7), stds=(0.05, 0.1, 0.1))
     # equal weights and widths of the upper pair: the boundary is the midpoint of their means
     assert fit.crossing() == pytest.approx(0.5, abs=1e-9)
-    posterior = fit.foreground_posterior(np.array([0.0, 0.3, 0.5, 0.7, 1.0]))
-    assert posterior[2] == pytest.approx(0.5, abs=1e-6)
-    assert posterior[0] == posterior[1] and posterior[3] == posterior[4]  # clipped to [0.3, 0.7]
-    assert posterior[3] == pytest.approx(1.0 / (1.0 + math.exp(-8.0)), abs=1e-6)
+    posterior = fit.foreground_posterior(np.array([0.0, 0.1, 0.3, 0.5, 0.7, 1.0]))
+    assert posterior[3] == pytest.approx(0.5, abs=1e-6)  # the lowest component's density there is e^-30 of theirs
+    assert posterior[0] == posterior[1] and posterior[4] == posterior[5]  # clipped to [0.1, 0.7]
+    # w/σ is 8 (lowest) and 3 (middle, top); at x = 0.3 the top is 4 σ away, the lowest 4 σ, the middle 0:
+    # 3e^-8 / (3e^-8 + 3 + 8e^-8)
+    assert posterior[2] == pytest.approx(3 * math.exp(-8) / (3 + 11 * math.exp(-8)), rel=1e-5)
+    # at x = 0.1 the top is 6 σ away, the middle 2 σ, the lowest 0: 3e^-18 / (3e^-18 + 3e^-2 + 8)
+    assert posterior[1] == pytest.approx(3 * math.exp(-18) / (3 * math.exp(-18) + 3 * math.exp(-2) + 8), rel=1e-5)
+    assert posterior[4] == pytest.approx(1.0 / (1.0 + math.exp(-8.0) + 8 / 3 * math.exp(-72)), abs=1e-6)
+
+
+def test_a_score_on_the_lowest_component_is_sure_background_with_four_components():
+    # the pooled fit of the parts style's plain CAMs (seed 1): the top pair overlaps, so against the component
+    # below the top alone, every score under its mean 0.256 had confidence 0.896 and --confidence 0.9 made 93 %
+    # of the pixels 255
+    fit = GmmFit(weights=(0.296484, 0.239367, 0.262724, 0.201425), means=(0.076375, 0.135163, 0.256024, 0.546047),
+                 stds=(0.021834, 0.043039, 0.088191, 0.197214))
+    confidence = GmmThreshold(fit.crossing(), fit, None).confidence(np.array([0.0, 0.05, 0.14, fit.crossing()]))
+    assert confidence[0] == confidence[1] > 0.995 and confidence[2] > 0.98  # (0.896 and 0.896 before)
+    assert 0.5 <= confidence[3] < 0.51
+    # confidence falls towards the threshold
+    scores = np.linspace(0.07, fit.crossing(), 50)
+    assert np.all(np.diff(GmmThreshold(fit.crossing(), fit, None).confidence(scores)) <= 1e-6)
