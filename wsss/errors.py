@@ -10,4 +10,3 @@ class WsssError(Exception):
     the command line turns it into ``Error: <message>`` and a non-zero exit
     without a traceback.
     """
-
